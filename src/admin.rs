@@ -1,0 +1,93 @@
+//! The admin listener: `/healthz` (the process is alive), `/readyz` (keys and S2S token in
+//! hand, not draining), `/metrics` (Prometheus text). Never on the app port.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+
+use crate::body::{self, GatewayBody};
+use crate::inbound::JwksCache;
+use crate::metrics::Metrics;
+use crate::upstream::TokenSource;
+
+/// What readiness depends on.
+#[derive(Clone)]
+pub struct Readiness {
+    pub issuers: Vec<Arc<JwksCache>>,
+    pub tokens: Arc<TokenSource>,
+    /// Set when shutdown begins, so load balancers stop sending before the drain.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    /// Everything that is not ready yet, by name; empty when ready.
+    pub fn missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
+        if self.draining.load(Ordering::Relaxed) {
+            missing.push("shutting down".to_string());
+        }
+        for cache in &self.issuers {
+            if !cache.is_ready() {
+                missing.push(format!("signing keys of {}", cache.issuer()));
+            }
+        }
+        if !self.tokens.is_ready() {
+            missing.push("Dynamics S2S token".to_string());
+        }
+        missing
+    }
+}
+
+/// The admin service's state.
+#[derive(Clone)]
+pub struct Admin {
+    pub readiness: Readiness,
+    pub metrics: Metrics,
+}
+
+impl Admin {
+    pub fn handle<B>(&self, request: &Request<B>) -> Response<GatewayBody> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            (&Method::GET, "/readyz") => {
+                let missing = self.readiness.missing();
+                if missing.is_empty() {
+                    text(StatusCode::OK, "text/plain", "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: waiting for {}\n", missing.join(", ")),
+                    )
+                }
+            }
+            (&Method::GET, "/metrics") => text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                self.metrics.render(),
+            ),
+            (_, "/healthz" | "/readyz" | "/metrics") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "use GET\n".into(),
+            ),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /healthz, /readyz or /metrics\n".into(),
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<GatewayBody> {
+    let mut response = Response::new(body::full(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

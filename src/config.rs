@@ -1,0 +1,851 @@
+//! The configuration file: `RawConfig` is what serde reads (unknown keys refused),
+//! `Config` is the validated form the rest of the gateway sees. Every error names the
+//! dotted key that was wrong and never a secret's value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::secret::Secret;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML: {0}")]
+    Yaml(String),
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw form
+
+/// The file as written. Durations and sizes are human strings with a unit.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Listeners and request limits.
+    #[serde(default)]
+    pub server: RawServer,
+    /// Who may call: the OIDC issuers whose tokens are accepted.
+    pub inbound: RawInbound,
+    /// How a caller becomes a Dynamics user.
+    #[serde(default)]
+    pub identity: RawIdentity,
+    /// The Dataverse organisation and the S2S credential.
+    pub dynamics: RawDynamics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    /// Address apps call.
+    pub listen: String,
+    /// Address of /metrics /healthz /readyz; never the app port.
+    pub admin_listen: String,
+    /// Base URL apps use to reach the gateway; default `http://<Host header>`.
+    pub public_url: Option<String>,
+    /// Take X-Forwarded-For/-Host/-Proto from the caller (only behind a trusted proxy).
+    pub trust_forwarded_headers: bool,
+    /// Time allowed for Dataverse to answer (its own limit is 2 minutes).
+    pub request_timeout: String,
+    /// Largest request body accepted.
+    pub max_request_body: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            public_url: None,
+            trust_forwarded_headers: false,
+            request_timeout: "120s".into(),
+            max_request_body: "128MiB".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInbound {
+    /// Accepted token issuers; at least one.
+    pub issuers: Vec<RawIssuer>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub leeway: String,
+    /// Least time between JWKS refetches caused by unknown `kid`s, per issuer.
+    #[serde(default = "default_refetch")]
+    pub jwks_refetch_interval: String,
+    /// Period of the background JWKS refresh.
+    #[serde(default = "default_jwks_refresh")]
+    pub jwks_refresh_interval: String,
+}
+
+fn default_leeway() -> String {
+    "60s".into()
+}
+fn default_refetch() -> String {
+    "30s".into()
+}
+fn default_jwks_refresh() -> String {
+    "1h".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    /// Exact `iss` value.
+    pub issuer: String,
+    /// Accepted `aud` values; at least one.
+    pub audiences: Vec<String>,
+    /// Allowed signature algorithms; default RS256.
+    #[serde(default)]
+    pub algorithms: Option<Vec<String>>,
+    /// Default `<issuer>/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub discovery_url: Option<String>,
+    /// Set to skip discovery.
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    /// caller_object_id | lookup | static
+    pub mode: String,
+    /// The claim that identifies the caller.
+    pub claim: String,
+    /// For `lookup`: which systemuser attribute the claim value is compared with.
+    pub lookup: Option<RawLookup>,
+    /// For `static`: claim value -> systemuserid.
+    #[serde(rename = "static")]
+    pub static_map: Option<BTreeMap<String, String>>,
+    /// How long a lookup answer (found or not) is remembered.
+    pub cache_ttl: String,
+    /// Most lookup answers remembered.
+    pub cache_max_entries: u64,
+}
+
+impl Default for RawIdentity {
+    fn default() -> Self {
+        Self {
+            mode: "caller_object_id".into(),
+            claim: "oid".into(),
+            lookup: None,
+            static_map: None,
+            cache_ttl: "15m".into(),
+            cache_max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookup {
+    /// azureactivedirectoryobjectid | internalemailaddress | domainname
+    pub attribute: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDynamics {
+    /// Organisation URL, e.g. https://contoso.crm.dynamics.com
+    pub url: String,
+    /// Tenant that owns the organisation.
+    pub tenant_id: String,
+    /// The app registration's client id.
+    pub client_id: String,
+    /// The app registration's secret; write `${VAR}` to read it from the environment.
+    pub client_secret: String,
+    /// Default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// Default `<url>/.default`.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+// ---------------------------------------------------------------- validated form
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub inbound: InboundConfig,
+    pub identity: IdentityConfig,
+    pub dynamics: DynamicsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Without trailing slash.
+    pub public_url: Option<String>,
+    pub trust_forwarded_headers: bool,
+    pub request_timeout: Duration,
+    pub max_request_body: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    pub issuers: Vec<IssuerConfig>,
+    pub leeway: Duration,
+    pub jwks_refetch_interval: Duration,
+    pub jwks_refresh_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct IssuerConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    pub discovery_url: Url,
+    pub jwks_uri: Option<Url>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub mode: IdentityMode,
+    pub claim: String,
+    pub cache_ttl: Duration,
+    pub cache_max_entries: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMode {
+    CallerObjectId,
+    Lookup(LookupAttribute),
+    Static(BTreeMap<String, String>),
+}
+
+/// The systemuser attributes a lookup may compare with, and how their literal is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupAttribute {
+    AzureActiveDirectoryObjectId,
+    InternalEmailAddress,
+    DomainName,
+}
+
+impl LookupAttribute {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AzureActiveDirectoryObjectId => "azureactivedirectoryobjectid",
+            Self::InternalEmailAddress => "internalemailaddress",
+            Self::DomainName => "domainname",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DynamicsConfig {
+    /// Origin of the organisation, without trailing slash.
+    pub url: Url,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub token_url: Url,
+    pub scope: String,
+}
+
+impl DynamicsConfig {
+    /// `scheme://host[:port]` of the organisation, no trailing slash.
+    pub fn origin(&self) -> String {
+        self.url.origin().ascii_serialization()
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+impl Config {
+    /// Reads, substitutes `${VAR}` from the environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses YAML text; `env` resolves `${VAR}` references.
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: serde_norway::Value =
+            serde_norway::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+        substitute_env(&mut value, "", env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            invalid(
+                if key == "." { "config".into() } else { key },
+                e.into_inner().to_string(),
+            )
+        })?;
+        Config::try_from(raw)
+    }
+}
+
+/// Replaces `${VAR}` inside every string, reporting the key of an unset variable.
+fn substitute_env(
+    value: &mut serde_norway::Value,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    use serde_norway::Value;
+    match value {
+        Value::String(s) if s.contains("${") => {
+            let mut out = String::with_capacity(s.len());
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let after = &rest[start + 2..];
+                let end = after
+                    .find('}')
+                    .ok_or_else(|| invalid(key, "unterminated ${...} reference"))?;
+                let name = &after[..end];
+                let val = env(name).ok_or_else(|| {
+                    invalid(key, format!("environment variable {name} is not set"))
+                })?;
+                out.push_str(&val);
+                rest = &after[end + 1..];
+            }
+            out.push_str(rest);
+            *s = out;
+        }
+        Value::Mapping(map) => {
+            for (k, v) in map.iter_mut() {
+                let name = k.as_str().unwrap_or("?");
+                let child = if key.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{key}.{name}")
+                };
+                substitute_env(v, &child, env)?;
+            }
+        }
+        Value::Sequence(seq) => {
+            for (i, v) in seq.iter_mut().enumerate() {
+                substitute_env(v, &format!("{key}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
+pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    let t = text.trim();
+    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
+        return Err(invalid(
+            key,
+            format!("\"{t}\" has no unit; use e.g. \"{t}s\""),
+        ));
+    }
+    humantime::parse_duration(t).map_err(|e| {
+        invalid(
+            key,
+            format!("\"{t}\" is not a duration ({e}); use e.g. \"30s\", \"15m\""),
+        )
+    })
+}
+
+/// Parses a size that must carry a unit (`512KiB`, `128MiB`, `1GB`).
+pub fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| invalid(key, format!("\"{t}\" is not a size; use e.g. \"128MiB\"")))?;
+    let factor: u64 = match unit.trim() {
+        "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        "" => {
+            return Err(invalid(
+                key,
+                format!("\"{t}\" has no unit; use e.g. \"{t}MiB\""),
+            ))
+        }
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown size unit \"{other}\"; use B, KiB, MiB, GiB, KB, MB or GB"),
+            ))
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| invalid(key, format!("\"{t}\" is too large")))
+}
+
+/// Parses a URL; `http://` is only allowed for loopback hosts (tests and the demo).
+fn parse_secure_url(key: &str, text: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(text.trim())
+        .map_err(|e| invalid(key, format!("\"{text}\" is not an absolute URL ({e})")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback(&url) => {}
+        "http" => {
+            return Err(invalid(
+                key,
+                format!("\"{text}\" uses http://; only https:// is allowed (http:// only for loopback hosts)"),
+            ))
+        }
+        other => return Err(invalid(key, format!("unsupported URL scheme \"{other}\"; use https://"))),
+    }
+    if url.host().is_none() {
+        return Err(invalid(key, format!("\"{text}\" has no host")));
+    }
+    Ok(url)
+}
+
+/// True for 127.0.0.0/8, ::1 and `localhost`.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
+    }
+}
+
+fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|_| {
+        invalid(
+            key,
+            format!("\"{text}\" is not an address; use e.g. \"0.0.0.0:8080\""),
+        )
+    })
+}
+
+fn parse_algorithm(key: &str, text: &str) -> Result<jsonwebtoken::Algorithm, ConfigError> {
+    use jsonwebtoken::Algorithm::*;
+    // Only asymmetric algorithms: an issuer's keys are public, so an HMAC algorithm
+    // would let anyone holding the public key forge tokens.
+    Ok(match text.trim() {
+        "RS256" => RS256,
+        "RS384" => RS384,
+        "RS512" => RS512,
+        "PS256" => PS256,
+        "PS384" => PS384,
+        "PS512" => PS512,
+        "ES256" => ES256,
+        "ES384" => ES384,
+        "EdDSA" => EdDSA,
+        other => {
+            return Err(invalid(
+                key,
+                format!("algorithm \"{other}\" is not allowed; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"),
+            ))
+        }
+    })
+}
+
+fn is_guid(text: &str) -> bool {
+    uuid::Uuid::try_parse(text).is_ok()
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+        let s = raw.server;
+        let public_url = match s.public_url {
+            Some(u) => {
+                let url = Url::parse(u.trim()).map_err(|e| {
+                    invalid(
+                        "server.public_url",
+                        format!("\"{u}\" is not an absolute URL ({e})"),
+                    )
+                })?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(invalid(
+                        "server.public_url",
+                        "must be an http:// or https:// URL",
+                    ));
+                }
+                if url.query().is_some() || url.fragment().is_some() {
+                    return Err(invalid(
+                        "server.public_url",
+                        "must not have a query or fragment",
+                    ));
+                }
+                Some(url.as_str().trim_end_matches('/').to_string())
+            }
+            None => None,
+        };
+        let server = ServerConfig {
+            listen: parse_addr("server.listen", &s.listen)?,
+            admin_listen: parse_addr("server.admin_listen", &s.admin_listen)?,
+            public_url,
+            trust_forwarded_headers: s.trust_forwarded_headers,
+            request_timeout: parse_duration("server.request_timeout", &s.request_timeout)?,
+            max_request_body: parse_size("server.max_request_body", &s.max_request_body)?,
+        };
+        if server.listen == server.admin_listen {
+            return Err(invalid(
+                "server.admin_listen",
+                "must differ from server.listen",
+            ));
+        }
+
+        let i = raw.inbound;
+        if i.issuers.is_empty() {
+            return Err(invalid(
+                "inbound.issuers",
+                "at least one issuer is required",
+            ));
+        }
+        let mut issuers = Vec::with_capacity(i.issuers.len());
+        for (n, ri) in i.issuers.into_iter().enumerate() {
+            let key = format!("inbound.issuers[{n}]");
+            parse_secure_url(&format!("{key}.issuer"), &ri.issuer)?;
+            if ri.audiences.is_empty() || ri.audiences.iter().any(|a| a.trim().is_empty()) {
+                return Err(invalid(
+                    format!("{key}.audiences"),
+                    "at least one non-empty audience is required",
+                ));
+            }
+            let algorithms = match ri.algorithms {
+                None => vec![jsonwebtoken::Algorithm::RS256],
+                Some(list) if list.is_empty() => {
+                    return Err(invalid(
+                        format!("{key}.algorithms"),
+                        "must list at least one algorithm",
+                    ))
+                }
+                Some(list) => list
+                    .iter()
+                    .map(|a| parse_algorithm(&format!("{key}.algorithms"), a))
+                    .collect::<Result<_, _>>()?,
+            };
+            let discovery_url = match ri.discovery_url {
+                Some(d) => parse_secure_url(&format!("{key}.discovery_url"), &d)?,
+                None => {
+                    let base = ri.issuer.trim().trim_end_matches('/');
+                    parse_secure_url(
+                        &format!("{key}.issuer"),
+                        &format!("{base}/.well-known/openid-configuration"),
+                    )?
+                }
+            };
+            let jwks_uri = ri
+                .jwks_uri
+                .map(|j| parse_secure_url(&format!("{key}.jwks_uri"), &j))
+                .transpose()?;
+            if issuers.iter().any(|x: &IssuerConfig| x.issuer == ri.issuer) {
+                return Err(invalid(
+                    format!("{key}.issuer"),
+                    format!("issuer \"{}\" is listed twice", ri.issuer),
+                ));
+            }
+            issuers.push(IssuerConfig {
+                issuer: ri.issuer,
+                audiences: ri.audiences,
+                algorithms,
+                discovery_url,
+                jwks_uri,
+            });
+        }
+        let inbound = InboundConfig {
+            issuers,
+            leeway: parse_duration("inbound.leeway", &i.leeway)?,
+            jwks_refetch_interval: parse_duration(
+                "inbound.jwks_refetch_interval",
+                &i.jwks_refetch_interval,
+            )?,
+            jwks_refresh_interval: parse_duration(
+                "inbound.jwks_refresh_interval",
+                &i.jwks_refresh_interval,
+            )?,
+        };
+        if inbound.jwks_refresh_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "inbound.jwks_refresh_interval",
+                "must be at least 1s",
+            ));
+        }
+
+        let id = raw.identity;
+        if id.claim.trim().is_empty() {
+            return Err(invalid("identity.claim", "must name a claim, e.g. \"oid\""));
+        }
+        let mode = match id.mode.as_str() {
+            "caller_object_id" => {
+                reject_extra(id.lookup.is_some(), "identity.lookup", "caller_object_id")?;
+                reject_extra(
+                    id.static_map.is_some(),
+                    "identity.static",
+                    "caller_object_id",
+                )?;
+                IdentityMode::CallerObjectId
+            }
+            "lookup" => {
+                reject_extra(id.static_map.is_some(), "identity.static", "lookup")?;
+                let attr = id
+                    .lookup
+                    .as_ref()
+                    .map(|l| l.attribute.as_str())
+                    .unwrap_or("azureactivedirectoryobjectid");
+                IdentityMode::Lookup(match attr {
+                    "azureactivedirectoryobjectid" => LookupAttribute::AzureActiveDirectoryObjectId,
+                    "internalemailaddress" => LookupAttribute::InternalEmailAddress,
+                    "domainname" => LookupAttribute::DomainName,
+                    other => {
+                        return Err(invalid(
+                            "identity.lookup.attribute",
+                            format!("\"{other}\" is not supported; use azureactivedirectoryobjectid, internalemailaddress or domainname"),
+                        ))
+                    }
+                })
+            }
+            "static" => {
+                reject_extra(id.lookup.is_some(), "identity.lookup", "static")?;
+                let map = id.static_map.unwrap_or_default();
+                if map.is_empty() {
+                    return Err(invalid(
+                        "identity.static",
+                        "static mode needs a map of claim value -> systemuserid",
+                    ));
+                }
+                for (k, v) in &map {
+                    if !is_guid(v) {
+                        return Err(invalid(
+                            format!("identity.static.{k}"),
+                            format!("\"{v}\" is not a systemuserid (a GUID)"),
+                        ));
+                    }
+                }
+                IdentityMode::Static(map)
+            }
+            other => {
+                return Err(invalid(
+                    "identity.mode",
+                    format!("\"{other}\" is not a mode; use caller_object_id, lookup or static"),
+                ))
+            }
+        };
+        let identity = IdentityConfig {
+            mode,
+            claim: id.claim,
+            cache_ttl: parse_duration("identity.cache_ttl", &id.cache_ttl)?,
+            cache_max_entries: id.cache_max_entries,
+        };
+        if identity.cache_max_entries == 0 {
+            return Err(invalid("identity.cache_max_entries", "must be at least 1"));
+        }
+
+        let d = raw.dynamics;
+        let url = parse_secure_url("dynamics.url", &d.url)?;
+        if url.path() != "/" || url.query().is_some() {
+            return Err(invalid(
+                "dynamics.url",
+                format!("\"{}\" must be the organisation's origin only, e.g. https://contoso.crm.dynamics.com", d.url),
+            ));
+        }
+        if d.tenant_id.trim().is_empty() {
+            return Err(invalid("dynamics.tenant_id", "is required"));
+        }
+        if d.client_id.trim().is_empty() {
+            return Err(invalid("dynamics.client_id", "is required"));
+        }
+        if d.client_secret.is_empty() {
+            return Err(invalid(
+                "dynamics.client_secret",
+                "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
+            ));
+        }
+        let token_url = match d.token_url {
+            Some(t) => parse_secure_url("dynamics.token_url", &t)?,
+            None => parse_secure_url(
+                "dynamics.tenant_id",
+                &format!(
+                    "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                    d.tenant_id.trim()
+                ),
+            )?,
+        };
+        let origin = url.origin().ascii_serialization();
+        let scope = d.scope.unwrap_or_else(|| format!("{origin}/.default"));
+        let dynamics = DynamicsConfig {
+            url,
+            tenant_id: d.tenant_id,
+            client_id: d.client_id,
+            client_secret: Secret::new(d.client_secret),
+            token_url,
+            scope,
+        };
+
+        Ok(Config {
+            server,
+            inbound,
+            identity,
+            dynamics,
+        })
+    }
+}
+
+fn reject_extra(present: bool, key: &str, mode: &str) -> Result<(), ConfigError> {
+    if present {
+        Err(invalid(
+            key,
+            format!("is not used in identity.mode {mode}; remove it or change the mode"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+inbound:
+  issuers:
+    - issuer: https://login.microsoftonline.com/t/v2.0
+      audiences: [api://dynamics-gateway]
+dynamics:
+  url: https://contoso.crm.dynamics.com
+  tenant_id: t
+  client_id: c
+  client_secret: ${SECRET}
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "SECRET").then(|| "s3cr3t-value".to_string())
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, &env)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.server.request_timeout, Duration::from_secs(120));
+        assert_eq!(c.server.max_request_body, 128 << 20);
+        assert_eq!(c.inbound.leeway, Duration::from_secs(60));
+        assert_eq!(c.identity.mode, IdentityMode::CallerObjectId);
+        assert_eq!(c.identity.claim, "oid");
+        assert_eq!(
+            c.dynamics.scope,
+            "https://contoso.crm.dynamics.com/.default"
+        );
+        assert_eq!(
+            c.dynamics.token_url.as_str(),
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token"
+        );
+        assert_eq!(c.dynamics.client_secret.expose(), "s3cr3t-value");
+        assert_eq!(
+            c.inbound.issuers[0].discovery_url.as_str(),
+            "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL
+            .replace("  leeway", "x")
+            .replace("dynamics:\n", "dynamics:\n  clientsecret: x\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("clientsecret"), "{err}");
+        assert!(err.starts_with("dynamics"), "{err}");
+    }
+
+    #[test]
+    fn unset_variable_is_named_with_its_key() {
+        let text = MINIMAL.replace("${SECRET}", "${NOT_SET_ANYWHERE}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("dynamics.client_secret"), "{err}");
+        assert!(err.contains("NOT_SET_ANYWHERE"), "{err}");
+    }
+
+    #[test]
+    fn duration_without_unit_is_refused() {
+        let text = MINIMAL.replace("inbound:\n", "inbound:\n  leeway: \"30\"\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("inbound.leeway") && err.contains("no unit"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sizes_need_units() {
+        assert_eq!(parse_size("k", "128MiB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("k", "1KB").unwrap(), 1000);
+        assert!(parse_size("k", "128")
+            .unwrap_err()
+            .to_string()
+            .contains("no unit"));
+        assert!(parse_size("k", "12 parsecs").is_err());
+    }
+
+    #[test]
+    fn plain_http_is_refused_unless_loopback() {
+        let text = MINIMAL.replace("https://contoso", "http://contoso");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("dynamics.url") && err.contains("http://"),
+            "{err}"
+        );
+        let text = MINIMAL.replace("https://contoso.crm.dynamics.com", "http://127.0.0.1:9");
+        assert!(load(&text).is_ok());
+    }
+
+    #[test]
+    fn hmac_and_none_algorithms_are_refused() {
+        for alg in ["HS256", "none"] {
+            let text = MINIMAL.replace(
+                "audiences: [api://dynamics-gateway]",
+                &format!("audiences: [a]\n      algorithms: [{alg}]"),
+            );
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains("algorithms") && err.contains(alg), "{err}");
+        }
+    }
+
+    #[test]
+    fn errors_never_contain_the_secret() {
+        let text = MINIMAL.replace("tenant_id: t", "tenant_id: \"\"");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let dbg = format!("{:?}", load(MINIMAL).unwrap());
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+    }
+
+    #[test]
+    fn static_mode_requires_guid_values() {
+        let text =
+            format!("{MINIMAL}identity:\n  mode: static\n  static:\n    alice: not-a-guid\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("identity.static.alice"), "{err}");
+    }
+}

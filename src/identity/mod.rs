@@ -1,0 +1,110 @@
+//! Identity: as which Dynamics user does this caller act? Turns a verified [`Caller`] into
+//! the one [`Impersonation`] the upstream stage sends. One file per mode.
+
+pub mod caller_object_id;
+pub mod lookup;
+pub mod static_map;
+
+use uuid::Uuid;
+
+use crate::config::{IdentityConfig, IdentityMode};
+use crate::inbound::Caller;
+
+pub use lookup::{LookupError, UserLookup};
+
+/// Whom Dataverse should act as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Impersonation {
+    /// `CallerObjectId`: an Azure AD object id; Dataverse finds the user itself.
+    CallerObjectId(Uuid),
+    /// `MSCRMCallerID`: a systemuserid the gateway resolved.
+    SystemUserId(Uuid),
+}
+
+impl Impersonation {
+    /// The id, for logs.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Self::CallerObjectId(id) | Self::SystemUserId(id) => *id,
+        }
+    }
+}
+
+/// Why a verified caller cannot be mapped to a Dynamics user.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("the token has no {0} claim to identify the caller")]
+    MissingClaim(String),
+    #[error("the token's {0} claim is not an Azure AD object id (a GUID)")]
+    NotAGuid(String),
+    #[error("the caller is not mapped to a Dynamics user")]
+    NotMapped,
+    #[error("no Dynamics user matches the caller")]
+    UserNotFound,
+    #[error("the caller's Dynamics user is disabled")]
+    UserDisabled,
+    #[error("more than one Dynamics user matches the caller")]
+    Ambiguous,
+    #[error("looking up the caller's Dynamics user failed: {0}")]
+    Lookup(#[source] LookupError),
+}
+
+impl IdentityError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingClaim(_) => "identity_claim_missing",
+            Self::NotAGuid(_) => "identity_claim_not_guid",
+            Self::NotMapped => "identity_not_mapped",
+            Self::UserNotFound => "identity_user_not_found",
+            Self::UserDisabled => "identity_user_disabled",
+            Self::Ambiguous => "identity_ambiguous",
+            Self::Lookup(_) => "identity_lookup_failed",
+        }
+    }
+}
+
+enum Mode {
+    CallerObjectId,
+    Static(static_map::StaticMap),
+    Lookup(Box<UserLookup>),
+}
+
+/// The identity stage.
+pub struct IdentityResolver {
+    claim: String,
+    mode: Mode,
+}
+
+impl IdentityResolver {
+    /// `lookup` is required for `IdentityMode::Lookup` and ignored otherwise.
+    pub fn new(config: &IdentityConfig, lookup: Option<UserLookup>) -> Result<Self, &'static str> {
+        let mode = match &config.mode {
+            IdentityMode::CallerObjectId => Mode::CallerObjectId,
+            IdentityMode::Static(map) => Mode::Static(static_map::StaticMap::new(map)),
+            IdentityMode::Lookup(_) => {
+                Mode::Lookup(Box::new(lookup.ok_or("lookup mode needs a UserLookup")?))
+            }
+        };
+        Ok(Self {
+            claim: config.claim.clone(),
+            mode,
+        })
+    }
+
+    /// The caller's identifying claim value, for logs.
+    pub fn caller_key<'a>(&self, caller: &'a Caller) -> &'a str {
+        caller.claim_str(&self.claim).unwrap_or("-")
+    }
+
+    pub async fn resolve(&self, caller: &Caller) -> Result<Impersonation, IdentityError> {
+        let value = caller
+            .claim_str(&self.claim)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| IdentityError::MissingClaim(self.claim.clone()))?;
+        match &self.mode {
+            Mode::CallerObjectId => caller_object_id::resolve(&self.claim, value),
+            Mode::Static(map) => map.resolve(value),
+            Mode::Lookup(lookup) => lookup.resolve(&caller.issuer, value).await,
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! One issuer's signing keys: the cached key set, the throttled refetch on an unknown
+//! `kid`, and the background refresher that keeps the set current. The last good set
+//! stays in force while the identity provider is unreachable.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use super::discovery::{self, FetchError};
+use super::jwt::UnverifiedToken;
+use super::{AuthError, Caller};
+use crate::backoff::Backoff;
+use crate::config::{InboundConfig, IssuerConfig};
+use crate::metrics::Metrics;
+
+/// A verification key from the issuer's JWKS.
+struct SigningKey {
+    key: DecodingKey,
+    /// The JWK's own `alg`, when it names one: the token must then use exactly that.
+    alg: Option<Algorithm>,
+}
+
+/// One snapshot of an issuer's keys, replaced whole on each fetch.
+struct KeySet {
+    by_kid: HashMap<String, Arc<SigningKey>>,
+}
+
+#[derive(Deserialize)]
+struct JwksDocument {
+    keys: Vec<serde_json::Value>,
+}
+
+/// The keys of one issuer, and how tokens of that issuer are validated.
+pub struct JwksCache {
+    issuer: Arc<str>,
+    config: IssuerConfig,
+    validations: HashMap<Algorithm, Validation>,
+    keys: ArcSwapOption<KeySet>,
+    /// Discovered `jwks_uri`, forgotten when a fetch from it fails.
+    jwks_uri: Mutex<Option<Url>>,
+    /// Held for the duration of a fetch, so concurrent unknown kids cause one fetch.
+    fetch_lock: tokio::sync::Mutex<Option<Instant>>,
+    refetch_interval: Duration,
+    refresh_interval: Duration,
+    http: reqwest::Client,
+    metrics: Metrics,
+}
+
+impl JwksCache {
+    pub fn new(
+        config: IssuerConfig,
+        inbound: &InboundConfig,
+        http: reqwest::Client,
+        metrics: Metrics,
+    ) -> Self {
+        let validations = config
+            .algorithms
+            .iter()
+            .map(|alg| {
+                let mut v = Validation::new(*alg);
+                v.leeway = inbound.leeway.as_secs();
+                v.validate_nbf = true;
+                v.set_required_spec_claims(&["exp", "iss", "aud"]);
+                v.set_issuer(&[&config.issuer]);
+                v.set_audience(&config.audiences);
+                (*alg, v)
+            })
+            .collect();
+        Self {
+            issuer: Arc::from(config.issuer.as_str()),
+            jwks_uri: Mutex::new(config.jwks_uri.clone()),
+            config,
+            validations,
+            keys: ArcSwapOption::empty(),
+            fetch_lock: tokio::sync::Mutex::new(None),
+            refetch_interval: inbound.jwks_refetch_interval,
+            refresh_interval: inbound.jwks_refresh_interval,
+            http,
+            metrics,
+        }
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// True once a key set has been loaded.
+    pub fn is_ready(&self) -> bool {
+        self.keys.load().is_some()
+    }
+
+    /// Verifies a token that names this issuer.
+    pub async fn verify(&self, token: &UnverifiedToken<'_>) -> Result<Caller, AuthError> {
+        let alg = token.algorithm(&self.config.algorithms)?;
+        let kid = token.kid().ok_or(AuthError::MissingKid)?;
+        let key = self.key(kid).await?;
+        if key.alg.is_some_and(|a| a != alg) {
+            return Err(AuthError::DisallowedAlgorithm(format!("{alg:?}")));
+        }
+        let validation = self
+            .validations
+            .get(&alg)
+            .ok_or_else(|| AuthError::DisallowedAlgorithm(format!("{alg:?}")))?;
+        let claims = token.verify(&key.key, validation)?;
+        Ok(Caller {
+            issuer: self.issuer.clone(),
+            claims: Arc::new(claims),
+        })
+    }
+
+    /// The key with this `kid`, refetching the set at most once per `refetch_interval`
+    /// when it is unknown (a new key after rotation), so random kids cannot make the
+    /// gateway hammer the identity provider.
+    async fn key(&self, kid: &str) -> Result<Arc<SigningKey>, AuthError> {
+        match self.lookup(kid) {
+            Some(Ok(key)) => return Ok(key),
+            Some(Err(())) => {}
+            None => {
+                return Err(AuthError::KeysUnavailable {
+                    issuer: self.issuer.to_string(),
+                })
+            }
+        }
+        let mut last_fetch = self.fetch_lock.lock().await;
+        // Another request may have fetched while this one waited for the lock.
+        if let Some(Ok(key)) = self.lookup(kid) {
+            return Ok(key);
+        }
+        if last_fetch.is_some_and(|at| at.elapsed() < self.refetch_interval) {
+            return Err(AuthError::UnknownKid);
+        }
+        *last_fetch = Some(Instant::now());
+        if let Err(e) = self.fetch_and_store().await {
+            tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refetch for an unknown kid failed; keeping the current keys");
+        }
+        match self.lookup(kid) {
+            Some(Ok(key)) => Ok(key),
+            _ => Err(AuthError::UnknownKid),
+        }
+    }
+
+    /// `None`: no key set yet; `Some(Err)`: set loaded, kid not in it.
+    fn lookup(&self, kid: &str) -> Option<Result<Arc<SigningKey>, ()>> {
+        let guard = self.keys.load();
+        let set = guard.as_ref()?;
+        Some(set.by_kid.get(kid).cloned().ok_or(()))
+    }
+
+    /// One fetch under the fetch lock, recording the time for the refetch throttle.
+    async fn refresh(&self) -> Result<usize, FetchError> {
+        let mut last_fetch = self.fetch_lock.lock().await;
+        *last_fetch = Some(Instant::now());
+        self.fetch_and_store().await
+    }
+
+    async fn fetch_and_store(&self) -> Result<usize, FetchError> {
+        let result = self.fetch().await;
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.metrics
+            .jwks_refresh_total
+            .with_label_values(&[label])
+            .inc();
+        let set = result?;
+        let count = set.by_kid.len();
+        self.keys.store(Some(Arc::new(set)));
+        Ok(count)
+    }
+
+    async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let known = self.jwks_uri.lock().map(|g| g.clone()).unwrap_or(None);
+        let uri = match known {
+            Some(uri) => uri,
+            None => {
+                let uri = discovery::discover_jwks_uri(
+                    &self.http,
+                    &self.config.discovery_url,
+                    &self.config.issuer,
+                )
+                .await?;
+                if let Ok(mut g) = self.jwks_uri.lock() {
+                    *g = Some(uri.clone());
+                }
+                uri
+            }
+        };
+        let doc: JwksDocument = match discovery::get_json(&self.http, &uri).await {
+            Ok(doc) => doc,
+            Err(e) => {
+                // Rediscover next time, in case the issuer moved its keys.
+                if self.config.jwks_uri.is_none() {
+                    if let Ok(mut g) = self.jwks_uri.lock() {
+                        *g = None;
+                    }
+                }
+                return Err(e);
+            }
+        };
+        let by_kid: HashMap<_, _> = doc.keys.into_iter().filter_map(signing_key).collect();
+        if by_kid.is_empty() {
+            return Err(FetchError::NoKeys {
+                url: uri.to_string(),
+            });
+        }
+        Ok(KeySet { by_kid })
+    }
+
+    /// Keeps the key set fresh until cancelled: at start until the first success (with
+    /// backoff), then every `refresh_interval`; a failed refresh keeps the last good set.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            let wait = match self.refresh().await {
+                Ok(count) => {
+                    tracing::debug!(issuer = %self.issuer, keys = count, "JWKS refreshed");
+                    backoff.reset();
+                    self.refresh_interval
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(issuer = %self.issuer, error = %e, retry_in = ?wait, "JWKS fetch failed; keeping the last good keys");
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// A usable signature key from one JWKS entry; encryption keys and keys without `kid` are skipped.
+fn signing_key(value: serde_json::Value) -> Option<(String, Arc<SigningKey>)> {
+    let alg = value
+        .get("alg")
+        .and_then(|a| a.as_str())
+        .map(Algorithm::from_str);
+    let jwk: Jwk = serde_json::from_value(value).ok()?;
+    if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+        return None;
+    }
+    let kid = jwk.common.key_id.clone()?;
+    let alg = match alg {
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => return None,
+        None => None,
+    };
+    let key = DecodingKey::from_jwk(&jwk).ok()?;
+    // A symmetric key in a public JWKS would let anyone who reads the set sign tokens.
+    if matches!(key.family(), jsonwebtoken::AlgorithmFamily::Hmac) {
+        return None;
+    }
+    Some((kid, Arc::new(SigningKey { key, alg })))
+}

@@ -1,0 +1,201 @@
+//! One JWT, before and after its signature is checked. Parsing here reads only what is
+//! needed to choose the issuer and key (`iss`, `alg`, `kid`); nothing read before the
+//! signature check is trusted for anything else. `jku`, `x5u` and `jwk` headers are never
+//! looked at, so a token cannot point the gateway at keys of its choosing.
+
+use std::str::FromStr;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::AuthError;
+
+/// Tokens larger than this are refused before any parsing (Azure AD tokens are ~2 KiB).
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// A token split and peeked at, not yet verified.
+#[derive(Debug)]
+pub struct UnverifiedToken<'a> {
+    raw: &'a str,
+    alg: String,
+    kid: Option<String>,
+    issuer: String,
+}
+
+#[derive(Deserialize)]
+struct PeekHeader {
+    alg: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    crit: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct PeekClaims {
+    iss: Option<Value>,
+}
+
+impl<'a> UnverifiedToken<'a> {
+    pub fn parse(raw: &'a str) -> Result<Self, AuthError> {
+        if raw.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::TooLarge {
+                max: MAX_TOKEN_BYTES,
+            });
+        }
+        let mut parts = raw.split('.');
+        let (Some(header), Some(payload), Some(_signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed("a JWT has three dot-separated parts"));
+        };
+        let header: PeekHeader = decode_segment(header, "header")?;
+        if header.crit.is_some() {
+            return Err(AuthError::UnsupportedCritical);
+        }
+        let claims: PeekClaims = decode_segment(payload, "payload")?;
+        let issuer = match claims.iss {
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(AuthError::InvalidClaim("iss".into())),
+            None => return Err(AuthError::MissingClaim("iss".into())),
+        };
+        Ok(Self {
+            raw,
+            alg: header.alg,
+            kid: header.kid,
+            issuer,
+        })
+    }
+
+    /// The unverified `iss`: only used to pick which issuer's keys to verify with.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    pub fn kid(&self) -> Option<&str> {
+        self.kid.as_deref()
+    }
+
+    /// The header's algorithm, if it is one of `allowed`.
+    pub fn algorithm(&self, allowed: &[Algorithm]) -> Result<Algorithm, AuthError> {
+        let alg = Algorithm::from_str(&self.alg)
+            .ok()
+            .filter(|a| allowed.contains(a))
+            .ok_or_else(|| AuthError::DisallowedAlgorithm(sanitize(&self.alg)))?;
+        Ok(alg)
+    }
+
+    /// Checks signature, `iss`, `aud`, `exp` and `nbf`, and returns the claims.
+    pub fn verify(
+        &self,
+        key: &DecodingKey,
+        validation: &Validation,
+    ) -> Result<Map<String, Value>, AuthError> {
+        jsonwebtoken::decode::<Map<String, Value>>(self.raw, key, validation)
+            .map(|data| data.claims)
+            .map_err(|e| match e.into_kind() {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAudience => AuthError::AudienceMismatch,
+                ErrorKind::InvalidIssuer => AuthError::UnknownIssuer,
+                ErrorKind::InvalidAlgorithm => AuthError::DisallowedAlgorithm(sanitize(&self.alg)),
+                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(sanitize(&c)),
+                ErrorKind::InvalidClaimFormat(c) => AuthError::InvalidClaim(sanitize(&c)),
+                ErrorKind::InvalidRsaKey(_)
+                | ErrorKind::InvalidEcdsaKey
+                | ErrorKind::InvalidEddsaKey => AuthError::BadSignature,
+                _ => AuthError::Malformed("its segments do not decode"),
+            })
+    }
+}
+
+fn decode_segment<T: for<'de> Deserialize<'de>>(
+    segment: &str,
+    what: &'static str,
+) -> Result<T, AuthError> {
+    let bytes = URL_SAFE_NO_PAD.decode(segment).map_err(|_| {
+        AuthError::Malformed(if what == "header" {
+            "header is not base64url"
+        } else {
+            "payload is not base64url"
+        })
+    })?;
+    serde_json::from_slice(&bytes).map_err(|_| {
+        AuthError::Malformed(if what == "header" {
+            "header is not a JSON object with alg"
+        } else {
+            "payload is not a JSON object"
+        })
+    })
+}
+
+/// Caller-controlled text that ends up in an error message: short and printable only.
+fn sanitize(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        .take(32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(v: &str) -> String {
+        URL_SAFE_NO_PAD.encode(v)
+    }
+
+    #[test]
+    fn parse_reads_alg_kid_and_issuer() {
+        let t = format!(
+            "{}.{}.sig",
+            seg(r#"{"alg":"RS256","kid":"k1"}"#),
+            seg(r#"{"iss":"https://i"}"#)
+        );
+        let u = UnverifiedToken::parse(&t).unwrap();
+        assert_eq!(u.issuer(), "https://i");
+        assert_eq!(u.kid(), Some("k1"));
+        assert_eq!(u.algorithm(&[Algorithm::RS256]).unwrap(), Algorithm::RS256);
+        assert!(matches!(
+            u.algorithm(&[Algorithm::PS256]),
+            Err(AuthError::DisallowedAlgorithm(_))
+        ));
+    }
+
+    #[test]
+    fn parse_refuses_malformed_tokens() {
+        assert!(matches!(
+            UnverifiedToken::parse("a.b"),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(matches!(
+            UnverifiedToken::parse("!!.??.x"),
+            Err(AuthError::Malformed(_))
+        ));
+        let big = "a".repeat(MAX_TOKEN_BYTES + 1);
+        assert!(matches!(
+            UnverifiedToken::parse(&big),
+            Err(AuthError::TooLarge { .. })
+        ));
+        let crit = format!(
+            "{}.{}.s",
+            seg(r#"{"alg":"RS256","crit":["x"]}"#),
+            seg(r#"{"iss":"i"}"#)
+        );
+        assert!(matches!(
+            UnverifiedToken::parse(&crit),
+            Err(AuthError::UnsupportedCritical)
+        ));
+        let none = format!("{}.{}.", seg(r#"{"alg":"none"}"#), seg(r#"{"iss":"i"}"#));
+        let u = UnverifiedToken::parse(&none).unwrap();
+        assert!(matches!(
+            u.algorithm(&[Algorithm::RS256]),
+            Err(AuthError::DisallowedAlgorithm(_))
+        ));
+    }
+}

@@ -1,0 +1,178 @@
+//! Inbound: who is calling? Takes the caller's `Authorization: Bearer` JWT, checks it
+//! against the configured issuers' keys, and hands the next stage a verified [`Caller`].
+
+pub mod discovery;
+pub mod jwks;
+pub mod jwt;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::header::AUTHORIZATION;
+use http::HeaderMap;
+use serde_json::{Map, Value};
+
+pub use jwks::JwksCache;
+
+use crate::config::InboundConfig;
+
+/// A caller whose token has been verified.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The token's `iss`, exactly as configured.
+    pub issuer: Arc<str>,
+    /// Every claim of the verified token.
+    pub claims: Arc<Map<String, Value>>,
+}
+
+impl Caller {
+    /// A claim's value when it is a string.
+    pub fn claim_str(&self, name: &str) -> Option<&str> {
+        self.claims.get(name).and_then(Value::as_str)
+    }
+
+    /// `sub`, for logs.
+    pub fn subject(&self) -> &str {
+        self.claim_str("sub").unwrap_or("-")
+    }
+}
+
+/// Why a caller's token was refused. The messages are ours: they never quote the token.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token; send Authorization: Bearer <token>")]
+    MissingToken,
+    #[error("the Authorization header is not a single Bearer token")]
+    MalformedHeader,
+    #[error("the token is not a well-formed JWT ({0})")]
+    Malformed(&'static str),
+    #[error("the token is larger than {max} bytes")]
+    TooLarge { max: usize },
+    #[error("the token's algorithm {0} is not allowed for its issuer")]
+    DisallowedAlgorithm(String),
+    #[error("the token's header has critical extensions the gateway does not understand")]
+    UnsupportedCritical,
+    #[error("the token's issuer is not accepted")]
+    UnknownIssuer,
+    #[error("the token has no kid header")]
+    MissingKid,
+    #[error("the token's signing key (kid) is not known to its issuer")]
+    UnknownKid,
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's audience is not accepted")]
+    AudienceMismatch,
+    #[error("the token has no {0} claim")]
+    MissingClaim(String),
+    #[error("the token's {0} claim has the wrong type")]
+    InvalidClaim(String),
+    #[error("the keys of issuer {issuer} are not available yet")]
+    KeysUnavailable { issuer: String },
+}
+
+impl AuthError {
+    /// Label for `auth_failures_total{reason}` and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::MissingToken => "missing_token",
+            Self::MalformedHeader => "malformed_header",
+            Self::Malformed(_) => "malformed_token",
+            Self::TooLarge { .. } => "token_too_large",
+            Self::DisallowedAlgorithm(_) => "disallowed_algorithm",
+            Self::UnsupportedCritical => "unsupported_critical_header",
+            Self::UnknownIssuer => "unknown_issuer",
+            Self::MissingKid => "missing_kid",
+            Self::UnknownKid => "unknown_kid",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::AudienceMismatch => "wrong_audience",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::InvalidClaim(_) => "invalid_claim",
+            Self::KeysUnavailable { .. } => "keys_unavailable",
+        }
+    }
+}
+
+/// The inbound stage: one [`JwksCache`] per configured issuer.
+pub struct Authenticator {
+    issuers: HashMap<String, Arc<JwksCache>>,
+}
+
+impl Authenticator {
+    pub fn new(
+        config: &InboundConfig,
+        http: reqwest::Client,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
+        let issuers = config
+            .issuers
+            .iter()
+            .map(|issuer| {
+                let cache = JwksCache::new(issuer.clone(), config, http.clone(), metrics.clone());
+                (issuer.issuer.clone(), Arc::new(cache))
+            })
+            .collect();
+        Self { issuers }
+    }
+
+    /// The key caches, for their refreshers and for readiness.
+    pub fn caches(&self) -> impl Iterator<Item = &Arc<JwksCache>> {
+        self.issuers.values()
+    }
+
+    /// Verifies the request's bearer token and returns who is calling.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
+        let token = bearer_token(headers)?;
+        let unverified = jwt::UnverifiedToken::parse(token)?;
+        let cache = self
+            .issuers
+            .get(unverified.issuer())
+            .ok_or(AuthError::UnknownIssuer)?;
+        cache.verify(&unverified).await
+    }
+}
+
+/// Exactly one `Authorization: Bearer <token>` header; two are refused rather than guessed.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let value = values.next().ok_or(AuthError::MissingToken)?;
+    if values.next().is_some() {
+        return Err(AuthError::MalformedHeader);
+    }
+    let value = value.to_str().map_err(|_| AuthError::MalformedHeader)?;
+    let (scheme, token) = value
+        .trim()
+        .split_once(' ')
+        .ok_or(AuthError::MalformedHeader)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(AuthError::MalformedHeader);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(AuthError::MissingToken);
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn bearer_token_requires_one_bearer_header() {
+        let mut h = HeaderMap::new();
+        assert!(matches!(bearer_token(&h), Err(AuthError::MissingToken)));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert!(matches!(bearer_token(&h), Err(AuthError::MalformedHeader)));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("bearer a.b.c"));
+        assert_eq!(bearer_token(&h).unwrap(), "a.b.c");
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer d.e.f"));
+        assert!(matches!(bearer_token(&h), Err(AuthError::MalformedHeader)));
+    }
+}

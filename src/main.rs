@@ -1,0 +1,254 @@
+//! The `dynamics-gateway` command: run the gateway, check a config, run the demo, or
+//! probe a running gateway's readiness (for a distroless image's HEALTHCHECK).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use dynamics_gateway::config::{Config, IdentityMode};
+
+#[derive(Parser)]
+#[command(
+    name = "dynamics-gateway",
+    version,
+    about = "Authenticating sidecar for the Dynamics 365 / Dataverse Web API"
+)]
+struct Cli {
+    /// Path of the configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "DYNAMICS_GATEWAY_CONFIG",
+        default_value = "./config.yaml"
+    )]
+    config: PathBuf,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run,
+    /// Load and validate the config, print what the gateway would do, and exit.
+    Check,
+    /// Run the gateway against a built-in identity provider and stand-in Dataverse on loopback.
+    Demo {
+        /// Port for the gateway (the admin port is the next one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// GET the admin /readyz of a running gateway; exit 0 when ready, 1 otherwise.
+    Healthcheck {
+        /// Base URL of the admin listener; default from the config's server.admin_listen.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run(&cli.config).await,
+            Command::Check => check(&cli.config),
+            Command::Demo { port } => demo(port).await,
+            Command::Healthcheck { url } => healthcheck(&cli.config, url).await,
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+async fn run(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error: cannot listen on server.listen {}: {e}",
+                config.server.listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin = match tokio::net::TcpListener::bind(config.server.admin_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error: cannot listen on server.admin_listen {}: {e}",
+                config.server.admin_listen
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, upstream = %config.dynamics.origin(), "dynamics-gateway starting");
+    match dynamics_gateway::run(config, listener, admin, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `check`: what the gateway would do with this config; never a secret.
+fn check(path: &std::path::Path) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let mut out = String::new();
+    out.push_str(&format!("config {} is valid\n", path.display()));
+    out.push_str(&format!("listen:        {}\n", config.server.listen));
+    out.push_str(&format!(
+        "admin_listen:  {} (/healthz /readyz /metrics)\n",
+        config.server.admin_listen
+    ));
+    for issuer in &config.inbound.issuers {
+        let keys = issuer
+            .jwks_uri
+            .as_ref()
+            .map(|u| format!("keys from {u}"))
+            .unwrap_or_else(|| format!("keys via discovery {}", issuer.discovery_url));
+        out.push_str(&format!(
+            "issuer:        {} audiences {:?} algorithms {:?}; {keys}\n",
+            issuer.issuer, issuer.audiences, issuer.algorithms
+        ));
+    }
+    let mode = match &config.identity.mode {
+        IdentityMode::CallerObjectId => format!(
+            "caller_object_id: claim {} sent as CallerObjectId",
+            config.identity.claim
+        ),
+        IdentityMode::Lookup(attr) => format!(
+            "lookup: claim {} matched against systemusers.{}, sent as MSCRMCallerID (cached {:?})",
+            config.identity.claim,
+            attr.name(),
+            config.identity.cache_ttl
+        ),
+        IdentityMode::Static(map) => format!(
+            "static: {} mapped callers by claim {}, sent as MSCRMCallerID",
+            map.len(),
+            config.identity.claim
+        ),
+    };
+    out.push_str(&format!("identity:      {mode}\n"));
+    out.push_str(&format!(
+        "upstream:      {}/api/data/ (timeout {:?})\n",
+        config.dynamics.origin(),
+        config.server.request_timeout
+    ));
+    out.push_str(&format!(
+        "s2s token:     client {} from {} scope {} (secret set, not shown)\n",
+        config.dynamics.client_id, config.dynamics.token_url, config.dynamics.scope
+    ));
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(out.as_bytes());
+    ExitCode::SUCCESS
+}
+
+async fn healthcheck(path: &std::path::Path, url: Option<String>) -> ExitCode {
+    let base = match url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None => {
+            let admin = Config::load(path)
+                .map(|c| c.server.admin_listen)
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 9090)));
+            let host = if admin.ip().is_unspecified() {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), admin.port())
+            } else {
+                admin
+            };
+            format!("http://{host}")
+        }
+    };
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(_) => return ExitCode::FAILURE,
+    };
+    match client.get(format!("{base}/readyz")).send().await {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("not ready: {}", r.text().await.unwrap_or_default().trim());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("not ready: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(_port: u16) -> ExitCode {
+    ExitCode::FAILURE
+}

@@ -1,0 +1,129 @@
+//! Every metric the gateway exports, named once, in its own registry. Labels are
+//! low-cardinality by construction: no caller id, path or token ever becomes a label.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+const PREFIX: &str = "dynamics_gateway";
+
+/// Handles to every metric; cheap to clone (each is an `Arc` inside).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub upstream_duration_seconds: HistogramVec,
+    pub token_requests_total: IntCounterVec,
+    pub jwks_refresh_total: IntCounterVec,
+    pub auth_failures_total: IntCounterVec,
+    pub identity_cache_requests_total: IntCounterVec,
+    pub in_flight_requests: IntGauge,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 120.0,
+    ];
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help)
+            .namespace(PREFIX)
+            .buckets(buckets),
+        labels,
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let in_flight_requests = IntGauge::with_opts(
+            Opts::new("in_flight_requests", "Requests being handled now").namespace(PREFIX),
+        )?;
+        registry.register(Box::new(in_flight_requests.clone()))?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("build_info", "Always 1; labels carry the version").namespace(PREFIX),
+            &["version"],
+        )?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            requests_total: counter(
+                &registry,
+                "requests_total",
+                "Requests answered, by method and status",
+                &["method", "status"],
+            )?,
+            request_duration_seconds: histogram(
+                &registry,
+                "request_duration_seconds",
+                "Time from request to response headers",
+                &["method"],
+            )?,
+            upstream_duration_seconds: histogram(
+                &registry,
+                "upstream_duration_seconds",
+                "Time Dataverse took to answer with headers",
+                &["method"],
+            )?,
+            token_requests_total: counter(
+                &registry,
+                "token_requests_total",
+                "S2S token requests, by result",
+                &["result"],
+            )?,
+            jwks_refresh_total: counter(
+                &registry,
+                "jwks_refresh_total",
+                "JWKS fetches, by result",
+                &["result"],
+            )?,
+            auth_failures_total: counter(
+                &registry,
+                "auth_failures_total",
+                "Refused caller tokens, by reason",
+                &["reason"],
+            )?,
+            identity_cache_requests_total: counter(
+                &registry,
+                "identity_cache_requests_total",
+                "Identity lookups, by cache hit or miss",
+                &["result"],
+            )?,
+            in_flight_requests,
+            build_info,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

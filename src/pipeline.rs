@@ -1,0 +1,172 @@
+//! The request, start to finish, as one function that reads like the architecture:
+//! path check -> inbound (who is calling?) -> identity (as whom?) -> upstream (forward).
+//! Each stage returns a typed value or an error; errors become responses in `error.rs`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HOST;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use crate::body::GatewayBody;
+use crate::error::GatewayError;
+use crate::identity::{IdentityResolver, Impersonation};
+use crate::inbound::{Authenticator, Caller};
+use crate::metrics::Metrics;
+use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
+use crate::upstream::path::{proxied_path_and_query, PathError};
+use crate::upstream::{ForwardContext, Forwarder};
+
+/// The three stages and what they share.
+pub struct Pipeline {
+    pub inbound: Authenticator,
+    pub identity: IdentityResolver,
+    pub upstream: Forwarder,
+    pub metrics: Metrics,
+    /// `server.public_url`, without trailing slash.
+    pub public_url: Option<String>,
+    pub trust_forwarded_headers: bool,
+}
+
+/// Who the request turned out to be, for the access log.
+#[derive(Default)]
+struct Outcome {
+    caller: Option<String>,
+    impersonated: Option<Impersonation>,
+}
+
+impl Pipeline {
+    /// Handles one request; never fails (errors are answered here).
+    pub async fn handle(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<GatewayBody> {
+        let started = Instant::now();
+        self.metrics.in_flight_requests.inc();
+        let request_id = request_id(request.headers());
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let mut outcome = Outcome::default();
+        let response = match self.process(request, peer, &request_id, &mut outcome).await {
+            Ok(response) => response,
+            Err(error) => {
+                if let GatewayError::Auth(e) = &error {
+                    self.metrics
+                        .auth_failures_total
+                        .with_label_values(&[e.reason()])
+                        .inc();
+                }
+                tracing::warn!(
+                    request_id = request_id.to_str().unwrap_or("-"),
+                    %peer,
+                    reason = error.reason(),
+                    error = %crate::error::chain(&error),
+                    "request refused"
+                );
+                error.into_response(&request_id)
+            }
+        };
+        let status = response.status();
+        let elapsed = started.elapsed();
+        self.metrics.in_flight_requests.dec();
+        self.metrics
+            .requests_total
+            .with_label_values(&[method.as_str(), status.as_str()])
+            .inc();
+        self.metrics
+            .request_duration_seconds
+            .with_label_values(&[method.as_str()])
+            .observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "dynamics_gateway::access",
+            request_id = request_id.to_str().unwrap_or("-"),
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            caller = outcome.caller.as_deref().unwrap_or("-"),
+            impersonated = %outcome.impersonated.map(|i| i.id().to_string()).unwrap_or_else(|| "-".into()),
+            "request"
+        );
+        response
+    }
+
+    async fn process(
+        &self,
+        request: Request<Incoming>,
+        peer: SocketAddr,
+        request_id: &HeaderValue,
+        outcome: &mut Outcome,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
+        let path_and_query = proxied_path_and_query(request.uri())?.to_string();
+        let caller: Caller = self.inbound.authenticate(request.headers()).await?;
+        outcome.caller = Some(self.identity.caller_key(&caller).to_string());
+        let impersonation = self.identity.resolve(&caller).await?;
+        outcome.impersonated = Some(impersonation);
+        let public_base = self.public_base(&request)?;
+        let ctx = ForwardContext {
+            peer,
+            request_id,
+            impersonation: &impersonation,
+            public_base: &public_base,
+            path_and_query: &path_and_query,
+        };
+        Ok(self.upstream.forward(request, ctx).await?)
+    }
+
+    /// The base URL the caller reached the gateway at, for rewriting links: the configured
+    /// `public_url`, else `http://<Host>` (or the forwarded host and scheme when trusted).
+    fn public_base(&self, request: &Request<Incoming>) -> Result<String, GatewayError> {
+        if let Some(url) = &self.public_url {
+            return Ok(url.clone());
+        }
+        let headers = request.headers();
+        let forwarded = |name| {
+            self.trust_forwarded_headers
+                .then(|| {
+                    headers
+                        .get(name)
+                        .and_then(|v: &HeaderValue| v.to_str().ok())
+                })
+                .flatten()
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+        };
+        let host = forwarded(X_FORWARDED_HOST)
+            .or_else(|| headers.get(HOST).and_then(|v| v.to_str().ok()))
+            .or_else(|| request.uri().authority().map(|a| a.as_str()))
+            .ok_or(PathError::BadHost)?;
+        // Only a plain host[:port] may shape the links handed back.
+        let authority: http::uri::Authority = host.parse().map_err(|_| PathError::BadHost)?;
+        if authority.as_str().contains('@') {
+            return Err(PathError::BadHost.into());
+        }
+        let scheme = match forwarded(X_FORWARDED_PROTO) {
+            Some(p) if p.eq_ignore_ascii_case("https") => "https",
+            _ => "http",
+        };
+        Ok(format!("{scheme}://{authority}"))
+    }
+}
+
+/// The caller's `x-request-id` when it is short and plain, else a new UUID.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            let mut buf = uuid::Uuid::encode_buffer();
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        })
+}

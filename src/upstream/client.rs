@@ -1,0 +1,85 @@
+//! The pooled, kept-alive connection to the Dataverse organisation (HTTP/1.1, or HTTP/2
+//! when TLS negotiates it). The only place that knows the upstream's address: requests
+//! carry a path, never a host.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use url::Url;
+
+use super::UpstreamError;
+use crate::body::GatewayBody;
+
+/// A client bound to one Dataverse organisation.
+#[derive(Clone)]
+pub struct DataverseClient {
+    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
+    origin: String,
+    host: HeaderValue,
+}
+
+impl DataverseClient {
+    pub fn new(url: &Url) -> Result<Self, UpstreamError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(provider)
+            .map_err(|e| UpstreamError::Build(Box::new(e)))?
+            // http:// is accepted only for loopback organisations (config checks that).
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(512)
+            .build(https);
+        let origin = url.origin().ascii_serialization();
+        let authority = match url.port() {
+            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_string(),
+        };
+        let host =
+            HeaderValue::from_str(&authority).map_err(|e| UpstreamError::Build(Box::new(e)))?;
+        Ok(Self {
+            client,
+            origin,
+            host,
+        })
+    }
+
+    /// `scheme://host[:port]` of the organisation.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The `Host` header Dataverse expects.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host
+    }
+
+    /// The organisation's URI for a path and query taken from a request.
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
+        format!("{}{}", self.origin, path_and_query)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::Build(Box::new(e)))
+    }
+
+    pub async fn send(
+        &self,
+        request: Request<GatewayBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(request).await
+    }
+}

@@ -1,0 +1,325 @@
+//! Forwarding: builds the request to Dataverse from the caller's (same path and query,
+//! headers rewritten, body streamed under the size limit), sends it with the S2S token,
+//! retries once with a new token if Dataverse rejects the token and the body can be
+//! replayed, and streams the answer back with Dataverse's absolute links pointing at the
+//! gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::headers::{self, X_REQUEST_ID};
+use super::link_body::{ChunkRewriter, LinkRewritingBody};
+use super::odata_links::{
+    BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
+};
+use super::{DataverseClient, S2sToken, TokenSource, UpstreamError};
+use crate::body::{self, BoxError, GatewayBody};
+use crate::identity::Impersonation;
+use crate::metrics::Metrics;
+
+const ODATA_ENTITY_ID: HeaderName = HeaderName::from_static("odata-entityid");
+
+/// Bodies up to this size (with a declared length) are held so a request can be replayed
+/// after a token refresh; larger ones stream and are never retried.
+const REPLAYABLE_BODY_BYTES: u64 = 64 * 1024;
+
+/// What a forwarded request needs from the stages before it.
+pub struct ForwardContext<'a> {
+    pub peer: SocketAddr,
+    pub request_id: &'a HeaderValue,
+    pub impersonation: &'a Impersonation,
+    /// The gateway's base URL as the caller sees it, without trailing slash.
+    pub public_base: &'a str,
+    /// The validated path and query to request upstream.
+    pub path_and_query: &'a str,
+}
+
+/// The forwarding stage.
+pub struct Forwarder {
+    client: DataverseClient,
+    tokens: Arc<TokenSource>,
+    request_timeout: Duration,
+    max_request_body: u64,
+    trust_forwarded: bool,
+    metrics: Metrics,
+}
+
+/// The body of the upstream request, held (replayable) or streaming (sent once).
+enum RequestBody {
+    Held(Bytes),
+    Streaming(GatewayBody),
+}
+
+/// Bodies that may carry absolute URLs the gateway rewrites.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LinkBearing {
+    Json,
+    Batch,
+    None,
+}
+
+fn link_bearing(headers: &HeaderMap) -> LinkBearing {
+    let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return LinkBearing::None;
+    };
+    let mime = ct.split(';').next().unwrap_or_default().trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        LinkBearing::Json
+    } else if mime.eq_ignore_ascii_case("multipart/mixed") {
+        LinkBearing::Batch
+    } else {
+        LinkBearing::None
+    }
+}
+
+fn rewriter(
+    kind: LinkBearing,
+    rewrite: LinkRewrite,
+    direction: BatchDirection,
+) -> Option<ChunkRewriter> {
+    let keys = match direction {
+        BatchDirection::Request => JsonKeys::RequestBinds,
+        BatchDirection::Response => JsonKeys::ResponseLinks,
+    };
+    match kind {
+        LinkBearing::Json => Some(ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, keys))),
+        LinkBearing::Batch => Some(ChunkRewriter::Batch(BatchLinkRewriter::new(
+            rewrite, direction,
+        ))),
+        LinkBearing::None => None,
+    }
+}
+
+impl Forwarder {
+    pub fn new(
+        client: DataverseClient,
+        tokens: Arc<TokenSource>,
+        request_timeout: Duration,
+        max_request_body: u64,
+        trust_forwarded: bool,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            tokens,
+            request_timeout,
+            max_request_body,
+            trust_forwarded,
+            metrics,
+        }
+    }
+
+    pub fn client(&self) -> &DataverseClient {
+        &self.client
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenSource> {
+        &self.tokens
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    /// Forwards the request and returns Dataverse's answer (errors included, unchanged
+    /// apart from links), or why it could not be had.
+    pub async fn forward(
+        &self,
+        request: Request<Incoming>,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<GatewayBody>, UpstreamError> {
+        let (parts, incoming) = request.into_parts();
+        let mut token = self.tokens.current()?;
+        let uri = self.client.uri(ctx.path_and_query)?;
+        let mut headers = parts.headers;
+        let to_upstream = LinkRewrite::new(ctx.public_base, self.client.origin());
+        let mut body = self
+            .request_body(incoming, &mut headers, to_upstream)
+            .await?;
+        let dropped = headers::prepare_upstream_request(
+            &mut headers,
+            self.client.host_header(),
+            token.authorization(),
+            ctx.impersonation,
+            ctx.peer,
+            self.trust_forwarded,
+            ctx.request_id,
+        );
+        if dropped > 0 {
+            tracing::warn!(request_id = ?ctx.request_id, dropped, "caller sent impersonation headers; stripped");
+        }
+
+        let mut retried = false;
+        let response = loop {
+            let (body_now, replay) = match body {
+                RequestBody::Held(bytes) => (body::full(bytes.clone()), Some(bytes)),
+                RequestBody::Streaming(stream) => (stream, None),
+            };
+            let mut upstream = Request::new(body_now);
+            *upstream.method_mut() = parts.method.clone();
+            *upstream.uri_mut() = uri.clone();
+            *upstream.version_mut() = Version::HTTP_11;
+            *upstream.headers_mut() = headers.clone();
+            let response = self.send(upstream, &parts.method).await?;
+            match replay {
+                Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
+                    retried = true;
+                    tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; refreshing and retrying once");
+                    token = self.replace_token(&token).await?;
+                    headers.insert(http::header::AUTHORIZATION, token.authorization().clone());
+                    body = RequestBody::Held(bytes);
+                }
+                _ => break response,
+            }
+        };
+        Ok(self.response(response, &parts.method, ctx))
+    }
+
+    async fn replace_token(
+        &self,
+        rejected: &Arc<S2sToken>,
+    ) -> Result<Arc<S2sToken>, UpstreamError> {
+        Ok(self.tokens.replace_rejected(rejected).await?)
+    }
+
+    /// Sends with the request timeout covering everything up to the response headers.
+    async fn send(
+        &self,
+        request: Request<GatewayBody>,
+        method: &Method,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.request_timeout, self.client.send(request)).await;
+        self.metrics
+            .upstream_duration_seconds
+            .with_label_values(&[method.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(self.classify(e)),
+        }
+    }
+
+    /// Tells a failure of the caller's body (too large, cut off) from a failure to reach Dataverse.
+    fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                return UpstreamError::BodyTooLarge {
+                    limit: self.max_request_body,
+                };
+            }
+            if let Some(h) = e.downcast_ref::<hyper::Error>() {
+                if h.is_user() || h.is_incomplete_message() {
+                    return UpstreamError::RequestBody(Box::new(error));
+                }
+            }
+            source = e.source();
+        }
+        UpstreamError::Unreachable(Box::new(error))
+    }
+
+    /// Applies the size limit and link rewriting to the caller's body; small bodies are
+    /// held so they can be replayed after a token refresh.
+    async fn request_body(
+        &self,
+        incoming: Incoming,
+        headers: &mut HeaderMap,
+        to_upstream: LinkRewrite,
+    ) -> Result<RequestBody, UpstreamError> {
+        let too_large = UpstreamError::BodyTooLarge {
+            limit: self.max_request_body,
+        };
+        let declared = headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > self.max_request_body) {
+            return Err(too_large);
+        }
+        let rewriter = rewriter(link_bearing(headers), to_upstream, BatchDirection::Request);
+        let exact = incoming.size_hint().exact();
+        if exact.is_some_and(|len| len <= REPLAYABLE_BODY_BYTES) {
+            let collected = Limited::new(incoming, self.max_request_body as usize)
+                .collect()
+                .await
+                .map_err(|e| match e.downcast::<LengthLimitError>() {
+                    Ok(_) => UpstreamError::BodyTooLarge {
+                        limit: self.max_request_body,
+                    },
+                    Err(e) => UpstreamError::RequestBody(e),
+                })?
+                .to_bytes();
+            let bytes = match rewriter {
+                Some(r) if !collected.is_empty() => r.rewrite_all(&collected),
+                _ => collected,
+            };
+            if !bytes.is_empty() || headers.contains_key(CONTENT_LENGTH) {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            }
+            return Ok(RequestBody::Held(bytes));
+        }
+        let limited = body::boxed(Limited::new(
+            incoming,
+            usize::try_from(self.max_request_body).unwrap_or(usize::MAX),
+        ));
+        Ok(RequestBody::Streaming(match rewriter {
+            Some(r) => {
+                // The rewritten length is unknown until the end: send it chunked.
+                headers.remove(CONTENT_LENGTH);
+                body::boxed(LinkRewritingBody::new(limited, r))
+            }
+            None => limited,
+        }))
+    }
+
+    /// Dataverse's response for the caller: hop-by-hop headers dropped, absolute links
+    /// pointed at the gateway, body streamed.
+    fn response(
+        &self,
+        response: Response<Incoming>,
+        method: &Method,
+        ctx: ForwardContext<'_>,
+    ) -> Response<GatewayBody> {
+        let (mut parts, incoming) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        let to_gateway = LinkRewrite::new(self.client.origin(), ctx.public_base);
+        for name in [LOCATION, ODATA_ENTITY_ID] {
+            let rewritten = parts
+                .headers
+                .get(&name)
+                .and_then(|v| to_gateway.header_value(v.as_bytes()))
+                .and_then(|v| HeaderValue::from_bytes(&v).ok());
+            if let Some(v) = rewritten {
+                parts.headers.insert(name, v);
+            }
+        }
+        parts.headers.insert(X_REQUEST_ID, ctx.request_id.clone());
+        let has_body = *method != Method::HEAD
+            && parts.status != StatusCode::NO_CONTENT
+            && parts.status != StatusCode::NOT_MODIFIED;
+        let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
+        let body = match rewriter(
+            link_bearing(&parts.headers),
+            to_gateway,
+            BatchDirection::Response,
+        ) {
+            Some(r) if has_body => {
+                parts.headers.remove(CONTENT_LENGTH);
+                body::boxed(LinkRewritingBody::new(incoming, r))
+            }
+            _ => incoming,
+        };
+        Response::from_parts(parts, body)
+    }
+}

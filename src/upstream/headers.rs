@@ -1,0 +1,198 @@
+//! Header rules for the hop to Dataverse, as plain functions over a `HeaderMap`: what a
+//! caller may not send on (its token, any impersonation header, hop-by-hop headers), and
+//! what the gateway sets in their place.
+
+use std::net::SocketAddr;
+
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
+use http::HeaderMap;
+
+use crate::identity::Impersonation;
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
+pub const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
+
+/// Header names (lowercase, `_` read as `-`) that choose whom Dataverse acts as.
+const IMPERSONATION_HEADERS: [&str; 3] = ["callerobjectid", "mscrmcallerid", "mscrmcallerobjectid"];
+
+/// Hop-by-hop headers (RFC 9110 7.6.1) are for one connection only.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_AUTHORIZATION,
+    PROXY_AUTHENTICATE,
+];
+
+/// True for every spelling of an impersonation header.
+pub fn is_impersonation_header(name: &HeaderName) -> bool {
+    let normalized: String = name
+        .as_str()
+        .trim()
+        .chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .filter(|c| *c != '-')
+        .collect();
+    IMPERSONATION_HEADERS.contains(&normalized.as_str())
+}
+
+/// Removes the caller's credential and every impersonation header it sent; returns how
+/// many impersonation headers were dropped (worth a log line: someone tried).
+pub fn strip_caller_identity_headers(headers: &mut HeaderMap) -> usize {
+    headers.remove(AUTHORIZATION);
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_impersonation_header(n))
+        .cloned()
+        .collect();
+    let mut dropped = 0;
+    for name in names {
+        dropped += headers.get_all(&name).iter().count();
+        headers.remove(&name);
+    }
+    dropped
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// Sets `X-Forwarded-For` to the caller's address (appended to the caller's own value
+/// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`.
+pub fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
+    let peer_ip = peer.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if trust_forwarded => format!("{prior}, {peer_ip}"),
+        _ => peer_ip,
+    };
+    if !trust_forwarded {
+        headers.remove(X_FORWARDED_HOST);
+        headers.remove(X_FORWARDED_PROTO);
+    }
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+/// Sets the one impersonation header the identity stage decided on.
+pub fn set_impersonation(headers: &mut HeaderMap, impersonation: &Impersonation) {
+    let (name, id) = match impersonation {
+        Impersonation::CallerObjectId(id) => (CALLER_OBJECT_ID, id),
+        Impersonation::SystemUserId(id) => (MSCRM_CALLER_ID, id),
+    };
+    let mut buf = uuid::Uuid::encode_buffer();
+    let text = id.hyphenated().encode_lower(&mut buf);
+    headers.insert(
+        name,
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("")),
+    );
+}
+
+/// Rewrites the request headers for the hop to Dataverse.
+pub fn prepare_upstream_request(
+    headers: &mut HeaderMap,
+    upstream_host: &HeaderValue,
+    token: &HeaderValue,
+    impersonation: &Impersonation,
+    peer: SocketAddr,
+    trust_forwarded: bool,
+    request_id: &HeaderValue,
+) -> usize {
+    strip_hop_by_hop(headers);
+    let dropped = strip_caller_identity_headers(headers);
+    set_forwarded_for(headers, peer, trust_forwarded);
+    headers.insert(HOST, upstream_host.clone());
+    headers.insert(AUTHORIZATION, token.clone());
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    set_impersonation(headers, impersonation);
+    dropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_impersonation_headers_is_stripped() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "MSCRMCallerID",
+            "mscrmcallerid",
+            "CallerObjectId",
+            "callerobjectid",
+            "MSCRM-CallerID",
+            "mscrm_callerid",
+            "MSCRMCallerObjectID",
+            "caller_object_id",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+        }
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer caller"));
+        h.insert("prefer", HeaderValue::from_static("return=representation"));
+        let dropped = strip_caller_identity_headers(&mut h);
+        assert_eq!(dropped, 8);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("prefer"));
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("odata-version", HeaderValue::from_static("4.0"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("odata-version"));
+    }
+
+    #[test]
+    fn forwarded_for_ignores_caller_value_unless_trusted() {
+        let peer: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil"));
+        set_forwarded_for(&mut h, peer, false);
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
+        assert!(!h.contains_key(X_FORWARDED_HOST));
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        set_forwarded_for(&mut h, peer, true);
+        assert_eq!(h[&X_FORWARDED_FOR], "6.6.6.6, 10.1.2.3");
+    }
+}

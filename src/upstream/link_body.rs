@@ -1,0 +1,107 @@
+//! A body that passes each chunk through an OData link rewriter as it streams, so links
+//! are rewritten without holding the whole body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+
+use super::odata_links::{BatchLinkRewriter, JsonLinkRewriter};
+use crate::body::{BoxError, GatewayBody};
+
+/// The rewriters a body can be streamed through.
+pub enum ChunkRewriter {
+    Json(JsonLinkRewriter),
+    Batch(BatchLinkRewriter),
+}
+
+impl ChunkRewriter {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        match self {
+            Self::Json(r) => r.push(chunk, out),
+            Self::Batch(r) => r.push(chunk, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        match self {
+            Self::Json(r) => r.finish(out),
+            Self::Batch(r) => r.finish(out),
+        }
+    }
+
+    /// Rewrites a body already in memory.
+    pub fn rewrite_all(mut self, body: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(body.len());
+        self.push(body, &mut out);
+        self.finish(&mut out);
+        Bytes::from(out)
+    }
+}
+
+/// `inner`, rewritten chunk by chunk.
+pub struct LinkRewritingBody {
+    inner: GatewayBody,
+    rewriter: ChunkRewriter,
+    finished: bool,
+}
+
+impl LinkRewritingBody {
+    pub fn new(inner: GatewayBody, rewriter: ChunkRewriter) -> Self {
+        Self {
+            inner,
+            rewriter,
+            finished: false,
+        }
+    }
+}
+
+impl Body for LinkRewritingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if this.finished {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let mut out = Vec::with_capacity(data.len() + 64);
+                        this.rewriter.push(&data, &mut out);
+                        // The rewriter may hold a few bytes back until it can decide.
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                        }
+                    }
+                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                },
+                Poll::Ready(None) => {
+                    this.finished = true;
+                    let mut out = Vec::new();
+                    this.rewriter.finish(&mut out);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Rewriting changes the length, so only a lower bound of zero is known.
+        SizeHint::default()
+    }
+}

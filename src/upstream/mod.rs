@@ -1,0 +1,51 @@
+//! Upstream: everything about the hop to Dataverse. `token` holds the S2S token,
+//! `headers` strips and sets headers, `path` decides which paths may go, `forward`
+//! streams the request and response, `odata_links` and `link_body` rewrite absolute
+//! URLs between Dataverse and the gateway, `client` is the pooled connection to Dataverse.
+
+pub mod client;
+pub mod forward;
+pub mod headers;
+pub mod link_body;
+pub mod odata_links;
+pub mod path;
+pub mod token;
+
+use std::time::Duration;
+
+pub use client::DataverseClient;
+pub use forward::{ForwardContext, Forwarder};
+pub use token::{S2sToken, TokenError, TokenSource};
+
+use crate::body::BoxError;
+
+/// Why a request could not be sent to, or answered by, Dataverse.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    NoToken(#[from] TokenError),
+    #[error("Dynamics did not answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("Dynamics is unreachable")]
+    Unreachable(#[source] BoxError),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("the request body could not be read from the caller")]
+    RequestBody(#[source] BoxError),
+    #[error("the upstream request could not be built")]
+    Build(#[source] BoxError),
+}
+
+impl UpstreamError {
+    /// Label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoToken(_) => "no_s2s_token",
+            Self::Timeout(_) => "upstream_timeout",
+            Self::Unreachable(_) => "upstream_unreachable",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::RequestBody(_) => "request_body_failed",
+            Self::Build(_) => "internal",
+        }
+    }
+}

@@ -1,0 +1,1362 @@
+//! Rewrites absolute URLs between the Dataverse organisation origin and the gateway's public
+//! base — in header values, JSON `@odata.*` link annotations and `$batch` multipart bodies —
+//! streaming chunk by chunk with bounded carry-over state, so apps keep talking to the gateway
+//! and Dataverse only ever sees its own origin.
+//!
+//! Matching is exact and byte-wise (no case folding, no percent-decoding): a URL is rewritten
+//! only when it starts with `from` followed by `/`, `?`, `(` or its end. JSON property names
+//! containing escapes (e.g. `"@odata\u002enextLink"`) are treated as non-matching.
+
+use memchr::{memchr, memchr2, memrchr};
+
+/// A pair of URL prefixes: `from` is replaced by `to` at the start of selected URL values.
+#[derive(Clone, Debug)]
+pub struct LinkRewrite {
+    from: String,
+    to: String,
+    /// `from`/`to` as they appear inside a JSON string literal.
+    from_json: Vec<u8>,
+    to_json: Vec<u8>,
+    /// The same with every `/` written as `\/` (some serializers escape slashes).
+    from_json_slash: Vec<u8>,
+    to_json_slash: Vec<u8>,
+}
+
+/// Outcome of matching the (raw, still escaped) start of a JSON string against `from`.
+enum Decision {
+    NeedMore,
+    NoMatch,
+    Match { prefix_len: usize, slash: bool },
+}
+
+impl LinkRewrite {
+    /// `from` and `to` are absolute URL prefixes without trailing slash, e.g.
+    /// "https://org.crm.dynamics.com" and "http://127.0.0.1:8080". An empty `from`
+    /// disables rewriting (it would otherwise match every value).
+    pub fn new(from: impl Into<String>, to: impl Into<String>) -> Self {
+        let from = from.into();
+        let to = to.into();
+        Self {
+            from_json: json_escape(&from, false),
+            to_json: json_escape(&to, false),
+            from_json_slash: json_escape(&from, true),
+            to_json_slash: json_escape(&to, true),
+            from,
+            to,
+        }
+    }
+
+    /// The prefix that is replaced.
+    pub fn from(&self) -> &str {
+        &self.from
+    }
+
+    /// The replacement prefix.
+    pub fn to(&self) -> &str {
+        &self.to
+    }
+
+    /// The same pair with `from` and `to` swapped (gateway -> Dataverse for requests).
+    pub fn reversed(&self) -> Self {
+        Self::new(self.to.clone(), self.from.clone())
+    }
+
+    /// For a header value (Location, OData-EntityId): if it starts with `from` followed by
+    /// '/', '?', '(' or end, return the rewritten value; else None.
+    pub fn header_value(&self, value: &[u8]) -> Option<Vec<u8>> {
+        let from = self.from.as_bytes();
+        if from.is_empty() {
+            return None;
+        }
+        let rest = value.strip_prefix(from)?;
+        match rest.first() {
+            None | Some(b'/' | b'?' | b'(') => {
+                let mut v = Vec::with_capacity(self.to.len() + rest.len());
+                v.extend_from_slice(self.to.as_bytes());
+                v.extend_from_slice(rest);
+                Some(v)
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Longest candidate prefix a JSON rewriter has to hold before deciding.
+    fn max_hold(&self) -> usize {
+        self.from_json.len().max(self.from_json_slash.len()) + 2
+    }
+
+    /// Decide whether the raw content `buf` of a JSON string starts with `from`
+    /// (plain or slash-escaped) followed by a URL delimiter or the string's end.
+    /// Never returns `NeedMore` once `buf.len() >= max_hold()`.
+    fn decide(&self, buf: &[u8], ended: bool) -> Decision {
+        if self.from.is_empty() {
+            return Decision::NoMatch;
+        }
+        let mut need_more = false;
+        for (prefix, slash) in [(&self.from_json, false), (&self.from_json_slash, true)] {
+            if buf.len() < prefix.len() {
+                need_more |= !ended && prefix.starts_with(buf);
+                continue;
+            }
+            let Some(rest) = buf.strip_prefix(prefix.as_slice()) else {
+                continue;
+            };
+            let delimited = match rest {
+                [] if ended => true,
+                [] => {
+                    need_more = true;
+                    false
+                }
+                [b'/' | b'?' | b'(', ..] | [b'\\', b'/', ..] => true,
+                [b'\\'] => {
+                    need_more |= !ended;
+                    false
+                }
+                _ => false,
+            };
+            if delimited {
+                return Decision::Match {
+                    prefix_len: prefix.len(),
+                    slash,
+                };
+            }
+        }
+        if need_more {
+            Decision::NeedMore
+        } else {
+            Decision::NoMatch
+        }
+    }
+}
+
+/// Escape `s` for the inside of a JSON string literal, optionally writing `/` as `\/`.
+fn json_escape(s: &str, escape_slash: bool) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut v = Vec::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        match b {
+            b'"' | b'\\' => v.extend_from_slice(&[b'\\', b]),
+            b'/' if escape_slash => v.extend_from_slice(b"\\/"),
+            0..=0x1f => v.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]),
+            _ => v.push(b),
+        }
+    }
+    v
+}
+
+/// Which JSON keys' string values are rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JsonKeys {
+    /// Response annotations: keys equal to or ending with `@odata.context`,
+    /// `@odata.nextLink`, `@odata.deltaLink` or `@odata.id`.
+    ResponseLinks,
+    /// Request payloads: keys ending with `@odata.bind`, or exactly `@odata.id` (`$ref` bodies).
+    RequestBinds,
+}
+
+const RESPONSE_LINK_SUFFIXES: [&[u8]; 4] = [
+    b"@odata.context",
+    b"@odata.nextLink",
+    b"@odata.deltaLink",
+    b"@odata.id",
+];
+const BIND_SUFFIX: &[u8] = b"@odata.bind";
+const ODATA_ID: &[u8] = b"@odata.id";
+/// Longest key suffix we match (`@odata.deltaLink`); only this many key bytes are kept.
+const KEY_TAIL: usize = 16;
+
+impl JsonKeys {
+    fn matches(self, tail: &[u8], key_len: usize) -> bool {
+        match self {
+            JsonKeys::ResponseLinks => RESPONSE_LINK_SUFFIXES.iter().any(|s| tail.ends_with(s)),
+            JsonKeys::RequestBinds => {
+                tail.ends_with(BIND_SUFFIX) || (key_len == ODATA_ID.len() && tail == ODATA_ID)
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StrKind {
+    /// Any string that is not a candidate value; it may turn out to be a key.
+    Plain,
+    /// Value of a matching key whose prefix is still being buffered.
+    Candidate,
+    /// Value of a matching key after the prefix decision; streams through.
+    Decided,
+}
+
+/// Streaming JSON rewriter: a tokenizer-level scanner that only touches the prefix of
+/// string values under selected keys; every other byte passes through unchanged, and
+/// invalid JSON passes through unchanged too.
+#[derive(Clone, Debug)]
+pub struct JsonLinkRewriter {
+    rewrite: LinkRewrite,
+    keys: JsonKeys,
+    in_string: bool,
+    escaped: bool,
+    kind: StrKind,
+    /// Held start of a candidate value; at most `rewrite.max_hold()` bytes.
+    cand: Vec<u8>,
+    /// Last `KEY_TAIL` bytes of the current plain string, plus its length and escape flag.
+    key_tail: Vec<u8>,
+    key_len: usize,
+    key_has_escape: bool,
+    /// Set right after a string closed: whether it would be a matching key if a ':' follows.
+    after_string: Option<bool>,
+    /// Set after `<matching key>:`; the next token, if a string, is a candidate value.
+    value_pending: bool,
+}
+
+impl JsonLinkRewriter {
+    pub fn new(rewrite: LinkRewrite, keys: JsonKeys) -> Self {
+        Self {
+            rewrite,
+            keys,
+            in_string: false,
+            escaped: false,
+            kind: StrKind::Plain,
+            cand: Vec::new(),
+            key_tail: Vec::with_capacity(2 * KEY_TAIL),
+            key_len: 0,
+            key_has_escape: false,
+            after_string: None,
+            value_pending: false,
+        }
+    }
+
+    /// Feed the next chunk; rewritten output is appended to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut i = 0;
+        while i < chunk.len() {
+            let rest = &chunk[i..];
+            if !self.in_string {
+                i += self.push_outside(rest, out);
+            } else if self.kind == StrKind::Candidate {
+                i += self.push_candidate(rest, out);
+            } else {
+                i += self.push_string(rest, out);
+            }
+        }
+    }
+
+    /// End of body: flush whatever is held and reset for reuse.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        // An unterminated candidate was never proven to be a complete URL: leave it alone.
+        out.extend_from_slice(&self.cand);
+        *self = Self::new(self.rewrite.clone(), self.keys);
+    }
+
+    /// Structural bytes outside strings; returns how many bytes of `rest` were consumed.
+    fn push_outside(&mut self, rest: &[u8], out: &mut Vec<u8>) -> usize {
+        if self.after_string.is_none() && !self.value_pending {
+            // Nothing pending: skip straight to the next string.
+            return match memchr(b'"', rest) {
+                None => {
+                    out.extend_from_slice(rest);
+                    rest.len()
+                }
+                Some(pos) => {
+                    out.extend_from_slice(&rest[..=pos]);
+                    self.open_string(false);
+                    pos + 1
+                }
+            };
+        }
+        let Some(&b) = rest.first() else {
+            return 0;
+        };
+        out.push(b);
+        match b {
+            b' ' | b'\t' | b'\n' | b'\r' => {}
+            b':' => {
+                self.value_pending = self.after_string == Some(true);
+                self.after_string = None;
+            }
+            b'"' => {
+                let candidate = self.value_pending;
+                self.open_string(candidate);
+            }
+            _ => {
+                self.after_string = None;
+                self.value_pending = false;
+            }
+        }
+        1
+    }
+
+    /// Inside a plain or decided string: stream up to the next quote or backslash.
+    fn push_string(&mut self, rest: &[u8], out: &mut Vec<u8>) -> usize {
+        let plain = self.kind == StrKind::Plain;
+        if self.escaped {
+            self.escaped = false;
+            let n = rest.len().min(1);
+            out.extend_from_slice(&rest[..n]);
+            return n;
+        }
+        match memchr2(b'"', b'\\', rest) {
+            None => {
+                if plain {
+                    self.note_key(rest);
+                }
+                out.extend_from_slice(rest);
+                rest.len()
+            }
+            Some(pos) => {
+                let span = &rest[..pos];
+                if plain {
+                    self.note_key(span);
+                }
+                out.extend_from_slice(span);
+                if rest[pos] == b'\\' {
+                    self.escaped = true;
+                    self.key_has_escape = true;
+                    out.push(b'\\');
+                } else {
+                    self.close_string(out);
+                }
+                pos + 1
+            }
+        }
+    }
+
+    /// Inside a candidate value: hold bytes until the prefix decision can be made.
+    fn push_candidate(&mut self, rest: &[u8], out: &mut Vec<u8>) -> usize {
+        let Some(&b) = rest.first() else {
+            return 0;
+        };
+        if self.escaped {
+            self.escaped = false;
+            self.cand.push(b);
+        } else if b == b'\\' {
+            self.escaped = true;
+            self.cand.push(b);
+        } else if b == b'"' {
+            self.resolve_candidate(true, out);
+            self.close_string(out);
+            return 1;
+        } else {
+            self.cand.push(b);
+        }
+        self.resolve_candidate(false, out);
+        1
+    }
+
+    fn resolve_candidate(&mut self, ended: bool, out: &mut Vec<u8>) {
+        let decision = self.rewrite.decide(&self.cand, ended);
+        match decision {
+            Decision::NeedMore if !ended && self.cand.len() < self.rewrite.max_hold() => return,
+            Decision::Match { prefix_len, slash } => {
+                let to = if slash {
+                    &self.rewrite.to_json_slash
+                } else {
+                    &self.rewrite.to_json
+                };
+                out.extend_from_slice(to);
+                out.extend_from_slice(self.cand.get(prefix_len..).unwrap_or_default());
+            }
+            _ => out.extend_from_slice(&self.cand),
+        }
+        self.cand.clear();
+        self.kind = StrKind::Decided;
+    }
+
+    fn open_string(&mut self, candidate: bool) {
+        self.in_string = true;
+        self.escaped = false;
+        self.kind = if candidate {
+            StrKind::Candidate
+        } else {
+            StrKind::Plain
+        };
+        self.key_tail.clear();
+        self.key_len = 0;
+        self.key_has_escape = false;
+        self.after_string = None;
+        self.value_pending = false;
+    }
+
+    fn close_string(&mut self, out: &mut Vec<u8>) {
+        out.push(b'"');
+        let is_key = self.kind == StrKind::Plain
+            && !self.key_has_escape
+            && self.keys.matches(&self.key_tail, self.key_len);
+        self.after_string = Some(is_key);
+        self.in_string = false;
+        self.kind = StrKind::Plain;
+    }
+
+    fn note_key(&mut self, bytes: &[u8]) {
+        self.key_len = self.key_len.saturating_add(bytes.len());
+        let keep = &bytes[bytes.len().saturating_sub(KEY_TAIL)..];
+        self.key_tail.extend_from_slice(keep);
+        let excess = self.key_tail.len().saturating_sub(KEY_TAIL);
+        if excess > 0 {
+            self.key_tail.drain(..excess);
+        }
+    }
+}
+
+/// Which way a `$batch` body travels, which decides what gets rewritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchDirection {
+    /// App -> Dataverse: inner request lines and `@odata.bind`/`@odata.id` JSON values.
+    Request,
+    /// Dataverse -> app: inner `Location`/`OData-EntityId` headers and `@odata.*` links.
+    Response,
+}
+
+/// Longest line held for inspection; longer lines pass through unchanged.
+const MAX_LINE: usize = 64 * 1024;
+/// RFC 2046 caps boundaries at 70 chars; allow some slack, refuse anything absurd.
+const MAX_BOUNDARY: usize = 200;
+/// Batch nests one changeset level; anything deeper than this is passed through opaquely.
+const MAX_DEPTH: usize = 8;
+
+#[derive(Clone, Debug)]
+enum MimeKind {
+    Http,
+    Multipart(Vec<u8>),
+    Other,
+}
+
+#[derive(Clone, Debug)]
+enum PartState {
+    /// Before the first delimiter of the innermost multipart; learns the outer boundary.
+    Preamble,
+    /// After a close delimiter, until the enclosing multipart's next delimiter.
+    Epilogue,
+    /// MIME headers of a part. `frozen`: the part declares a Content-Length, so nothing
+    /// inside may change length.
+    MimeHeaders { kind: MimeKind, frozen: bool },
+    /// Before the inner HTTP request line / status line.
+    HttpStart { frozen: bool },
+    /// Inner HTTP headers.
+    HttpHeaders {
+        frozen: bool,
+        has_length: bool,
+        json: bool,
+    },
+    /// Part body up to the next delimiter; JSON-rewritten when `json` is set.
+    Body { json: Option<Box<JsonLinkRewriter>> },
+}
+
+/// Streaming rewriter for `$batch` multipart/mixed bodies (request or response).
+///
+/// Line-oriented: the outer boundary is learned from the first `--` line, changeset
+/// boundaries from nested `Content-Type: multipart/mixed; boundary=...` headers. Body lines
+/// are streamed (only a possible delimiter line start is held); other lines are held up to
+/// 64 KiB and passed through unchanged beyond that. Inner bodies are JSON-scanned unless their
+/// Content-Type names something other than JSON. Bodies of inner HTTP messages that carry
+/// `Content-Length` (and whole parts whose MIME headers do) are left unchanged, since their
+/// length cannot be fixed up while streaming.
+#[derive(Clone, Debug)]
+pub struct BatchLinkRewriter {
+    rewrite: LinkRewrite,
+    direction: BatchDirection,
+    boundaries: Vec<Vec<u8>>,
+    state: PartState,
+    line: Vec<u8>,
+    /// The rest of the current line bypasses `line` (long line or non-delimiter body line).
+    streaming: bool,
+}
+
+impl BatchLinkRewriter {
+    pub fn new(rewrite: LinkRewrite, direction: BatchDirection) -> Self {
+        Self {
+            rewrite,
+            direction,
+            boundaries: Vec::new(),
+            state: PartState::Preamble,
+            line: Vec::new(),
+            streaming: false,
+        }
+    }
+
+    /// Feed the next chunk; rewritten output is appended to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut rest = chunk;
+        while let Some(&first) = rest.first() {
+            let (seg, eol) = match memchr(b'\n', rest) {
+                Some(pos) => (&rest[..=pos], true),
+                None => (rest, false),
+            };
+            if self.streaming {
+                self.emit(seg, out);
+                rest = &rest[seg.len()..];
+                if eol {
+                    self.streaming = false;
+                    self.end_unread_line();
+                }
+                continue;
+            }
+            let in_body = matches!(self.state, PartState::Body { .. });
+            if in_body && self.line.is_empty() && first != b'-' {
+                self.streaming = true;
+                continue;
+            }
+            let take = seg.len().min(MAX_LINE - self.line.len());
+            self.line.extend_from_slice(&seg[..take]);
+            rest = &rest[take..];
+            if take == seg.len() && eol {
+                self.complete_line(out);
+            } else if self.line.len() >= MAX_LINE || (in_body && !self.could_be_delimiter()) {
+                let line = std::mem::take(&mut self.line);
+                self.emit(&line, out);
+                self.line = line;
+                self.line.clear();
+                self.streaming = true;
+            }
+        }
+    }
+
+    /// End of body: flush whatever is held and reset for reuse.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if !self.line.is_empty() {
+            self.complete_line(out);
+        }
+        if let PartState::Body { json: Some(j) } = &mut self.state {
+            j.finish(out);
+        }
+        *self = Self::new(self.rewrite.clone(), self.direction);
+    }
+
+    /// Body bytes go through the part's JSON rewriter, everything else straight out.
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        match &mut self.state {
+            PartState::Body { json: Some(j) } => j.push(bytes, out),
+            _ => out.extend_from_slice(bytes),
+        }
+    }
+
+    /// A line that streamed past uninspected counts as a non-blank, non-delimiter line.
+    fn end_unread_line(&mut self) {
+        if let PartState::HttpStart { frozen } = self.state {
+            self.state = PartState::HttpHeaders {
+                frozen,
+                has_length: false,
+                json: true,
+            };
+        }
+    }
+
+    /// Whether the held start of a body line may still become a delimiter line.
+    fn could_be_delimiter(&self) -> bool {
+        let line = self.line.as_slice();
+        let Some(after) = line.strip_prefix(b"--") else {
+            return line.iter().all(|&c| c == b'-');
+        };
+        self.boundaries.iter().any(|b| {
+            if after.len() <= b.len() {
+                return b.starts_with(after);
+            }
+            let Some(tail) = after.strip_prefix(b.as_slice()) else {
+                return false;
+            };
+            let tail = match tail {
+                [b'-'] => &[][..],
+                [b'-', b'-', t @ ..] => t,
+                t => t,
+            };
+            tail.iter().all(|&c| matches!(c, b' ' | b'\t' | b'\r'))
+        })
+    }
+
+    fn complete_line(&mut self, out: &mut Vec<u8>) {
+        let line = std::mem::take(&mut self.line);
+        if !self.delimiter(&line, out) {
+            self.content_line(&line, out);
+        }
+        self.line = line;
+        self.line.clear();
+    }
+
+    /// Handle `line` if it is a delimiter or close delimiter of an open multipart.
+    fn delimiter(&mut self, line: &[u8], out: &mut Vec<u8>) -> bool {
+        let Some(after) = trim_line_end(line).strip_prefix(b"--") else {
+            return false;
+        };
+        let mut hit = None;
+        for (level, b) in self.boundaries.iter().enumerate().rev() {
+            if after == b.as_slice() {
+                hit = Some((level, false));
+                break;
+            }
+            if after.strip_suffix(b"--") == Some(b.as_slice()) {
+                hit = Some((level, true));
+                break;
+            }
+        }
+        if hit.is_none()
+            && self.boundaries.is_empty()
+            && matches!(self.state, PartState::Preamble)
+            && !after.is_empty()
+            && after.len() <= MAX_BOUNDARY
+        {
+            self.boundaries.push(after.to_vec());
+            hit = Some((0, false));
+        }
+        let Some((level, close)) = hit else {
+            return false;
+        };
+        if let PartState::Body { json: Some(j) } = &mut self.state {
+            j.finish(out);
+        }
+        out.extend_from_slice(line);
+        if close {
+            self.boundaries.truncate(level);
+            self.state = PartState::Epilogue;
+        } else {
+            self.boundaries.truncate(level + 1);
+            self.state = PartState::MimeHeaders {
+                kind: MimeKind::Other,
+                frozen: false,
+            };
+        }
+        true
+    }
+
+    fn content_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
+        let blank = trim_eol(line).is_empty();
+        match &mut self.state {
+            PartState::Preamble | PartState::Epilogue => out.extend_from_slice(line),
+            PartState::Body { json } => match json {
+                Some(j) => j.push(line, out),
+                None => out.extend_from_slice(line),
+            },
+            PartState::MimeHeaders { kind, frozen } => {
+                out.extend_from_slice(line);
+                if blank {
+                    let frozen = *frozen;
+                    self.state = match std::mem::replace(kind, MimeKind::Other) {
+                        MimeKind::Http => PartState::HttpStart { frozen },
+                        MimeKind::Multipart(b) if self.boundaries.len() < MAX_DEPTH => {
+                            self.boundaries.push(b);
+                            PartState::Preamble
+                        }
+                        MimeKind::Multipart(_) | MimeKind::Other => PartState::Body { json: None },
+                    };
+                } else if let Some((name, value)) = split_header(line) {
+                    if name.eq_ignore_ascii_case(b"content-type") {
+                        *kind = mime_kind(trim_line_end(value));
+                    } else if name.eq_ignore_ascii_case(b"content-length") {
+                        *frozen = true;
+                    }
+                }
+            }
+            PartState::HttpStart { frozen } => {
+                let frozen = *frozen;
+                if blank {
+                    out.extend_from_slice(line);
+                    return;
+                }
+                if self.direction == BatchDirection::Request && !frozen {
+                    self.request_line(line, out);
+                } else {
+                    out.extend_from_slice(line);
+                }
+                self.state = PartState::HttpHeaders {
+                    frozen,
+                    has_length: false,
+                    json: true,
+                };
+            }
+            PartState::HttpHeaders {
+                frozen,
+                has_length,
+                json,
+            } => {
+                if blank {
+                    out.extend_from_slice(line);
+                    let rewrite = !*frozen && !*has_length && *json;
+                    let keys = match self.direction {
+                        BatchDirection::Request => JsonKeys::RequestBinds,
+                        BatchDirection::Response => JsonKeys::ResponseLinks,
+                    };
+                    self.state = PartState::Body {
+                        json: rewrite
+                            .then(|| Box::new(JsonLinkRewriter::new(self.rewrite.clone(), keys))),
+                    };
+                    return;
+                }
+                let Some((name, value)) = split_header(line) else {
+                    out.extend_from_slice(line);
+                    return;
+                };
+                if name.eq_ignore_ascii_case(b"content-length") {
+                    *has_length = true;
+                } else if name.eq_ignore_ascii_case(b"content-type") {
+                    *json = contains_ignore_case(value, b"json");
+                }
+                let link_header = name.eq_ignore_ascii_case(b"location")
+                    || name.eq_ignore_ascii_case(b"odata-entityid");
+                if self.direction == BatchDirection::Response && link_header && !*frozen {
+                    header_line(&self.rewrite, line, out);
+                } else {
+                    out.extend_from_slice(line);
+                }
+            }
+        }
+    }
+
+    /// `METHOD <url> HTTP/1.1`: split at the first and last space, since the URL may hold
+    /// raw spaces, and rewrite only the URL prefix.
+    fn request_line(&self, line: &[u8], out: &mut Vec<u8>) {
+        let content = trim_eol(line);
+        if let (Some(first), Some(last)) = (memchr(b' ', content), memrchr(b' ', content)) {
+            if first < last {
+                if let Some(url) = self.rewrite.header_value(&content[first + 1..last]) {
+                    out.extend_from_slice(&content[..=first]);
+                    out.extend_from_slice(&url);
+                    out.extend_from_slice(&line[last..]);
+                    return;
+                }
+            }
+        }
+        out.extend_from_slice(line);
+    }
+}
+
+/// Rewrite the value of a `Name: value` line, keeping name, spacing and line end as they are.
+fn header_line(rewrite: &LinkRewrite, line: &[u8], out: &mut Vec<u8>) {
+    if let Some(colon) = memchr(b':', line) {
+        let after = &line[colon + 1..];
+        let lead = after
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+        let start = colon + 1 + lead;
+        let end = start + trim_line_end(&line[start..]).len();
+        if let Some(v) = rewrite.header_value(&line[start..end]) {
+            out.extend_from_slice(&line[..start]);
+            out.extend_from_slice(&v);
+            out.extend_from_slice(&line[end..]);
+            return;
+        }
+    }
+    out.extend_from_slice(line);
+}
+
+/// `Name: value` -> (trimmed name, raw value after the colon).
+fn split_header(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = memchr(b':', line)?;
+    let name = &line[..colon];
+    let name_len = name.len()
+        - name
+            .iter()
+            .rev()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count();
+    Some((&name[..name_len], &line[colon + 1..]))
+}
+
+fn mime_kind(value: &[u8]) -> MimeKind {
+    let value = trim_start(value);
+    if starts_with_ignore_case(value, b"application/http") {
+        MimeKind::Http
+    } else if starts_with_ignore_case(value, b"multipart/") {
+        parse_boundary(value).map_or(MimeKind::Other, MimeKind::Multipart)
+    } else {
+        MimeKind::Other
+    }
+}
+
+/// The `boundary=` parameter of a multipart Content-Type value, quoted or not.
+fn parse_boundary(value: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"boundary=";
+    let pos = value
+        .windows(KEY.len())
+        .position(|w| w.eq_ignore_ascii_case(KEY))?;
+    let rest = &value[pos + KEY.len()..];
+    let b = if let Some(quoted) = rest.strip_prefix(b"\"") {
+        &quoted[..memchr(b'"', quoted)?]
+    } else {
+        let end = rest
+            .iter()
+            .position(|&c| matches!(c, b';' | b' ' | b'\t' | b'\r' | b'\n'))
+            .unwrap_or(rest.len());
+        &rest[..end]
+    };
+    (!b.is_empty() && b.len() <= MAX_BOUNDARY).then(|| b.to_vec())
+}
+
+fn starts_with_ignore_case(s: &[u8], prefix: &[u8]) -> bool {
+    s.get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+fn contains_ignore_case(s: &[u8], needle: &[u8]) -> bool {
+    s.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+fn trim_start(s: &[u8]) -> &[u8] {
+    let n = s.iter().take_while(|&&c| c == b' ' || c == b'\t').count();
+    &s[n..]
+}
+
+/// Strip a trailing LF or CRLF.
+fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Strip the line ending and any trailing spaces/tabs (MIME transport padding).
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let line = trim_eol(line);
+    let n = line
+        .iter()
+        .rev()
+        .take_while(|&&c| matches!(c, b' ' | b'\t' | b'\r'))
+        .count();
+    &line[..line.len() - n]
+}
+
+/// Whole-buffer version of [`JsonLinkRewriter`].
+pub fn rewrite_json(rewrite: &LinkRewrite, keys: JsonKeys, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rw = JsonLinkRewriter::new(rewrite.clone(), keys);
+    rw.push(body, &mut out);
+    rw.finish(&mut out);
+    out
+}
+
+/// Whole-buffer version of [`BatchLinkRewriter`].
+pub fn rewrite_batch(rewrite: &LinkRewrite, direction: BatchDirection, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rw = BatchLinkRewriter::new(rewrite.clone(), direction);
+    rw.push(body, &mut out);
+    rw.finish(&mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORG: &str = "https://contoso.crm.dynamics.com";
+    const GW: &str = "http://localhost:8080";
+
+    fn resp() -> LinkRewrite {
+        LinkRewrite::new(ORG, GW)
+    }
+
+    fn req() -> LinkRewrite {
+        LinkRewrite::new(GW, ORG)
+    }
+
+    fn json(rw: &LinkRewrite, keys: JsonKeys, s: &str) -> String {
+        String::from_utf8(rewrite_json(rw, keys, s.as_bytes())).unwrap()
+    }
+
+    /// Feed `body` split at every position, and one byte at a time; all must equal `whole`.
+    fn assert_split_invariant(whole: &[u8], run: &mut dyn FnMut(&[&[u8]]) -> Vec<u8>) {
+        for k in 0..=whole.len() {
+            let (a, b) = whole.split_at(k);
+            assert_eq!(run(&[a, b]), run(&[whole]), "split at {k}");
+        }
+        let bytes: Vec<&[u8]> = whole.chunks(1).collect();
+        assert_eq!(run(&bytes), run(&[whole]), "byte at a time");
+    }
+
+    fn json_chunks(rw: &LinkRewrite, keys: JsonKeys, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut r = JsonLinkRewriter::new(rw.clone(), keys);
+        let mut out = Vec::new();
+        for c in chunks {
+            r.push(c, &mut out);
+        }
+        r.finish(&mut out);
+        out
+    }
+
+    fn batch_chunks(rw: &LinkRewrite, dir: BatchDirection, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut r = BatchLinkRewriter::new(rw.clone(), dir);
+        let mut out = Vec::new();
+        for c in chunks {
+            r.push(c, &mut out);
+        }
+        r.finish(&mut out);
+        out
+    }
+
+    const SKIPTOKEN: &str = "$skiptoken=%3Ccookie%20pagenumber=%222%22%20pagingcookie=%22%253ccookie%2520page%253d%25221%2522%253e%253caccountid%2520last%253d%2522%257bB1D4B6E1%257d%2522%2520first%253d%2522%257b7A4814F9%257d%2522%2520%252f%253e%253c%252fcookie%253e%22%20istracking=%22False%22%20/%3E";
+
+    fn sample_response() -> String {
+        format!(
+            concat!(
+                "{{\"@odata.context\":\"{o}/api/data/v9.2/$metadata#accounts(name,contact_customer_accounts())\",\n",
+                "  \"value\" : [ {{\"@odata.etag\":\"W/\\\"123\\\"\",\"name\":\"A \\\"q\\\" \\u00e9\",\"revenue\":1.50e3,",
+                "\"websiteurl\":\"{o}/x\",\"contact_customer_accounts\":[{{\"@odata.id\":\"{o}/api/data/v9.2/contacts(1)\"}}],",
+                "\"contact_customer_accounts@odata.nextLink\":\"{o}/api/data/v9.2/accounts(1)/contact_customer_accounts?{s}\"}},",
+                "\t{{\"nested\":{{\"deep\":[[{{\"Microsoft.Dynamics.CRM.x@odata.context\":\"{o}\"}}]]}},\"x\":null,\"y\":true}} ],\n",
+                "\"@odata.nextLink\":\"{o}/api/data/v9.2/accounts?{s}\",\"@odata.deltaLink\":\"{o}(x)\"}}"
+            ),
+            o = ORG,
+            s = SKIPTOKEN
+        )
+    }
+
+    #[test]
+    fn response_links_rewritten_at_any_depth_data_fields_untouched() {
+        let input = sample_response();
+        let expected = format!(
+            concat!(
+                "{{\"@odata.context\":\"{g}/api/data/v9.2/$metadata#accounts(name,contact_customer_accounts())\",\n",
+                "  \"value\" : [ {{\"@odata.etag\":\"W/\\\"123\\\"\",\"name\":\"A \\\"q\\\" \\u00e9\",\"revenue\":1.50e3,",
+                "\"websiteurl\":\"{o}/x\",\"contact_customer_accounts\":[{{\"@odata.id\":\"{g}/api/data/v9.2/contacts(1)\"}}],",
+                "\"contact_customer_accounts@odata.nextLink\":\"{g}/api/data/v9.2/accounts(1)/contact_customer_accounts?{s}\"}},",
+                "\t{{\"nested\":{{\"deep\":[[{{\"Microsoft.Dynamics.CRM.x@odata.context\":\"{g}\"}}]]}},\"x\":null,\"y\":true}} ],\n",
+                "\"@odata.nextLink\":\"{g}/api/data/v9.2/accounts?{s}\",\"@odata.deltaLink\":\"{g}(x)\"}}"
+            ),
+            o = ORG,
+            g = GW,
+            s = SKIPTOKEN
+        );
+        assert_eq!(json(&resp(), JsonKeys::ResponseLinks, &input), expected);
+    }
+
+    #[test]
+    fn skiptoken_preserved_byte_for_byte() {
+        let input = format!("{{\"@odata.nextLink\":\"{ORG}/api/data/v9.2/accounts?{SKIPTOKEN}\"}}");
+        let out = json(&resp(), JsonKeys::ResponseLinks, &input);
+        assert_eq!(
+            out,
+            format!("{{\"@odata.nextLink\":\"{GW}/api/data/v9.2/accounts?{SKIPTOKEN}\"}}")
+        );
+        assert!(out.contains("%253Ccookie") || out.contains("%253ccookie"));
+    }
+
+    #[test]
+    fn escaped_slash_form_rewritten_with_escaped_to() {
+        let rw = LinkRewrite::new(ORG, "https://gw.example.com/prefix");
+        let input = r#"{"@odata.nextLink":"https:\/\/contoso.crm.dynamics.com\/api\/data?$x=1","@odata.id":"https://contoso.crm.dynamics.com\/a"}"#;
+        let expected = r#"{"@odata.nextLink":"https:\/\/gw.example.com\/prefix\/api\/data?$x=1","@odata.id":"https://gw.example.com/prefix\/a"}"#;
+        assert_eq!(json(&rw, JsonKeys::ResponseLinks, input), expected);
+    }
+
+    #[test]
+    fn prefix_must_end_at_url_delimiter() {
+        let keep = [
+            "https://contoso.crm.dynamics.com.evil.com/api",
+            "https://contoso.crm.dynamics.com:444/api",
+            "https://contoso.crm.dynamics.co",
+            "http://contoso.crm.dynamics.com/api",
+            " https://contoso.crm.dynamics.com/api",
+            "https://contoso.crm.dynamics.com\\u002fapi",
+        ];
+        for v in keep {
+            let input = format!("{{\"@odata.nextLink\":\"{v}\"}}");
+            assert_eq!(json(&resp(), JsonKeys::ResponseLinks, &input), input, "{v}");
+        }
+        for (v, want) in [
+            (ORG.to_string(), GW.to_string()),
+            (format!("{ORG}?a=b"), format!("{GW}?a=b")),
+            (format!("{ORG}(1)"), format!("{GW}(1)")),
+            (format!("{ORG}/"), format!("{GW}/")),
+        ] {
+            let input = format!("{{\"@odata.id\":\"{v}\"}}");
+            let expected = format!("{{\"@odata.id\":\"{want}\"}}");
+            assert_eq!(json(&resp(), JsonKeys::ResponseLinks, &input), expected);
+        }
+    }
+
+    #[test]
+    fn only_selected_keys_and_only_values() {
+        let input = format!(
+            "{{\"{ORG}/k\":\"{ORG}/v\",\"a@odata.context\":[\"{ORG}/arr\"],\"@odata.editLink\":\"{ORG}/e\",\
+             \"@odata.id\" : 5, \"n\":\"{ORG}/after-number\",\"@odata.id\"\n:\n\"{ORG}/ws\"}}"
+        );
+        let expected = input.replace(&format!("\n\"{ORG}/ws"), &format!("\n\"{GW}/ws"));
+        assert_ne!(input, expected);
+        assert_eq!(json(&resp(), JsonKeys::ResponseLinks, &input), expected);
+    }
+
+    #[test]
+    fn escaped_property_names_are_not_matched() {
+        let input =
+            format!("{{\"@odata\\u002enextLink\":\"{ORG}/a\",\"x\\\"@odata.id\":\"{ORG}/b\"}}");
+        assert_eq!(json(&resp(), JsonKeys::ResponseLinks, &input), input);
+    }
+
+    #[test]
+    fn request_binds_and_ref_id() {
+        let input = format!(
+            "{{\"name\":\"x\",\"parentcustomerid_account@odata.bind\":\"{GW}/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)\",\
+             \"primarycontactid@odata.bind\":\"/contacts(2)\",\"@odata.id\":\"{GW}/api/data/v9.2/contacts(3)\",\
+             \"websiteurl\":\"{GW}/w\",\"@odata.nextLink\":\"{GW}/n\",\"x@odata.id\":\"{GW}/xid\",\
+             \"list@odata.bind\":[\"{GW}/accounts(4)\"]}}"
+        );
+        let expected = input
+            .replace(
+                &format!("bind\":\"{GW}/api"),
+                &format!("bind\":\"{ORG}/api"),
+            )
+            .replace(
+                &format!("\"@odata.id\":\"{GW}"),
+                &format!("\"@odata.id\":\"{ORG}"),
+            );
+        assert_eq!(expected.matches(ORG).count(), 2);
+        assert_eq!(json(&req(), JsonKeys::RequestBinds, &input), expected);
+        // The response key set does not touch binds.
+        let bind = format!("{{\"a@odata.bind\":\"{GW}/x\"}}");
+        assert_eq!(json(&req(), JsonKeys::ResponseLinks, &bind), bind);
+    }
+
+    #[test]
+    fn json_every_split_point_matches_whole_buffer() {
+        let doc = sample_response();
+        let rw = resp();
+        let whole = rewrite_json(&rw, JsonKeys::ResponseLinks, doc.as_bytes());
+        assert_ne!(whole, doc.as_bytes());
+        assert_split_invariant(doc.as_bytes(), &mut |c| {
+            json_chunks(&rw, JsonKeys::ResponseLinks, c)
+        });
+        let escaped = r#"{"@odata.nextLink":"https:\/\/contoso.crm.dynamics.com\/a","b@odata.id":"https://contoso.crm.dynamics.com\/b"}"#;
+        assert_split_invariant(escaped.as_bytes(), &mut |c| {
+            json_chunks(&rw, JsonKeys::ResponseLinks, c)
+        });
+        let binds = format!("{{\"a@odata.bind\":\"{GW}(1)\",\"@odata.id\":\"{GW}\"}}");
+        assert_split_invariant(binds.as_bytes(), &mut |c| {
+            json_chunks(&req(), JsonKeys::RequestBinds, c)
+        });
+    }
+
+    #[test]
+    fn candidate_hold_is_bounded_and_other_strings_stream() {
+        let rw = resp();
+        let mut r = JsonLinkRewriter::new(rw.clone(), JsonKeys::ResponseLinks);
+        let mut out = Vec::new();
+        let head = b"{\"@odata.nextLink\":\"https://contoso.crm.dynamics.com";
+        r.push(head, &mut out);
+        assert!(r.cand.len() <= rw.from().len() + 1);
+        r.push(b".evil", &mut out);
+        assert!(r.cand.is_empty());
+        let big = vec![b'a'; 1 << 20];
+        r.push(&big, &mut out);
+        assert_eq!(out.len(), head.len() + 5 + big.len());
+        // A huge non-candidate string is never held either.
+        let mut r = JsonLinkRewriter::new(rw, JsonKeys::ResponseLinks);
+        let mut out = Vec::new();
+        r.push(b"{\"k\":\"", &mut out);
+        r.push(&big, &mut out);
+        assert_eq!(out.len(), 6 + big.len());
+        assert!(r.cand.is_empty() && r.key_tail.len() <= KEY_TAIL);
+    }
+
+    #[test]
+    fn header_values() {
+        let rw = resp();
+        let h = |v: &str| {
+            rw.header_value(v.as_bytes())
+                .map(|v| String::from_utf8(v).unwrap())
+        };
+        assert_eq!(
+            h("https://contoso.crm.dynamics.com/api/data/v9.2/accounts(1)").as_deref(),
+            Some("http://localhost:8080/api/data/v9.2/accounts(1)")
+        );
+        assert_eq!(h(ORG).as_deref(), Some(GW));
+        assert_eq!(h("https://contoso.crm.dynamics.com.evil.com/x"), None);
+        assert_eq!(h("/api/data/v9.2/accounts(1)"), None);
+        assert_eq!(LinkRewrite::new("", GW).header_value(b"/x"), None);
+        assert_eq!(rw.reversed().from(), GW);
+    }
+
+    /// Small deterministic PRNG so garbage tests need no extra dependency.
+    struct XorShift(u64);
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn bytes(&mut self, n: usize, alphabet: &[u8]) -> Vec<u8> {
+            (0..n)
+                .map(|_| alphabet[(self.next() % alphabet.len() as u64) as usize])
+                .collect()
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_and_passes_through() {
+        let all: Vec<u8> = (0..=255).collect();
+        let jsonish = b"{}[]:,\"\\ \r\n-@odata.nextLink/bind:id".to_vec();
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..300 {
+            let alphabet = if round % 2 == 0 { &all } else { &jsonish };
+            let len = (rng.next() % 3000) as usize;
+            let mut input = rng.bytes(len, alphabet);
+            if round % 3 == 0 {
+                let mut b = b"--x\r\nContent-Type: application/http\r\n\r\nGET ".to_vec();
+                b.append(&mut input);
+                input = b;
+            }
+            let mut chunks = Vec::new();
+            let mut rest = input.as_slice();
+            while !rest.is_empty() {
+                let n = ((rng.next() % 64) as usize + 1).min(rest.len());
+                let (a, b) = rest.split_at(n);
+                chunks.push(a);
+                rest = b;
+            }
+            for keys in [JsonKeys::ResponseLinks, JsonKeys::RequestBinds] {
+                assert_eq!(json_chunks(&resp(), keys, &chunks), input);
+            }
+            for dir in [BatchDirection::Request, BatchDirection::Response] {
+                assert_eq!(batch_chunks(&resp(), dir, &chunks), input);
+            }
+        }
+        let odd: [&[u8]; 7] = [
+            b"\"",
+            b"{\"@odata.nextLink\":\"https://contoso.crm.dynamics.co",
+            b"{\"@odata.nextLink\":\"https:\\/\\/contoso.crm.dynamics.com\\",
+            b"{\"@odata.id\":\"\\",
+            b"\"@odata.id\"::\"https://contoso.crm.dynamics.com.x\"",
+            b"}}}]]]\"\"\"\\\\\\",
+            b"",
+        ];
+        for input in odd {
+            assert_eq!(rewrite_json(&resp(), JsonKeys::ResponseLinks, input), input);
+            assert_eq!(
+                rewrite_batch(&resp(), BatchDirection::Response, input),
+                input
+            );
+        }
+        let huge = [b"{\"@odata.id\":\"".as_slice(), &vec![b'x'; 3 << 20]].concat();
+        assert_eq!(rewrite_json(&resp(), JsonKeys::ResponseLinks, &huge), huge);
+        let huge_line = [
+            b"--b\r\nX-Long: ".as_slice(),
+            &vec![b'y'; 200_000],
+            b"\r\n--b--\r\n",
+        ]
+        .concat();
+        assert_eq!(
+            rewrite_batch(&resp(), BatchDirection::Response, &huge_line),
+            huge_line
+        );
+    }
+
+    fn batch_request() -> String {
+        [
+            "\r\n",
+            "--dwa_batch_0e5f2c3a\r\n",
+            "Content-Type: multipart/mixed;boundary=dwa_changeset_77c1\r\n",
+            "\r\n",
+            "--dwa_changeset_77c1\r\n",
+            "Content-Type: application/http\r\n",
+            "Content-Transfer-Encoding: binary\r\n",
+            "Content-ID: 100001\r\n",
+            "\r\n",
+            "POST http://localhost:8080/api/data/v9.2/contacts HTTP/1.1\r\n",
+            "Content-Type: application/json\r\n",
+            "Referer: http://localhost:8080/app\r\n",
+            "\r\n",
+            "{\"firstname\":\"A\",\"parentcustomerid_account@odata.bind\":\"http://localhost:8080/api/data/v9.2/accounts(1)\",\"websiteurl\":\"http://localhost:8080/w\"}\r\n",
+            "--dwa_changeset_77c1\r\n",
+            "Content-Type: application/http\r\n",
+            "Content-Transfer-Encoding: binary\r\n",
+            "Content-ID: 100002\r\n",
+            "\r\n",
+            "PUT http://localhost:8080/api/data/v9.2/accounts(1)/primarycontactid/$ref HTTP/1.1\r\n",
+            "Content-Type: application/json\r\n",
+            "\r\n",
+            "{\"@odata.id\":\"http://localhost:8080/api/data/v9.2/contacts(2)\"}\r\n",
+            "--dwa_changeset_77c1--\r\n",
+            "--dwa_batch_0e5f2c3a\r\n",
+            "Content-Type: application/http\r\n",
+            "Content-Transfer-Encoding: binary\r\n",
+            "\r\n",
+            "GET http://localhost:8080/api/data/v9.2/contacts?$select=fullname&$orderby=fullname asc&$filter=contains(fullname,'a b') HTTP/1.1\r\n",
+            "Accept: application/json\r\n",
+            "\r\n",
+            "--dwa_batch_0e5f2c3a\r\n",
+            "Content-Type: application/http\r\n",
+            "\r\n",
+            "GET /api/data/v9.2/accounts?$top=1 HTTP/1.1\r\n",
+            "\r\n",
+            "--dwa_batch_0e5f2c3a\r\n",
+            "Content-Type: application/http\r\n",
+            "\r\n",
+            "PATCH http://localhost:8080/api/data/v9.2/accounts(5) HTTP/1.1\r\n",
+            "Content-Type: application/json\r\n",
+            "Content-Length: 57\r\n",
+            "\r\n",
+            "{\"a@odata.bind\":\"http://localhost:8080/api/data/v9.2/x\"}\r\n",
+            "--dwa_batch_0e5f2c3a--\r\n",
+        ]
+        .concat()
+    }
+
+    fn expected_batch_request(input: &str) -> String {
+        input
+            .replace(
+                "POST http://localhost:8080/api",
+                "POST https://contoso.crm.dynamics.com/api",
+            )
+            .replace(
+                "bind\":\"http://localhost:8080/api/data/v9.2/accounts(1)",
+                "bind\":\"https://contoso.crm.dynamics.com/api/data/v9.2/accounts(1)",
+            )
+            .replace(
+                "PUT http://localhost:8080/api",
+                "PUT https://contoso.crm.dynamics.com/api",
+            )
+            .replace(
+                "\"@odata.id\":\"http://localhost:8080/api",
+                "\"@odata.id\":\"https://contoso.crm.dynamics.com/api",
+            )
+            .replace(
+                "GET http://localhost:8080/api",
+                "GET https://contoso.crm.dynamics.com/api",
+            )
+            .replace(
+                "PATCH http://localhost:8080/api",
+                "PATCH https://contoso.crm.dynamics.com/api",
+            )
+    }
+
+    #[test]
+    fn batch_request_rewrites_request_lines_and_binds() {
+        let input = batch_request();
+        let expected = expected_batch_request(&input);
+        assert_eq!(expected.matches(ORG).count(), 6);
+        let out = rewrite_batch(&req(), BatchDirection::Request, input.as_bytes());
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        // Untouched: inner headers, data fields, relative URLs, Content-Length bodies.
+        assert!(expected.contains("Referer: http://localhost:8080/app\r\n"));
+        assert!(expected.contains("\"websiteurl\":\"http://localhost:8080/w\""));
+        assert!(expected.contains("\"a@odata.bind\":\"http://localhost:8080/api/data/v9.2/x\""));
+        assert!(expected
+            .contains("&$orderby=fullname asc&$filter=contains(fullname,'a b') HTTP/1.1\r\n"));
+
+        let lf = input.replace("\r\n", "\n");
+        let out = rewrite_batch(&req(), BatchDirection::Request, lf.as_bytes());
+        assert_eq!(String::from_utf8(out).unwrap(), expected_batch_request(&lf));
+    }
+
+    fn batch_response() -> String {
+        [
+            "--batchresponse_c1b2\r\n",
+            "Content-Type: multipart/mixed; boundary=\"changesetresponse_9f\"\r\n",
+            "\r\n",
+            "--changesetresponse_9f\r\n",
+            "Content-Type: application/http\r\n",
+            "Content-Transfer-Encoding: binary\r\n",
+            "Content-ID: 1\r\n",
+            "\r\n",
+            "HTTP/1.1 204 No Content\r\n",
+            "OData-Version: 4.0\r\n",
+            "Location: https://contoso.crm.dynamics.com/api/data/v9.2/contacts(1)\r\n",
+            "odata-entityid:https://contoso.crm.dynamics.com/api/data/v9.2/contacts(1)  \r\n",
+            "X-Other: https://contoso.crm.dynamics.com/api/data/v9.2/contacts(1)\r\n",
+            "\r\n",
+            "\r\n",
+            "--changesetresponse_9f--\r\n",
+            "--batchresponse_c1b2\r\n",
+            "Content-Type: application/http\r\n",
+            "Content-Transfer-Encoding: binary\r\n",
+            "\r\n",
+            "HTTP/1.1 200 OK\r\n",
+            "Content-Type: application/json; odata.metadata=minimal\r\n",
+            "OData-Version: 4.0\r\n",
+            "\r\n",
+            "{\"@odata.context\":\"https://contoso.crm.dynamics.com/api/data/v9.2/$metadata#contacts\",\r\n",
+            "\"value\":[{\"websiteurl\":\"https://contoso.crm.dynamics.com/w\",\r\n",
+            "\"--batchresponse_c1b2\":\"-- not a boundary\"}],\r\n",
+            "\"@odata.nextLink\":\"https://contoso.crm.dynamics.com/api/data/v9.2/contacts?$skiptoken=%253Ccookie\"}\r\n",
+            "--batchresponse_c1b2\r\n",
+            "Content-Type: application/http\r\n",
+            "\r\n",
+            "HTTP/1.1 200 OK\r\n",
+            "Content-Type: application/json\r\n",
+            "Content-Length: 90\r\n",
+            "\r\n",
+            "{\"@odata.context\":\"https://contoso.crm.dynamics.com/api/data/v9.2/$metadata#x\"}\r\n",
+            "--batchresponse_c1b2--\r\n",
+        ]
+        .concat()
+    }
+
+    fn expected_batch_response(input: &str) -> String {
+        input
+            .replace(
+                "Location: https://contoso.crm.dynamics.com/",
+                "Location: http://localhost:8080/",
+            )
+            .replace(
+                "odata-entityid:https://contoso.crm.dynamics.com/",
+                "odata-entityid:http://localhost:8080/",
+            )
+            .replace(
+                "context\":\"https://contoso.crm.dynamics.com/api/data/v9.2/$metadata#contacts",
+                "context\":\"http://localhost:8080/api/data/v9.2/$metadata#contacts",
+            )
+            .replace(
+                "nextLink\":\"https://contoso.crm.dynamics.com/",
+                "nextLink\":\"http://localhost:8080/",
+            )
+    }
+
+    #[test]
+    fn batch_response_rewrites_link_headers_and_json_bodies() {
+        let input = batch_response();
+        let expected = expected_batch_response(&input);
+        assert_eq!(expected.matches(GW).count(), 4);
+        let out = rewrite_batch(&resp(), BatchDirection::Response, input.as_bytes());
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+        assert!(expected.contains("X-Other: https://contoso.crm.dynamics.com/"));
+        assert!(expected
+            .contains("$metadata#contacts\",\r\n\"value\":[{\"websiteurl\":\"https://contoso"));
+
+        let lf = input.replace("\r\n", "\n");
+        let out = rewrite_batch(&resp(), BatchDirection::Response, lf.as_bytes());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            expected_batch_response(&lf)
+        );
+    }
+
+    #[test]
+    fn batch_every_split_point_matches_whole_buffer() {
+        let req_doc = batch_request();
+        assert_split_invariant(req_doc.as_bytes(), &mut |c| {
+            batch_chunks(&req(), BatchDirection::Request, c)
+        });
+        let resp_doc = batch_response();
+        assert_split_invariant(resp_doc.as_bytes(), &mut |c| {
+            batch_chunks(&resp(), BatchDirection::Response, c)
+        });
+    }
+
+    #[test]
+    fn batch_long_body_line_streams_without_holding() {
+        let mut r = BatchLinkRewriter::new(resp(), BatchDirection::Response);
+        let mut out = Vec::new();
+        let head = b"--b\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 200 OK\r\n\r\n{\"@odata.context\":\"";
+        r.push(head, &mut out);
+        r.push(ORG.as_bytes(), &mut out);
+        r.push(b"/x\",\"v\":\"", &mut out);
+        let big = vec![b'z'; 1 << 20];
+        r.push(&big, &mut out);
+        assert!(r.line.is_empty());
+        let expected_len = head.len() + GW.len() + 9 + big.len();
+        assert_eq!(out.len(), expected_len);
+        // A body line that starts like a delimiter is released as soon as it cannot be one.
+        r.push(b"\"}\r\n--bx", &mut out);
+        assert!(r.line.is_empty());
+        r.push(&big, &mut out);
+        assert!(r.line.is_empty());
+        assert_eq!(out.len(), expected_len + 8 + big.len());
+        r.push(b"\r\n--b-", &mut out);
+        assert_eq!(r.line, b"--b-");
+        r.push(b"-\r\n", &mut out);
+        assert!(r.boundaries.is_empty() && matches!(r.state, PartState::Epilogue));
+    }
+}

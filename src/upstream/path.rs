@@ -1,0 +1,116 @@
+//! Which request targets may go to Dataverse: paths under `/api/data/` only, and none
+//! that could be normalised, by Dataverse or anything in front of it, into a different
+//! path than the one checked here. The query string is passed on byte for byte.
+
+use http::Uri;
+
+/// Why a path is not forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("only paths under /api/data/ are proxied")]
+    NotProxied,
+    #[error("the path contains a dot segment, backslash, empty segment or encoded separator; send a plain normalised path")]
+    Ambiguous,
+    #[error("the Host header is missing or not a plain host[:port]")]
+    BadHost,
+}
+
+/// The prefix every proxied path starts with.
+pub const API_PREFIX: &str = "/api/data/";
+
+/// The path and query to send upstream, taken from the request target. An absolute-form
+/// target (`GET https://elsewhere/api/data/...`) contributes only its path: the host is
+/// never the caller's to choose.
+pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
+    let path = uri.path();
+    if !path.starts_with(API_PREFIX) {
+        return Err(PathError::NotProxied);
+    }
+    check_unambiguous(path)?;
+    Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
+}
+
+/// Refuses dot segments, backslashes, empty segments and control characters in the path
+/// as written and after each of up to three rounds of percent-decoding (double encoding).
+fn check_unambiguous(path: &str) -> Result<(), PathError> {
+    let mut current = path.to_string();
+    for _ in 0..4 {
+        if current.contains('\\')
+            || current.contains("//")
+            || current.chars().any(|c| c.is_control())
+        {
+            return Err(PathError::Ambiguous);
+        }
+        if current.split('/').any(|seg| seg == "." || seg == "..") {
+            return Err(PathError::Ambiguous);
+        }
+        if !current.starts_with(API_PREFIX) {
+            return Err(PathError::Ambiguous);
+        }
+        let decoded = percent_encoding::percent_decode_str(&current)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded == current {
+            return Ok(());
+        }
+        current = decoded;
+    }
+    // Still changing after four decodings: nobody writes paths like that on purpose.
+    Err(PathError::Ambiguous)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(target: &str) -> Result<String, PathError> {
+        let uri: Uri = target.parse().unwrap();
+        proxied_path_and_query(&uri).map(str::to_string)
+    }
+
+    #[test]
+    fn plain_paths_and_queries_pass_unchanged() {
+        let q = "/api/data/v9.2/accounts?$filter=name%20eq%20'O''Neil'&$select=name";
+        assert_eq!(check(q).unwrap(), q);
+        assert_eq!(
+            check("/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)").unwrap(),
+            "/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)"
+        );
+        // An encoded slash inside a query value is data, not a path separator.
+        assert!(check("/api/data/v9.2/accounts?$skiptoken=%253Ccookie%2F").is_ok());
+    }
+
+    #[test]
+    fn absolute_form_contributes_only_its_path() {
+        assert_eq!(
+            check("https://evil.example/api/data/v9.2/accounts").unwrap(),
+            "/api/data/v9.2/accounts"
+        );
+    }
+
+    #[test]
+    fn other_paths_are_not_proxied() {
+        assert!(matches!(check("/"), Err(PathError::NotProxied)));
+        assert!(matches!(check("/api/datax/"), Err(PathError::NotProxied)));
+        assert!(matches!(
+            check("/API/DATA/v9.2/accounts"),
+            Err(PathError::NotProxied)
+        ));
+    }
+
+    #[test]
+    fn traversal_in_any_encoding_is_refused() {
+        for p in [
+            "/api/data/../../admin",
+            "/api/data/v9.2/%2e%2e/%2e%2e/x",
+            "/api/data/v9.2/%2E%2e%2fx",
+            "/api/data/v9.2/%252e%252e/x",
+            "/api/data/v9.2/a%5c..%5cb",
+            "/api/data//v9.2/accounts",
+            "/api/data/v9.2/./accounts",
+            "/api/data/v9.2/%00",
+        ] {
+            assert!(matches!(check(p), Err(PathError::Ambiguous)), "{p}");
+        }
+    }
+}
