@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod secret;
 pub mod server;
+pub mod testkit;
 pub mod upstream;
 
 use std::convert::Infallible;

@@ -1,0 +1,2107 @@
+//! The stand-in Dataverse Web API: bearer checks against the IdP's issued S2S tokens,
+//! impersonation (`CallerObjectId` / `MSCRMCallerID`), `WhoAmI`, `systemusers` lookups,
+//! an in-memory `accounts`/`contacts` store with ETags and opaque paging, `$batch` with
+//! change sets, and test-only streaming routes (`echo`, `download`, `headers`). Every
+//! request is recorded before it is answered so tests can assert what the gateway sent.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aws_lc_rs::digest;
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use percent_encoding::percent_decode_str;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+
+use super::idp::S2sRegistry;
+use super::odata_filter::{self, is_guid_text, PropType};
+use super::server::{self, full, lock, BoxError, RespBody, ServerTask};
+
+/// The application user every un-impersonated request runs as (`WhoAmI` without headers).
+pub const APPLICATION_USER_ID: &str = "5f2c1a9e-8b3d-4e6f-9a71-2c4d6e8f0a1b";
+/// Object id of the application user's service principal (its `azureactivedirectoryobjectid`).
+pub const APPLICATION_USER_OBJECT_ID: &str = "0b7e4d2c-6a19-4f35-8c2e-7d1a9b3c5e60";
+/// The organisation's root business unit.
+pub const BUSINESS_UNIT_ID: &str = "1d3f5b7a-9c2e-4a6b-8d0f-2e4a6c8e0b13";
+/// The organisation id `WhoAmI` reports.
+pub const ORGANIZATION_ID: &str = "7a9c1e3b-5d2f-4b8a-a6c4-0e2b4d6f8a97";
+
+/// Bytes of each request body kept in [`RecordedRequest::body`].
+pub const RECORDED_BODY_LIMIT: usize = 64 * 1024;
+/// Largest body a buffering route (entity writes, `$batch`) accepts, as Dataverse's 128 MB.
+const MAX_BUFFERED_BODY: usize = 128 * 1024 * 1024;
+/// Chunk size of the `download` stream.
+const DOWNLOAD_CHUNK: usize = 64 * 1024;
+const JSON_CONTENT_TYPE: &str = "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8";
+const DEFAULT_PAGE_SIZE: usize = 5000;
+const API_VERSIONS: [&str; 3] = ["v9.0", "v9.1", "v9.2"];
+
+/// A `systemuser` of the organisation, as the impersonation headers and lookups see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryUser {
+    pub systemuserid: String,
+    pub aad_object_id: String,
+    pub internalemailaddress: String,
+    pub domainname: String,
+    pub disabled: bool,
+}
+
+impl DirectoryUser {
+    /// An enabled user with a fresh `systemuserid`; `email` is both its
+    /// `internalemailaddress` and its `domainname` (the UPN), as in Entra-synced orgs.
+    pub fn new(aad_object_id: &str, email: &str) -> Self {
+        Self {
+            systemuserid: uuid::Uuid::new_v4().to_string(),
+            aad_object_id: aad_object_id.to_owned(),
+            internalemailaddress: email.to_owned(),
+            domainname: email.to_owned(),
+            disabled: false,
+        }
+    }
+
+    /// Marks the user disabled (impersonating it then fails with 403).
+    pub fn disabled(mut self, yes: bool) -> Self {
+        self.disabled = yes;
+        self
+    }
+}
+
+/// One HTTP request as the stand-in received it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: Method,
+    /// Exactly as received on the request line, byte for byte.
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    /// The first [`RECORDED_BODY_LIMIT`] bytes of the body.
+    pub body: Bytes,
+    /// Length of the whole body.
+    pub body_len: u64,
+    /// Lowercase hex SHA-256 of the whole body (empty until the body has been read).
+    pub body_sha256: String,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` as text, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The recorded body head as (lossy) UTF-8, for assertions on JSON and `$batch` bodies.
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Builder of a stand-in Dataverse.
+#[derive(Clone, Debug, Default)]
+pub struct Dataverse {
+    registry: Option<S2sRegistry>,
+    users: Vec<DirectoryUser>,
+}
+
+impl Dataverse {
+    pub fn builder() -> Dataverse {
+        Dataverse::default()
+    }
+
+    /// Accept only bearer tokens the IdP's token endpoint issued and nobody revoked;
+    /// without this any bearer is accepted (until [`DataverseHandle::revoke_tokens`]).
+    pub fn accept_tokens_from(mut self, registry: S2sRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Adds a systemuser.
+    pub fn user(mut self, user: DirectoryUser) -> Self {
+        self.users.push(user);
+        self
+    }
+
+    /// Starts on `127.0.0.1:0`.
+    pub async fn start(self) -> std::io::Result<DataverseHandle> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        self.start_on(listener).await
+    }
+
+    /// Starts on an already bound listener (the demo binds fixed ports).
+    pub async fn start_on(self, listener: TcpListener) -> std::io::Result<DataverseHandle> {
+        let addr = listener.local_addr()?;
+        let url = server::base_url(addr);
+        let state = Arc::new(DvState {
+            authorities: vec![
+                url.trim_start_matches("http://").to_owned(),
+                format!("localhost:{}", addr.port()),
+            ],
+            url,
+            addr,
+            registry: self.registry,
+            seen_tokens: Mutex::new(HashSet::new()),
+            revoked: Mutex::new(HashSet::new()),
+            users: Mutex::new(self.users),
+            requests: Mutex::new(Vec::new()),
+            systemuser_lookups: AtomicUsize::new(0),
+            canned: Mutex::new(VecDeque::new()),
+            delay: Mutex::new(Duration::ZERO),
+            store: Mutex::new(Store::seeded()),
+            skiptokens: Mutex::new(HashMap::new()),
+        });
+        let handler_state = state.clone();
+        let server = server::spawn(listener, move |req| {
+            let state = handler_state.clone();
+            async move { state.handle(req).await }
+        });
+        tracing::debug!(url = %state.url, "testkit Dataverse started");
+        Ok(DataverseHandle {
+            state,
+            server: Arc::new(server),
+        })
+    }
+}
+
+/// A running stand-in Dataverse. Clones share it; it stops when the last clone is dropped
+/// or on [`DataverseHandle::stop`].
+#[derive(Clone)]
+pub struct DataverseHandle {
+    state: Arc<DvState>,
+    server: Arc<ServerTask>,
+}
+
+impl std::fmt::Debug for DataverseHandle {
+    // Recorded requests carry bearer tokens: only the URL is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataverseHandle")
+            .field("url", &self.state.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DataverseHandle {
+    /// The organisation URL, `http://127.0.0.1:{port}` (no trailing slash).
+    pub fn url(&self) -> String {
+        self.state.url.clone()
+    }
+
+    /// `{url}/api/data/v9.2`
+    pub fn api_url(&self) -> String {
+        format!("{}/api/data/v9.2", self.state.url)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.state.addr
+    }
+
+    /// Every request received, in order (including `systemusers` lookups).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.state.requests).clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        lock(&self.state.requests).len()
+    }
+
+    /// `systemusers` queries answered (top level and inside `$batch`).
+    pub fn systemuser_lookups(&self) -> usize {
+        self.state.systemuser_lookups.load(Ordering::SeqCst)
+    }
+
+    pub fn add_user(&self, user: DirectoryUser) {
+        lock(&self.state.users).push(user);
+    }
+
+    /// The next `n` requests (any path) get this canned response instead of normal
+    /// handling; they are still recorded. Calls queue up behind each other.
+    pub fn respond_next(&self, n: usize, status: u16, headers: Vec<(String, String)>, body: &str) {
+        let canned = Canned {
+            status,
+            headers,
+            body: Bytes::copy_from_slice(body.as_bytes()),
+        };
+        let mut queue = lock(&self.state.canned);
+        for _ in 0..n {
+            queue.push_back(canned.clone());
+        }
+    }
+
+    /// Delays every response by `d` (a slow upstream); zero turns it off.
+    pub fn set_delay(&self, d: Duration) {
+        *lock(&self.state.delay) = d;
+    }
+
+    /// Makes every S2S token valid so far invalid (401), as after a key rollover.
+    pub fn revoke_tokens(&self) {
+        let seen: Vec<String> = lock(&self.state.seen_tokens).iter().cloned().collect();
+        lock(&self.state.revoked).extend(seen);
+        if let Some(registry) = &self.state.registry {
+            registry.revoke_all();
+        }
+    }
+
+    /// The records of an entity set (`accounts`, `contacts`) as stored, including the
+    /// `@odata.bind` values exactly as they arrived.
+    pub fn records(&self, entity_set: &str) -> Vec<Value> {
+        let store = lock(&self.state.store);
+        store.sets.get(entity_set).map_or_else(Vec::new, |set| {
+            set.rows
+                .iter()
+                .map(|row| {
+                    let mut obj = row.fields.clone();
+                    obj.insert(set.key.to_owned(), Value::String(row.id.clone()));
+                    obj.insert("@odata.etag".to_owned(), Value::String(row.etag()));
+                    for (k, v) in &row.binds {
+                        obj.insert(k.clone(), v.clone());
+                    }
+                    Value::Object(obj)
+                })
+                .collect()
+        })
+    }
+
+    /// Stops serving now (clones included); open connections are closed.
+    pub fn stop(&self) {
+        self.server.stop();
+    }
+}
+
+#[derive(Clone)]
+struct Canned {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+struct DvState {
+    url: String,
+    /// `host:port` forms that name this server in absolute URLs.
+    authorities: Vec<String>,
+    addr: SocketAddr,
+    registry: Option<S2sRegistry>,
+    seen_tokens: Mutex<HashSet<String>>,
+    revoked: Mutex<HashSet<String>>,
+    users: Mutex<Vec<DirectoryUser>>,
+    requests: Mutex<Vec<RecordedRequest>>,
+    systemuser_lookups: AtomicUsize,
+    canned: Mutex<VecDeque<Canned>>,
+    delay: Mutex<Duration>,
+    store: Mutex<Store>,
+    /// Issued `$skiptoken` values, exactly as they appear in nextLinks → row offset.
+    skiptokens: Mutex<HashMap<String, usize>>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Entity store
+
+#[derive(Clone)]
+struct Row {
+    id: String,
+    version: u64,
+    fields: Map<String, Value>,
+    /// `...@odata.bind` (and `$ref`) values as they arrived.
+    binds: Map<String, Value>,
+}
+
+impl Row {
+    fn etag(&self) -> String {
+        format!("W/\"{}\"", self.version)
+    }
+}
+
+#[derive(Clone)]
+struct EntitySet {
+    /// Logical name (`account`), used in messages and metadata type names.
+    logical: &'static str,
+    /// Primary key attribute (`accountid`).
+    key: &'static str,
+    rows: Vec<Row>,
+}
+
+#[derive(Clone)]
+struct Store {
+    next_version: u64,
+    sets: HashMap<String, EntitySet>,
+}
+
+impl Store {
+    fn seeded() -> Self {
+        let mut store = Store {
+            // Real row versions are large numbers; start there so ETags look familiar.
+            next_version: 468_000,
+            sets: HashMap::new(),
+        };
+        for (set, logical, key) in [
+            ("accounts", "account", "accountid"),
+            ("contacts", "contact", "contactid"),
+        ] {
+            store.sets.insert(
+                set.to_owned(),
+                EntitySet {
+                    logical,
+                    key,
+                    rows: Vec::new(),
+                },
+            );
+        }
+        for name in ["Contoso", "Fabrikam", "Adventure Works"] {
+            let mut fields = Map::new();
+            fields.insert("name".into(), Value::String(name.into()));
+            store.insert(
+                "accounts",
+                uuid::Uuid::new_v4().to_string(),
+                fields,
+                Map::new(),
+            );
+        }
+        for (first, last) in [("Yvonne", "McKay"), ("Susanna", "Stubberod")] {
+            let mut fields = Map::new();
+            fields.insert("firstname".into(), Value::String(first.into()));
+            fields.insert("lastname".into(), Value::String(last.into()));
+            fields.insert("fullname".into(), Value::String(format!("{first} {last}")));
+            fields.insert(
+                "emailaddress1".into(),
+                Value::String(format!("{}@contoso.example", first.to_lowercase())),
+            );
+            store.insert(
+                "contacts",
+                uuid::Uuid::new_v4().to_string(),
+                fields,
+                Map::new(),
+            );
+        }
+        store
+    }
+
+    fn bump(&mut self) -> u64 {
+        self.next_version += 1;
+        self.next_version
+    }
+
+    fn insert(
+        &mut self,
+        set: &str,
+        id: String,
+        fields: Map<String, Value>,
+        binds: Map<String, Value>,
+    ) {
+        let version = self.bump();
+        if let Some(s) = self.sets.get_mut(set) {
+            s.rows.push(Row {
+                id,
+                version,
+                fields,
+                binds,
+            });
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Internal request/response model shared by top-level requests and `$batch` parts
+
+/// A write body split into plain attributes and `@odata.bind` values.
+type Payload = (Map<String, Value>, Map<String, Value>);
+
+struct DvRequest {
+    method: Method,
+    api_version: String,
+    /// Resource path after `/api/data/{version}/`, percent-decoded.
+    resource: String,
+    raw_query: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl DvRequest {
+    fn base(&self, url: &str) -> String {
+        format!("{url}/api/data/{}", self.api_version)
+    }
+
+    fn prefer(&self) -> Vec<String> {
+        self.headers
+            .get_all("prefer")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DvResponse {
+    status: StatusCode,
+    /// Canonically cased, as they are written inside `$batch` responses.
+    headers: Vec<(String, String)>,
+    body: Bytes,
+    /// `accounts(<id>)` of a created/updated record, for `$batch` Content-ID references.
+    entity_path: Option<String>,
+}
+
+impl DvResponse {
+    fn empty(status: StatusCode) -> Self {
+        Self {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+            entity_path: None,
+        }
+    }
+
+    fn json(status: StatusCode, value: &Value) -> Self {
+        Self::empty(status)
+            .header("Content-Type", JSON_CONTENT_TYPE)
+            .with_body(value.to_string())
+    }
+
+    fn error(status: StatusCode, code: &str, message: &str) -> Self {
+        Self::json(
+            status,
+            &json!({"error": {"code": code, "message": message}}),
+        )
+    }
+
+    fn not_found_segment(segment: &str) -> Self {
+        Self::error(
+            StatusCode::NOT_FOUND,
+            "0x80060888",
+            &format!("Resource not found for the segment '{segment}'."),
+        )
+    }
+
+    fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_owned(), value.into()));
+        self
+    }
+
+    fn with_body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    fn into_http(self) -> Response<RespBody> {
+        let mut resp = Response::new(full(self.body));
+        *resp.status_mut() = self.status;
+        for (name, value) in self.headers {
+            append_header(resp.headers_mut(), &name, &value);
+        }
+        resp
+    }
+}
+
+fn append_header(headers: &mut HeaderMap, name: &str, value: &str) {
+    match (
+        HeaderName::from_bytes(name.as_bytes()),
+        HeaderValue::from_str(value),
+    ) {
+        (Ok(n), Ok(v)) => {
+            headers.append(n, v);
+        }
+        _ => tracing::warn!(
+            header = name,
+            "testkit Dataverse dropped an unencodable header"
+        ),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Splits `/api/data/v9.x/rest` into (version, percent-decoded rest).
+fn split_api_path(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix("/api/data/")?;
+    let (version, resource) = rest.split_once('/').unwrap_or((rest, ""));
+    if !API_VERSIONS.contains(&version) {
+        return None;
+    }
+    let decoded = percent_decode_str(resource)
+        .decode_utf8_lossy()
+        .into_owned();
+    Some((version.to_owned(), decoded))
+}
+
+/// Query pairs, percent-decoded (`+` as space, as ASP.NET reads query strings).
+fn query_pairs(raw: Option<&str>) -> Vec<(String, String)> {
+    let Some(raw) = raw else {
+        return Vec::new();
+    };
+    raw.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+fn query_param(pairs: &[(String, String)], name: &str) -> Option<String> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+/// The raw (still encoded) pieces of the query, and the raw `$skiptoken` value if any.
+fn split_raw_skiptoken(raw: Option<&str>) -> (Vec<String>, Option<String>) {
+    let mut others = Vec::new();
+    let mut token = None;
+    for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let key = percent_decode_str(key).decode_utf8_lossy();
+        if key.eq_ignore_ascii_case("$skiptoken") {
+            token = Some(pair.split_once('=').map_or("", |(_, v)| v).to_owned());
+        } else {
+            others.push(pair.to_owned());
+        }
+    }
+    (others, token)
+}
+
+/// Percent-encodes like Dataverse's paging cookie: the inner cookie (`upper == false`)
+/// with lowercase hex and `=`, `/`, braces encoded too; the outer skiptoken with uppercase
+/// hex and only `%`, quotes, spaces and angle brackets encoded.
+fn cookie_encode(s: &str, upper: bool) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for c in s.chars() {
+        let inner_only = matches!(c, '{' | '}' | '=' | '/');
+        if matches!(c, '<' | '>' | ' ' | '"' | '%') || (!upper && inner_only) {
+            let hex = format!("%{:02x}", c as u32);
+            out.push_str(&if upper { hex.to_uppercase() } else { hex });
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn guid_in_parens(segment: &str) -> Option<(&str, String)> {
+    let (name, rest) = segment.split_once('(')?;
+    let inner = rest.strip_suffix(')')?;
+    let inner = inner.trim_start_matches('{').trim_end_matches('}');
+    is_guid_text(inner).then(|| (name, inner.to_ascii_lowercase()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies: hashed while read, only the head kept (plus the whole body when a
+// buffering route needs it)
+
+struct DrainedBody {
+    head: Bytes,
+    len: u64,
+    sha256: String,
+    full: Option<Bytes>,
+    too_large: bool,
+}
+
+async fn drain(mut body: Incoming, keep_full: bool) -> Result<DrainedBody, hyper::Error> {
+    let mut hasher = digest::Context::new(&digest::SHA256);
+    let mut head = BytesMut::new();
+    let mut whole = keep_full.then(BytesMut::new);
+    let mut len = 0u64;
+    let mut too_large = false;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        hasher.update(&data);
+        len += data.len() as u64;
+        let room = RECORDED_BODY_LIMIT.saturating_sub(head.len());
+        head.extend_from_slice(&data[..room.min(data.len())]);
+        if let Some(buf) = whole.as_mut() {
+            if buf.len() + data.len() > MAX_BUFFERED_BODY {
+                too_large = true;
+                whole = None;
+            } else {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(DrainedBody {
+        head: head.freeze(),
+        len,
+        sha256: hex(hasher.finish().as_ref()),
+        full: whole.map(BytesMut::freeze),
+        too_large,
+    })
+}
+
+/// The `echo` response body: the request body streamed back, hashed on the way through
+/// and written into the request's record when it ends.
+struct EchoBody {
+    inner: Incoming,
+    state: Arc<DvState>,
+    index: usize,
+    hasher: Option<digest::Context>,
+    head: BytesMut,
+    len: u64,
+}
+
+impl EchoBody {
+    fn finish(&mut self) {
+        if let Some(hasher) = self.hasher.take() {
+            let sha = hex(hasher.finish().as_ref());
+            let head = std::mem::take(&mut self.head).freeze();
+            self.state.record_body(self.index, head, self.len, sha);
+        }
+    }
+}
+
+impl Body for EchoBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(hasher) = this.hasher.as_mut() {
+                        hasher.update(data);
+                    }
+                    this.len += data.len() as u64;
+                    let room = RECORDED_BODY_LIMIT.saturating_sub(this.head.len());
+                    this.head.extend_from_slice(&data[..room.min(data.len())]);
+                }
+                // With a Content-Length, hyper may stop polling after the last byte:
+                // record now so the record is complete before the client sees the end.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for EchoBody {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The `download` response body: byte `i` is `(i % 251) as u8`, produced chunk by chunk.
+struct PatternBody {
+    offset: u64,
+    end: u64,
+}
+
+impl PatternBody {
+    fn chunk(&mut self) -> Bytes {
+        let n = (self.end - self.offset).min(DOWNLOAD_CHUNK as u64);
+        let chunk: Vec<u8> = (self.offset..self.offset + n)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        self.offset += n;
+        Bytes::from(chunk)
+    }
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.offset >= this.end {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(Frame::data(this.chunk()))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.offset >= self.end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.end - self.offset)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Top-level handling
+
+impl DvState {
+    fn record_body(&self, index: usize, head: Bytes, len: u64, sha256: String) {
+        if let Some(rec) = lock(&self.requests).get_mut(index) {
+            rec.body = head;
+            rec.body_len = len;
+            rec.body_sha256 = sha256;
+        }
+    }
+
+    /// Adds the headers every Dataverse response carries, keeping any a canned response
+    /// set itself (e.g. a rate-limit header counting down to 0).
+    fn finalize(&self, mut resp: Response<RespBody>) -> Response<RespBody> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let headers = resp.headers_mut();
+        let mut default = |name: &'static str, value: HeaderValue| {
+            headers.entry(name).or_insert(value);
+        };
+        default("odata-version", HeaderValue::from_static("4.0"));
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            default("x-ms-service-request-id", v.clone());
+            default("req_id", v);
+        }
+        // Service-protection diagnostics real Dataverse sends; gateways expose them as metrics.
+        default(
+            "x-ms-ratelimit-burst-remaining-xrm-requests",
+            HeaderValue::from_static("5999"),
+        );
+        default(
+            "x-ms-ratelimit-time-remaining-xrm-requests",
+            HeaderValue::from_static("1,200,000.00"),
+        );
+        resp
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let (parts, body) = req.into_parts();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
+        tracing::debug!(method = %parts.method, path = %parts.uri.path(), "testkit Dataverse request");
+        let index = {
+            let mut requests = lock(&self.requests);
+            requests.push(RecordedRequest {
+                method: parts.method.clone(),
+                path_and_query,
+                headers: parts.headers.clone(),
+                body: Bytes::new(),
+                body_len: 0,
+                body_sha256: String::new(),
+            });
+            requests.len() - 1
+        };
+        let api = split_api_path(parts.uri.path());
+        let canned = lock(&self.canned).pop_front();
+        let delay = *lock(&self.delay);
+
+        let is_echo = canned.is_none()
+            && parts.method == Method::POST
+            && matches!(&api, Some((_, r)) if r == "echo");
+        if is_echo {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if let Err(denied) = self.authenticate(&parts.headers) {
+                self.drain_and_record(index, body, false).await;
+                return self.finalize(denied.into_http());
+            }
+            let mut resp = Response::new(
+                EchoBody {
+                    inner: body,
+                    state: self.clone(),
+                    index,
+                    hasher: Some(digest::Context::new(&digest::SHA256)),
+                    head: BytesMut::new(),
+                    len: 0,
+                }
+                .boxed(),
+            );
+            for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+                if let Some(v) = parts.headers.get(&name) {
+                    resp.headers_mut().insert(name, v.clone());
+                }
+            }
+            return self.finalize(resp);
+        }
+
+        let buffering = matches!(parts.method, Method::POST | Method::PATCH | Method::PUT);
+        let drained = self.drain_and_record(index, body, buffering).await;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(c) = canned {
+            let mut resp = Response::new(full(c.body));
+            *resp.status_mut() =
+                StatusCode::from_u16(c.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            for (name, value) in &c.headers {
+                append_header(resp.headers_mut(), name, value);
+            }
+            return self.finalize(resp);
+        }
+        let Some(drained) = drained else {
+            return self.finalize(
+                DvResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80048d19",
+                    "The request body could not be read.",
+                )
+                .into_http(),
+            );
+        };
+        if drained.too_large {
+            return self.finalize(
+                DvResponse::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "0x80048d19",
+                    "The request body exceeds the maximum size the testkit buffers.",
+                )
+                .into_http(),
+            );
+        }
+        let Some((api_version, resource)) = api else {
+            let first = parts
+                .uri
+                .path()
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or("");
+            return self.finalize(DvResponse::not_found_segment(first).into_http());
+        };
+        if let Err(denied) = self.authenticate(&parts.headers) {
+            return self.finalize(denied.into_http());
+        }
+        if parts.method == Method::GET && resource == "download" {
+            let pairs = query_pairs(parts.uri.query());
+            let n = query_param(&pairs, "bytes").and_then(|b| b.parse::<u64>().ok());
+            let Some(n) = n else {
+                return self.finalize(
+                    DvResponse::error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80060888",
+                        "download needs ?bytes=N",
+                    )
+                    .into_http(),
+                );
+            };
+            let mut resp = Response::new(PatternBody { offset: 0, end: n }.boxed());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            return self.finalize(resp);
+        }
+        let request = DvRequest {
+            method: parts.method,
+            api_version,
+            resource,
+            raw_query: parts.uri.query().map(str::to_owned),
+            headers: parts.headers,
+            body: drained.full.unwrap_or_default(),
+        };
+        let resp = self.execute(&request, None);
+        self.finalize(resp.into_http())
+    }
+
+    /// Reads the whole body through the hasher and records it; `None` if reading failed.
+    async fn drain_and_record(
+        &self,
+        index: usize,
+        body: Incoming,
+        keep_full: bool,
+    ) -> Option<DrainedBody> {
+        match drain(body, keep_full).await {
+            Ok(d) => {
+                self.record_body(index, d.head.clone(), d.len, d.sha256.clone());
+                Some(d)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "testkit Dataverse could not read a request body");
+                None
+            }
+        }
+    }
+
+    fn authenticate(&self, headers: &HeaderMap) -> Result<(), DvResponse> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty());
+        let valid = token.is_some_and(|token| {
+            lock(&self.seen_tokens).insert(token.to_owned());
+            !lock(&self.revoked).contains(token)
+                && self.registry.as_ref().is_none_or(|r| r.is_valid(token))
+        });
+        if valid {
+            return Ok(());
+        }
+        let authorization_uri = self.registry.as_ref().map_or_else(
+            || "https://login.microsoftonline.com/common/oauth2/authorize".to_owned(),
+            S2sRegistry::authorization_uri,
+        );
+        Err(DvResponse::error(
+            StatusCode::UNAUTHORIZED,
+            "0x80072560",
+            "The bearer token is missing, was not issued for this organization, or has been revoked.",
+        )
+        .header(
+            "WWW-Authenticate",
+            format!("Bearer authorization_uri={authorization_uri}, resource_id={}/", self.url),
+        ))
+    }
+
+    /// The effective systemuserid: `CallerObjectId` by object id, else `MSCRMCallerID` by
+    /// systemuserid, else the application user. `outer` are the `$batch` request's headers,
+    /// used when a part carries no impersonation header of its own.
+    fn effective_user(
+        &self,
+        headers: &HeaderMap,
+        outer: Option<&HeaderMap>,
+    ) -> Result<String, DvResponse> {
+        let pick = |h: &HeaderMap| -> Option<(bool, String)> {
+            let get = |n: &str| {
+                h.get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| s.trim().to_owned())
+            };
+            get("callerobjectid")
+                .map(|v| (true, v))
+                .or_else(|| get("mscrmcallerid").map(|v| (false, v)))
+        };
+        let Some((by_object_id, id)) = pick(headers).or_else(|| outer.and_then(pick)) else {
+            return Ok(APPLICATION_USER_ID.to_owned());
+        };
+        let id_lc = id
+            .trim_start_matches('{')
+            .trim_end_matches('}')
+            .to_ascii_lowercase();
+        let users = lock(&self.users);
+        let found = users.iter().find(|u| {
+            let candidate = if by_object_id {
+                &u.aad_object_id
+            } else {
+                &u.systemuserid
+            };
+            candidate.eq_ignore_ascii_case(&id_lc)
+        });
+        match found {
+            Some(u) if !u.disabled => Ok(u.systemuserid.to_ascii_lowercase()),
+            _ => Err(DvResponse::error(
+                StatusCode::FORBIDDEN,
+                "0x80040225",
+                &format!(
+                    "The specified user (Id = {id}, given in {}) is disabled or does not exist in this organization.",
+                    if by_object_id { "CallerObjectId" } else { "MSCRMCallerID" }
+                ),
+            )),
+        }
+    }
+
+    /// Runs one Dataverse request (top level or a `$batch` part). `outer` is `Some` for
+    /// batch parts: the enclosing batch request's headers.
+    fn execute(&self, req: &DvRequest, outer: Option<&HeaderMap>) -> DvResponse {
+        let resource = req.resource.trim_end_matches('/');
+        // Test-only routes: no impersonation, so proxies can be checked with any caller.
+        match (&req.method, resource) {
+            (&Method::POST, "echo") => {
+                let mut resp = DvResponse::empty(StatusCode::OK).with_body(req.body.clone());
+                if let Some(ct) = req.header("content-type") {
+                    resp = resp.header("Content-Type", ct);
+                }
+                return resp;
+            }
+            (&Method::GET, "download") => {
+                let pairs = query_pairs(req.raw_query.as_deref());
+                let n = query_param(&pairs, "bytes")
+                    .and_then(|b| b.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let mut body = PatternBody { offset: 0, end: n };
+                let mut bytes = BytesMut::new();
+                while !body.is_end_stream() {
+                    bytes.extend_from_slice(&body.chunk());
+                }
+                return DvResponse::empty(StatusCode::OK)
+                    .header("Content-Type", "application/octet-stream")
+                    .with_body(bytes.freeze());
+            }
+            (&Method::GET, "headers") => return headers_json(&req.headers),
+            (&Method::POST, "$batch") if outer.is_some() => {
+                return DvResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80060888",
+                    "A $batch request cannot contain another $batch request.",
+                )
+            }
+            (&Method::POST, "$batch") => return self.batch(req),
+            (&Method::GET, "") => return self.service_document(req),
+            _ => {}
+        }
+        let user = match self.effective_user(&req.headers, outer) {
+            Ok(u) => u,
+            Err(denied) => return denied,
+        };
+        let mut segments = resource.splitn(2, '/');
+        let first = segments.next().unwrap_or_default();
+        let rest = segments.next();
+        match (&req.method, first, rest) {
+            (&Method::GET, "WhoAmI" | "WhoAmI()", None) => DvResponse::json(
+                StatusCode::OK,
+                &json!({
+                    "@odata.context": format!("{}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", req.base(&self.url)),
+                    "BusinessUnitId": BUSINESS_UNIT_ID,
+                    "UserId": user,
+                    "OrganizationId": ORGANIZATION_ID,
+                }),
+            ),
+            (&Method::GET, "systemusers", None) => {
+                self.systemuser_lookups.fetch_add(1, Ordering::SeqCst);
+                self.systemusers(req, None)
+            }
+            (&Method::GET, seg, None) if seg.starts_with("systemusers(") => {
+                self.systemuser_lookups.fetch_add(1, Ordering::SeqCst);
+                match guid_in_parens(seg) {
+                    Some((_, id)) => self.systemusers(req, Some(id)),
+                    None => bad_key(seg),
+                }
+            }
+            _ => self.entities(req, first, rest),
+        }
+    }
+
+    fn service_document(&self, req: &DvRequest) -> DvResponse {
+        let base = req.base(&self.url);
+        let sets: Vec<Value> = ["accounts", "contacts", "systemusers"]
+            .iter()
+            .map(|s| json!({"name": s, "kind": "EntitySet", "url": s}))
+            .collect();
+        DvResponse::json(
+            StatusCode::OK,
+            &json!({"@odata.context": format!("{base}/$metadata"), "value": sets}),
+        )
+    }
+
+    // -- systemusers -------------------------------------------------------------------
+
+    fn systemusers(&self, req: &DvRequest, single: Option<String>) -> DvResponse {
+        let base = req.base(&self.url);
+        let pairs = query_pairs(req.raw_query.as_deref());
+        let select = select_list(&pairs);
+        let mut rows: Vec<Map<String, Value>> = vec![user_row(
+            APPLICATION_USER_ID,
+            APPLICATION_USER_OBJECT_ID,
+            "",
+            "# gateway-application-user",
+            false,
+            Some("00000000-0000-0000-0000-00000000a991"),
+        )];
+        rows.extend(lock(&self.users).iter().map(|u| {
+            user_row(
+                &u.systemuserid,
+                &u.aad_object_id,
+                &u.internalemailaddress,
+                &u.domainname,
+                u.disabled,
+                None,
+            )
+        }));
+        let shape = |row: &Map<String, Value>| -> Value {
+            let mut out = Map::new();
+            out.insert("@odata.etag".into(), Value::String("W/\"1\"".into()));
+            for (k, v) in row {
+                if select.as_ref().is_none_or(|s| s.iter().any(|f| f == k)) || k == "systemuserid" {
+                    out.insert(k.clone(), v.clone());
+                }
+            }
+            Value::Object(out)
+        };
+        let context_select = select
+            .as_ref()
+            .map(|s| format!("({})", s.join(",")))
+            .unwrap_or_default();
+        if let Some(id) = single {
+            return match rows
+                .iter()
+                .find(|r| r.get("systemuserid").and_then(Value::as_str) == Some(id.as_str()))
+            {
+                Some(row) => {
+                    let mut v = shape(row);
+                    v["@odata.context"] = Value::String(format!(
+                        "{base}/$metadata#systemusers{context_select}/$entity"
+                    ));
+                    DvResponse::json(StatusCode::OK, &v)
+                }
+                None => DvResponse::error(
+                    StatusCode::NOT_FOUND,
+                    "0x80040217",
+                    &format!("systemuser With Id = {id} Does Not Exist"),
+                ),
+            };
+        }
+        let filter = match parse_filter(&pairs, "systemuser", &|p| match p {
+            "systemuserid" | "azureactivedirectoryobjectid" | "applicationid" => {
+                Some(PropType::Guid)
+            }
+            "internalemailaddress" | "domainname" | "fullname" => Some(PropType::String),
+            "isdisabled" => Some(PropType::Boolean),
+            _ => None,
+        }) {
+            Ok(f) => f,
+            Err(resp) => return resp,
+        };
+        let value: Vec<Value> = rows
+            .iter()
+            .filter(|r| filter.as_ref().is_none_or(|f| f.matches(r)))
+            .map(shape)
+            .collect();
+        DvResponse::json(
+            StatusCode::OK,
+            &json!({
+                "@odata.context": format!("{base}/$metadata#systemusers{context_select}"),
+                "value": value,
+            }),
+        )
+    }
+
+    // -- accounts / contacts ------------------------------------------------------------
+
+    fn entities(&self, req: &DvRequest, first: &str, rest: Option<&str>) -> DvResponse {
+        let (set_name, id) = match guid_in_parens(first) {
+            Some((name, id)) => (name.to_owned(), Some(id)),
+            None if first.contains('(') => return bad_key(first),
+            None => (first.to_owned(), None),
+        };
+        let mut store = lock(&self.store);
+        if !store.sets.contains_key(&set_name) {
+            return DvResponse::not_found_segment(&set_name);
+        }
+        match (&req.method, id, rest) {
+            (&Method::GET, None, None) => self.list(req, &store, &set_name),
+            (&Method::GET, None, Some("$count")) => {
+                let pairs = query_pairs(req.raw_query.as_deref());
+                let filter = match parse_filter(&pairs, "entity", &|_| Some(PropType::Any)) {
+                    Ok(f) => f,
+                    Err(resp) => return resp,
+                };
+                let count = store.sets.get(&set_name).map_or(0, |set| {
+                    set.rows
+                        .iter()
+                        .filter(|r| {
+                            filter
+                                .as_ref()
+                                .is_none_or(|f| f.matches(&row_fields(set, r)))
+                        })
+                        .count()
+                });
+                DvResponse::empty(StatusCode::OK)
+                    .header("Content-Type", "text/plain; charset=utf-8")
+                    .with_body(count.to_string())
+            }
+            (&Method::POST, None, None) => self.create(req, &mut store, &set_name, None),
+            (&Method::GET, Some(id), None) => self.retrieve(req, &store, &set_name, &id),
+            (&Method::PATCH, Some(id), None) => self.update(req, &mut store, &set_name, &id),
+            (&Method::DELETE, Some(id), None) => self.delete(req, &mut store, &set_name, &id),
+            (&Method::POST | &Method::PUT | &Method::DELETE, Some(id), Some(nav))
+                if nav.ends_with("/$ref") =>
+            {
+                self.associate(req, &mut store, &set_name, &id, nav)
+            }
+            (_, _, Some(seg)) => DvResponse::not_found_segment(seg),
+            _ => DvResponse::error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "0x80060888",
+                &format!(
+                    "The HTTP method '{}' is not supported for this resource.",
+                    req.method
+                ),
+            ),
+        }
+    }
+
+    fn list(&self, req: &DvRequest, store: &Store, set_name: &str) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        let base = req.base(&self.url);
+        let pairs = query_pairs(req.raw_query.as_deref());
+        let select = select_list(&pairs);
+        let filter = match parse_filter(&pairs, set.logical, &|_| Some(PropType::Any)) {
+            Ok(f) => f,
+            Err(resp) => return resp,
+        };
+        let mut rows: Vec<&Row> = set
+            .rows
+            .iter()
+            .filter(|r| {
+                filter
+                    .as_ref()
+                    .is_none_or(|f| f.matches(&row_fields(set, r)))
+            })
+            .collect();
+        let total = rows.len();
+        let top = query_param(&pairs, "$top").and_then(|t| t.parse::<usize>().ok());
+        let prefer = req.prefer();
+        let page_size = prefer
+            .iter()
+            .find_map(|p| {
+                p.strip_prefix("odata.maxpagesize=")
+                    .and_then(|n| n.trim_matches('"').parse::<usize>().ok())
+            })
+            .filter(|n| *n > 0);
+        let (raw_others, raw_token) = split_raw_skiptoken(req.raw_query.as_deref());
+        let offset = match raw_token {
+            None => 0,
+            Some(token) => match lock(&self.skiptokens).get(&token) {
+                Some(offset) => *offset,
+                None => {
+                    return DvResponse::error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80060888",
+                        "The $skiptoken is not one this organization issued (was the nextLink modified?).",
+                    )
+                }
+            },
+        };
+        let mut next_link = None;
+        if let Some(top) = top {
+            rows.truncate(top);
+        } else {
+            let size = page_size.unwrap_or(DEFAULT_PAGE_SIZE);
+            let end = (offset + size).min(rows.len());
+            let start = offset.min(end);
+            if end < rows.len() {
+                let page = &rows[start..end];
+                let first_id = page.first().map(|r| r.id.clone()).unwrap_or_default();
+                let last_id = page.last().map(|r| r.id.clone()).unwrap_or_default();
+                let page_number = offset / size.max(1) + 1;
+                let inner = format!(
+                    "<cookie page=\"{page_number}\"><{key} last=\"{{{last}}}\" first=\"{{{first}}}\" /></cookie>",
+                    key = set.key,
+                    last = last_id.to_uppercase(),
+                    first = first_id.to_uppercase(),
+                );
+                let outer = format!(
+                    "<cookie pagenumber=\"{}\" pagingcookie=\"{}\" istracking=\"False\" />",
+                    page_number + 1,
+                    cookie_encode(&inner, false)
+                );
+                let token = cookie_encode(&outer, true);
+                lock(&self.skiptokens).insert(token.clone(), end);
+                let mut query = raw_others.clone();
+                query.push(format!("$skiptoken={token}"));
+                next_link = Some(format!("{base}/{set_name}?{}", query.join("&")));
+            }
+            rows = rows[start..end].to_vec();
+        }
+        let value: Vec<Value> = rows
+            .iter()
+            .map(|r| row_json(set, r, select.as_deref()))
+            .collect();
+        let context_select = select
+            .as_ref()
+            .map(|s| format!("({})", s.join(",")))
+            .unwrap_or_default();
+        let mut body = json!({
+            "@odata.context": format!("{base}/$metadata#{set_name}{context_select}"),
+        });
+        if query_param(&pairs, "$count").is_some_and(|c| c == "true") {
+            body["@odata.count"] = Value::from(total);
+        }
+        body["value"] = Value::Array(value);
+        if let Some(link) = next_link {
+            body["@odata.nextLink"] = Value::String(link);
+        }
+        let mut resp = DvResponse::json(StatusCode::OK, &body);
+        let applied: Vec<&String> = prefer
+            .iter()
+            .filter(|p| {
+                p.starts_with("odata.maxpagesize=") || p.starts_with("odata.include-annotations=")
+            })
+            .collect();
+        if !applied.is_empty() {
+            let joined: Vec<&str> = applied.iter().map(|s| s.as_str()).collect();
+            resp = resp.header("Preference-Applied", joined.join(","));
+        }
+        resp
+    }
+
+    fn retrieve(&self, req: &DvRequest, store: &Store, set_name: &str, id: &str) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        let Some(row) = set.rows.iter().find(|r| r.id == id) else {
+            return does_not_exist(set, id);
+        };
+        if req.header("if-none-match") == Some(row.etag().as_str()) {
+            return DvResponse::empty(StatusCode::NOT_MODIFIED);
+        }
+        let pairs = query_pairs(req.raw_query.as_deref());
+        let select = select_list(&pairs);
+        let mut body = row_json(set, row, select.as_deref());
+        body["@odata.context"] = Value::String(entity_context(
+            &req.base(&self.url),
+            set_name,
+            select.as_deref(),
+        ));
+        DvResponse::json(StatusCode::OK, &body).header("ETag", row.etag())
+    }
+
+    /// Splits a request body into plain attributes and `@odata.bind` values, checking that
+    /// absolute bind URLs name this organisation (real Dataverse rejects any other base).
+    fn payload(&self, req: &DvRequest, set: &EntitySet) -> Result<Payload, DvResponse> {
+        let parsed: Value = if req.body.is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_json::from_slice(&req.body).map_err(|e| {
+                DvResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80048d19",
+                    &format!(
+                        "Error identified in Payload provided by the user for Entity :'{}': {e}",
+                        set.logical
+                    ),
+                )
+            })?
+        };
+        let Value::Object(obj) = parsed else {
+            return Err(DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80048d19",
+                &format!("Error identified in Payload provided by the user for Entity :'{}': expected a JSON object.", set.logical),
+            ));
+        };
+        let mut fields = Map::new();
+        let mut binds = Map::new();
+        for (k, v) in obj {
+            if k.ends_with("@odata.bind") {
+                if let Some(target) = v.as_str() {
+                    self.check_reference(req, target)?;
+                }
+                binds.insert(k, v);
+            } else if !k.starts_with("@odata.") {
+                fields.insert(k, v);
+            }
+        }
+        Ok((fields, binds))
+    }
+
+    fn check_reference(&self, req: &DvRequest, target: &str) -> Result<(), DvResponse> {
+        let lower = target.to_ascii_lowercase();
+        if !(lower.starts_with("http://") || lower.starts_with("https://")) {
+            return Ok(());
+        }
+        let ok = self.strip_own_origin(target).is_some_and(|path| {
+            split_api_path(path.split('?').next().unwrap_or_default()).is_some()
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80048d19",
+                &format!(
+                    "The URI '{target}' is not valid because it is not based on '{}/'.",
+                    req.base(&self.url)
+                ),
+            ))
+        }
+    }
+
+    /// For an absolute URL naming this server, the path-and-query part.
+    fn strip_own_origin<'u>(&self, url: &'u str) -> Option<&'u str> {
+        let rest = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, "/"),
+        };
+        self.authorities
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(authority))
+            .then_some(path)
+    }
+
+    fn create(
+        &self,
+        req: &DvRequest,
+        store: &mut Store,
+        set_name: &str,
+        forced_id: Option<String>,
+    ) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        let (mut fields, binds) = match self.payload(req, set) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        };
+        let key = set.key;
+        let id = forced_id
+            .or_else(|| {
+                fields
+                    .remove(key)
+                    .and_then(|v| v.as_str().map(str::to_ascii_lowercase))
+                    .filter(|s| is_guid_text(s))
+            })
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if set.rows.iter().any(|r| r.id == id) {
+            return DvResponse::error(
+                StatusCode::PRECONDITION_FAILED,
+                "0x80040237",
+                "A record with matching key values already exists.",
+            );
+        }
+        store.insert(set_name, id.clone(), fields, binds);
+        self.written(req, store, set_name, &id, StatusCode::CREATED)
+    }
+
+    /// The answer to a successful create or update: 204 + `OData-EntityId`, or the record
+    /// when the client asked for `return=representation`.
+    fn written(
+        &self,
+        req: &DvRequest,
+        store: &Store,
+        set_name: &str,
+        id: &str,
+        rep_status: StatusCode,
+    ) -> DvResponse {
+        let base = req.base(&self.url);
+        let entity_id = format!("{base}/{set_name}({id})");
+        let representation = req.prefer().iter().any(|p| p == "return=representation");
+        let row = store
+            .sets
+            .get(set_name)
+            .and_then(|s| s.rows.iter().find(|r| r.id == id).map(|r| (s, r)));
+        let mut resp = match (representation, row) {
+            (true, Some((set, row))) => {
+                let select = select_list(&query_pairs(req.raw_query.as_deref()));
+                let mut body = row_json(set, row, select.as_deref());
+                body["@odata.context"] =
+                    Value::String(entity_context(&base, set_name, select.as_deref()));
+                DvResponse::json(rep_status, &body)
+                    .header("Preference-Applied", "return=representation")
+                    .header("ETag", row.etag())
+            }
+            _ => DvResponse::empty(StatusCode::NO_CONTENT),
+        };
+        resp = resp.header("OData-EntityId", entity_id);
+        resp.entity_path = Some(format!("{set_name}({id})"));
+        resp
+    }
+
+    /// Applies `If-Match` / `If-None-Match: *` to a write. `Err` is the response to send.
+    fn preconditions(
+        req: &DvRequest,
+        set: &EntitySet,
+        row: Option<&Row>,
+        id: &str,
+    ) -> Result<(), DvResponse> {
+        if let (Some("*"), Some(_)) = (req.header("if-none-match"), row) {
+            return Err(DvResponse::error(
+                StatusCode::PRECONDITION_FAILED,
+                "0x80040237",
+                "A record with matching key values already exists.",
+            ));
+        }
+        if let Some(if_match) = req.header("if-match") {
+            let Some(row) = row else {
+                return Err(does_not_exist(set, id));
+            };
+            if if_match != "*" && !if_match.split(',').any(|e| e.trim() == row.etag()) {
+                return Err(DvResponse::error(
+                    StatusCode::PRECONDITION_FAILED,
+                    "0x80060882",
+                    "The version of the existing record doesn't match the RowVersion property provided.",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn update(&self, req: &DvRequest, store: &mut Store, set_name: &str, id: &str) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        let row = set.rows.iter().find(|r| r.id == id);
+        if let Err(resp) = Self::preconditions(req, set, row, id) {
+            return resp;
+        }
+        if row.is_none() {
+            // PATCH without If-Match is an upsert on Dataverse.
+            let resp = self.create(req, store, set_name, Some(id.to_owned()));
+            return if resp.status == StatusCode::CREATED {
+                DvResponse {
+                    status: StatusCode::OK,
+                    ..resp
+                }
+            } else {
+                resp
+            };
+        }
+        let (mut fields, binds) = match self.payload(req, set) {
+            Ok(p) => p,
+            Err(resp) => return resp,
+        };
+        fields.remove(set.key);
+        let version = store.bump();
+        if let Some(row) = store
+            .sets
+            .get_mut(set_name)
+            .and_then(|s| s.rows.iter_mut().find(|r| r.id == id))
+        {
+            row.fields.extend(fields);
+            row.binds.extend(binds);
+            row.version = version;
+        }
+        self.written(req, store, set_name, id, StatusCode::OK)
+    }
+
+    fn delete(&self, req: &DvRequest, store: &mut Store, set_name: &str, id: &str) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        let row = set.rows.iter().find(|r| r.id == id);
+        if row.is_none() {
+            return does_not_exist(set, id);
+        }
+        if let Err(resp) = Self::preconditions(req, set, row, id) {
+            return resp;
+        }
+        if let Some(set) = store.sets.get_mut(set_name) {
+            set.rows.retain(|r| r.id != id);
+        }
+        DvResponse::empty(StatusCode::NO_CONTENT)
+    }
+
+    /// `POST|PUT {set}({id})/{nav}/$ref` with `{"@odata.id": ...}`, `DELETE` to remove.
+    fn associate(
+        &self,
+        req: &DvRequest,
+        store: &mut Store,
+        set_name: &str,
+        id: &str,
+        nav_ref: &str,
+    ) -> DvResponse {
+        let Some(set) = store.sets.get(set_name) else {
+            return DvResponse::not_found_segment(set_name);
+        };
+        if !set.rows.iter().any(|r| r.id == id) {
+            return does_not_exist(set, id);
+        }
+        let nav = nav_ref.trim_end_matches("/$ref").to_owned();
+        let target = if req.method == Method::DELETE {
+            None
+        } else {
+            let parsed: Option<Value> = serde_json::from_slice(&req.body).ok();
+            let Some(target) = parsed
+                .as_ref()
+                .and_then(|v| v.get("@odata.id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+            else {
+                return DvResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80048d19",
+                    "An @odata.id is required to associate records.",
+                );
+            };
+            if let Err(resp) = self.check_reference(req, &target) {
+                return resp;
+            }
+            Some(target)
+        };
+        let version = store.bump();
+        if let Some(row) = store
+            .sets
+            .get_mut(set_name)
+            .and_then(|s| s.rows.iter_mut().find(|r| r.id == id))
+        {
+            let key = format!("{nav}@odata.id");
+            match target {
+                Some(t) => {
+                    row.binds.insert(key, Value::String(t));
+                }
+                None => {
+                    row.binds.remove(&key);
+                }
+            }
+            row.version = version;
+        }
+        DvResponse::empty(StatusCode::NO_CONTENT)
+    }
+
+    // -- $batch ----------------------------------------------------------------------
+
+    fn batch(&self, req: &DvRequest) -> DvResponse {
+        let Some(boundary) = req.header("content-type").and_then(multipart_boundary) else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                "A $batch request must have a multipart/mixed Content-Type with a boundary.",
+            );
+        };
+        let Ok(text) = std::str::from_utf8(&req.body) else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                "The $batch body is not UTF-8.",
+            );
+        };
+        let parts = match split_multipart(text, &boundary) {
+            Ok(p) => p,
+            Err(msg) => return DvResponse::error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
+        };
+        let continue_on_error = req.prefer().iter().any(|p| p == "odata.continue-on-error");
+        let batch_boundary = format!("batchresponse_{}", uuid::Uuid::new_v4());
+        let mut out = String::new();
+        for part in parts {
+            let (part_headers, content) = split_headers(part);
+            let part_type = header_value(&part_headers, "content-type").unwrap_or_default();
+            let failed;
+            out.push_str(&format!("--{batch_boundary}\r\n"));
+            if part_type
+                .to_ascii_lowercase()
+                .starts_with("multipart/mixed")
+            {
+                let Some(cs_boundary) = multipart_boundary(&part_type) else {
+                    out.push_str(&part_response(
+                        &DvResponse::error(
+                            StatusCode::BAD_REQUEST,
+                            "0x80060888",
+                            "A change set needs a boundary.",
+                        ),
+                        None,
+                    ));
+                    break;
+                };
+                let (text, ok) = self.changeset(req, content, &cs_boundary);
+                out.push_str(&text);
+                failed = !ok;
+            } else {
+                let content_id = header_value(&part_headers, "content-id");
+                let resp = self.batch_part(req, content, &HashMap::new());
+                failed = resp.status.as_u16() >= 400;
+                out.push_str(&part_response(&resp, content_id.as_deref()));
+            }
+            if failed && !continue_on_error {
+                break;
+            }
+        }
+        out.push_str(&format!("--{batch_boundary}--\r\n"));
+        DvResponse::empty(StatusCode::OK)
+            .header(
+                "Content-Type",
+                format!("multipart/mixed; boundary={batch_boundary}"),
+            )
+            .with_body(out)
+    }
+
+    /// Runs a change set atomically. Returns the text of the batch part and whether it
+    /// succeeded; on failure the store is rolled back and only the failing response is
+    /// returned, as Dataverse does.
+    fn changeset(&self, req: &DvRequest, content: &str, boundary: &str) -> (String, bool) {
+        let parts = match split_multipart(content, boundary) {
+            Ok(p) => p,
+            Err(msg) => {
+                return (
+                    part_response(
+                        &DvResponse::error(StatusCode::BAD_REQUEST, "0x80060888", &msg),
+                        None,
+                    ),
+                    false,
+                )
+            }
+        };
+        let snapshot = lock(&self.store).clone();
+        let mut ids: HashMap<String, String> = HashMap::new();
+        let mut responses = Vec::new();
+        for part in parts {
+            let (part_headers, content) = split_headers(part);
+            let content_id = header_value(&part_headers, "content-id");
+            let resp = self.batch_part(req, content, &ids);
+            if resp.status.as_u16() >= 400 {
+                *lock(&self.store) = snapshot;
+                return (part_response(&resp, content_id.as_deref()), false);
+            }
+            if let (Some(cid), Some(path)) = (&content_id, &resp.entity_path) {
+                ids.insert(cid.clone(), path.clone());
+            }
+            responses.push((resp, content_id));
+        }
+        let cs_boundary = format!("changesetresponse_{}", uuid::Uuid::new_v4());
+        // Only the Content-Type line before the blank line: dynamics-web-api skips exactly
+        // one line to find the change set's boundary.
+        let mut text = format!("Content-Type: multipart/mixed; boundary={cs_boundary}\r\n\r\n");
+        for (resp, cid) in responses {
+            text.push_str(&format!("--{cs_boundary}\r\n"));
+            text.push_str(&part_response(&resp, cid.as_deref()));
+        }
+        text.push_str(&format!("--{cs_boundary}--\r\n"));
+        (text, true)
+    }
+
+    /// Parses one `application/http` part and runs it.
+    fn batch_part(
+        &self,
+        batch: &DvRequest,
+        content: &str,
+        ids: &HashMap<String, String>,
+    ) -> DvResponse {
+        let content = content.trim_start_matches(['\r', '\n']);
+        let (head, body) = split_headers(content);
+        let Some(request_line) = head.first().map(|(line, _)| line.clone()) else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                "A batch part has no request line.",
+            );
+        };
+        // Split at the first and last space: clients leave raw spaces inside the URL.
+        let (Some(first), Some(last)) = (request_line.find(' '), request_line.rfind(' ')) else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!("Invalid request line '{request_line}'."),
+            );
+        };
+        if first >= last {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!("Invalid request line '{request_line}'."),
+            );
+        }
+        let Ok(method) = Method::from_bytes(&request_line.as_bytes()[..first]) else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!("Invalid request line '{request_line}'."),
+            );
+        };
+        let url = request_line[first + 1..last].trim();
+        let mut headers = HeaderMap::new();
+        for (name, value) in head.iter().skip(1) {
+            append_header(&mut headers, name, value);
+        }
+        let (api_version, resource, raw_query) = match self.resolve_part_url(batch, url, ids) {
+            Ok(r) => r,
+            Err(resp) => return resp,
+        };
+        let part = DvRequest {
+            method,
+            api_version,
+            resource,
+            raw_query,
+            headers,
+            body: Bytes::copy_from_slice(body.trim_end_matches(['\r', '\n']).as_bytes()),
+        };
+        self.execute(&part, Some(&batch.headers))
+    }
+
+    /// Resolves a part's URL: absolute naming this server, `/api/data/v9.x/...`, relative
+    /// to the batch, or `$n/...` (a Content-ID reference).
+    fn resolve_part_url(
+        &self,
+        batch: &DvRequest,
+        url: &str,
+        ids: &HashMap<String, String>,
+    ) -> Result<(String, String, Option<String>), DvResponse> {
+        let not_based = || {
+            DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80060888",
+                &format!(
+                    "The request URI '{url}' is not valid because it is not based on '{}/'.",
+                    batch.base(&self.url)
+                ),
+            )
+        };
+        let lower = url.to_ascii_lowercase();
+        let path: String = if lower.starts_with("http://") || lower.starts_with("https://") {
+            self.strip_own_origin(url).ok_or_else(not_based)?.to_owned()
+        } else if let Some(reference) = url.strip_prefix('$') {
+            let (cid, rest) = reference
+                .split_once('/')
+                .map_or((reference, ""), |(c, r)| (c, r));
+            let Some(entity) = ids.get(cid) else {
+                return Err(DvResponse::error(StatusCode::BAD_REQUEST, "0x80060888", &format!("Content-ID reference '${cid}' does not name an earlier request of the change set.")));
+            };
+            let sep = if rest.is_empty() { "" } else { "/" };
+            format!("/api/data/{}/{entity}{sep}{rest}", batch.api_version)
+        } else if url.starts_with('/') {
+            url.to_owned()
+        } else {
+            format!("/api/data/{}/{url}", batch.api_version)
+        };
+        let (path_only, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (path.as_str(), None),
+        };
+        let (version, resource) = split_api_path(path_only).ok_or_else(not_based)?;
+        Ok((version, resource, query))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for rows, queries and multipart text
+
+fn user_row(
+    id: &str,
+    oid: &str,
+    email: &str,
+    domain: &str,
+    disabled: bool,
+    app: Option<&str>,
+) -> Map<String, Value> {
+    let mut row = Map::new();
+    row.insert(
+        "systemuserid".into(),
+        Value::String(id.to_ascii_lowercase()),
+    );
+    row.insert(
+        "azureactivedirectoryobjectid".into(),
+        Value::String(oid.to_ascii_lowercase()),
+    );
+    row.insert(
+        "internalemailaddress".into(),
+        Value::String(email.to_owned()),
+    );
+    row.insert("domainname".into(), Value::String(domain.to_owned()));
+    row.insert("isdisabled".into(), Value::Bool(disabled));
+    row.insert(
+        "fullname".into(),
+        Value::String(if app.is_some() {
+            "# gateway".into()
+        } else {
+            email.to_owned()
+        }),
+    );
+    row.insert(
+        "applicationid".into(),
+        app.map_or(Value::Null, |a| Value::String(a.to_owned())),
+    );
+    row
+}
+
+fn select_list(pairs: &[(String, String)]) -> Option<Vec<String>> {
+    query_param(pairs, "$select").map(|s| {
+        s.split(',')
+            .map(|f| f.trim().to_owned())
+            .filter(|f| !f.is_empty())
+            .collect()
+    })
+}
+
+fn parse_filter(
+    pairs: &[(String, String)],
+    entity: &str,
+    types: &dyn Fn(&str) -> Option<PropType>,
+) -> Result<Option<odata_filter::Expr>, DvResponse> {
+    let Some(text) = query_param(pairs, "$filter") else {
+        return Ok(None);
+    };
+    let expr = odata_filter::parse(&text)
+        .map_err(|e| DvResponse::error(StatusCode::BAD_REQUEST, "0x80060888", &e.0))?;
+    expr.check(entity, types)
+        .map_err(|e| DvResponse::error(StatusCode::BAD_REQUEST, "0x80060888", &e.0))?;
+    Ok(Some(expr))
+}
+
+/// The row's attributes with its key, as `$filter` sees them.
+fn row_fields(set: &EntitySet, row: &Row) -> Map<String, Value> {
+    let mut fields = row.fields.clone();
+    fields.insert(set.key.to_owned(), Value::String(row.id.clone()));
+    fields
+}
+
+fn row_json(set: &EntitySet, row: &Row, select: Option<&[String]>) -> Value {
+    let mut out = Map::new();
+    out.insert("@odata.etag".into(), Value::String(row.etag()));
+    for (k, v) in &row.fields {
+        if select.is_none_or(|s| s.iter().any(|f| f == k)) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    // Dataverse always returns the primary key, selected or not.
+    out.insert(set.key.to_owned(), Value::String(row.id.clone()));
+    Value::Object(out)
+}
+
+fn entity_context(base: &str, set_name: &str, select: Option<&[String]>) -> String {
+    let sel = select
+        .map(|s| format!("({})", s.join(",")))
+        .unwrap_or_default();
+    format!("{base}/$metadata#{set_name}{sel}/$entity")
+}
+
+fn does_not_exist(set: &EntitySet, id: &str) -> DvResponse {
+    DvResponse::error(
+        StatusCode::NOT_FOUND,
+        "0x80040217",
+        &format!("{} With Id = {id} Does Not Exist", set.logical),
+    )
+}
+
+fn bad_key(segment: &str) -> DvResponse {
+    DvResponse::error(
+        StatusCode::BAD_REQUEST,
+        "0x80060888",
+        &format!("Bad Request - Error in query syntax: invalid key in '{segment}'."),
+    )
+}
+
+fn headers_json(headers: &HeaderMap) -> DvResponse {
+    let mut out = Map::new();
+    for name in headers.keys() {
+        let values: Vec<Value> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let value = match <[Value; 1]>::try_from(values) {
+            Ok([single]) => single,
+            Err(many) => Value::Array(many),
+        };
+        out.insert(name.as_str().to_owned(), value);
+    }
+    DvResponse::json(StatusCode::OK, &Value::Object(out))
+}
+
+/// `boundary` parameter of a multipart Content-Type (with or without a space after `;`,
+/// quoted or not).
+fn multipart_boundary(content_type: &str) -> Option<String> {
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/mixed")
+    {
+        return None;
+    }
+    content_type
+        .split(';')
+        .skip(1)
+        .find_map(|param| {
+            let (k, v) = param.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("boundary")
+                .then(|| v.trim().trim_matches('"').to_owned())
+        })
+        .filter(|b| !b.is_empty())
+}
+
+/// The parts of a multipart body (text between delimiter lines, without the line break
+/// that belongs to the next delimiter). Anything before the first delimiter is preamble.
+fn split_multipart<'a>(body: &'a str, boundary: &str) -> Result<Vec<&'a str>, String> {
+    let delimiter = format!("--{boundary}");
+    let mut parts = Vec::new();
+    let mut current: Option<usize> = None;
+    let mut offset = 0;
+    let mut closed = false;
+    for line in body.split_inclusive('\n') {
+        let trimmed = line.trim_end();
+        let is_close = trimmed == format!("{delimiter}--");
+        if trimmed == delimiter || is_close {
+            if let Some(start) = current.take() {
+                let text = &body[start..offset];
+                let text = text.strip_suffix('\n').unwrap_or(text);
+                parts.push(text.strip_suffix('\r').unwrap_or(text));
+            }
+            if is_close {
+                closed = true;
+                break;
+            }
+            current = Some(offset + line.len());
+        }
+        offset += line.len();
+    }
+    if !closed {
+        return Err(format!(
+            "The multipart body has no closing delimiter '--{boundary}--'."
+        ));
+    }
+    Ok(parts)
+}
+
+/// Splits `headers CRLF CRLF rest` into (header lines as (name, value), rest). Lines
+/// without a colon (the request line of an HTTP part) come back as (line, "").
+fn split_headers(text: &str) -> (Vec<(String, String)>, &str) {
+    let mut headers = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        offset += line.len();
+        let trimmed = line.trim_end_matches(['\r', '\n']);
+        if trimmed.is_empty() {
+            if headers.is_empty() {
+                // Leading blank lines before the headers are tolerated.
+                continue;
+            }
+            return (headers, &text[offset..]);
+        }
+        match trimmed.split_once(':') {
+            Some((name, value)) if !name.contains(' ') => {
+                headers.push((name.trim().to_owned(), value.trim().to_owned()))
+            }
+            _ => headers.push((trimmed.to_owned(), String::new())),
+        }
+    }
+    (headers, "")
+}
+
+fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+/// One `application/http` response part, ending with the line break before the next
+/// delimiter.
+fn part_response(resp: &DvResponse, content_id: Option<&str>) -> String {
+    let mut text =
+        String::from("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
+    if let Some(cid) = content_id {
+        text.push_str(&format!("Content-ID: {cid}\r\n"));
+    }
+    let reason = resp.status.canonical_reason().unwrap_or("Unknown");
+    text.push_str(&format!(
+        "\r\nHTTP/1.1 {} {reason}\r\n",
+        resp.status.as_u16()
+    ));
+    for (name, value) in &resp.headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+        if name == "OData-EntityId" {
+            text.push_str(&format!("Location: {value}\r\n"));
+        }
+    }
+    text.push_str("OData-Version: 4.0\r\n\r\n");
+    text.push_str(&String::from_utf8_lossy(&resp.body));
+    text.push_str("\r\n");
+    text
+}

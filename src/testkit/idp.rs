@@ -1,0 +1,822 @@
+//! The local identity provider: an Entra ID (Azure AD v2) look-alike serving OIDC
+//! discovery, the JWKS and the OAuth2 client-credentials token endpoint, plus the helpers
+//! that mint caller JWTs signed with its current key. It owns key rotation, the failure
+//! modes of its token endpoint and the registry of the S2S tokens it has issued.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::keys::{b64url, RsaSigningKey};
+use super::server::{self, full, lock, RespBody, ServerTask};
+
+const DEFAULT_AUDIENCE: &str = "api://dynamics-gateway";
+const DEFAULT_TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+const DEFAULT_CLIENT_ID: &str = "gateway-client";
+const DEFAULT_CLIENT_SECRET: &str = "gateway-secret";
+const DEFAULT_S2S_LIFETIME: u64 = 3599;
+const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Token endpoint forms are small; anything bigger is a client bug.
+const MAX_FORM_BYTES: usize = 1024 * 1024;
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Builder of a local identity provider.
+#[derive(Clone)]
+pub struct Idp {
+    audience: String,
+    tenant_id: String,
+    client_id: String,
+    client_secret: String,
+    s2s_lifetime: u64,
+    expires_in_as_string: bool,
+}
+
+impl fmt::Debug for Idp {
+    // The client secret never appears in debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idp")
+            .field("audience", &self.audience)
+            .field("tenant_id", &self.tenant_id)
+            .field("client_id", &self.client_id)
+            .field("s2s_lifetime", &self.s2s_lifetime)
+            .field("expires_in_as_string", &self.expires_in_as_string)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the token endpoint answers, switchable at run time with
+/// [`IdpHandle::set_token_endpoint_mode`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TokenEndpointMode {
+    /// Normal client-credentials behaviour.
+    #[default]
+    Ok,
+    /// 500 with an AAD-shaped JSON error.
+    ServerError,
+    /// 200 with a body that is not JSON.
+    InvalidJson,
+    /// 200 with a token but no `expires_in`.
+    NoExpiresIn,
+    /// Never answers (the connection stays open until the client gives up).
+    Hang,
+    /// 400 `invalid_client` (AADSTS7000215) whatever the credentials.
+    InvalidClient,
+}
+
+/// Which S2S tokens the IdP issued and which were revoked; shared with the stand-in
+/// Dataverse so it accepts only real, current tokens.
+#[derive(Clone, Default)]
+pub struct S2sRegistry(Arc<Mutex<RegistryInner>>);
+
+impl fmt::Debug for S2sRegistry {
+    // Issued tokens are bearer credentials: only their number is shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S2sRegistry")
+            .field("tokens", &lock(&self.0).tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    /// token → (scope it was issued for, revoked)
+    tokens: HashMap<String, (String, bool)>,
+    /// Where a 401 from Dataverse points clients for a token (`authorization_uri`).
+    authorization_uri: String,
+}
+
+impl S2sRegistry {
+    /// Records that `token` was issued for `scope`.
+    pub fn issue(&self, token: &str, scope: &str) {
+        lock(&self.0)
+            .tokens
+            .insert(token.to_owned(), (scope.to_owned(), false));
+    }
+
+    /// Whether `token` was issued and not revoked.
+    pub fn is_valid(&self, token: &str) -> bool {
+        matches!(lock(&self.0).tokens.get(token), Some((_, false)))
+    }
+
+    /// The scope `token` was issued for.
+    pub fn scope_of(&self, token: &str) -> Option<String> {
+        lock(&self.0).tokens.get(token).map(|(s, _)| s.clone())
+    }
+
+    /// Revokes every token issued so far (tokens issued later are valid).
+    pub fn revoke_all(&self) {
+        for (_, revoked) in lock(&self.0).tokens.values_mut() {
+            *revoked = true;
+        }
+    }
+
+    /// The `authorization_uri` a resource server should advertise in `WWW-Authenticate`
+    /// (Entra's `common` authority for a registry not made by an IdP).
+    pub fn authorization_uri(&self) -> String {
+        let uri = lock(&self.0).authorization_uri.clone();
+        if uri.is_empty() {
+            "https://login.microsoftonline.com/common/oauth2/authorize".to_owned()
+        } else {
+            uri
+        }
+    }
+}
+
+impl Default for Idp {
+    fn default() -> Self {
+        Self {
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            tenant_id: DEFAULT_TENANT_ID.to_owned(),
+            client_id: DEFAULT_CLIENT_ID.to_owned(),
+            client_secret: DEFAULT_CLIENT_SECRET.to_owned(),
+            s2s_lifetime: DEFAULT_S2S_LIFETIME,
+            expires_in_as_string: false,
+        }
+    }
+}
+
+impl Idp {
+    /// A builder with the defaults: audience `api://dynamics-gateway`, tenant
+    /// `72f988bf-86f1-41af-91ab-2d7cd011db47`, client `gateway-client`/`gateway-secret`,
+    /// S2S lifetime 3599 s sent as a number.
+    pub fn builder() -> Idp {
+        Idp::default()
+    }
+
+    /// The `aud` of caller tokens.
+    pub fn audience(mut self, aud: &str) -> Self {
+        self.audience = aud.to_owned();
+        self
+    }
+
+    /// The tenant in the issuer, the URLs and the `tid` claim.
+    pub fn tenant_id(mut self, tid: &str) -> Self {
+        self.tenant_id = tid.to_owned();
+        self
+    }
+
+    /// The S2S credentials the token endpoint accepts.
+    pub fn client(mut self, client_id: &str, client_secret: &str) -> Self {
+        self.client_id = client_id.to_owned();
+        self.client_secret = client_secret.to_owned();
+        self
+    }
+
+    /// The `expires_in` (and `ext_expires_in`) the token endpoint sends, in seconds.
+    pub fn s2s_token_lifetime(mut self, secs: u64) -> Self {
+        self.s2s_lifetime = secs;
+        self
+    }
+
+    /// Send `"expires_in":"3599"` (a string) as the v1 and managed-identity endpoints do.
+    pub fn expires_in_as_string(mut self, yes: bool) -> Self {
+        self.expires_in_as_string = yes;
+        self
+    }
+
+    /// Starts the IdP on `127.0.0.1:0`.
+    pub async fn start(self) -> std::io::Result<IdpHandle> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        self.start_on(listener).await
+    }
+
+    /// Starts the IdP on an already bound listener (the demo binds fixed ports).
+    pub async fn start_on(self, listener: TcpListener) -> std::io::Result<IdpHandle> {
+        let addr = listener.local_addr()?;
+        let base = server::base_url(addr);
+        let key_serial = AtomicU64::new(1);
+        let kid = new_kid(&key_serial);
+        // ~150 ms of CPU in debug builds: keep it off the async workers.
+        let key = tokio::task::spawn_blocking(move || RsaSigningKey::generate(kid))
+            .await
+            .map_err(std::io::Error::other)??;
+        let key = Arc::new(key);
+        let registry = S2sRegistry::default();
+        lock(&registry.0).authorization_uri = format!("{base}/{}/oauth2/authorize", self.tenant_id);
+        let state = Arc::new(IdpState {
+            issuer: format!("{base}/{}/v2.0", self.tenant_id),
+            base,
+            addr,
+            config: self,
+            keys: Mutex::new(KeySet {
+                current: key.clone(),
+                published: vec![key],
+            }),
+            key_serial,
+            mode: Mutex::new(TokenEndpointMode::Ok),
+            available: AtomicBool::new(true),
+            discovery_requests: AtomicUsize::new(0),
+            jwks_requests: AtomicUsize::new(0),
+            token_requests: AtomicUsize::new(0),
+            issued: Mutex::new(Vec::new()),
+            last_form: Mutex::new(None),
+            registry,
+        });
+        let handler_state = state.clone();
+        let server = server::spawn(listener, move |req| {
+            let state = handler_state.clone();
+            async move { state.handle(req).await }
+        });
+        tracing::debug!(issuer = %state.issuer, "testkit IdP started");
+        Ok(IdpHandle {
+            state,
+            server: Arc::new(server),
+        })
+    }
+}
+
+fn new_kid(serial: &AtomicU64) -> String {
+    let n = serial.fetch_add(1, Ordering::Relaxed);
+    // Unique across IdPs in one process, so a key of one IdP never shares a kid with another's.
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    format!("testkit-{n}-{}", tag.get(..8).unwrap_or(&tag))
+}
+
+struct KeySet {
+    current: Arc<RsaSigningKey>,
+    published: Vec<Arc<RsaSigningKey>>,
+}
+
+struct IdpState {
+    config: Idp,
+    addr: SocketAddr,
+    base: String,
+    issuer: String,
+    keys: Mutex<KeySet>,
+    key_serial: AtomicU64,
+    mode: Mutex<TokenEndpointMode>,
+    available: AtomicBool,
+    discovery_requests: AtomicUsize,
+    jwks_requests: AtomicUsize,
+    token_requests: AtomicUsize,
+    issued: Mutex<Vec<String>>,
+    last_form: Mutex<Option<HashMap<String, String>>>,
+    registry: S2sRegistry,
+}
+
+/// A running IdP. Clones share it; it stops when the last clone is dropped or on
+/// [`IdpHandle::stop`].
+#[derive(Clone)]
+pub struct IdpHandle {
+    state: Arc<IdpState>,
+    server: Arc<ServerTask>,
+}
+
+impl fmt::Debug for IdpHandle {
+    // Secrets, issued tokens and keys stay out of debug output.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdpHandle")
+            .field("issuer", &self.state.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdpHandle {
+    /// `http://127.0.0.1:{port}/{tenant_id}/v2.0`
+    pub fn issuer(&self) -> String {
+        self.state.issuer.clone()
+    }
+
+    /// `{issuer}/.well-known/openid-configuration`
+    pub fn discovery_url(&self) -> String {
+        format!("{}/.well-known/openid-configuration", self.state.issuer)
+    }
+
+    /// Discovery for multi-tenant apps: `http://127.0.0.1:{port}/common/v2.0/.well-known/openid-configuration`,
+    /// whose issuer is the template `http://127.0.0.1:{port}/{tenantid}/v2.0`.
+    pub fn common_discovery_url(&self) -> String {
+        format!(
+            "{}/common/v2.0/.well-known/openid-configuration",
+            self.state.base
+        )
+    }
+
+    /// `http://127.0.0.1:{port}/{tenant_id}/discovery/v2.0/keys`
+    pub fn jwks_uri(&self) -> String {
+        self.state.jwks_uri(&self.state.config.tenant_id)
+    }
+
+    /// `http://127.0.0.1:{port}/{tenant_id}/oauth2/v2.0/token`
+    pub fn token_url(&self) -> String {
+        format!(
+            "{}/{}/oauth2/v2.0/token",
+            self.state.base, self.state.config.tenant_id
+        )
+    }
+
+    /// `http://127.0.0.1:{port}` (the authority host, for `AZURE_AUTHORITY_HOST`-style config).
+    pub fn base_url(&self) -> String {
+        self.state.base.clone()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.state.addr
+    }
+
+    pub fn tenant_id(&self) -> String {
+        self.state.config.tenant_id.clone()
+    }
+
+    pub fn audience(&self) -> String {
+        self.state.config.audience.clone()
+    }
+
+    pub fn client_id(&self) -> String {
+        self.state.config.client_id.clone()
+    }
+
+    pub fn client_secret(&self) -> String {
+        self.state.config.client_secret.clone()
+    }
+
+    /// A valid caller token for `oid`: the claims of [`IdpHandle::claims_for`] signed with
+    /// the current key (RS256, `kid` header).
+    pub fn token_for(&self, oid: &str) -> String {
+        self.sign(self.claims_for(oid))
+    }
+
+    /// Signs arbitrary claims with the current key, header
+    /// `{"alg":"RS256","typ":"JWT","kid":<current kid>}`.
+    pub fn sign(&self, claims: Value) -> String {
+        let key = self.current_key();
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": key.kid()});
+        key.sign_jwt(&header, &claims)
+    }
+
+    /// The default claims of a v2 access token for `oid`: `iss`, `aud`, `tid`, `oid`,
+    /// `sub` (derived from oid and audience, as it is per application), `iat` = `nbf` = now,
+    /// `exp` = now + 3600, `ver` "2.0", `name`, `preferred_username`, `scp`, `azp`, `uti`.
+    pub fn claims_for(&self, oid: &str) -> Value {
+        let now = now_secs();
+        let cfg = &self.state.config;
+        let sub_digest = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            format!("{oid}|{}", cfg.audience).as_bytes(),
+        );
+        let short = oid.get(..8).unwrap_or(oid);
+        json!({
+            "aud": cfg.audience,
+            "iss": self.state.issuer,
+            "iat": now,
+            "nbf": now,
+            "exp": now + 3600,
+            "azp": "00000000-0000-0000-0000-00000000ca11",
+            "azpacr": "0",
+            "name": format!("Test User {short}"),
+            "oid": oid,
+            "preferred_username": format!("user-{short}@contoso.example"),
+            "scp": "user_impersonation",
+            "sub": b64url(sub_digest.as_ref()),
+            "tid": cfg.tenant_id,
+            "uti": b64url(uuid::Uuid::new_v4().as_bytes()),
+            "ver": "2.0",
+        })
+    }
+
+    /// The key tokens are currently signed with.
+    pub fn current_key(&self) -> Arc<RsaSigningKey> {
+        lock(&self.state.keys).current.clone()
+    }
+
+    /// The kids currently published in the JWKS, in publication order.
+    pub fn published_kids(&self) -> Vec<String> {
+        lock(&self.state.keys)
+            .published
+            .iter()
+            .map(|k| k.kid().to_owned())
+            .collect()
+    }
+
+    /// Generates a new key, makes it the signing key and publishes it; `keep_old` keeps
+    /// the previously published keys in the JWKS too. Returns the new kid.
+    ///
+    /// If key generation ever fails the old key stays current and its kid is returned
+    /// (logged as an error), so callers see no rotation rather than a crash.
+    pub fn rotate_key(&self, keep_old: bool) -> String {
+        let kid = new_kid(&self.state.key_serial);
+        match RsaSigningKey::generate(kid) {
+            Ok(key) => {
+                let key = Arc::new(key);
+                let mut keys = lock(&self.state.keys);
+                if !keep_old {
+                    keys.published.clear();
+                }
+                keys.published.push(key.clone());
+                keys.current = key;
+                keys.current.kid().to_owned()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "testkit IdP key rotation failed");
+                self.current_key().kid().to_owned()
+            }
+        }
+    }
+
+    pub fn set_token_endpoint_mode(&self, mode: TokenEndpointMode) {
+        *lock(&self.state.mode) = mode;
+    }
+
+    /// `false`: every endpoint answers 503 (an outage); `true`: back to normal.
+    pub fn set_available(&self, up: bool) {
+        self.state.available.store(up, Ordering::SeqCst);
+    }
+
+    /// Requests received for a discovery document (tenant or `common`), answered or not.
+    pub fn discovery_requests(&self) -> usize {
+        self.state.discovery_requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests received for the JWKS, answered or not.
+    pub fn jwks_requests(&self) -> usize {
+        self.state.jwks_requests.load(Ordering::SeqCst)
+    }
+
+    /// Requests received by the token endpoint, whatever the outcome.
+    pub fn token_requests(&self) -> usize {
+        self.state.token_requests.load(Ordering::SeqCst)
+    }
+
+    /// The S2S access tokens issued so far, in order (`s2s-<uuid>`).
+    pub fn issued_s2s_tokens(&self) -> Vec<String> {
+        lock(&self.state.issued).clone()
+    }
+
+    /// The form fields of the last token request (secrets included: assert on them, never
+    /// log them).
+    pub fn last_token_request(&self) -> Option<HashMap<String, String>> {
+        lock(&self.state.last_form).clone()
+    }
+
+    /// The registry of issued tokens, for [`super::Dataverse::accept_tokens_from`].
+    pub fn s2s_registry(&self) -> S2sRegistry {
+        self.state.registry.clone()
+    }
+
+    /// Stops serving now (clones included); open connections are closed.
+    pub fn stop(&self) {
+        self.server.stop();
+    }
+}
+
+/// Which IdP endpoint a path names.
+enum Endpoint {
+    Discovery { tenant: String },
+    Jwks { tenant: String },
+    Token { tenant: String },
+}
+
+fn route(path: &str) -> Option<Endpoint> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        [tenant, "v2.0", ".well-known", "openid-configuration"] => Some(Endpoint::Discovery {
+            tenant: (*tenant).to_owned(),
+        }),
+        [tenant, "discovery", "v2.0", "keys"] => Some(Endpoint::Jwks {
+            tenant: (*tenant).to_owned(),
+        }),
+        [tenant, "oauth2", "v2.0", "token"] => Some(Endpoint::Token {
+            tenant: (*tenant).to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
+    let mut resp = Response::new(full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    // AAD marks token responses uncacheable; clients must not rely on HTTP caching.
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store, no-cache"),
+    );
+    resp
+}
+
+/// `2024-05-01 12:34:56Z`, the timestamp format of AAD error bodies.
+fn aad_timestamp(secs: u64) -> String {
+    // Civil-from-days (Howard Hinnant), valid for every date after 1970.
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// An AAD-shaped OAuth2 error body.
+fn aad_error(status: StatusCode, error: &str, code: u32, description: &str) -> Response<RespBody> {
+    let trace_id = uuid::Uuid::new_v4().to_string();
+    let correlation_id = uuid::Uuid::new_v4().to_string();
+    let timestamp = aad_timestamp(now_secs());
+    json_response(
+        status,
+        &json!({
+            "error": error,
+            "error_description": format!(
+                "AADSTS{code}: {description} Trace ID: {trace_id} Correlation ID: {correlation_id} Timestamp: {timestamp}"
+            ),
+            "error_codes": [code],
+            "timestamp": timestamp,
+            "trace_id": trace_id,
+            "correlation_id": correlation_id,
+            "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+        }),
+    )
+}
+
+impl IdpState {
+    fn jwks_uri(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/discovery/v2.0/keys", self.base)
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let endpoint = route(req.uri().path());
+        match &endpoint {
+            Some(Endpoint::Discovery { .. }) => {
+                self.discovery_requests.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Endpoint::Jwks { .. }) => {
+                self.jwks_requests.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Endpoint::Token { .. }) => {
+                self.token_requests.fetch_add(1, Ordering::SeqCst);
+            }
+            None => {}
+        }
+        tracing::debug!(method = %req.method(), path = %req.uri().path(), "testkit IdP request");
+        if !self.available.load(Ordering::SeqCst) {
+            return json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"error": "temporarily_unavailable", "error_description": "testkit IdP outage"}),
+            );
+        }
+        let tenant_ok = |tenant: &str, allow_common: bool| {
+            tenant == self.config.tenant_id
+                || (allow_common && matches!(tenant, "common" | "organizations"))
+        };
+        match endpoint {
+            Some(Endpoint::Discovery { tenant }) if req.method() == Method::GET => {
+                if !tenant_ok(&tenant, true) {
+                    return self.unknown_tenant(&tenant);
+                }
+                json_response(StatusCode::OK, &self.discovery(&tenant))
+            }
+            Some(Endpoint::Jwks { tenant }) if req.method() == Method::GET => {
+                if !tenant_ok(&tenant, true) {
+                    return self.unknown_tenant(&tenant);
+                }
+                let keys: Vec<Value> = lock(&self.keys)
+                    .published
+                    .iter()
+                    .map(|k| {
+                        let mut jwk = k.jwk();
+                        jwk["issuer"] = Value::String(self.issuer.clone());
+                        jwk
+                    })
+                    .collect();
+                json_response(StatusCode::OK, &json!({ "keys": keys }))
+            }
+            Some(Endpoint::Token { tenant }) if req.method() == Method::POST => {
+                if !tenant_ok(&tenant, false) {
+                    return self.unknown_tenant(&tenant);
+                }
+                self.token(req).await
+            }
+            Some(_) => json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": "invalid_request", "error_description": "method not allowed"}),
+            ),
+            None => json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": "not_found", "error_description": "no such testkit IdP endpoint"}),
+            ),
+        }
+    }
+
+    fn unknown_tenant(&self, tenant: &str) -> Response<RespBody> {
+        aad_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_tenant",
+            90002,
+            &format!("Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing into the correct cloud."),
+        )
+    }
+
+    fn discovery(&self, tenant: &str) -> Value {
+        let base = &self.base;
+        // Multi-tenant documents give the issuer as a template, as Entra's `common` does.
+        let issuer = if tenant == self.config.tenant_id {
+            self.issuer.clone()
+        } else {
+            format!("{base}/{{tenantid}}/v2.0")
+        };
+        json!({
+            "token_endpoint": format!("{base}/{tenant}/oauth2/v2.0/token"),
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt", "client_secret_basic"],
+            "jwks_uri": self.jwks_uri(tenant),
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": issuer,
+            "request_uri_parameter_supported": false,
+            "userinfo_endpoint": format!("{base}/oidc/userinfo"),
+            "authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/authorize"),
+            "device_authorization_endpoint": format!("{base}/{tenant}/oauth2/v2.0/devicecode"),
+            "http_logout_supported": true,
+            "frontchannel_logout_supported": true,
+            "end_session_endpoint": format!("{base}/{tenant}/oauth2/v2.0/logout"),
+            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "acr", "nonce", "preferred_username", "name", "tid", "ver", "at_hash", "c_hash", "email"],
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "microsoftonline.com",
+        })
+    }
+
+    async fn token(&self, req: Request<Incoming>) -> Response<RespBody> {
+        let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return aad_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    900144,
+                    "The request body could not be read.",
+                )
+            }
+        };
+        let form = parse_form(&body);
+        *lock(&self.last_form) = Some(form.clone());
+
+        let mode = lock(&self.mode).clone();
+        match mode {
+            TokenEndpointMode::Ok | TokenEndpointMode::NoExpiresIn => {}
+            TokenEndpointMode::ServerError => {
+                return aad_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "temporarily_unavailable",
+                    50001,
+                    "The service is temporarily unavailable.",
+                )
+            }
+            TokenEndpointMode::InvalidJson => {
+                let mut resp = json_response(StatusCode::OK, &Value::Null);
+                *resp.body_mut() = full("{\"token_type\":\"Bearer\",\"expires_in\":35");
+                return resp;
+            }
+            TokenEndpointMode::Hang => return std::future::pending().await,
+            TokenEndpointMode::InvalidClient => {
+                return aad_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_client",
+                    7000215,
+                    &self.invalid_secret_text(),
+                )
+            }
+        }
+
+        let field = |name: &str| form.get(name).map(String::as_str);
+        if field("grant_type") != Some("client_credentials") {
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                70003,
+                "The app requested an unsupported grant type; only client_credentials is served by the testkit.",
+            );
+        }
+        let Some(client_id) = field("client_id") else {
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900144,
+                "The request body must contain the following parameter: 'client_id'.",
+            );
+        };
+        if client_id != self.config.client_id {
+            return aad_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                700016,
+                &format!("Application with identifier '{client_id}' was not found in the directory '{}'.", self.config.tenant_id),
+            );
+        }
+        let assertion = field("client_assertion").is_some()
+            && field("client_assertion_type") == Some(JWT_BEARER_ASSERTION);
+        match field("client_secret") {
+            Some(secret) if secret == self.config.client_secret => {}
+            Some(_) => {
+                return aad_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    7000215,
+                    &self.invalid_secret_text(),
+                )
+            }
+            // Client assertions are only recorded (last_token_request) for now.
+            None if assertion => {}
+            None => {
+                return aad_error(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_client",
+                    7000218,
+                    "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+                )
+            }
+        }
+        let scope = field("scope").unwrap_or_default();
+        if !scope.ends_with("/.default") || scope.split_whitespace().count() != 1 {
+            return aad_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                1002012,
+                &format!("The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."),
+            );
+        }
+
+        let token = format!("s2s-{}", uuid::Uuid::new_v4());
+        self.registry.issue(&token, scope);
+        lock(&self.issued).push(token.clone());
+        let lifetime = self.config.s2s_lifetime;
+        let mut body = json!({"token_type": "Bearer", "access_token": token});
+        if mode != TokenEndpointMode::NoExpiresIn {
+            let value = if self.config.expires_in_as_string {
+                Value::String(lifetime.to_string())
+            } else {
+                Value::from(lifetime)
+            };
+            body["expires_in"] = value.clone();
+            body["ext_expires_in"] = value;
+        }
+        json_response(StatusCode::OK, &body)
+    }
+
+    fn invalid_secret_text(&self) -> String {
+        format!(
+            "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
+            self.config.client_id
+        )
+    }
+}
+
+/// `application/x-www-form-urlencoded` body → map (last value wins, as AAD does not
+/// accept repeated fields anyway).
+fn parse_form(body: &Bytes) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_civil() {
+        assert_eq!(aad_timestamp(0), "1970-01-01 00:00:00Z");
+        assert_eq!(aad_timestamp(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(aad_timestamp(1_714_566_896), "2024-05-01 12:34:56Z");
+    }
+
+    #[test]
+    fn routes() {
+        assert!(matches!(
+            route("/t/oauth2/v2.0/token"),
+            Some(Endpoint::Token { .. })
+        ));
+        assert!(route("/t/oauth2/token").is_none());
+    }
+}

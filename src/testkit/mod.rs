@@ -1,0 +1,16 @@
+//! Test doubles of the gateway's two upstreams, served on loopback: a local identity
+//! provider ([`idp`]) and a stand-in Dataverse Web API ([`dataverse`]), plus the signing
+//! material they and hostile-token tests use ([`keys`]). Used by the `demo` subcommand,
+//! the integration tests and the benchmarks.
+
+pub mod dataverse;
+pub mod idp;
+pub mod keys;
+mod odata_filter;
+mod server;
+
+pub use dataverse::{Dataverse, DataverseHandle, DirectoryUser, RecordedRequest};
+pub use idp::{Idp, IdpHandle, S2sRegistry, TokenEndpointMode};
+
+#[cfg(test)]
+mod tests;

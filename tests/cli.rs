@@ -1,0 +1,144 @@
+//! The command line, run as the real binary: `check` on good and bad configs, the
+//! shipped example config, and `healthcheck` against a running gateway.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::process::{Command, Output};
+
+fn gateway_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"));
+    cmd.env_remove("DYNAMICS_GATEWAY_CONFIG");
+    cmd
+}
+
+fn check(yaml: &str, envs: &[(&str, &str)]) -> Output {
+    let dir = std::env::temp_dir().join(format!("dgw-check-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut cmd = gateway_command();
+    cmd.arg("check").arg("--config").arg(&path);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    out
+}
+
+const GOOD: &str = r#"
+inbound:
+  issuers:
+    - issuer: https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0
+      audiences: [api://dynamics-gateway]
+identity:
+  mode: lookup
+  lookup: { attribute: azureactivedirectoryobjectid }
+dynamics:
+  url: https://contoso.crm.dynamics.com
+  tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47
+  client_id: 11111111-2222-3333-4444-555555555555
+  client_secret: ${TEST_DGW_SECRET}
+"#;
+
+#[test]
+fn check_prints_the_plan_without_the_secret() {
+    let out = check(GOOD, &[("TEST_DGW_SECRET", "super-secret-value-123")]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(
+            "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("https://contoso.crm.dynamics.com"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("lookup"), "{stdout}");
+    assert!(
+        !stdout.contains("super-secret-value-123") && !stderr.contains("super-secret-value-123")
+    );
+}
+
+#[test]
+fn check_names_the_bad_key_and_exits_non_zero() {
+    let cases = [
+        (GOOD.replace("  client_id:", "  clientid:"), "clientid"),
+        (GOOD.replace("mode: lookup", "mode: guess"), "identity.mode"),
+        (
+            GOOD.replace("https://contoso", "http://contoso"),
+            "dynamics.url",
+        ),
+        (
+            GOOD.replace(
+                "identity:\n",
+                "server:\n  request_timeout: \"30\"\nidentity:\n",
+            ),
+            "server.request_timeout",
+        ),
+    ];
+    for (yaml, key) in cases {
+        let out = check(&yaml, &[("TEST_DGW_SECRET", "super-secret-value-123")]);
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(!out.status.success(), "{key}: should fail");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(!stderr.contains("super-secret-value-123"));
+    }
+    let out = check(GOOD, &[]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("TEST_DGW_SECRET") && stderr.contains("dynamics.client_secret"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn shipped_example_config_is_valid() {
+    let out = gateway_command()
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"),
+        ])
+        .env("AZURE_TENANT_ID", "72f988bf-86f1-41af-91ab-2d7cd011db47")
+        .env("DYNAMICS_CLIENT_ID", "11111111-2222-3333-4444-555555555555")
+        .env("DYNAMICS_CLIENT_SECRET", "x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn healthcheck_exits_zero_only_when_ready() {
+    let env = support::env().start().await;
+    // tokio's Command, so the gateway on this runtime can answer while we wait.
+    let ok = tokio::process::Command::from(gateway_command())
+        .args(["healthcheck", "--url", &env.gateway.admin_url()])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let down = gateway_command()
+        .args(["healthcheck", "--url", &format!("http://{closed}")])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+}

@@ -1,0 +1,255 @@
+//! Shared fixtures for the end-to-end tests: a local identity provider, a stand-in
+//! Dataverse and the real gateway, each on an ephemeral 127.0.0.1 port, wired together.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use dynamics_gateway::config::Config;
+use dynamics_gateway::testkit::{
+    Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ALICE_OID: &str = "9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c";
+pub const BOB_OID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
+pub const ALICE_EMAIL: &str = "alice@contoso.example";
+pub const ALICE_SYSTEMUSERID: &str = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+
+/// A running identity provider, stand-in Dataverse and gateway.
+pub struct Env {
+    pub idp: IdpHandle,
+    pub dataverse: DataverseHandle,
+    pub gateway: GatewayHandle,
+    pub alice: DirectoryUser,
+    pub bob_disabled: DirectoryUser,
+}
+
+/// A running gateway; dropping it shuts the gateway down.
+pub struct GatewayHandle {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl GatewayHandle {
+    /// `http://127.0.0.1:port`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Waits until `/readyz` answers 200 (at most 10 s).
+    pub async fn wait_ready(&self) {
+        let client = client();
+        for _ in 0..200 {
+            if let Ok(r) = client
+                .get(format!("{}/readyz", self.admin_url()))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("gateway did not become ready within 10s");
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("gateway task");
+        }
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Builds an environment; `.identity(...)`/`.edit(...)` change the generated config.
+pub struct EnvBuilder {
+    identity: String,
+    server_extra: String,
+    inbound_extra: String,
+    idp: Idp,
+    token_endpoint: Option<TokenEndpointMode>,
+}
+
+pub fn env() -> EnvBuilder {
+    EnvBuilder {
+        identity: "identity:\n  mode: caller_object_id\n".into(),
+        server_extra: String::new(),
+        inbound_extra: "  jwks_refetch_interval: 0s\n".into(),
+        idp: Idp::builder(),
+        token_endpoint: None,
+    }
+}
+
+impl EnvBuilder {
+    /// Replaces the whole `identity:` section.
+    pub fn identity(mut self, yaml: &str) -> Self {
+        self.identity = yaml.into();
+        self
+    }
+
+    /// Extra lines under `server:` (two-space indented).
+    pub fn server(mut self, yaml: &str) -> Self {
+        self.server_extra.push_str(yaml);
+        self
+    }
+
+    /// Replaces extra lines under `inbound:` (default `jwks_refetch_interval: 0s`).
+    pub fn inbound(mut self, yaml: &str) -> Self {
+        self.inbound_extra = yaml.into();
+        self
+    }
+
+    /// The token endpoint's behaviour from before the gateway starts.
+    pub fn token_endpoint(mut self, mode: TokenEndpointMode) -> Self {
+        self.token_endpoint = Some(mode);
+        self
+    }
+
+    pub fn idp(mut self, f: impl FnOnce(Idp) -> Idp) -> Self {
+        self.idp = f(self.idp);
+        self
+    }
+
+    /// Starts IdP, Dataverse (with Alice and a disabled Bob) and the gateway, and waits
+    /// until the gateway is ready.
+    pub async fn start(self) -> Env {
+        let env = self.start_unready().await;
+        env.gateway.wait_ready().await;
+        env
+    }
+
+    /// As `start`, without waiting for readiness.
+    pub async fn start_unready(self) -> Env {
+        let idp = self.idp.start().await.expect("idp");
+        if let Some(mode) = self.token_endpoint {
+            idp.set_token_endpoint_mode(mode);
+        }
+        let alice = DirectoryUser {
+            systemuserid: ALICE_SYSTEMUSERID.into(),
+            ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
+        };
+        let bob_disabled = DirectoryUser::new(BOB_OID, "bob@contoso.example").disabled(true);
+        let dataverse = Dataverse::builder()
+            .accept_tokens_from(idp.s2s_registry())
+            .user(alice.clone())
+            .user(bob_disabled.clone())
+            .start()
+            .await
+            .expect("dataverse");
+        let yaml = config_yaml(
+            &idp,
+            &dataverse.url(),
+            &self.identity,
+            &self.server_extra,
+            &self.inbound_extra,
+        );
+        let gateway = start_gateway(&yaml).await;
+        Env {
+            idp,
+            dataverse,
+            gateway,
+            alice,
+            bob_disabled,
+        }
+    }
+}
+
+/// The config text the tests run with.
+pub fn config_yaml(
+    idp: &IdpHandle,
+    dataverse_url: &str,
+    identity: &str,
+    server_extra: &str,
+    inbound_extra: &str,
+) -> String {
+    format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n{server_extra}\
+inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n{inbound_extra}\
+{identity}\
+dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  client_secret: {secret}\n  token_url: {token_url}\n",
+        issuer = idp.issuer(),
+        aud = idp.audience(),
+        tenant = idp.tenant_id(),
+        client_id = idp.client_id(),
+        secret = idp.client_secret(),
+        token_url = idp.token_url(),
+    )
+}
+
+/// Runs the real gateway (`dynamics_gateway::run`) on ephemeral ports.
+pub async fn start_gateway(yaml: &str) -> GatewayHandle {
+    let config = Config::from_yaml(yaml, &|_| None).expect("test config is valid");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let addr = listener.local_addr().expect("addr");
+    let admin_addr = admin.local_addr().expect("admin addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        dynamics_gateway::run(config, listener, admin, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("gateway run");
+    });
+    GatewayHandle {
+        addr,
+        admin_addr,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// An HTTP client that never uses a proxy.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// Sends raw bytes and returns the raw response (up to the connection closing or 5 s).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The `{"error":{"code","message"}}` body of a gateway error, checked for shape.
+pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let json: serde_json::Value = response.json().await.expect("error body is JSON");
+    let code = json["error"]["code"]
+        .as_str()
+        .expect("error.code")
+        .to_string();
+    let message = json["error"]["message"]
+        .as_str()
+        .expect("error.message")
+        .to_string();
+    (status, code, message)
+}
