@@ -182,6 +182,11 @@ async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
         200,
         "token signed with the rotated-in key"
     );
+    assert_eq!(
+        env.idp.jwks_requests(),
+        fetches + 1,
+        "one refetch for the new kid"
+    );
 }
 
 #[tokio::test]
