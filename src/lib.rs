@@ -10,6 +10,7 @@ pub mod admin;
 pub mod backoff;
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod identity;
 pub mod inbound;

@@ -249,6 +249,12 @@ async fn healthcheck(path: &std::path::Path, url: Option<String>) -> ExitCode {
     }
 }
 
-async fn demo(_port: u16) -> ExitCode {
-    ExitCode::FAILURE
+async fn demo(port: u16) -> ExitCode {
+    match dynamics_gateway::demo::run(port, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -142,3 +142,47 @@ async fn healthcheck_exits_zero_only_when_ready() {
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn demo_serves_whoami_for_alice_with_the_token_it_wrote() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::from(gateway_command())
+        .args(["demo", "--port", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut token_path = None;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if let Some(rest) = line.split(" is in ").nth(1) {
+            token_path = Some(rest.trim_end_matches(". Try:").to_string());
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let token = std::fs::read_to_string(token_path.expect("demo names its token file")).unwrap();
+    let url = format!("http://127.0.0.1:{port}/api/data/v9.2/WhoAmI");
+    let client = support::client();
+    let mut status = 0;
+    for _ in 0..100 {
+        match client.get(&url).bearer_auth(&token).send().await {
+            Ok(r) if r.status() != 503 => {
+                status = r.status().as_u16();
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(status, 200);
+    let unauthenticated = client.get(&url).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    child.kill().await.unwrap();
+}

@@ -4,12 +4,14 @@
 //! the integration tests and the benchmarks.
 
 pub mod dataverse;
+pub mod gateway_config;
 pub mod idp;
 pub mod keys;
 mod odata_filter;
 mod server;
 
 pub use dataverse::{Dataverse, DataverseHandle, DirectoryUser, RecordedRequest};
+pub use gateway_config::{gateway_config_yaml, ConfigParts};
 pub use idp::{Idp, IdpHandle, S2sRegistry, TokenEndpointMode};
 
 #[cfg(test)]

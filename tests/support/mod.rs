@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use dynamics_gateway::config::Config;
 use dynamics_gateway::testkit::{
-    Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode,
+    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
+    TokenEndpointMode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -181,21 +182,15 @@ pub fn config_yaml(
     idp: &IdpHandle,
     dataverse_url: &str,
     identity: &str,
-    server_extra: &str,
-    inbound_extra: &str,
+    server: &str,
+    inbound: &str,
 ) -> String {
-    format!(
-        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n{server_extra}\
-inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n{inbound_extra}\
-{identity}\
-dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  client_secret: {secret}\n  token_url: {token_url}\n",
-        issuer = idp.issuer(),
-        aud = idp.audience(),
-        tenant = idp.tenant_id(),
-        client_id = idp.client_id(),
-        secret = idp.client_secret(),
-        token_url = idp.token_url(),
-    )
+    let parts = ConfigParts {
+        identity: identity.into(),
+        server: server.into(),
+        inbound: inbound.into(),
+    };
+    gateway_config_yaml(idp, dataverse_url, &parts)
 }
 
 /// Runs the real gateway (`dynamics_gateway::run`) on ephemeral ports.
