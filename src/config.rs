@@ -50,6 +50,31 @@ pub struct RawConfig {
     pub identity: RawIdentity,
     /// The Dataverse organisation and the S2S credential.
     pub dynamics: RawDynamics,
+    /// The audit log of forwarded requests.
+    #[serde(default)]
+    pub audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    /// Log paths without query values (OData filters can hold personal data).
+    pub redact_query: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetryThrottled {
+    /// Retry idempotent requests that Dataverse answered 429.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Longest `Retry-After` the gateway waits out; longer ones go back to the caller.
+    #[serde(default = "default_retry_max_wait")]
+    pub max_wait: String,
+}
+
+fn default_retry_max_wait() -> String {
+    "10s".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +92,14 @@ pub struct RawServer {
     pub request_timeout: String,
     /// Largest request body accepted.
     pub max_request_body: String,
+    /// Time a client has to send a request's headers (slowloris).
+    pub header_read_timeout: String,
+    /// Open connections beyond this are refused with 503.
+    pub max_connections: usize,
+    /// Requests in flight beyond this are answered 503 + Retry-After at once.
+    pub max_in_flight: usize,
+    /// Longest wait for in-flight requests after SIGTERM.
+    pub shutdown_grace: String,
 }
 
 impl Default for RawServer {
@@ -78,6 +111,10 @@ impl Default for RawServer {
             trust_forwarded_headers: false,
             request_timeout: "120s".into(),
             max_request_body: "128MiB".into(),
+            header_read_timeout: "10s".into(),
+            max_connections: 10_000,
+            max_in_flight: 1024,
+            shutdown_grace: "30s".into(),
         }
     }
 }
@@ -181,6 +218,9 @@ pub struct RawDynamics {
     /// Default `<url>/.default`.
     #[serde(default)]
     pub scope: Option<String>,
+    /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
+    #[serde(default)]
+    pub retry_throttled: Option<RawRetryThrottled>,
 }
 
 // ---------------------------------------------------------------- validated form
@@ -192,6 +232,12 @@ pub struct Config {
     pub inbound: InboundConfig,
     pub identity: IdentityConfig,
     pub dynamics: DynamicsConfig,
+    pub audit: AuditConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditConfig {
+    pub redact_query: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +249,10 @@ pub struct ServerConfig {
     pub trust_forwarded_headers: bool,
     pub request_timeout: Duration,
     pub max_request_body: u64,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+    pub max_in_flight: usize,
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +314,8 @@ pub struct DynamicsConfig {
     pub client_secret: Secret,
     pub token_url: Url,
     pub scope: String,
+    /// `Some(max_wait)` when 429s of idempotent requests are retried.
+    pub retry_throttled: Option<Duration>,
 }
 
 impl DynamicsConfig {
@@ -506,7 +558,26 @@ impl TryFrom<RawConfig> for Config {
             trust_forwarded_headers: s.trust_forwarded_headers,
             request_timeout: parse_duration("server.request_timeout", &s.request_timeout)?,
             max_request_body: parse_size("server.max_request_body", &s.max_request_body)?,
+            header_read_timeout: parse_duration(
+                "server.header_read_timeout",
+                &s.header_read_timeout,
+            )?,
+            max_connections: s.max_connections,
+            max_in_flight: s.max_in_flight,
+            shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
         };
+        if server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if server.max_in_flight == 0 {
+            return Err(invalid("server.max_in_flight", "must be at least 1"));
+        }
+        if server.header_read_timeout.is_zero() {
+            return Err(invalid(
+                "server.header_read_timeout",
+                "must be more than 0s",
+            ));
+        }
         if server.listen == server.admin_listen {
             return Err(invalid(
                 "server.admin_listen",
@@ -692,6 +763,13 @@ impl TryFrom<RawConfig> for Config {
         };
         let origin = url.origin().ascii_serialization();
         let scope = d.scope.unwrap_or_else(|| format!("{origin}/.default"));
+        let retry_throttled = match d.retry_throttled {
+            Some(r) if r.enabled => Some(parse_duration(
+                "dynamics.retry_throttled.max_wait",
+                &r.max_wait,
+            )?),
+            _ => None,
+        };
         let dynamics = DynamicsConfig {
             url,
             tenant_id: d.tenant_id,
@@ -699,6 +777,7 @@ impl TryFrom<RawConfig> for Config {
             client_secret: Secret::new(d.client_secret),
             token_url,
             scope,
+            retry_throttled,
         };
 
         Ok(Config {
@@ -706,6 +785,9 @@ impl TryFrom<RawConfig> for Config {
             inbound,
             identity,
             dynamics,
+            audit: AuditConfig {
+                redact_query: raw.audit.redact_query,
+            },
         })
     }
 }

@@ -25,6 +25,8 @@ pub enum GatewayError {
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("the gateway has {0} requests in flight, its limit; retry shortly")]
+    Overloaded(usize),
 }
 
 impl GatewayError {
@@ -37,6 +39,7 @@ impl GatewayError {
             Self::Auth(e) => e.reason(),
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
+            Self::Overloaded(_) => "overloaded",
         }
     }
 
@@ -74,6 +77,7 @@ impl GatewayError {
             Self::Upstream(U::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
             Self::Upstream(U::Unreachable(_)) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
             Self::Upstream(U::Build(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
+            Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
         }
     }
 

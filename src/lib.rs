@@ -7,6 +7,7 @@
 //! listeners, and drains on shutdown.
 
 pub mod admin;
+pub mod audit;
 pub mod backoff;
 pub mod body;
 pub mod config;
@@ -37,7 +38,12 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::map_response_body::MapResponseBodyLayer;
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tower::limit::GlobalConcurrencyLimitLayer;
+
 use crate::admin::{Admin, Readiness};
+use crate::audit::Audit;
 use crate::config::{Config, IdentityMode};
 use crate::identity::{IdentityResolver, UserLookup};
 use crate::inbound::Authenticator;
@@ -59,16 +65,21 @@ pub enum StartError {
     Identity(&'static str),
 }
 
-/// The assembled gateway: the request pipeline and what the admin listener reports.
+/// The assembled gateway for one configuration: the request pipeline, what readiness
+/// depends on, and the switch that stops its background refreshers. A reload builds a new
+/// one and swaps it in whole; requests in flight finish on the one they started with.
 pub struct Gateway {
     pub pipeline: Arc<Pipeline>,
-    pub admin: Admin,
-    pub limits: ConnectionLimits,
+    pub readiness: Readiness,
+    refreshers: CancellationToken,
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Result<Self, StartError> {
-        let metrics = Metrics::new()?;
+    pub fn new(
+        config: &Config,
+        metrics: Metrics,
+        draining: Arc<AtomicBool>,
+    ) -> Result<Self, StartError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15))
@@ -100,31 +111,47 @@ impl Gateway {
         let readiness = Readiness {
             issuers: inbound.caches().cloned().collect(),
             tokens: tokens.clone(),
-            draining: Arc::new(AtomicBool::new(false)),
+            draining,
         };
         let upstream = Forwarder::new(
             client,
             tokens,
-            config.server.request_timeout,
-            config.server.max_request_body,
-            config.server.trust_forwarded_headers,
+            &config.server,
+            &config.dynamics,
             metrics.clone(),
         );
         let pipeline = Arc::new(Pipeline {
             inbound,
             identity,
             upstream,
-            metrics: metrics.clone(),
+            metrics,
+            audit: Audit::new(config.audit.redact_query),
             public_url: config.server.public_url.clone(),
             trust_forwarded_headers: config.server.trust_forwarded_headers,
         });
         Ok(Self {
             pipeline,
-            admin: Admin { readiness, metrics },
-            limits: ConnectionLimits::default(),
+            readiness,
+            refreshers: CancellationToken::new(),
         })
     }
+
+    /// Starts the key and token refreshers on `tracker`; they stop when this gateway is
+    /// retired or the process shuts down.
+    fn spawn_refreshers(&self, tracker: &TaskTracker) {
+        for cache in &self.readiness.issuers {
+            tracker.spawn(cache.clone().run(self.refreshers.clone()));
+        }
+        tracker.spawn(self.readiness.tokens.clone().run(self.refreshers.clone()));
+    }
+
+    fn retire(&self) {
+        self.refreshers.cancel();
+    }
 }
+
+/// New configurations for a running gateway (SIGHUP in the binary).
+pub type Reloads = tokio::sync::mpsc::Receiver<Config>;
 
 /// Runs the gateway on the given listeners until `shutdown` completes, then stops
 /// accepting, reports not-ready, drains in-flight requests and stops the refreshers.
@@ -134,68 +161,105 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    let gateway = Gateway::new(&config)?;
-    let refreshers = TaskTracker::new();
-    let stop_refreshers = CancellationToken::new();
-    for cache in &gateway.admin.readiness.issuers {
-        refreshers.spawn(cache.clone().run(stop_refreshers.clone()));
-    }
-    refreshers.spawn(
-        gateway
-            .admin
-            .readiness
-            .tokens
-            .clone()
-            .run(stop_refreshers.clone()),
-    );
+    let (_no_reloads, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(config, listener, admin_listener, shutdown, reloads).await
+}
 
-    let pipeline = gateway.pipeline.clone();
+/// As [`run`], also applying each configuration received on `reloads`: the new one is
+/// built and must become ready (keys and token) before it replaces the old; a config that
+/// cannot be built or does not become ready is rejected and the old one stays in force.
+pub async fn run_with_reloads(
+    config: Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: Reloads,
+) -> Result<(), StartError> {
+    let metrics = Metrics::new()?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let refreshers = TaskTracker::new();
+    let first = Gateway::new(&config, metrics.clone(), draining.clone())?;
+    first.spawn_refreshers(&refreshers);
+    let current = Arc::new(ArcSwap::from_pointee(first));
+    let limits = ConnectionLimits::from_config(&config.server);
+    // Shared by every connection: the in-flight cap is for the whole process.
+    let in_flight = Arc::new(Semaphore::new(config.server.max_in_flight));
+    let max_in_flight = config.server.max_in_flight;
+
+    let app_state = current.clone();
+    let overload_metrics = metrics.clone();
     let stop_app = CancellationToken::new();
     let app = tokio::spawn(server::serve(
         listener,
         move |peer| {
-            let pipeline = pipeline.clone();
+            let state = app_state.clone();
+            let metrics = overload_metrics.clone();
             TowerToHyperService::new(
                 ServiceBuilder::new()
                     // Back to the one body type the server speaks.
                     .layer(MapResponseBodyLayer::new(body::boxed))
                     // A panic answers 500 for that request instead of dropping the connection.
                     .layer(CatchPanicLayer::custom(panic_response))
+                    // Over the in-flight cap the answer is an immediate 503 + Retry-After,
+                    // not a queue that grows until the pod falls over.
+                    .map_result(move |result: Result<_, tower::BoxError>| {
+                        // Every error here is load shedding: the pipeline itself never fails.
+                        Ok::<_, tower::BoxError>(
+                            result.unwrap_or_else(|_| overloaded(&metrics, max_in_flight)),
+                        )
+                    })
+                    .load_shed()
+                    .layer(GlobalConcurrencyLimitLayer::with_semaphore(
+                        in_flight.clone(),
+                    ))
                     // Marks the caller's token sensitive before anything below can log it.
                     .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
                     .service_fn(move |request| {
-                        let pipeline = pipeline.clone();
+                        // Each request runs on the configuration current when it arrived.
+                        let pipeline = state.load().pipeline.clone();
                         async move { Ok::<_, Infallible>(pipeline.handle(request, peer).await) }
                     }),
             )
         },
         stop_app.clone(),
-        gateway.limits,
+        limits,
         "app",
     ));
-    let admin = gateway.admin.clone();
+    let admin_state = current.clone();
     let stop_admin = CancellationToken::new();
     let admin_server = tokio::spawn(server::serve(
         admin_listener,
         move |_peer| {
-            let admin = admin.clone();
+            let state = admin_state.clone();
+            let metrics = metrics.clone();
             hyper::service::service_fn(move |request| {
+                let admin = Admin {
+                    readiness: state.load().readiness.clone(),
+                    metrics: metrics.clone(),
+                };
                 let response = admin.handle(&request);
                 async move { Ok::<_, Infallible>(response) }
             })
         },
         stop_admin.clone(),
-        gateway.limits,
+        limits,
         "admin",
     ));
 
-    shutdown.await;
+    tokio::pin!(shutdown);
+    let mut reloads_open = true;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            next = reloads.recv(), if reloads_open => match next {
+                Some(new_config) => reload(&current, &config, new_config, &refreshers, &draining).await,
+                None => reloads_open = false,
+            },
+        }
+    }
+
     tracing::info!("shutting down: not ready, draining in-flight requests");
-    gateway
-        .admin
-        .readiness
-        .draining
-        .store(true, Ordering::Relaxed);
+    draining.store(true, Ordering::Relaxed);
     stop_app.cancel();
     if let Err(e) = app.await {
         tracing::error!(error = %e, "app listener task failed");
@@ -205,11 +269,74 @@ pub async fn run(
     if let Err(e) = admin_server.await {
         tracing::error!(error = %e, "admin listener task failed");
     }
-    stop_refreshers.cancel();
+    current.load().retire();
     refreshers.close();
     refreshers.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Longest wait for a reloaded configuration's keys and token.
+const RELOAD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn reload(
+    current: &ArcSwap<Gateway>,
+    running: &Config,
+    new: Config,
+    tracker: &TaskTracker,
+    draining: &Arc<AtomicBool>,
+) {
+    if new.server.listen != running.server.listen
+        || new.server.admin_listen != running.server.admin_listen
+        || new.server.max_connections != running.server.max_connections
+        || new.server.max_in_flight != running.server.max_in_flight
+    {
+        tracing::warn!("reload: listener addresses and connection limits change only on restart; the rest is applied");
+    }
+    let metrics = current.load().pipeline.metrics.clone();
+    let candidate = match Gateway::new(&new, metrics, draining.clone()) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "reload rejected; the previous configuration stays in force");
+            return;
+        }
+    };
+    candidate.spawn_refreshers(tracker);
+    let deadline = tokio::time::Instant::now() + RELOAD_READY_TIMEOUT;
+    loop {
+        let missing: Vec<String> = candidate
+            .readiness
+            .missing()
+            .into_iter()
+            .filter(|m| m != "shutting down")
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(waiting_for = %missing.join(", "), "reload rejected: the new configuration did not become ready; the previous one stays in force");
+            candidate.retire();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old = current.swap(Arc::new(candidate));
+    old.retire();
+    tracing::info!("configuration reloaded");
+}
+
+fn overloaded(metrics: &Metrics, limit: usize) -> http::Response<body::GatewayBody> {
+    metrics
+        .requests_total
+        .with_label_values(&["-", "503"])
+        .inc();
+    let id = http::HeaderValue::from_static("-");
+    let mut response = error::GatewayError::Overloaded(limit).into_response(&id);
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    response
 }
 
 fn panic_response(

@@ -126,13 +126,46 @@ async fn run(path: &std::path::Path) -> ExitCode {
         }
     };
     tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, upstream = %config.dynamics.origin(), "dynamics-gateway starting");
-    match dynamics_gateway::run(config, listener, admin, shutdown_signal()).await {
+    let reloads = reload_on_sighup(path.to_path_buf());
+    match dynamics_gateway::run_with_reloads(config, listener, admin, shutdown_signal(), reloads)
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Re-reads the config file on each SIGHUP; a file that does not load is rejected here,
+/// with a log line, and the running configuration stays in force.
+fn reload_on_sighup(path: PathBuf) -> dynamics_gateway::Reloads {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            match Config::load(&path) {
+                Ok(config) => {
+                    tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "SIGHUP: reload rejected; the previous configuration stays in force")
+                }
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::audit::{Audit, AuditRecord};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
 use crate::identity::{IdentityResolver, Impersonation};
@@ -25,15 +26,17 @@ pub struct Pipeline {
     pub identity: IdentityResolver,
     pub upstream: Forwarder,
     pub metrics: Metrics,
+    pub audit: Audit,
     /// `server.public_url`, without trailing slash.
     pub public_url: Option<String>,
     pub trust_forwarded_headers: bool,
 }
 
-/// Who the request turned out to be, for the access log.
+/// Who the request turned out to be, for the audit line.
 #[derive(Default)]
 struct Outcome {
-    caller: Option<String>,
+    caller: Option<Caller>,
+    caller_key: Option<String>,
     impersonated: Option<Impersonation>,
 }
 
@@ -48,7 +51,11 @@ impl Pipeline {
         self.metrics.in_flight_requests.inc();
         let request_id = request_id(request.headers());
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        let path_and_query = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
         let mut outcome = Outcome::default();
         let response = match self.process(request, peer, &request_id, &mut outcome).await {
             Ok(response) => response,
@@ -59,13 +66,8 @@ impl Pipeline {
                         .with_label_values(&[e.reason()])
                         .inc();
                 }
-                tracing::warn!(
-                    request_id = request_id.to_str().unwrap_or("-"),
-                    %peer,
-                    reason = error.reason(),
-                    error = %crate::error::chain(&error),
-                    "request refused"
-                );
+                self.audit
+                    .refusal(request_id.to_str().unwrap_or("-"), peer, &error);
                 error.into_response(&request_id)
             }
         };
@@ -80,17 +82,18 @@ impl Pipeline {
             .request_duration_seconds
             .with_label_values(&[method.as_str()])
             .observe(elapsed.as_secs_f64());
-        tracing::info!(
-            target: "dynamics_gateway::access",
-            request_id = request_id.to_str().unwrap_or("-"),
-            method = %method,
-            path = %path,
-            status = status.as_u16(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            caller = outcome.caller.as_deref().unwrap_or("-"),
-            impersonated = %outcome.impersonated.map(|i| i.id().to_string()).unwrap_or_else(|| "-".into()),
-            "request"
-        );
+        self.audit.request(&AuditRecord {
+            request_id: request_id.to_str().unwrap_or("-"),
+            peer,
+            method: &method,
+            path_and_query: &path_and_query,
+            status: status.as_u16(),
+            duration: elapsed,
+            issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
+            subject: outcome.caller.as_ref().map(|c| c.subject()),
+            caller: outcome.caller_key.as_deref(),
+            impersonated: outcome.impersonated,
+        });
         response
     }
 
@@ -103,8 +106,10 @@ impl Pipeline {
     ) -> Result<Response<GatewayBody>, GatewayError> {
         let path_and_query = proxied_path_and_query(request.uri())?.to_string();
         let caller: Caller = self.inbound.authenticate(request.headers()).await?;
-        outcome.caller = Some(self.identity.caller_key(&caller).to_string());
-        let impersonation = self.identity.resolve(&caller).await?;
+        outcome.caller_key = Some(self.identity.caller_key(&caller).to_string());
+        let impersonation = self.identity.resolve(&caller).await;
+        outcome.caller = Some(caller);
+        let impersonation = impersonation?;
         outcome.impersonated = Some(impersonation);
         let public_base = self.public_base(&request)?;
         let ctx = ForwardContext {

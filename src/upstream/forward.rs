@@ -23,6 +23,7 @@ use super::odata_links::{
 };
 use super::{DataverseClient, S2sToken, TokenSource, UpstreamError};
 use crate::body::{self, BoxError, GatewayBody};
+use crate::config::{DynamicsConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
 
@@ -50,6 +51,8 @@ pub struct Forwarder {
     request_timeout: Duration,
     max_request_body: u64,
     trust_forwarded: bool,
+    /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
+    retry_throttled: Option<Duration>,
     metrics: Metrics,
 }
 
@@ -65,6 +68,14 @@ enum LinkBearing {
     Json,
     Batch,
     None,
+}
+
+/// Methods whose repetition has no further effect (RFC 9110 9.2.2); only these are retried after a 429.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+    )
 }
 
 fn link_bearing(headers: &HeaderMap) -> LinkBearing {
@@ -103,17 +114,17 @@ impl Forwarder {
     pub fn new(
         client: DataverseClient,
         tokens: Arc<TokenSource>,
-        request_timeout: Duration,
-        max_request_body: u64,
-        trust_forwarded: bool,
+        server: &ServerConfig,
+        dynamics: &DynamicsConfig,
         metrics: Metrics,
     ) -> Self {
         Self {
             client,
             tokens,
-            request_timeout,
-            max_request_body,
-            trust_forwarded,
+            request_timeout: server.request_timeout,
+            max_request_body: server.max_request_body,
+            trust_forwarded: server.trust_forwarded_headers,
+            retry_throttled: dynamics.retry_throttled,
             metrics,
         }
     }
@@ -159,6 +170,7 @@ impl Forwarder {
         }
 
         let mut retried = false;
+        let mut throttled_for = Duration::ZERO;
         let response = loop {
             let (body_now, replay) = match body {
                 RequestBody::Held(bytes) => (body::full(bytes.clone()), Some(bytes)),
@@ -178,10 +190,37 @@ impl Forwarder {
                     headers.insert(http::header::AUTHORIZATION, token.authorization().clone());
                     body = RequestBody::Held(bytes);
                 }
+                Some(bytes)
+                    if response.status() == StatusCode::TOO_MANY_REQUESTS
+                        && is_idempotent(&parts.method) =>
+                {
+                    match self.throttle_wait(&response, throttled_for) {
+                        Some(wait) => {
+                            tracing::info!(request_id = ?ctx.request_id, wait = ?wait, "Dynamics throttled the request; waiting out Retry-After");
+                            throttled_for += wait;
+                            tokio::time::sleep(wait).await;
+                            body = RequestBody::Held(bytes);
+                        }
+                        None => break response,
+                    }
+                }
                 _ => break response,
             }
         };
         Ok(self.response(response, &parts.method, ctx))
+    }
+
+    /// How long to wait before retrying a 429, if retries are on and the total wait stays
+    /// within `retry_throttled.max_wait`; otherwise the 429 goes back to the caller.
+    fn throttle_wait<B>(&self, response: &Response<B>, waited: Duration) -> Option<Duration> {
+        let max = self.retry_throttled?;
+        let wait = response
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs)?;
+        (waited + wait <= max).then_some(wait)
     }
 
     async fn replace_token(
