@@ -30,3 +30,37 @@ where
 {
     body.map_err(Into::into).boxed_unsync()
 }
+
+/// Bytes already read from a body, followed by the rest of it.
+pub struct PrefixedBody {
+    prefix: Option<Bytes>,
+    rest: GatewayBody,
+}
+
+impl PrefixedBody {
+    pub fn new(prefix: Bytes, rest: GatewayBody) -> Self {
+        Self {
+            prefix: (!prefix.is_empty()).then_some(prefix),
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for PrefixedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let Some(prefix) = self.prefix.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(prefix))));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.rest.is_end_stream()
+    }
+}

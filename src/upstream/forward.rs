@@ -8,10 +8,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -22,15 +21,15 @@ use super::odata_links::{
     BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
 };
 use super::{DataverseClient, S2sToken, TokenSource, UpstreamError};
-use crate::body::{self, BoxError, GatewayBody};
+use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
 use crate::config::{DynamicsConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
 
 const ODATA_ENTITY_ID: HeaderName = HeaderName::from_static("odata-entityid");
 
-/// Bodies up to this size (with a declared length) are held so a request can be replayed
-/// after a token refresh; larger ones stream and are never retried.
+/// Bodies up to this size are held so a request can be replayed after a token refresh or
+/// a throttling wait; larger ones stream and are never retried.
 const REPLAYABLE_BODY_BYTES: u64 = 64 * 1024;
 
 /// What a forwarded request needs from the stages before it.
@@ -287,38 +286,54 @@ impl Forwarder {
             return Err(too_large);
         }
         let rewriter = rewriter(link_bearing(headers), to_upstream, BatchDirection::Request);
-        let exact = incoming.size_hint().exact();
-        if exact.is_some_and(|len| len <= REPLAYABLE_BODY_BYTES) {
-            let collected = Limited::new(incoming, self.max_request_body as usize)
-                .collect()
-                .await
-                .map_err(|e| match e.downcast::<LengthLimitError>() {
-                    Ok(_) => UpstreamError::BodyTooLarge {
-                        limit: self.max_request_body,
-                    },
-                    Err(e) => UpstreamError::RequestBody(e),
-                })?
-                .to_bytes();
+        // Read up to the replay bound before connecting: a small body (declared or chunked)
+        // is then held and replayable, and a chunked body over a small limit is refused
+        // before anything is sent.
+        let mut incoming = Limited::new(
+            incoming,
+            usize::try_from(self.max_request_body).unwrap_or(usize::MAX),
+        );
+        let mut head = BytesMut::new();
+        let mut ended = false;
+        while head.len() as u64 <= REPLAYABLE_BODY_BYTES {
+            match incoming.frame().await {
+                None => {
+                    ended = true;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        head.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(match e.downcast::<LengthLimitError>() {
+                        Ok(_) => too_large,
+                        Err(e) => UpstreamError::RequestBody(e),
+                    })
+                }
+            }
+        }
+        let head = head.freeze();
+        if ended {
             let bytes = match rewriter {
-                Some(r) if !collected.is_empty() => r.rewrite_all(&collected),
-                _ => collected,
+                Some(r) if !head.is_empty() => r.rewrite_all(&head),
+                _ => head,
             };
             if !bytes.is_empty() || headers.contains_key(CONTENT_LENGTH) {
+                headers.remove(http::header::TRANSFER_ENCODING);
                 headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
             }
             return Ok(RequestBody::Held(bytes));
         }
-        let limited = body::boxed(Limited::new(
-            incoming,
-            usize::try_from(self.max_request_body).unwrap_or(usize::MAX),
-        ));
+        let rest = body::boxed(PrefixedBody::new(head, body::boxed(incoming)));
         Ok(RequestBody::Streaming(match rewriter {
             Some(r) => {
                 // The rewritten length is unknown until the end: send it chunked.
                 headers.remove(CONTENT_LENGTH);
-                body::boxed(LinkRewritingBody::new(limited, r))
+                body::boxed(LinkRewritingBody::new(rest, r))
             }
-            None => limited,
+            None => rest,
         }))
     }
 
