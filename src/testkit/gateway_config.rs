@@ -12,6 +12,8 @@ pub struct ConfigParts {
     pub server: String,
     /// Lines under `inbound:`, two-space indented.
     pub inbound: String,
+    /// Lines under `dynamics:`, two-space indented.
+    pub dynamics: String,
 }
 
 /// A complete config: `listen`/`admin_listen` are placeholders (callers pass listeners).
@@ -20,7 +22,7 @@ pub fn gateway_config_yaml(idp: &IdpHandle, dataverse_url: &str, parts: &ConfigP
         "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n{server}\
 inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n{inbound}\
 {identity}\
-dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  client_secret: {secret}\n  token_url: {token_url}\n",
+dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  client_secret: {secret}\n  token_url: {token_url}\n{dynamics}",
         server = parts.server,
         inbound = parts.inbound,
         identity = parts.identity,
@@ -30,5 +32,6 @@ dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_i
         client_id = idp.client_id(),
         secret = idp.client_secret(),
         token_url = idp.token_url(),
+        dynamics = parts.dynamics,
     )
 }

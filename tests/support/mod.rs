@@ -89,8 +89,10 @@ pub struct EnvBuilder {
     identity: String,
     server_extra: String,
     inbound_extra: String,
+    dynamics_extra: String,
     idp: Idp,
     token_endpoint: Option<TokenEndpointMode>,
+    idp_down: bool,
 }
 
 pub fn env() -> EnvBuilder {
@@ -98,8 +100,10 @@ pub fn env() -> EnvBuilder {
         identity: "identity:\n  mode: caller_object_id\n".into(),
         server_extra: String::new(),
         inbound_extra: "  jwks_refetch_interval: 0s\n".into(),
+        dynamics_extra: String::new(),
         idp: Idp::builder(),
         token_endpoint: None,
+        idp_down: false,
     }
 }
 
@@ -122,9 +126,21 @@ impl EnvBuilder {
         self
     }
 
+    /// Extra lines under `dynamics:` (two-space indented).
+    pub fn dynamics(mut self, yaml: &str) -> Self {
+        self.dynamics_extra.push_str(yaml);
+        self
+    }
+
     /// The token endpoint's behaviour from before the gateway starts.
     pub fn token_endpoint(mut self, mode: TokenEndpointMode) -> Self {
         self.token_endpoint = Some(mode);
+        self
+    }
+
+    /// The identity provider answers 503 to everything from before the gateway starts.
+    pub fn idp_down(mut self) -> Self {
+        self.idp_down = true;
         self
     }
 
@@ -147,6 +163,9 @@ impl EnvBuilder {
         if let Some(mode) = self.token_endpoint {
             idp.set_token_endpoint_mode(mode);
         }
+        if self.idp_down {
+            idp.set_available(false);
+        }
         let alice = DirectoryUser {
             systemuserid: ALICE_SYSTEMUSERID.into(),
             ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
@@ -159,13 +178,13 @@ impl EnvBuilder {
             .start()
             .await
             .expect("dataverse");
-        let yaml = config_yaml(
-            &idp,
-            &dataverse.url(),
-            &self.identity,
-            &self.server_extra,
-            &self.inbound_extra,
-        );
+        let parts = ConfigParts {
+            identity: self.identity,
+            server: self.server_extra,
+            inbound: self.inbound_extra,
+            dynamics: self.dynamics_extra,
+        };
+        let yaml = gateway_config_yaml(&idp, &dataverse.url(), &parts);
         let gateway = start_gateway(&yaml).await;
         Env {
             idp,
@@ -189,6 +208,7 @@ pub fn config_yaml(
         identity: identity.into(),
         server: server.into(),
         inbound: inbound.into(),
+        dynamics: String::new(),
     };
     gateway_config_yaml(idp, dataverse_url, &parts)
 }
@@ -247,4 +267,19 @@ pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
         .expect("error.message")
         .to_string();
     (status, code, message)
+}
+
+/// The value of one sample in the Prometheus text (`name{labels}` exactly), or 0.
+pub async fn metric(gateway: &GatewayHandle, series: &str) -> f64 {
+    let text = client()
+        .get(format!("{}/metrics", gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
 }

@@ -1,0 +1,239 @@
+//! The real binary's life: graceful shutdown on SIGTERM with a request in flight, and
+//! configuration reload on SIGHUP (a bad config rejected, the old one kept).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dynamics_gateway::testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
+use support::{client, config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};
+use tokio::process::{Child, Command};
+
+const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
+
+struct Binary {
+    child: Child,
+    url: String,
+    admin_url: String,
+    config: PathBuf,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Binary {
+    fn signal(&self, name: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn standins() -> (IdpHandle, DataverseHandle) {
+    let idp = Idp::builder().start().await.unwrap();
+    let alice = DirectoryUser {
+        systemuserid: ALICE_SYSTEMUSERID.into(),
+        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
+    };
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice)
+        .start()
+        .await
+        .unwrap();
+    (idp, dataverse)
+}
+
+/// The gateway config for the binary, on fresh ports.
+fn binary_config(
+    idp: &IdpHandle,
+    dataverse: &DataverseHandle,
+    identity: &str,
+    ports: (u16, u16),
+) -> String {
+    config_yaml(
+        idp,
+        &dataverse.url(),
+        identity,
+        "  shutdown_grace: 10s\n",
+        "",
+    )
+    .replace(
+        "listen: 127.0.0.1:1",
+        &format!("listen: 127.0.0.1:{}", ports.0),
+    )
+    .replace(
+        "admin_listen: 127.0.0.1:2",
+        &format!("admin_listen: 127.0.0.1:{}", ports.1),
+    )
+}
+
+async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
+    let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    let log = dir.join("stderr.log");
+    std::fs::write(&config, yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let binary = Binary {
+        child,
+        url: format!("http://127.0.0.1:{}", ports.0),
+        admin_url: format!("http://127.0.0.1:{}", ports.1),
+        config,
+        log,
+        dir,
+    };
+    for _ in 0..200 {
+        if let Ok(r) = client()
+            .get(format!("{}/readyz", binary.admin_url))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return binary;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("binary not ready: {}", binary.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let mut gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    dataverse.set_delay(Duration::from_millis(2000));
+    let (url, token) = (format!("{}{WHOAMI}", gateway.url), idp.token_for(ALICE_OID));
+    let in_flight = tokio::spawn(async move { client().get(url).bearer_auth(token).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let ready = client()
+        .get(format!("{}/readyz", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503, "not ready while draining");
+    assert!(
+        tokio::net::TcpStream::connect(gateway.url.trim_start_matches("http://"))
+            .await
+            .is_err(),
+        "no new connections while draining"
+    );
+    let response = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    let who: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(who["UserId"], ALICE_SYSTEMUSERID);
+    let status = tokio::time::timeout(Duration::from_secs(10), gateway.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", gateway.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_requests() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    let whoami = |token: String| {
+        let url = format!("{}{WHOAMI}", gateway.url);
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(whoami(idp.token_for(ALICE_OID)).await, 200);
+
+    // New config: static mode in which Alice is not mapped. A slow request spans the reload.
+    dataverse.set_delay(Duration::from_millis(1500));
+    let in_flight = tokio::spawn(whoami(idp.token_for(ALICE_OID)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let static_mode = "identity:\n  mode: static\n  static:\n    someone-else: 3f2504e0-4f89-11d3-9a0c-0305e82c3399\n";
+    std::fs::write(
+        &gateway.config,
+        binary_config(&idp, &dataverse, static_mode, ports),
+    )
+    .unwrap();
+    gateway.signal("HUP");
+    assert_eq!(
+        in_flight.await.unwrap(),
+        200,
+        "the in-flight request finished on the old config"
+    );
+    dataverse.set_delay(Duration::ZERO);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = whoami(idp.token_for(ALICE_OID)).await;
+        if status == 403 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status,
+        403,
+        "the reloaded static map applies: {}",
+        gateway.log()
+    );
+
+    // A bad config is rejected with a log line and the reloaded one stays in force.
+    std::fs::write(&gateway.config, "inbound: [not, a, config]\n").unwrap();
+    gateway.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        gateway.log().contains("reload rejected"),
+        "{}",
+        gateway.log()
+    );
+    assert_eq!(whoami(idp.token_for(ALICE_OID)).await, 403);
+    let ready = client()
+        .get(format!("{}/readyz", gateway.admin_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "still serving");
+}

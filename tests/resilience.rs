@@ -1,0 +1,382 @@
+//! Limits and broken dependencies, end to end: oversized and slow callers, connection and
+//! in-flight caps, the identity provider or token endpoint failing, Dataverse throttling.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use dynamics_gateway::testkit::TokenEndpointMode;
+use support::{client, env, error_body, metric, raw_request, ALICE_OID};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ACCOUNTS: &str = "/api/data/v9.2/accounts";
+
+#[tokio::test]
+async fn chunked_body_over_the_limit_is_413_and_never_sent() {
+    let env = env().server("  max_request_body: 1KiB\n").start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let chunk = "x".repeat(512);
+    let mut request = format!(
+        "POST /api/data/v9.2/echo HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    for _ in 0..8 {
+        request.push_str(&format!("200\r\n{chunk}\r\n"));
+    }
+    request.push_str("0\r\n\r\n");
+    let response = raw_request(env.gateway.addr, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(
+        response.contains("DynamicsGateway.RequestBodyTooLarge"),
+        "{response}"
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+}
+
+#[tokio::test]
+async fn small_chunked_body_is_forwarded_with_a_content_length() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let request = format!(
+        "POST /api/data/v9.2/echo HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    );
+    let response = raw_request(env.gateway.addr, request.as_bytes()).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("hello world"), "{response}");
+    let seen = &env.dataverse.requests()[0];
+    assert_eq!(seen.header("content-length"), Some("11"));
+    assert!(seen.header("transfer-encoding").is_none());
+}
+
+#[tokio::test]
+async fn slowloris_client_is_cut_off_after_the_header_read_timeout() {
+    let env = env().server("  header_read_timeout: 1s\n").start().await;
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /api/data/v9.2/accounts HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // Trickle a header byte now and then, never finishing the head.
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        if stream.write_all(b"X").await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(_)) => {} // a 408 may come first; the close follows
+            Err(_) => {}
+        }
+    };
+    assert!(closed, "the connection must be closed");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+}
+
+#[tokio::test]
+async fn too_many_and_oversized_headers_are_refused() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let mut many =
+        format!("GET {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n");
+    for i in 0..150 {
+        many.push_str(&format!("X-Filler-{i}: {i}\r\n"));
+    }
+    many.push_str("Connection: close\r\n\r\n");
+    let response = raw_request(env.gateway.addr, many.as_bytes()).await;
+    assert!(
+        response.starts_with("HTTP/1.1 431"),
+        "{}",
+        &response[..response.len().min(200)]
+    );
+
+    let big = format!(
+        "GET {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "y".repeat(100 * 1024)
+    );
+    let response = raw_request(env.gateway.addr, big.as_bytes()).await;
+    assert!(
+        response.starts_with("HTTP/1.1 431"),
+        "{}",
+        &response[..response.len().min(200)]
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_get_503_and_close() {
+    let env = env().server("  max_connections: 2\n").start().await;
+    let first = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let second = TcpStream::connect(env.gateway.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let response = raw_request(
+        env.gateway.addr,
+        b"GET /api/data/v9.2/accounts HTTP/1.1\r\nHost: gw\r\n\r\n",
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.contains("Retry-After: 1"), "{response}");
+    let body = response.split("\r\n\r\n").nth(1).unwrap();
+    let json: serde_json::Value = serde_json::from_str(body).expect("a complete JSON error body");
+    assert_eq!(json["error"]["code"], "DynamicsGateway.TooManyConnections");
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let ok = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200, "a slot frees when a connection closes");
+}
+
+#[tokio::test]
+async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
+    let env = env().server("  max_in_flight: 2\n").start().await;
+    env.dataverse.set_delay(Duration::from_millis(1500));
+    let token = env.idp.token_for(ALICE_OID);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, t) = (format!("{}{ACCOUNTS}", env.gateway.url()), token.clone());
+            tokio::spawn(async move {
+                client()
+                    .get(url)
+                    .bearer_auth(t)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = tokio::time::Instant::now();
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "answered at once, not queued"
+    );
+    assert_eq!(response.headers()["retry-after"], "1");
+    let (status, code, _) = error_body(response).await;
+    assert_eq!((status, code.as_str()), (503, "DynamicsGateway.Overloaded"));
+    for t in slow {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(env.dataverse.request_count(), 2);
+}
+
+#[tokio::test]
+async fn idp_down_at_start_up_leaves_the_gateway_unready_until_it_returns() {
+    let env = env().idp_down().start_unready().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ready = client()
+        .get(format!("{}/readyz", env.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let why = ready.text().await.unwrap();
+    assert!(why.contains("signing keys"), "{why}");
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "DynamicsGateway.IdentityProviderUnavailable")
+    );
+    assert!(
+        metric(
+            &env.gateway,
+            "dynamics_gateway_jwks_refresh_total{result=\"failure\"}"
+        )
+        .await
+            >= 1.0
+    );
+
+    env.idp.set_available(true);
+    env.gateway.wait_ready().await;
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
+    for mode in [
+        TokenEndpointMode::InvalidJson,
+        TokenEndpointMode::NoExpiresIn,
+        TokenEndpointMode::ServerError,
+    ] {
+        let env = env().token_endpoint(mode.clone()).start_unready().await;
+        while env.idp.token_requests() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ready = client()
+            .get(format!("{}/readyz", env.gateway.admin_url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 503, "{mode:?}");
+        let response = client()
+            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+            .bearer_auth(env.idp.token_for(ALICE_OID))
+            .send()
+            .await
+            .unwrap();
+        let (status, _, message) = error_body(response).await;
+        assert_eq!(status, 503, "{mode:?}: {message}");
+        assert!(message.contains("token endpoint"), "{mode:?}: {message}");
+        assert!(
+            metric(
+                &env.gateway,
+                "dynamics_gateway_token_requests_total{result=\"failure\"}"
+            )
+            .await
+                >= 2.0
+        );
+        env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
+        env.gateway.wait_ready().await;
+    }
+}
+
+#[tokio::test]
+async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
+    // expires_in 12 s: refreshed at 6 s, not sent after 9 s.
+    let env = env()
+        .idp(|i| i.s2s_token_lifetime(12).expires_in_as_string(true))
+        .start()
+        .await;
+    let token = env.idp.token_for(ALICE_OID);
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    assert_eq!(
+        env.idp.token_requests(),
+        2,
+        "refreshed before expiry, in the background"
+    );
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let s2s = env.idp.issued_s2s_tokens();
+    assert_eq!(
+        env.dataverse
+            .requests()
+            .pop()
+            .unwrap()
+            .header("authorization"),
+        Some(format!("Bearer {}", s2s[1]).as_str())
+    );
+
+    // Token endpoint down from now on: the current token serves until its margin, then 503.
+    env.idp
+        .set_token_endpoint_mode(TokenEndpointMode::ServerError);
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "current token used while valid");
+    tokio::time::sleep(Duration::from_millis(9500)).await;
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "DynamicsGateway.NoUpstreamToken")
+    );
+
+    env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
+    env.gateway.wait_ready().await;
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "recovered without restart");
+}
+
+#[tokio::test]
+async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enabled() {
+    let env = env().start().await;
+    let throttle = |n| {
+        env.dataverse.respond_next(
+            n,
+            429,
+            vec![("Retry-After".into(), "1".into())],
+            r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit"}}"#,
+        )
+    };
+    // Off by default: the 429 goes back unchanged.
+    throttle(1);
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+
+    let env = support::env()
+        .dynamics("  retry_throttled: { enabled: true, max_wait: 3s }\n")
+        .start()
+        .await;
+    env.dataverse
+        .respond_next(1, 429, vec![("Retry-After".into(), "1".into())], "{}");
+    let started = tokio::time::Instant::now();
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(env.dataverse.request_count(), 2);
+
+    // Not idempotent: POST is never retried.
+    env.dataverse
+        .respond_next(1, 429, vec![("Retry-After".into(), "1".into())], "{}");
+    let response = client()
+        .post(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .header("content-type", "application/json")
+        .body(r#"{"name":"x"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(env.dataverse.request_count(), 3);
+}
