@@ -133,6 +133,13 @@ pub struct RawInbound {
     /// Period of the background JWKS refresh.
     #[serde(default = "default_jwks_refresh")]
     pub jwks_refresh_interval: String,
+    /// Verified tokens remembered so a repeated token skips the signature check; 0 turns it off.
+    #[serde(default = "default_token_cache")]
+    pub token_cache_max_entries: u64,
+}
+
+fn default_token_cache() -> u64 {
+    10_000
 }
 
 fn default_leeway() -> String {
@@ -261,6 +268,7 @@ pub struct InboundConfig {
     pub leeway: Duration,
     pub jwks_refetch_interval: Duration,
     pub jwks_refresh_interval: Duration,
+    pub token_cache_max_entries: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -654,6 +662,7 @@ impl TryFrom<RawConfig> for Config {
                 "inbound.jwks_refresh_interval",
                 &i.jwks_refresh_interval,
             )?,
+            token_cache_max_entries: i.token_cache_max_entries,
         };
         if inbound.jwks_refresh_interval < Duration::from_secs(1) {
             return Err(invalid(

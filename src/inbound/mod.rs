@@ -4,6 +4,7 @@
 pub mod discovery;
 pub mod jwks;
 pub mod jwt;
+pub mod verified;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,6 +102,7 @@ impl AuthError {
 /// The inbound stage: one [`JwksCache`] per configured issuer.
 pub struct Authenticator {
     issuers: HashMap<String, Arc<JwksCache>>,
+    verified: verified::VerifiedTokens,
 }
 
 impl Authenticator {
@@ -117,7 +119,10 @@ impl Authenticator {
                 (issuer.issuer.clone(), Arc::new(cache))
             })
             .collect();
-        Self { issuers }
+        Self {
+            issuers,
+            verified: verified::VerifiedTokens::new(config.token_cache_max_entries),
+        }
     }
 
     /// The key caches, for their refreshers and for readiness.
@@ -128,12 +133,17 @@ impl Authenticator {
     /// Verifies the request's bearer token and returns who is calling.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = bearer_token(headers)?;
+        if let Some(caller) = self.verified.get(token) {
+            return Ok(caller);
+        }
         let unverified = jwt::UnverifiedToken::parse(token)?;
         let cache = self
             .issuers
             .get(unverified.issuer())
             .ok_or(AuthError::UnknownIssuer)?;
-        cache.verify(&unverified).await
+        let caller = cache.verify(&unverified).await?;
+        self.verified.insert(token, &caller);
+        Ok(caller)
     }
 }
 
