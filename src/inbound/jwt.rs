@@ -3,13 +3,16 @@
 //! signature check is trusted for anything else. `jku`, `x5u` and `jwk` headers are never
 //! looked at, so a token cannot point the gateway at keys of its choosing.
 
+use std::collections::HashSet;
+use std::fmt;
 use std::str::FromStr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
 use super::AuthError;
@@ -125,13 +128,90 @@ fn decode_segment<T: for<'de> Deserialize<'de>>(
             "payload is not base64url"
         })
     })?;
-    serde_json::from_slice(&bytes).map_err(|_| {
+    // serde_json keeps the last of two equal member names, the struct peeks above refuse
+    // duplicates of their own fields, and other readers may keep the first: a token with
+    // two `oid`s would name whichever user each reader happens to pick. No issuer sends
+    // duplicates, so they are refused outright, at any depth.
+    serde_json::from_slice::<UniqueObject>(&bytes).map_err(|_| {
+        AuthError::Malformed(if what == "header" {
+            "header is not a JSON object with unique member names"
+        } else {
+            "payload is not a JSON object with unique member names"
+        })
+    })?;
+    let value = serde_json::from_slice(&bytes).map_err(|_| {
         AuthError::Malformed(if what == "header" {
             "header is not a JSON object with alg"
         } else {
             "payload is not a JSON object"
         })
-    })
+    })?;
+    Ok(value)
+}
+
+/// A JSON object whose objects, at every depth, have no two members of the same name.
+struct UniqueObject;
+
+impl<'de> Deserialize<'de> for UniqueObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_map(UniqueMembersVisitor)
+            .map(|_| UniqueObject)
+    }
+}
+
+/// A JSON value whose objects, at every depth, have no two members of the same name.
+struct UniqueMembers;
+
+impl<'de> Deserialize<'de> for UniqueMembers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueMembersVisitor)
+    }
+}
+
+struct UniqueMembersVisitor;
+
+impl<'de> Visitor<'de> for UniqueMembersVisitor {
+    type Value = UniqueMembers;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("JSON without duplicate member names")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueMembers, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name) {
+                return Err(de::Error::custom("duplicate member name"));
+            }
+            map.next_value::<UniqueMembers>()?;
+        }
+        Ok(UniqueMembers)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueMembers, A::Error> {
+        while seq.next_element::<UniqueMembers>()?.is_some() {}
+        Ok(UniqueMembers)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
+    fn visit_unit<E>(self) -> Result<UniqueMembers, E> {
+        Ok(UniqueMembers)
+    }
 }
 
 /// Caller-controlled text that ends up in an error message: short and printable only.
@@ -191,11 +271,55 @@ mod tests {
             UnverifiedToken::parse(&crit),
             Err(AuthError::UnsupportedCritical)
         ));
+        let array = format!("{}.{}.s", seg(r#"{"alg":"RS256"}"#), seg(r#"["i"]"#));
+        assert!(matches!(
+            UnverifiedToken::parse(&array),
+            Err(AuthError::Malformed(_))
+        ));
         let none = format!("{}.{}.", seg(r#"{"alg":"none"}"#), seg(r#"{"iss":"i"}"#));
         let u = UnverifiedToken::parse(&none).unwrap();
         assert!(matches!(
             u.algorithm(&[Algorithm::RS256]),
             Err(AuthError::DisallowedAlgorithm(_))
         ));
+    }
+
+    #[test]
+    fn parse_refuses_duplicate_member_names_at_any_depth() {
+        let header = seg(r#"{"alg":"RS256","kid":"k"}"#);
+        for payload in [
+            r#"{"iss":"i","iss":"i"}"#,
+            r#"{"iss":"i","oid":"a","oid":"b"}"#,
+            r#"{"iss":"i","x":{"a":1,"a":2}}"#,
+            r#"{"iss":"i","x":[{"a":1,"a":2}]}"#,
+        ] {
+            let t = format!("{header}.{}.s", seg(payload));
+            assert!(
+                matches!(
+                    UnverifiedToken::parse(&t),
+                    Err(AuthError::Malformed(
+                        "payload is not a JSON object with unique member names"
+                    ))
+                ),
+                "{payload}"
+            );
+        }
+        let t = format!(
+            "{}.{}.s",
+            seg(r#"{"alg":"RS256","kid":"k","jku":"a","jku":"b"}"#),
+            seg(r#"{"iss":"i"}"#)
+        );
+        assert!(matches!(
+            UnverifiedToken::parse(&t),
+            Err(AuthError::Malformed(
+                "header is not a JSON object with unique member names"
+            ))
+        ));
+        // Equal names in different objects are not duplicates.
+        let t = format!(
+            "{header}.{}.s",
+            seg(r#"{"iss":"i","a":{"iss":1,"x":[{"y":1},{"y":2}]}}"#)
+        );
+        assert_eq!(UnverifiedToken::parse(&t).unwrap().issuer(), "i");
     }
 }

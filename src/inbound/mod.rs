@@ -67,7 +67,9 @@ pub enum AuthError {
     NotYetValid,
     #[error("the token's audience is not accepted")]
     AudienceMismatch,
-    #[error("the token has no {0} claim")]
+    /// Also for a required claim of the wrong type (`"exp": "123"`), which jsonwebtoken
+    /// reports as missing.
+    #[error("the token has no valid {0} claim")]
     MissingClaim(String),
     #[error("the token's {0} claim has the wrong type")]
     InvalidClaim(String),

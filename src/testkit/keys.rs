@@ -116,7 +116,14 @@ impl RsaSigningKey {
     /// Signing with a freshly generated key does not fail in practice; if aws-lc-rs ever
     /// refuses, the token comes back with an empty signature so it can never verify.
     pub fn sign_jwt(&self, header: &Value, claims: &Value) -> String {
-        let signing_input = signing_input(header, claims);
+        self.sign_input(&signing_input(header, claims))
+    }
+
+    /// Signs an arbitrary signing input (`<header segment>.<payload segment>`, as given,
+    /// not re-encoded) with RS256 and appends the signature: for tokens whose segments no
+    /// `Value` can produce (duplicate members, non-JSON, garbage base64) that still carry a
+    /// valid signature.
+    pub fn sign_input(&self, signing_input: &str) -> String {
         let mut signature = vec![0u8; self.key_pair.public_modulus_len()];
         match self.key_pair.sign(
             &RSA_PKCS1_SHA256,

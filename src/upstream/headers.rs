@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST, PROXY_AUTHENTICATE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::HeaderMap;
@@ -85,7 +85,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Sets `X-Forwarded-For` to the caller's address (appended to the caller's own value
-/// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`.
+/// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`
+/// and `Forwarded` (RFC 7239 says the same things, so it is trusted no more than they are).
 pub fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
     let peer_ip = peer.ip().to_string();
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -95,6 +96,7 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwar
     if !trust_forwarded {
         headers.remove(X_FORWARDED_HOST);
         headers.remove(X_FORWARDED_PROTO);
+        headers.remove(FORWARDED);
     }
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -187,9 +189,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil"));
+        h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6;host=evil"));
         set_forwarded_for(&mut h, peer, false);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert!(!h.contains_key(X_FORWARDED_HOST));
+        assert!(!h.contains_key(FORWARDED));
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         set_forwarded_for(&mut h, peer, true);

@@ -9,7 +9,7 @@ use http::Uri;
 pub enum PathError {
     #[error("only paths under /api/data/ are proxied")]
     NotProxied,
-    #[error("the path contains a dot segment, backslash, empty segment or encoded separator; send a plain normalised path")]
+    #[error("the path contains a dot segment, backslash, empty segment, control character or malformed escape (in any encoding); send a plain normalised path")]
     Ambiguous,
     #[error("the Host header is missing or not a plain host[:port]")]
     BadHost,
@@ -23,16 +23,24 @@ pub const API_PREFIX: &str = "/api/data/";
 /// never the caller's to choose.
 pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
     let path = uri.path();
+    // Ambiguity first: `/x/../api/data/...` is refused as ambiguous wherever it would
+    // normalise to, rather than answered differently depending on where that is.
+    check_unambiguous(path)?;
     if !path.starts_with(API_PREFIX) {
         return Err(PathError::NotProxied);
     }
-    check_unambiguous(path)?;
     Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
 }
 
 /// Refuses dot segments, backslashes, empty segments and control characters in the path
 /// as written and after each of up to three rounds of percent-decoding (double encoding).
+/// A `%` not followed by two hex digits as written (`%u002e` is a dot to IIS's http.sys) and
+/// escapes that decode to invalid UTF-8 (overlong `%c0%ae` dots) are refused too: other
+/// decoders read them differently from the one here.
 fn check_unambiguous(path: &str) -> Result<(), PathError> {
+    if !escapes_are_well_formed(path) {
+        return Err(PathError::Ambiguous);
+    }
     let mut current = path.to_string();
     for _ in 0..4 {
         if current.contains('\\')
@@ -44,11 +52,9 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
         if current.split('/').any(|seg| seg == "." || seg == "..") {
             return Err(PathError::Ambiguous);
         }
-        if !current.starts_with(API_PREFIX) {
-            return Err(PathError::Ambiguous);
-        }
         let decoded = percent_encoding::percent_decode_str(&current)
-            .decode_utf8_lossy()
+            .decode_utf8()
+            .map_err(|_| PathError::Ambiguous)?
             .into_owned();
         if decoded == current {
             return Ok(());
@@ -57,6 +63,16 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
     }
     // Still changing after four decodings: nobody writes paths like that on purpose.
     Err(PathError::Ambiguous)
+}
+
+/// Every `%` starts a `%XX` escape with two hex digits (RFC 3986 section 2.1).
+fn escapes_are_well_formed(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    bytes.iter().enumerate().all(|(i, &b)| {
+        b != b'%'
+            || (bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    })
 }
 
 #[cfg(test)]
@@ -76,6 +92,9 @@ mod tests {
             check("/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)").unwrap(),
             "/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)"
         );
+        // A literal `%` in a key value is `%25`; unicode is valid UTF-8 once decoded.
+        assert!(check("/api/data/v9.2/accounts(name='100%25')").is_ok());
+        assert!(check("/api/data/v9.2/accounts(name='M%C3%BCller')").is_ok());
         // An encoded slash inside a query value is data, not a path separator.
         assert!(check("/api/data/v9.2/accounts?$skiptoken=%253Ccookie%2F").is_ok());
     }
@@ -109,6 +128,12 @@ mod tests {
             "/api/data//v9.2/accounts",
             "/api/data/v9.2/./accounts",
             "/api/data/v9.2/%00",
+            "/api/data/v9.2/%u002e%u002e/%u002e%u002e/%u002e%u002e/XRMServices",
+            "/api/data/v9.2/%c0%ae%c0%ae/x",
+            "/api/data/v9.2/accounts%",
+            "/api/data/v9.2/accounts%2",
+            "/x/../api/data/v9.2/accounts",
+            "/%2e%2e/api/data/v9.2/accounts",
         ] {
             assert!(matches!(check(p), Err(PathError::Ambiguous)), "{p}");
         }
