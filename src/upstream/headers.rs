@@ -84,6 +84,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// Headers some front ends (IIS URL Rewrite among them) read as a replacement request
+/// path; the path the gateway checked must be the only one.
+const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Removes headers that could make a server behind the gateway use a different path.
+pub fn strip_path_overrides(headers: &mut HeaderMap) {
+    for name in PATH_OVERRIDE_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// Sets `X-Forwarded-For` to the caller's address (appended to the caller's own value
 /// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`
 /// and `Forwarded` (RFC 7239 says the same things, so it is trusted no more than they are).
@@ -129,6 +140,7 @@ pub fn prepare_upstream_request(
 ) -> usize {
     strip_hop_by_hop(headers);
     let dropped = strip_caller_identity_headers(headers);
+    strip_path_overrides(headers);
     set_forwarded_for(headers, peer, trust_forwarded);
     headers.insert(HOST, upstream_host.clone());
     headers.insert(AUTHORIZATION, token.clone());
@@ -165,6 +177,19 @@ mod tests {
         assert_eq!(dropped, 8);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("prefer"));
+    }
+
+    #[test]
+    fn path_override_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "X-Original-URL",
+            HeaderValue::from_static("/XRMServices/2011/Organization.svc"),
+        );
+        h.insert("x-rewrite-url", HeaderValue::from_static("/admin"));
+        h.insert("prefer", HeaderValue::from_static("return=representation"));
+        strip_path_overrides(&mut h);
+        assert_eq!(h.len(), 1);
     }
 
     #[test]
