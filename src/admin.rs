@@ -17,7 +17,8 @@ use crate::upstream::TokenSource;
 #[derive(Clone)]
 pub struct Readiness {
     pub issuers: Vec<Arc<JwksCache>>,
-    pub tokens: Arc<TokenSource>,
+    /// One per (tenant, client, resource); environments may share one.
+    pub tokens: Vec<Arc<TokenSource>>,
     /// Set when shutdown begins, so load balancers stop sending before the drain.
     pub draining: Arc<AtomicBool>,
 }
@@ -34,10 +35,30 @@ impl Readiness {
                 missing.push(format!("signing keys of {}", cache.issuer()));
             }
         }
-        if !self.tokens.is_ready() {
+        // One environment without a token is unready on its own; the gateway still
+        // serves the others, so it stays ready while any environment can be served.
+        if !self.tokens.iter().any(|t| t.is_ready()) {
             missing.push("Dynamics S2S token".to_string());
         }
         missing
+    }
+
+    /// One line per environment group: whether its S2S token is in hand.
+    pub fn environments(&self) -> Vec<String> {
+        self.tokens
+            .iter()
+            .map(|t| {
+                format!(
+                    "{}: {}",
+                    t.label(),
+                    if t.is_ready() {
+                        "ready"
+                    } else {
+                        "no S2S token"
+                    }
+                )
+            })
+            .collect()
     }
 }
 
@@ -54,13 +75,21 @@ impl Admin {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (&Method::GET, "/readyz") => {
                 let missing = self.readiness.missing();
+                let environments = self.readiness.environments().join("\n");
                 if missing.is_empty() {
-                    text(StatusCode::OK, "text/plain", "ready\n".into())
+                    text(
+                        StatusCode::OK,
+                        "text/plain",
+                        format!("ready\n{environments}\n"),
+                    )
                 } else {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
-                        format!("not ready: waiting for {}\n", missing.join(", ")),
+                        format!(
+                            "not ready: waiting for {}\n{environments}\n",
+                            missing.join(", ")
+                        ),
                     )
                 }
             }

@@ -208,16 +208,56 @@ pub struct RawLookup {
     pub attribute: String,
 }
 
+/// Where requests go: one organisation written inline (`url`, `tenant_id`, ...), or a
+/// list of named `environments` and a `routing` rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawDynamics {
+    /// Single-environment form: organisation URL, e.g. https://contoso.crm.dynamics.com
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Single-environment form: tenant that owns the organisation.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// Single-environment form: the app registration's client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Single-environment form: the app registration's secret (`${VAR}` from the environment).
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// Single-environment form: default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
+    #[serde(default)]
+    pub token_url: Option<String>,
+    /// Single-environment form: default `<url>/.default`.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Single-environment form: caller tenants (`tid`) served; default `[tenant_id]`; `"*"`: any.
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
+    /// Several organisations or customer tenants, each with a name.
+    #[serde(default)]
+    pub environments: Option<Vec<RawEnvironment>>,
+    /// How a request chooses its environment when there are several.
+    #[serde(default)]
+    pub routing: Option<RawRouting>,
+    /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
+    #[serde(default)]
+    pub retry_throttled: Option<RawRetryThrottled>,
+}
+
+/// One Dataverse organisation and the credential used for it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnvironment {
+    /// Used in path-prefix routing (`/<name>/api/data/...`), logs, metrics and `/readyz`.
+    pub name: String,
     /// Organisation URL, e.g. https://contoso.crm.dynamics.com
     pub url: String,
-    /// Tenant that owns the organisation.
+    /// Tenant that owns the organisation (in multi-tenant use: the customer's tenant).
     pub tenant_id: String,
-    /// The app registration's client id.
+    /// The app registration's client id (several environments may share one).
     pub client_id: String,
-    /// The app registration's secret; write `${VAR}` to read it from the environment.
+    /// The app registration's secret (`${VAR}` from the environment).
     pub client_secret: String,
     /// Default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
     #[serde(default)]
@@ -225,9 +265,18 @@ pub struct RawDynamics {
     /// Default `<url>/.default`.
     #[serde(default)]
     pub scope: Option<String>,
-    /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
+    /// Caller tenants (`tid`) this environment serves; default `[tenant_id]`; `"*"`: any.
     #[serde(default)]
-    pub retry_throttled: Option<RawRetryThrottled>,
+    pub tenants: Option<Vec<String>>,
+}
+
+/// How a request chooses its environment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    /// `path_prefix`: `/<environment>/api/data/...`; `tenant`: the caller's `tid` picks the
+    /// environment whose `tenants` list it.
+    pub by: String,
 }
 
 // ---------------------------------------------------------------- validated form
@@ -313,23 +362,71 @@ impl LookupAttribute {
     }
 }
 
+/// Where requests go.
 #[derive(Debug, Clone)]
 pub struct DynamicsConfig {
-    /// Origin of the organisation, without trailing slash.
+    pub environments: Vec<EnvironmentConfig>,
+    pub routing: Routing,
+    /// `Some(max_wait)` when 429s of idempotent requests are retried.
+    pub retry_throttled: Option<Duration>,
+}
+
+/// How a request chooses its environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// One environment serves every request.
+    Single,
+    /// `/<environment>/api/data/...`
+    PathPrefix,
+    /// The caller's `tid` picks the environment whose `tenants` list it.
+    Tenant,
+}
+
+/// One Dataverse organisation.
+#[derive(Debug, Clone)]
+pub struct EnvironmentConfig {
+    pub name: String,
+    /// Origin of the organisation.
     pub url: Url,
     pub tenant_id: String,
     pub client_id: String,
     pub client_secret: Secret,
     pub token_url: Url,
     pub scope: String,
-    /// `Some(max_wait)` when 429s of idempotent requests are retried.
-    pub retry_throttled: Option<Duration>,
+    /// Caller tenants served; `None`: any.
+    pub tenants: Option<Vec<String>>,
 }
 
-impl DynamicsConfig {
+impl EnvironmentConfig {
     /// `scheme://host[:port]` of the organisation, no trailing slash.
     pub fn origin(&self) -> String {
         self.url.origin().ascii_serialization()
+    }
+
+    /// The URL a customer's administrator opens to grant the app admin consent in this
+    /// environment's tenant (multi-tenant onboarding). Same authority as the token endpoint,
+    /// so sovereign clouds work too.
+    pub fn admin_consent_url(&self, redirect_uri: Option<&str>) -> String {
+        let mut url = self.token_url.clone();
+        url.set_path(&format!("/{}/adminconsent", self.tenant_id.trim()));
+        url.set_query(None);
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("client_id", &self.client_id);
+            if let Some(r) = redirect_uri {
+                query.append_pair("redirect_uri", r);
+            }
+        }
+        url.to_string()
+    }
+
+    /// Whether a caller of tenant `tid` may use this environment.
+    pub fn serves_tenant(&self, tid: Option<&str>) -> bool {
+        match (&self.tenants, tid) {
+            (None, _) => true,
+            (Some(list), Some(tid)) => list.iter().any(|t| t.eq_ignore_ascii_case(tid)),
+            (Some(_), None) => false,
+        }
     }
 }
 
@@ -740,54 +837,7 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("identity.cache_max_entries", "must be at least 1"));
         }
 
-        let d = raw.dynamics;
-        let url = parse_secure_url("dynamics.url", &d.url)?;
-        if url.path() != "/" || url.query().is_some() {
-            return Err(invalid(
-                "dynamics.url",
-                format!("\"{}\" must be the organisation's origin only, e.g. https://contoso.crm.dynamics.com", d.url),
-            ));
-        }
-        if d.tenant_id.trim().is_empty() {
-            return Err(invalid("dynamics.tenant_id", "is required"));
-        }
-        if d.client_id.trim().is_empty() {
-            return Err(invalid("dynamics.client_id", "is required"));
-        }
-        if d.client_secret.is_empty() {
-            return Err(invalid(
-                "dynamics.client_secret",
-                "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
-            ));
-        }
-        let token_url = match d.token_url {
-            Some(t) => parse_secure_url("dynamics.token_url", &t)?,
-            None => parse_secure_url(
-                "dynamics.tenant_id",
-                &format!(
-                    "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
-                    d.tenant_id.trim()
-                ),
-            )?,
-        };
-        let origin = url.origin().ascii_serialization();
-        let scope = d.scope.unwrap_or_else(|| format!("{origin}/.default"));
-        let retry_throttled = match d.retry_throttled {
-            Some(r) if r.enabled => Some(parse_duration(
-                "dynamics.retry_throttled.max_wait",
-                &r.max_wait,
-            )?),
-            _ => None,
-        };
-        let dynamics = DynamicsConfig {
-            url,
-            tenant_id: d.tenant_id,
-            client_id: d.client_id,
-            client_secret: Secret::new(d.client_secret),
-            token_url,
-            scope,
-            retry_throttled,
-        };
+        let dynamics = dynamics_config(raw.dynamics)?;
 
         Ok(Config {
             server,
@@ -799,6 +849,172 @@ impl TryFrom<RawConfig> for Config {
             },
         })
     }
+}
+
+/// Environment names appear in URLs and metric labels: keep them plain.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name != "api"
+}
+
+fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
+    let single = d.url.is_some()
+        || d.tenant_id.is_some()
+        || d.client_id.is_some()
+        || d.client_secret.is_some()
+        || d.token_url.is_some()
+        || d.scope.is_some()
+        || d.tenants.is_some();
+    let (raw_envs, in_list) = match d.environments {
+        Some(_) if single => {
+            return Err(invalid(
+                "dynamics",
+                "write either url/tenant_id/client_id/client_secret for one organisation, or environments: [...], not both",
+            ))
+        }
+        Some(list) if list.is_empty() => return Err(invalid("dynamics.environments", "lists no environment")),
+        Some(list) => (list, true),
+        None => {
+            let required = |v: Option<String>, key: &str| v.ok_or_else(|| invalid(format!("dynamics.{key}"), "is required"));
+            let env = RawEnvironment {
+                name: "default".into(),
+                url: required(d.url, "url")?,
+                tenant_id: required(d.tenant_id, "tenant_id")?,
+                client_id: required(d.client_id, "client_id")?,
+                client_secret: required(d.client_secret, "client_secret")?,
+                token_url: d.token_url,
+                scope: d.scope,
+                tenants: d.tenants,
+            };
+            (vec![env], false)
+        }
+    };
+    let mut environments: Vec<EnvironmentConfig> = Vec::with_capacity(raw_envs.len());
+    for (i, e) in raw_envs.into_iter().enumerate() {
+        let key = if in_list {
+            format!("dynamics.environments[{i}]")
+        } else {
+            "dynamics".to_string()
+        };
+        if !is_plain_name(&e.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("\"{}\" is not a valid name; use lowercase letters, digits, - and _ (not \"api\")", e.name),
+            ));
+        }
+        if environments.iter().any(|x| x.name == e.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!("environment \"{}\" is listed twice", e.name),
+            ));
+        }
+        let url = parse_secure_url(&format!("{key}.url"), &e.url)?;
+        if url.path() != "/" || url.query().is_some() {
+            return Err(invalid(
+                format!("{key}.url"),
+                format!("\"{}\" must be the organisation's origin only, e.g. https://contoso.crm.dynamics.com", e.url),
+            ));
+        }
+        if e.tenant_id.trim().is_empty() {
+            return Err(invalid(format!("{key}.tenant_id"), "is required"));
+        }
+        if e.client_id.trim().is_empty() {
+            return Err(invalid(format!("{key}.client_id"), "is required"));
+        }
+        if e.client_secret.trim().is_empty() {
+            return Err(invalid(
+                format!("{key}.client_secret"),
+                "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
+            ));
+        }
+        let token_url = match e.token_url {
+            Some(t) => parse_secure_url(&format!("{key}.token_url"), &t)?,
+            None => parse_secure_url(
+                &format!("{key}.tenant_id"),
+                &format!(
+                    "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                    e.tenant_id.trim()
+                ),
+            )?,
+        };
+        let origin = url.origin().ascii_serialization();
+        let tenants = match e.tenants {
+            None => Some(vec![e.tenant_id.trim().to_string()]),
+            Some(list) if list.is_empty() => {
+                return Err(invalid(
+                    format!("{key}.tenants"),
+                    "is empty; list caller tenant ids, or [\"*\"] for any",
+                ))
+            }
+            Some(list) if list.iter().any(|t| t == "*") => None,
+            Some(list) => Some(list),
+        };
+        environments.push(EnvironmentConfig {
+            name: e.name,
+            scope: e.scope.unwrap_or_else(|| format!("{origin}/.default")),
+            url,
+            tenant_id: e.tenant_id,
+            client_id: e.client_id,
+            client_secret: Secret::new(e.client_secret),
+            token_url,
+            tenants,
+        });
+    }
+    let routing = match (d.routing, environments.len()) {
+        (None, 1) => Routing::Single,
+        (None, _) => {
+            return Err(invalid(
+                "dynamics.routing",
+                "several environments need a routing rule: routing: { by: path_prefix } or { by: tenant }",
+            ))
+        }
+        (Some(r), _) => match r.by.as_str() {
+            "path_prefix" => Routing::PathPrefix,
+            "tenant" => Routing::Tenant,
+            other => {
+                return Err(invalid(
+                    "dynamics.routing.by",
+                    format!("\"{other}\" is not a routing rule; use path_prefix or tenant"),
+                ))
+            }
+        },
+    };
+    if routing == Routing::Tenant {
+        // Each caller tenant must lead to exactly one environment.
+        let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+        for env in &environments {
+            let Some(tenants) = &env.tenants else {
+                return Err(invalid(
+                    format!("dynamics.environments[{}].tenants", env.name),
+                    "routing by tenant needs explicit tenant ids, not \"*\"",
+                ));
+            };
+            for t in tenants {
+                if let Some(other) = seen.insert(t.to_ascii_lowercase(), &env.name) {
+                    return Err(invalid(
+                        "dynamics.environments",
+                        format!("tenant {t} is served by both {other} and {}; routing by tenant needs one", env.name),
+                    ));
+                }
+            }
+        }
+    }
+    let retry_throttled = match d.retry_throttled {
+        Some(r) if r.enabled => Some(parse_duration(
+            "dynamics.retry_throttled.max_wait",
+            &r.max_wait,
+        )?),
+        _ => None,
+    };
+    Ok(DynamicsConfig {
+        environments,
+        routing,
+        retry_throttled,
+    })
 }
 
 fn reject_extra(present: bool, key: &str, mode: &str) -> Result<(), ConfigError> {
@@ -845,15 +1061,16 @@ dynamics:
         assert_eq!(c.inbound.leeway, Duration::from_secs(60));
         assert_eq!(c.identity.mode, IdentityMode::CallerObjectId);
         assert_eq!(c.identity.claim, "oid");
+        let env = &c.dynamics.environments[0];
+        assert_eq!(c.dynamics.routing, Routing::Single);
+        assert_eq!(env.name, "default");
+        assert_eq!(env.scope, "https://contoso.crm.dynamics.com/.default");
         assert_eq!(
-            c.dynamics.scope,
-            "https://contoso.crm.dynamics.com/.default"
-        );
-        assert_eq!(
-            c.dynamics.token_url.as_str(),
+            env.token_url.as_str(),
             "https://login.microsoftonline.com/t/oauth2/v2.0/token"
         );
-        assert_eq!(c.dynamics.client_secret.expose(), "s3cr3t-value");
+        assert_eq!(env.client_secret.expose(), "s3cr3t-value");
+        assert_eq!(env.tenants, Some(vec!["t".to_string()]));
         assert_eq!(
             c.inbound.issuers[0].discovery_url.as_str(),
             "https://login.microsoftonline.com/t/v2.0/.well-known/openid-configuration"
@@ -930,6 +1147,47 @@ dynamics:
         assert!(!err.contains("s3cr3t"), "{err}");
         let dbg = format!("{:?}", load(MINIMAL).unwrap());
         assert!(!dbg.contains("s3cr3t"), "{dbg}");
+    }
+
+    #[test]
+    fn environments_need_a_routing_rule_and_unique_names() {
+        let envs = |routing: &str| {
+            [
+                "inbound:",
+                "  issuers:",
+                "    - issuer: https://i.example/",
+                "      audiences: [a]",
+                "dynamics:",
+                routing,
+                "  environments:",
+                "    - { name: contoso, url: https://contoso.crm.dynamics.com, tenant_id: t1, client_id: c, client_secret: s }",
+                "    - { name: fabrikam, url: https://fabrikam.crm4.dynamics.com, tenant_id: t2, client_id: c, client_secret: s }",
+            ]
+            .join("\n")
+        };
+        let err = load(&envs("")).unwrap_err().to_string();
+        assert!(err.starts_with("dynamics.routing"), "{err}");
+        let c = load(&envs("  routing: { by: tenant }")).unwrap();
+        assert_eq!(c.dynamics.routing, Routing::Tenant);
+        assert_eq!(
+            c.dynamics.environments[1].tenants,
+            Some(vec!["t2".to_string()])
+        );
+        let dup = envs("  routing: { by: path_prefix }").replace("name: fabrikam", "name: contoso");
+        assert!(load(&dup).unwrap_err().to_string().contains("listed twice"));
+        let both = envs("  url: https://x.crm.dynamics.com\n  routing: { by: tenant }");
+        assert!(load(&both).unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
+    fn admin_consent_url_uses_the_token_authority_and_tenant() {
+        let c = load(MINIMAL).unwrap();
+        let url =
+            c.dynamics.environments[0].admin_consent_url(Some("https://app.example/onboarded"));
+        assert_eq!(
+            url,
+            "https://login.microsoftonline.com/t/adminconsent?client_id=c&redirect_uri=https%3A%2F%2Fapp.example%2Fonboarded"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@ use http::{Response, StatusCode};
 use crate::body::{self, GatewayBody};
 use crate::identity::{IdentityError, LookupError};
 use crate::inbound::AuthError;
+use crate::routing::RouteError;
 use crate::upstream::headers::X_REQUEST_ID;
 use crate::upstream::path::PathError;
 use crate::upstream::UpstreamError;
@@ -21,6 +22,8 @@ pub enum GatewayError {
     Path(#[from] PathError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Route(#[from] RouteError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
@@ -37,6 +40,7 @@ impl GatewayError {
             Self::Path(PathError::Ambiguous) => "ambiguous_path",
             Self::Path(PathError::BadHost) => "bad_host",
             Self::Auth(e) => e.reason(),
+            Self::Route(e) => e.reason(),
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
             Self::Overloaded(_) => "overloaded",
@@ -57,6 +61,10 @@ impl GatewayError {
             ),
             Self::Auth(AuthError::MissingToken) => (StatusCode::UNAUTHORIZED, "MissingToken"),
             Self::Auth(_) => (StatusCode::UNAUTHORIZED, "InvalidToken"),
+            Self::Route(RouteError::UnknownEnvironment(_)) => {
+                (StatusCode::NOT_FOUND, "UnknownEnvironment")
+            }
+            Self::Route(_) => (StatusCode::FORBIDDEN, "EnvironmentNotAllowed"),
             Self::Identity(IdentityError::Lookup(LookupError::NoToken(_))) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken")
             }

@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod pipeline;
+pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod testkit;
@@ -49,6 +50,7 @@ use crate::identity::{IdentityResolver, UserLookup};
 use crate::inbound::Authenticator;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
+use crate::routing::{Environment, Router};
 use crate::server::ConnectionLimits;
 use crate::upstream::{DataverseClient, Forwarder, TokenSource};
 
@@ -89,41 +91,72 @@ impl Gateway {
             .user_agent(concat!("dynamics-gateway/", env!("CARGO_PKG_VERSION")))
             .build()?;
         let inbound = Authenticator::new(&config.inbound, http.clone(), metrics.clone());
-        let tokens = Arc::new(TokenSource::new(
-            config.dynamics.clone(),
-            http,
-            metrics.clone(),
-        ));
-        let client = DataverseClient::new(&config.dynamics.url)?;
-        let lookup = match &config.identity.mode {
-            IdentityMode::Lookup(attribute) => Some(UserLookup::new(
-                &config.identity,
-                *attribute,
-                client.clone(),
-                tokens.clone(),
-                config.server.request_timeout,
+        // One token per (token endpoint, client, resource): environments that share an app
+        // registration and organisation share the token and its refresher.
+        let mut token_sources: Vec<((String, String, String), TokenSource)> = Vec::new();
+        let mut token_of_env = Vec::with_capacity(config.dynamics.environments.len());
+        for env in &config.dynamics.environments {
+            let key = (
+                env.token_url.to_string(),
+                env.client_id.clone(),
+                env.scope.clone(),
+            );
+            match token_sources.iter().position(|(k, _)| *k == key) {
+                Some(i) => {
+                    token_sources[i].1.also_serves(&env.name);
+                    token_of_env.push(i);
+                }
+                None => {
+                    token_of_env.push(token_sources.len());
+                    token_sources.push((key, TokenSource::new(env, http.clone(), metrics.clone())));
+                }
+            }
+        }
+        let tokens: Vec<Arc<TokenSource>> = token_sources
+            .into_iter()
+            .map(|(_, t)| Arc::new(t))
+            .collect();
+        let mut environments = Vec::with_capacity(config.dynamics.environments.len());
+        for (env, token_index) in config.dynamics.environments.iter().zip(token_of_env) {
+            let env_tokens = tokens
+                .get(token_index)
+                .cloned()
+                .ok_or(StartError::Identity("token source missing"))?;
+            let client = DataverseClient::new(&env.url)?;
+            let lookup = match &config.identity.mode {
+                IdentityMode::Lookup(attribute) => Some(UserLookup::new(
+                    &config.identity,
+                    *attribute,
+                    client.clone(),
+                    env_tokens.clone(),
+                    config.server.request_timeout,
+                    metrics.clone(),
+                )),
+                _ => None,
+            };
+            let identity = IdentityResolver::new(&config.identity, lookup, &env.tenant_id)
+                .map_err(StartError::Identity)?;
+            let upstream = Forwarder::new(
+                client,
+                env_tokens,
+                &config.server,
+                &config.dynamics,
                 metrics.clone(),
-            )),
-            _ => None,
-        };
-        let identity =
-            IdentityResolver::new(&config.identity, lookup).map_err(StartError::Identity)?;
+            );
+            environments.push(Arc::new(Environment {
+                config: env.clone(),
+                identity,
+                upstream,
+            }));
+        }
         let readiness = Readiness {
             issuers: inbound.caches().cloned().collect(),
-            tokens: tokens.clone(),
+            tokens,
             draining,
         };
-        let upstream = Forwarder::new(
-            client,
-            tokens,
-            &config.server,
-            &config.dynamics,
-            metrics.clone(),
-        );
         let pipeline = Arc::new(Pipeline {
             inbound,
-            identity,
-            upstream,
+            router: Router::new(config.dynamics.routing, environments),
             metrics,
             audit: Audit::new(config.audit.redact_query),
             public_url: config.server.public_url.clone(),
@@ -142,7 +175,9 @@ impl Gateway {
         for cache in &self.readiness.issuers {
             tracker.spawn(cache.clone().run(self.refreshers.clone()));
         }
-        tracker.spawn(self.readiness.tokens.clone().run(self.refreshers.clone()));
+        for tokens in &self.readiness.tokens {
+            tracker.spawn(tokens.clone().run(self.refreshers.clone()));
+        }
     }
 
     fn retire(&self) {

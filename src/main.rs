@@ -48,6 +48,15 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
+    /// Print the admin-consent URL a customer administrator opens to onboard an environment.
+    ConsentUrl {
+        /// The environment's name (default: the only one).
+        #[arg(long)]
+        environment: Option<String>,
+        /// Where Azure AD sends the administrator afterwards (must be a redirect URI of the app).
+        #[arg(long)]
+        redirect_uri: Option<String>,
+    },
     /// GET the admin /readyz of a running gateway; exit 0 when ready, 1 otherwise.
     Healthcheck {
         /// Base URL of the admin listener; default from the config's server.admin_listen.
@@ -75,6 +84,10 @@ fn main() -> ExitCode {
             Command::Check => check(&cli.config),
             Command::Demo { port } => demo(port).await,
             Command::Healthcheck { url } => healthcheck(&cli.config, url).await,
+            Command::ConsentUrl {
+                environment,
+                redirect_uri,
+            } => consent_url(&cli.config, environment.as_deref(), redirect_uri.as_deref()),
         }
     })
 }
@@ -125,7 +138,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, upstream = %config.dynamics.origin(), "dynamics-gateway starting");
+    tracing::info!(listen = %config.server.listen, admin = %config.server.admin_listen, environments = config.dynamics.environments.len(), "dynamics-gateway starting");
     let reloads = reload_on_sighup(path.to_path_buf());
     match dynamics_gateway::run_with_reloads(config, listener, admin, shutdown_signal(), reloads)
         .await
@@ -232,17 +245,53 @@ fn check(path: &std::path::Path) -> ExitCode {
         ),
     };
     out.push_str(&format!("identity:      {mode}\n"));
-    out.push_str(&format!(
-        "upstream:      {}/api/data/ (timeout {:?})\n",
-        config.dynamics.origin(),
-        config.server.request_timeout
-    ));
-    out.push_str(&format!(
-        "s2s token:     client {} from {} scope {} (secret set, not shown)\n",
-        config.dynamics.client_id, config.dynamics.token_url, config.dynamics.scope
-    ));
+    out.push_str(&format!("routing:       {:?}\n", config.dynamics.routing));
+    for env in &config.dynamics.environments {
+        let tenants = env
+            .tenants
+            .as_ref()
+            .map(|t| t.join(", "))
+            .unwrap_or_else(|| "any".into());
+        out.push_str(&format!(
+            "environment:   {} -> {}/api/data/ (timeout {:?}); callers of tenant {tenants}\n",
+            env.name,
+            env.origin(),
+            config.server.request_timeout
+        ));
+        out.push_str(&format!(
+            "  s2s token:   client {} from {} scope {} (secret set, not shown)\n",
+            env.client_id, env.token_url, env.scope
+        ));
+    }
     use std::io::Write;
     let _ = std::io::stdout().write_all(out.as_bytes());
+    ExitCode::SUCCESS
+}
+
+fn consent_url(
+    path: &std::path::Path,
+    environment: Option<&str>,
+    redirect_uri: Option<&str>,
+) -> ExitCode {
+    let Some(config) = load(path) else {
+        return ExitCode::from(2);
+    };
+    let envs = &config.dynamics.environments;
+    let chosen = match environment {
+        Some(name) => envs.iter().find(|e| e.name == name),
+        None if envs.len() == 1 => envs.first(),
+        None => None,
+    };
+    let Some(env) = chosen else {
+        let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
+        eprintln!(
+            "error: name one environment with --environment; configured: {}",
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{}", env.admin_consent_url(redirect_uri));
     ExitCode::SUCCESS
 }
 

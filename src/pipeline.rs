@@ -1,5 +1,6 @@
 //! The request, start to finish, as one function that reads like the architecture:
-//! path check -> inbound (who is calling?) -> identity (as whom?) -> upstream (forward).
+//! path check -> inbound (who is calling?) -> routing (which organisation?) -> identity
+//! (as whom?) -> upstream (forward).
 //! Each stage returns a typed value or an error; errors become responses in `error.rs`.
 
 use std::net::SocketAddr;
@@ -13,18 +14,18 @@ use tokio::time::Instant;
 use crate::audit::{Audit, AuditRecord};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
-use crate::identity::{IdentityResolver, Impersonation};
+use crate::identity::Impersonation;
 use crate::inbound::{Authenticator, Caller};
 use crate::metrics::Metrics;
+use crate::routing::Router;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use crate::upstream::path::{proxied_path_and_query, PathError};
-use crate::upstream::{ForwardContext, Forwarder};
+use crate::upstream::path::{request_target, PathError};
+use crate::upstream::ForwardContext;
 
 /// The three stages and what they share.
 pub struct Pipeline {
     pub inbound: Authenticator,
-    pub identity: IdentityResolver,
-    pub upstream: Forwarder,
+    pub router: Router,
     pub metrics: Metrics,
     pub audit: Audit,
     /// `server.public_url`, without trailing slash.
@@ -104,14 +105,31 @@ impl Pipeline {
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<GatewayBody>, GatewayError> {
-        let path_and_query = proxied_path_and_query(request.uri())?.to_string();
+        let target = request_target(request.uri(), self.router.uses_path_prefix())?;
+        let (prefix, path_and_query) = (
+            target.environment.map(str::to_string),
+            target.path_and_query.to_string(),
+        );
         let caller: Caller = self.inbound.authenticate(request.headers()).await?;
-        outcome.caller_key = Some(self.identity.caller_key(&caller).to_string());
-        let impersonation = self.identity.resolve(&caller).await;
+        let environment = self.router.route(prefix.as_deref(), &caller);
+        let environment = match environment {
+            Ok(environment) => environment,
+            Err(e) => {
+                outcome.caller = Some(caller);
+                return Err(e.into());
+            }
+        };
+        outcome.caller_key = Some(environment.identity.caller_key(&caller).to_string());
+        let impersonation = environment.identity.resolve(&caller).await;
         outcome.caller = Some(caller);
         let impersonation = impersonation?;
         outcome.impersonated = Some(impersonation);
-        let public_base = self.public_base(&request)?;
+        // Links handed back keep the environment prefix, so apps stay on the same route.
+        let mut public_base = self.public_base(&request)?;
+        if let Some(prefix) = &prefix {
+            public_base.push('/');
+            public_base.push_str(prefix);
+        }
         let ctx = ForwardContext {
             peer,
             request_id,
@@ -119,7 +137,7 @@ impl Pipeline {
             public_base: &public_base,
             path_and_query: &path_and_query,
         };
-        Ok(self.upstream.forward(request, ctx).await?)
+        Ok(environment.upstream.forward(request, ctx).await?)
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured

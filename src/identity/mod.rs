@@ -39,6 +39,8 @@ pub enum IdentityError {
     NotAGuid(String),
     #[error("the caller is not mapped to a Dynamics user")]
     NotMapped,
+    #[error("the caller's tenant is not the organisation's: an object id from another tenant names nobody there")]
+    ForeignTenant,
     #[error("no Dynamics user matches the caller")]
     UserNotFound,
     #[error("the caller's Dynamics user is disabled")]
@@ -55,6 +57,7 @@ impl IdentityError {
             Self::MissingClaim(_) => "identity_claim_missing",
             Self::NotAGuid(_) => "identity_claim_not_guid",
             Self::NotMapped => "identity_not_mapped",
+            Self::ForeignTenant => "identity_foreign_tenant",
             Self::UserNotFound => "identity_user_not_found",
             Self::UserDisabled => "identity_user_disabled",
             Self::Ambiguous => "identity_ambiguous",
@@ -73,11 +76,17 @@ enum Mode {
 pub struct IdentityResolver {
     claim: String,
     mode: Mode,
+    /// The organisation's tenant: `CallerObjectId` only means something for its callers.
+    tenant_id: String,
 }
 
 impl IdentityResolver {
     /// `lookup` is required for `IdentityMode::Lookup` and ignored otherwise.
-    pub fn new(config: &IdentityConfig, lookup: Option<UserLookup>) -> Result<Self, &'static str> {
+    pub fn new(
+        config: &IdentityConfig,
+        lookup: Option<UserLookup>,
+        tenant_id: &str,
+    ) -> Result<Self, &'static str> {
         let mode = match &config.mode {
             IdentityMode::CallerObjectId => Mode::CallerObjectId,
             IdentityMode::Static(map) => Mode::Static(static_map::StaticMap::new(map)),
@@ -88,6 +97,7 @@ impl IdentityResolver {
         Ok(Self {
             claim: config.claim.clone(),
             mode,
+            tenant_id: tenant_id.trim().to_string(),
         })
     }
 
@@ -102,7 +112,15 @@ impl IdentityResolver {
             .filter(|v| !v.is_empty())
             .ok_or_else(|| IdentityError::MissingClaim(self.claim.clone()))?;
         match &self.mode {
-            Mode::CallerObjectId => caller_object_id::resolve(&self.claim, value),
+            Mode::CallerObjectId => {
+                // Guests have a different oid in each tenant: an oid issued by another
+                // tenant would impersonate nobody, or the wrong person.
+                let tid = caller.claim_str("tid").unwrap_or_default();
+                if !tid.eq_ignore_ascii_case(&self.tenant_id) {
+                    return Err(IdentityError::ForeignTenant);
+                }
+                caller_object_id::resolve(&self.claim, value)
+            }
             Mode::Static(map) => map.resolve(value),
             Mode::Lookup(lookup) => lookup.resolve(&caller.issuer, value).await,
         }

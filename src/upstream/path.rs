@@ -32,6 +32,41 @@ pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
     Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
 }
 
+/// A checked request target: the environment named by a path prefix, if routing uses
+/// one, and the path and query to send upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestTarget<'a> {
+    pub environment: Option<&'a str>,
+    pub path_and_query: &'a str,
+}
+
+/// As [`proxied_path_and_query`]; with `prefixed`, the path must be
+/// `/<environment>/api/data/...` and the prefix is split off.
+pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
+    if !prefixed {
+        return proxied_path_and_query(uri).map(|path_and_query| RequestTarget {
+            environment: None,
+            path_and_query,
+        });
+    }
+    let path = uri.path();
+    check_unambiguous(path)?;
+    let name = path
+        .strip_prefix('/')
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(name, _)| name)
+        .filter(|name| !name.is_empty())
+        .ok_or(PathError::NotProxied)?;
+    if !path[1 + name.len()..].starts_with(API_PREFIX) {
+        return Err(PathError::NotProxied);
+    }
+    let path_and_query = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path);
+    Ok(RequestTarget {
+        environment: Some(name),
+        path_and_query: &path_and_query[1 + name.len()..],
+    })
+}
+
 /// Refuses dot segments, backslashes, empty segments and control characters in the path
 /// as written and after each of up to three rounds of percent-decoding (double encoding).
 /// A `%` not followed by two hex digits as written (`%u002e` is a dot to IIS's http.sys) and
@@ -97,6 +132,25 @@ mod tests {
         assert!(check("/api/data/v9.2/accounts(name='M%C3%BCller')").is_ok());
         // An encoded slash inside a query value is data, not a path separator.
         assert!(check("/api/data/v9.2/accounts?$skiptoken=%253Ccookie%2F").is_ok());
+    }
+
+    #[test]
+    fn environment_prefix_is_split_off() {
+        let uri: Uri = "/contoso/api/data/v9.2/accounts?$top=1".parse().unwrap();
+        let t = request_target(&uri, true).unwrap();
+        assert_eq!(t.environment, Some("contoso"));
+        assert_eq!(t.path_and_query, "/api/data/v9.2/accounts?$top=1");
+        for bad in [
+            "/api/data/v9.2/accounts",
+            "/contoso/x/api/data/",
+            "//api/data/",
+            "/contoso/../fabrikam/api/data/v9.2/x",
+        ] {
+            let uri: Uri = bad.parse().unwrap();
+            assert!(request_target(&uri, true).is_err(), "{bad}");
+        }
+        let uri: Uri = "/api/data/v9.2/accounts".parse().unwrap();
+        assert_eq!(request_target(&uri, false).unwrap().environment, None);
     }
 
     #[test]

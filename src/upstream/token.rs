@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::DynamicsConfig;
+use crate::config::EnvironmentConfig;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -120,7 +120,9 @@ struct OAuthError {
 
 /// Holds and refreshes the S2S token.
 pub struct TokenSource {
-    config: DynamicsConfig,
+    /// Environment names served by this token (one token per tenant, client and resource).
+    label: String,
+    config: EnvironmentConfig,
     http: reqwest::Client,
     current: ArcSwapOption<S2sToken>,
     fetch_lock: tokio::sync::Mutex<()>,
@@ -129,9 +131,10 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    pub fn new(config: DynamicsConfig, http: reqwest::Client, metrics: Metrics) -> Self {
+    pub fn new(config: &EnvironmentConfig, http: reqwest::Client, metrics: Metrics) -> Self {
         Self {
-            config,
+            label: config.name.clone(),
+            config: config.clone(),
             http,
             current: ArcSwapOption::empty(),
             fetch_lock: tokio::sync::Mutex::new(()),
@@ -146,6 +149,17 @@ impl TokenSource {
             Some(token) if token.is_usable() => Ok(token),
             _ => Err(self.no_valid_token()),
         }
+    }
+
+    /// Another environment sharing this token (same tenant, client and resource).
+    pub fn also_serves(&mut self, environment: &str) {
+        self.label.push_str(", ");
+        self.label.push_str(environment);
+    }
+
+    /// The environments this token serves, for logs and readiness.
+    pub fn label(&self) -> &str {
+        &self.label
     }
 
     /// True while a usable token is held.
@@ -312,6 +326,7 @@ impl TokenSource {
                 Ok(token) => {
                     backoff.reset();
                     tracing::info!(
+                        environment = %self.label,
                         usable_for = ?token.usable_until.saturating_duration_since(Instant::now()),
                         "S2S token acquired"
                     );
@@ -323,7 +338,7 @@ impl TokenSource {
                         wait = wait.max(after);
                     }
                     let serving = self.current().is_ok();
-                    tracing::warn!(error = %e, retry_in = ?wait, still_serving = serving, "S2S token request failed");
+                    tracing::warn!(environment = %self.label, error = %e, retry_in = ?wait, still_serving = serving, "S2S token request failed");
                     Instant::now() + wait
                 }
             };
