@@ -168,6 +168,10 @@ pub struct RawIssuer {
     /// Set to skip discovery.
     #[serde(default)]
     pub jwks_uri: Option<String>,
+    /// Tenants (`tid`) accepted from this issuer. Required, and non-empty, when the issuer
+    /// is a `{tenantid}` template (Azure AD multi-tenant).
+    #[serde(default)]
+    pub tenants: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,7 +326,10 @@ pub struct InboundConfig {
 
 #[derive(Debug, Clone)]
 pub struct IssuerConfig {
+    /// Exact `iss`, or a template containing `{tenantid}`.
     pub issuer: String,
+    /// Accepted `tid` values; `None`: any (only for non-template issuers).
+    pub tenants: Option<Vec<String>>,
     pub audiences: Vec<String>,
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub discovery_url: Url,
@@ -508,6 +515,9 @@ fn substitute_env(
     }
     Ok(())
 }
+
+/// The placeholder of a multi-tenant issuer template.
+pub const TENANT_PLACEHOLDER: &str = "{tenantid}";
 
 /// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
 pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
@@ -720,10 +730,30 @@ impl TryFrom<RawConfig> for Config {
                     .map(|a| parse_algorithm(&format!("{key}.algorithms"), a))
                     .collect::<Result<_, _>>()?,
             };
+            let template = ri.issuer.contains(TENANT_PLACEHOLDER);
+            let tenants = match ri.tenants {
+                Some(list) if list.is_empty() || list.iter().any(|t| t.trim().is_empty() || t == "*") => {
+                    return Err(invalid(
+                        format!("{key}.tenants"),
+                        "must list tenant ids; an empty list or \"*\" is refused, not read as \"any tenant\"",
+                    ))
+                }
+                Some(list) => Some(list),
+                None if template => {
+                    return Err(invalid(
+                        format!("{key}.tenants"),
+                        "an issuer with {tenantid} needs the list of accepted tenant ids",
+                    ))
+                }
+                None => None,
+            };
             let discovery_url = match ri.discovery_url {
                 Some(d) => parse_secure_url(&format!("{key}.discovery_url"), &d)?,
                 None => {
-                    let base = ri.issuer.trim().trim_end_matches('/');
+                    // Azure AD's multi-tenant discovery document lives under "organizations"
+                    // and names the issuer as the {tenantid} template.
+                    let issuer = ri.issuer.replace(TENANT_PLACEHOLDER, "organizations");
+                    let base = issuer.trim().trim_end_matches('/');
                     parse_secure_url(
                         &format!("{key}.issuer"),
                         &format!("{base}/.well-known/openid-configuration"),
@@ -742,6 +772,7 @@ impl TryFrom<RawConfig> for Config {
             }
             issuers.push(IssuerConfig {
                 issuer: ri.issuer,
+                tenants,
                 audiences: ri.audiences,
                 algorithms,
                 discovery_url,

@@ -186,3 +186,61 @@ async fn demo_serves_whoami_for_alice_with_the_token_it_wrote() {
     assert_eq!(unauthenticated.status(), 401);
     child.kill().await.unwrap();
 }
+
+#[test]
+fn consent_url_names_the_environments_tenant_and_client() {
+    let yaml = r#"
+inbound:
+  issuers:
+    - issuer: https://login.microsoftonline.com/{tenantid}/v2.0
+      audiences: [api://dynamics-gateway]
+      tenants: [72f988bf-86f1-41af-91ab-2d7cd011db47, 0c0ffee0-0000-4000-8000-000000000001]
+dynamics:
+  routing: { by: tenant }
+  environments:
+    - { name: contoso, url: https://contoso.crm.dynamics.com, tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47, client_id: 11111111-2222-3333-4444-555555555555, client_secret: x }
+    - { name: coffee, url: https://coffee.crm4.dynamics.com, tenant_id: 0c0ffee0-0000-4000-8000-000000000001, client_id: 11111111-2222-3333-4444-555555555555, client_secret: x }
+"#;
+    let dir = std::env::temp_dir().join(format!("dgw-consent-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = gateway_command()
+        .args([
+            "consent-url",
+            "--environment",
+            "coffee",
+            "--redirect-uri",
+            "https://app.example/onboarded",
+            "--config",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        "https://login.microsoftonline.com/0c0ffee0-0000-4000-8000-000000000001/adminconsent?client_id=11111111-2222-3333-4444-555555555555&redirect_uri=https%3A%2F%2Fapp.example%2Fonboarded"
+    );
+    let ambiguous = gateway_command()
+        .args(["consent-url", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!ambiguous.status.success());
+    assert!(String::from_utf8_lossy(&ambiguous.stderr).contains("contoso, coffee"));
+    let empty = check(
+        &yaml.replace(
+            "tenants: [72f988bf-86f1-41af-91ab-2d7cd011db47, 0c0ffee0-0000-4000-8000-000000000001]",
+            "tenants: []",
+        ),
+        &[],
+    );
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("inbound.issuers[0].tenants"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -19,7 +19,7 @@ use super::discovery::{self, FetchError};
 use super::jwt::UnverifiedToken;
 use super::{AuthError, Caller};
 use crate::backoff::Backoff;
-use crate::config::{InboundConfig, IssuerConfig};
+use crate::config::{InboundConfig, IssuerConfig, TENANT_PLACEHOLDER};
 use crate::metrics::Metrics;
 
 /// A verification key from the issuer's JWKS.
@@ -70,7 +70,10 @@ impl JwksCache {
                 v.leeway = inbound.leeway.as_secs();
                 v.validate_nbf = true;
                 v.set_required_spec_claims(&["exp", "iss", "aud"]);
-                v.set_issuer(&[&config.issuer]);
+                // A template's `iss` differs per tenant; `verify` checks it after decoding.
+                if !config.issuer.contains(TENANT_PLACEHOLDER) {
+                    v.set_issuer(&[&config.issuer]);
+                }
                 v.set_audience(&config.audiences);
                 (*alg, v)
             })
@@ -93,6 +96,16 @@ impl JwksCache {
         &self.issuer
     }
 
+    /// True for a `{tenantid}` issuer template.
+    pub fn is_template(&self) -> bool {
+        self.config.issuer.contains(TENANT_PLACEHOLDER)
+    }
+
+    /// The concrete issuer for a tenant (the issuer itself when it is not a template).
+    pub fn issuer_for_tenant(&self, tid: &str) -> String {
+        self.config.issuer.replace(TENANT_PLACEHOLDER, tid)
+    }
+
     /// True once a key set has been loaded.
     pub fn is_ready(&self) -> bool {
         self.keys.load().is_some()
@@ -111,8 +124,25 @@ impl JwksCache {
             .get(&alg)
             .ok_or_else(|| AuthError::DisallowedAlgorithm(format!("{alg:?}")))?;
         let claims = token.verify(&key.key, validation)?;
+        let tid = claims.get("tid").and_then(|t| t.as_str());
+        let issuer = if self.is_template() {
+            // Signed claims now: `iss` must be the template with the token's own `tid`.
+            let tid = tid.ok_or_else(|| AuthError::MissingClaim("tid".into()))?;
+            let expected = self.issuer_for_tenant(tid);
+            if claims.get("iss").and_then(|i| i.as_str()) != Some(expected.as_str()) {
+                return Err(AuthError::UnknownIssuer);
+            }
+            Arc::from(expected)
+        } else {
+            self.issuer.clone()
+        };
+        if let Some(tenants) = &self.config.tenants {
+            if !tid.is_some_and(|tid| tenants.iter().any(|t| t.eq_ignore_ascii_case(tid))) {
+                return Err(AuthError::TenantNotAllowed);
+            }
+        }
         Ok(Caller {
-            issuer: self.issuer.clone(),
+            issuer,
             claims: Arc::new(claims),
         })
     }

@@ -27,6 +27,7 @@ pub struct UnverifiedToken<'a> {
     alg: String,
     kid: Option<String>,
     issuer: String,
+    tenant: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -41,6 +42,7 @@ struct PeekHeader {
 #[derive(Deserialize)]
 struct PeekClaims {
     iss: Option<Value>,
+    tid: Option<Value>,
 }
 
 impl<'a> UnverifiedToken<'a> {
@@ -66,17 +68,27 @@ impl<'a> UnverifiedToken<'a> {
             Some(_) => return Err(AuthError::InvalidClaim("iss".into())),
             None => return Err(AuthError::MissingClaim("iss".into())),
         };
+        let tenant = match claims.tid {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
         Ok(Self {
             raw,
             alg: header.alg,
             kid: header.kid,
             issuer,
+            tenant,
         })
     }
 
     /// The unverified `iss`: only used to pick which issuer's keys to verify with.
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The unverified `tid`: only used to match a `{tenantid}` issuer template.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
     }
 
     pub fn kid(&self) -> Option<&str> {

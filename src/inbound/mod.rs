@@ -67,6 +67,8 @@ pub enum AuthError {
     NotYetValid,
     #[error("the token's audience is not accepted")]
     AudienceMismatch,
+    #[error("the token's tenant is not accepted")]
+    TenantNotAllowed,
     /// Also for a required claim of the wrong type (`"exp": "123"`), which jsonwebtoken
     /// reports as missing.
     #[error("the token has no valid {0} claim")]
@@ -94,6 +96,7 @@ impl AuthError {
             Self::Expired => "expired",
             Self::NotYetValid => "not_yet_valid",
             Self::AudienceMismatch => "wrong_audience",
+            Self::TenantNotAllowed => "tenant_not_allowed",
             Self::MissingClaim(_) => "missing_claim",
             Self::InvalidClaim(_) => "invalid_claim",
             Self::KeysUnavailable { .. } => "keys_unavailable",
@@ -103,7 +106,10 @@ impl AuthError {
 
 /// The inbound stage: one [`JwksCache`] per configured issuer.
 pub struct Authenticator {
+    /// Issuers written exactly, by `iss`.
     issuers: HashMap<String, Arc<JwksCache>>,
+    /// Issuers written as `{tenantid}` templates, tried in order when no exact one matches.
+    templates: Vec<Arc<JwksCache>>,
     verified: verified::VerifiedTokens,
 }
 
@@ -113,23 +119,44 @@ impl Authenticator {
         http: reqwest::Client,
         metrics: crate::metrics::Metrics,
     ) -> Self {
-        let issuers = config
-            .issuers
-            .iter()
-            .map(|issuer| {
-                let cache = JwksCache::new(issuer.clone(), config, http.clone(), metrics.clone());
-                (issuer.issuer.clone(), Arc::new(cache))
-            })
-            .collect();
+        let mut issuers = HashMap::new();
+        let mut templates = Vec::new();
+        for issuer in &config.issuers {
+            let cache = Arc::new(JwksCache::new(
+                issuer.clone(),
+                config,
+                http.clone(),
+                metrics.clone(),
+            ));
+            if cache.is_template() {
+                templates.push(cache);
+            } else {
+                issuers.insert(issuer.issuer.clone(), cache);
+            }
+        }
         Self {
             issuers,
+            templates,
             verified: verified::VerifiedTokens::new(config.token_cache_max_entries),
         }
     }
 
     /// The key caches, for their refreshers and for readiness.
     pub fn caches(&self) -> impl Iterator<Item = &Arc<JwksCache>> {
-        self.issuers.values()
+        self.issuers.values().chain(self.templates.iter())
+    }
+
+    /// The issuer whose keys verify this token: exact `iss` first, else a template that
+    /// gives exactly this `iss` when the token's own `tid` is put in.
+    fn issuer_for(&self, token: &jwt::UnverifiedToken<'_>) -> Result<&Arc<JwksCache>, AuthError> {
+        if let Some(cache) = self.issuers.get(token.issuer()) {
+            return Ok(cache);
+        }
+        let tid = token.tenant().ok_or(AuthError::UnknownIssuer)?;
+        self.templates
+            .iter()
+            .find(|t| t.issuer_for_tenant(tid) == token.issuer())
+            .ok_or(AuthError::UnknownIssuer)
     }
 
     /// Verifies the request's bearer token and returns who is calling.
@@ -139,11 +166,7 @@ impl Authenticator {
             return Ok(caller);
         }
         let unverified = jwt::UnverifiedToken::parse(token)?;
-        let cache = self
-            .issuers
-            .get(unverified.issuer())
-            .ok_or(AuthError::UnknownIssuer)?;
-        let caller = cache.verify(&unverified).await?;
+        let caller = self.issuer_for(&unverified)?.verify(&unverified).await?;
         self.verified.insert(token, &caller);
         Ok(caller)
     }

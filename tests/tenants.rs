@@ -1,0 +1,298 @@
+//! Several organisations and tenants, end to end: two customer tenants with their own
+//! stand-in Dataverse and token endpoint, routing by tenant and by path prefix, the
+//! `{tenantid}` issuer template with its allowlist, and one tenant's outage.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use dynamics_gateway::testkit::{
+    Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode,
+};
+use serde_json::json;
+use support::{client, error_body, start_gateway, GatewayHandle, ALICE_OID};
+
+const TENANT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
+const TENANT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
+const TENANT_C: &str = "cccccccc-0000-4000-8000-00000000000c";
+const BOB_IN_B: &str = "0b0b0b0b-1111-4111-8111-0000000000b0";
+const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
+
+/// Customer tenants A and B: each its own token endpoint (its own IdP) and organisation.
+/// Caller tokens come from A's IdP for any tenant, as Azure AD's common endpoint signs for all.
+struct Tenants {
+    idp_a: IdpHandle,
+    idp_b: IdpHandle,
+    org_a: DataverseHandle,
+    org_b: DataverseHandle,
+    gateway: GatewayHandle,
+}
+
+impl Tenants {
+    /// The `{tenantid}` template of the callers' issuer.
+    fn template(idp: &IdpHandle) -> String {
+        format!("{}/{{tenantid}}/v2.0", idp.base_url())
+    }
+
+    /// A caller token of `tid`, signed by the common keys.
+    fn token(&self, oid: &str, tid: &str) -> String {
+        let mut claims = self.idp_a.claims_for(oid);
+        claims["tid"] = json!(tid);
+        claims["iss"] = json!(format!("{}/{tid}/v2.0", self.idp_a.base_url()));
+        self.idp_a.sign(claims)
+    }
+
+    async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        client()
+            .get(format!("{}{path}", self.gateway.url()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+async fn tenants(routing: &str, identity: &str, b_down: bool) -> Tenants {
+    let idp_a = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let idp_b = Idp::builder().tenant_id(TENANT_B).start().await.unwrap();
+    if b_down {
+        idp_b.set_token_endpoint_mode(TokenEndpointMode::InvalidClient);
+    }
+    let org_a = Dataverse::builder()
+        .accept_tokens_from(idp_a.s2s_registry())
+        .user(DirectoryUser::new(ALICE_OID, "alice@a.example"))
+        .start()
+        .await
+        .unwrap();
+    let org_b = Dataverse::builder()
+        .accept_tokens_from(idp_b.s2s_registry())
+        .user(DirectoryUser::new(BOB_IN_B, "bob@b.example"))
+        .start()
+        .await
+        .unwrap();
+    let env = |name: &str, idp: &IdpHandle, org: &DataverseHandle, tenant: &str| {
+        format!(
+            "    - name: {name}\n      url: {}\n      tenant_id: {tenant}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
+            org.url(),
+            idp.client_id(),
+            idp.client_secret(),
+            idp.token_url()
+        )
+    };
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
+inbound:\n  issuers:\n    - issuer: {template}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}, {TENANT_B}]\n  jwks_refetch_interval: 0s\n\
+{identity}\
+dynamics:\n  routing: {{ by: {routing} }}\n  environments:\n{a}{b}",
+        template = Tenants::template(&idp_a),
+        aud = idp_a.audience(),
+        a = env("contoso", &idp_a, &org_a, TENANT_A),
+        b = env("fabrikam", &idp_b, &org_b, TENANT_B),
+    );
+    let gateway = start_gateway(&yaml).await;
+    if b_down {
+        // Ready as soon as one environment can be served.
+        gateway.wait_ready().await;
+    } else {
+        for _ in 0..200 {
+            let body = client()
+                .get(format!("{}/readyz", gateway.admin_url()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if !body.contains("no S2S token") && body.starts_with("ready") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    Tenants {
+        idp_a,
+        idp_b,
+        org_a,
+        org_b,
+        gateway,
+    }
+}
+
+#[tokio::test]
+async fn routing_by_tenant_sends_each_caller_to_its_own_organisation_with_its_own_token() {
+    let t = tenants("tenant", "", false).await;
+    assert_eq!(
+        t.get(WHOAMI, &t.token(ALICE_OID, TENANT_A)).await.status(),
+        200
+    );
+    assert_eq!(
+        t.get(WHOAMI, &t.token(BOB_IN_B, TENANT_B)).await.status(),
+        200
+    );
+    let a = t.org_a.requests();
+    let b = t.org_b.requests();
+    assert_eq!((a.len(), b.len()), (1, 1));
+    assert_eq!(a[0].header("callerobjectid"), Some(ALICE_OID));
+    assert_eq!(b[0].header("callerobjectid"), Some(BOB_IN_B));
+    assert_eq!(
+        a[0].header("authorization"),
+        Some(format!("Bearer {}", t.idp_a.issued_s2s_tokens()[0]).as_str())
+    );
+    assert_eq!(
+        b[0].header("authorization"),
+        Some(format!("Bearer {}", t.idp_b.issued_s2s_tokens()[0]).as_str())
+    );
+    // In tenant routing the path cannot pick an environment.
+    let response = t
+        .get(&format!("/fabrikam{WHOAMI}"), &t.token(ALICE_OID, TENANT_A))
+        .await;
+    assert_eq!(response.status(), 404);
+    assert_eq!(t.org_b.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_caller_of_tenant_a_never_reaches_b_by_path_or_header() {
+    let t = tenants("path_prefix", "", false).await;
+    let alice = t.token(ALICE_OID, TENANT_A);
+    assert_eq!(
+        t.get(&format!("/contoso{WHOAMI}"), &alice).await.status(),
+        200
+    );
+    let (status, code, message) =
+        error_body(t.get(&format!("/fabrikam{WHOAMI}"), &alice).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DynamicsGateway.EnvironmentNotAllowed"),
+        "{message}"
+    );
+    let (status, code, _) = error_body(t.get(&format!("/nowhere{WHOAMI}"), &alice).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (404, "DynamicsGateway.UnknownEnvironment")
+    );
+    let response = client()
+        .get(format!("{}/contoso{WHOAMI}", t.gateway.url()))
+        .bearer_auth(&alice)
+        .header("Host", t.org_b.addr().to_string())
+        .header("X-Forwarded-Host", t.org_b.addr().to_string())
+        .header("X-MS-Environment", "fabrikam")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(t.org_b.request_count(), 0, "nothing ever reached B");
+    assert_eq!(t.org_a.request_count(), 2);
+    // Links handed back keep the caller on its environment's prefix.
+    let who: serde_json::Value = t
+        .get(&format!("/contoso{WHOAMI}"), &alice)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let context = who["@odata.context"].as_str().unwrap();
+    assert!(
+        context.starts_with(&format!("{}/contoso/api/data/v9.2/", t.gateway.url())),
+        "{context}"
+    );
+}
+
+#[tokio::test]
+async fn template_issuer_accepts_only_listed_tenants_and_matching_iss() {
+    let t = tenants("tenant", "", false).await;
+    // Correctly signed, from a tenant that is not on the list.
+    let response = t.get(WHOAMI, &t.token(ALICE_OID, TENANT_C)).await;
+    let www = response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(response.status(), 401);
+    assert!(www.contains("tenant"), "{www}");
+    // `iss` of one tenant with `tid` of another.
+    let mut claims = t.idp_a.claims_for(ALICE_OID);
+    claims["tid"] = json!(TENANT_A);
+    claims["iss"] = json!(format!("{}/{TENANT_B}/v2.0", t.idp_a.base_url()));
+    let response = t.get(WHOAMI, &t.idp_a.sign(claims)).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(t.org_a.request_count() + t.org_b.request_count(), 0);
+}
+
+#[tokio::test]
+async fn caller_object_id_refuses_an_oid_from_another_tenant() {
+    // fabrikam serves callers of both tenants, but its organisation lives in tenant B:
+    // an object id issued by tenant A names nobody there.
+    let idp_a = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let org = Dataverse::builder()
+        .accept_tokens_from(idp_a.s2s_registry())
+        .start()
+        .await
+        .unwrap();
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
+inbound:\n  issuers:\n    - issuer: {template}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}, {TENANT_B}]\n\
+dynamics:\n  url: {url}\n  tenant_id: {TENANT_A}\n  tenants: [{TENANT_A}, {TENANT_B}]\n  client_id: {cid}\n  client_secret: {secret}\n  token_url: {token_url}\n",
+        template = Tenants::template(&idp_a),
+        aud = idp_a.audience(),
+        url = org.url(),
+        cid = idp_a.client_id(),
+        secret = idp_a.client_secret(),
+        token_url = idp_a.token_url(),
+    );
+    let gateway = start_gateway(&yaml).await;
+    gateway.wait_ready().await;
+    let mut claims = idp_a.claims_for(ALICE_OID);
+    claims["tid"] = json!(TENANT_B);
+    claims["iss"] = json!(format!("{}/{TENANT_B}/v2.0", idp_a.base_url()));
+    let response = client()
+        .get(format!("{}{WHOAMI}", gateway.url()))
+        .bearer_auth(idp_a.sign(claims))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, message) = error_body(response).await;
+    assert_eq!(status, 403);
+    assert!(message.contains("another tenant"), "{message}");
+    assert_eq!(org.request_count(), 0);
+}
+
+#[tokio::test]
+async fn one_tenants_token_endpoint_down_leaves_the_other_serving() {
+    let t = tenants("tenant", "", true).await;
+    let ready = client()
+        .get(format!("{}/readyz", t.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body = ready.text().await.unwrap();
+    assert!(
+        body.contains("contoso: ready") && body.contains("fabrikam: no S2S token"),
+        "{body}"
+    );
+    assert_eq!(
+        t.get(WHOAMI, &t.token(ALICE_OID, TENANT_A)).await.status(),
+        200
+    );
+    let (status, code, message) =
+        error_body(t.get(WHOAMI, &t.token(BOB_IN_B, TENANT_B)).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "DynamicsGateway.NoUpstreamToken")
+    );
+    assert!(message.contains("AADSTS"), "{message}");
+    assert_eq!(t.org_b.request_count(), 0);
+
+    t.idp_b.set_token_endpoint_mode(TokenEndpointMode::Ok);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = t
+            .get(WHOAMI, &t.token(BOB_IN_B, TENANT_B))
+            .await
+            .status()
+            .as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "B recovers on its own");
+}
