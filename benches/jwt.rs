@@ -4,7 +4,9 @@
 //!
 //! - `jwt/raw_verify/*`: aws-lc-rs signature verification alone, the floor the issue
 //!   compares with (`UnparsedPublicKey::verify`, and `RsaPublicKeyComponents::verify`,
-//!   which is what jsonwebtoken does with a key that came from a JWK's `n`/`e`).
+//!   which is what jsonwebtoken does with a key that came from a JWK's `n`/`e`; both
+//!   parse the key on every call), and `ParsedPublicKey::verify_sig` with the key parsed
+//!   once (the floor for a gateway that keeps parsed keys).
 //! - `jwt/jsonwebtoken_decode/*`: the library call the gateway makes, without the gateway.
 //! - `jwt/parse_unverified`: the gateway's peek at `alg`/`kid`/`iss` before choosing a key.
 //! - `jwt/authenticate_first_seen/*`: every timed call gets a token never presented before
@@ -19,8 +21,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::signature::{
-    RsaPublicKeyComponents, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED, RSA_PKCS1_2048_8192_SHA256,
-    RSA_PSS_2048_8192_SHA256,
+    ParsedPublicKey, RsaPublicKeyComponents, UnparsedPublicKey, ECDSA_P256_SHA256_FIXED,
+    RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256,
 };
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -55,6 +57,11 @@ fn raw_verify(c: &mut Criterion, fx: &Fixture) {
     assert!(components
         .verify(&RSA_PKCS1_2048_8192_SHA256, input, &sig)
         .is_ok());
+    let parsed = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, &spki).unwrap();
+    assert!(parsed.verify_sig(input, &sig).is_ok());
+    g.bench_function("RS256_parsed_public_key", |b| {
+        b.iter(|| parsed.verify_sig(black_box(input), black_box(&sig)))
+    });
     g.bench_function("RS256_components", |b| {
         b.iter(|| components.verify(&RSA_PKCS1_2048_8192_SHA256, black_box(input), &sig))
     });
@@ -78,6 +85,12 @@ fn raw_verify(c: &mut Criterion, fx: &Fixture) {
     assert!(unparsed.verify(input, &sig).is_ok());
     g.bench_function("ES256_unparsed_public_key", |b| {
         b.iter(|| unparsed.verify(black_box(input), black_box(&sig)))
+    });
+    let parsed =
+        ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, fx.keys.es256.public_point()).unwrap();
+    assert!(parsed.verify_sig(input, &sig).is_ok());
+    g.bench_function("ES256_parsed_public_key", |b| {
+        b.iter(|| parsed.verify_sig(black_box(input), black_box(&sig)))
     });
     g.finish();
 }
@@ -131,12 +144,12 @@ fn authenticate(c: &mut Criterion, fx: &Fixture) {
     g.finish();
 
     // Signing a fresh RSA token costs ~25x its verification, so this group keeps its
-    // iteration count small: flat sampling, 10 samples, a short measurement window.
+    // iteration count small: flat sampling, 20 samples, a short measurement window.
     let mut g = c.benchmark_group("jwt/authenticate_first_seen");
     g.sampling_mode(SamplingMode::Flat)
-        .sample_size(10)
+        .sample_size(20)
         .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_millis(400));
+        .measurement_time(Duration::from_millis(800));
     for alg in Alg::ALL {
         g.bench_function(BenchmarkId::from_parameter(alg.name()), |b| {
             b.to_async(&fx.rt).iter_custom(|iters| async move {
