@@ -409,8 +409,10 @@ if [ "${PROFILE:-0}" = 1 ]; then
   WRK_OUT=/dev/null WRK_TARGET=profile WRK_WORKLOAD=get WRK_CONNS=64 \
     wrk -t2 -c64 -d"${DURATION}s" -s "$TMP/report.lua" -H "Authorization: Bearer $TOKEN" "${URL[gateway]}/api/data/v9.2/WhoAmI" >/dev/null 2>&1
   wait "$PERF_PID" || true
-  perf report -i "$OUT/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15 >"$OUT/perf-dso.txt" || true
-  perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 >"$OUT/perf-symbols.txt" || true
+  perf report -i "$OUT/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -15 >"$OUT/perf-dso.txt" || true
+  perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -60 >"$OUT/perf-symbols.txt" || true
   log "profile: $OUT/perf-dso.txt, $OUT/perf-symbols.txt"
 fi
 
