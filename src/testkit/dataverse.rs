@@ -103,10 +103,21 @@ impl RecordedRequest {
 }
 
 /// Builder of a stand-in Dataverse.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Dataverse {
     registry: Option<S2sRegistry>,
     users: Vec<DirectoryUser>,
+    record: bool,
+}
+
+impl Default for Dataverse {
+    fn default() -> Self {
+        Self {
+            registry: None,
+            users: Vec::new(),
+            record: true,
+        }
+    }
 }
 
 impl Dataverse {
@@ -124,6 +135,14 @@ impl Dataverse {
     /// Adds a systemuser.
     pub fn user(mut self, user: DirectoryUser) -> Self {
         self.users.push(user);
+        self
+    }
+
+    /// Whether requests are recorded for [`DataverseHandle::requests`] (default true).
+    /// Load benchmarks turn it off so memory and a lock per request stay out of the
+    /// numbers; [`DataverseHandle::request_count`] then stays 0.
+    pub fn record_requests(mut self, yes: bool) -> Self {
+        self.record = yes;
         self
     }
 
@@ -149,6 +168,7 @@ impl Dataverse {
             revoked: Mutex::new(HashSet::new()),
             users: Mutex::new(self.users),
             requests: Mutex::new(Vec::new()),
+            record: self.record,
             systemuser_lookups: AtomicUsize::new(0),
             canned: Mutex::new(VecDeque::new()),
             delay: Mutex::new(Duration::ZERO),
@@ -289,6 +309,8 @@ struct DvState {
     revoked: Mutex<HashSet<String>>,
     users: Mutex<Vec<DirectoryUser>>,
     requests: Mutex<Vec<RecordedRequest>>,
+    /// False: nothing is pushed to `requests` (bodies are still hashed for `echo`).
+    record: bool,
     systemuser_lookups: AtomicUsize,
     canned: Mutex<VecDeque<Canned>>,
     delay: Mutex<Duration>,
@@ -799,7 +821,10 @@ impl DvState {
             .path_and_query()
             .map_or_else(|| "/".to_owned(), |pq| pq.as_str().to_owned());
         tracing::debug!(method = %parts.method, path = %parts.uri.path(), "testkit Dataverse request");
-        let index = {
+        // `usize::MAX` is never a valid index, so `record_body` ignores unrecorded requests.
+        let index = if !self.record {
+            usize::MAX
+        } else {
             let mut requests = lock(&self.requests);
             requests.push(RecordedRequest {
                 method: parts.method.clone(),

@@ -1020,3 +1020,19 @@ async fn dropping_the_last_handle_stops_the_server() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn recording_can_be_switched_off_for_load_runs() {
+    let dv = Dataverse::builder()
+        .record_requests(false)
+        .start()
+        .await
+        .unwrap();
+    let auth = ("Authorization", "Bearer anything");
+    let r = send(dv.addr(), "GET", "/api/data/v9.2/WhoAmI", &[auth], b"").await;
+    assert_eq!(r.status, 200);
+    let payload = vec![3u8; 200_000];
+    let r = send(dv.addr(), "POST", "/api/data/v9.2/echo", &[auth], &payload).await;
+    assert_eq!((r.status, r.body.len()), (200, payload.len()));
+    assert_eq!(dv.request_count(), 0);
+}
