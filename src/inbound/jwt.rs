@@ -125,13 +125,22 @@ fn decode_segment<T: for<'de> Deserialize<'de>>(
             "payload is not base64url"
         })
     })?;
-    serde_json::from_slice(&bytes).map_err(|_| {
+    let malformed = || {
         AuthError::Malformed(if what == "header" {
             "header is not a JSON object with alg"
         } else {
             "payload is not a JSON object"
         })
-    })
+    };
+    // A derived Deserialize also takes a JSON array (`["RS256","kid"]`) as the struct's
+    // fields in order; a JOSE header and a claims set are objects only (RFC 7515 §4).
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
+        return Err(malformed());
+    }
+    serde_json::from_slice(&bytes).map_err(|_| malformed())
 }
 
 /// Caller-controlled text that ends up in an error message: short and printable only.
@@ -191,6 +200,23 @@ mod tests {
             UnverifiedToken::parse(&crit),
             Err(AuthError::UnsupportedCritical)
         ));
+        // Found by the `jwt` fuzz target: arrays deserialize into the derived structs.
+        for (header, payload) in [
+            (r#"["RS256","k1"]"#, r#"{"iss":"i"}"#),
+            (r#"{"alg":"RS256"}"#, r#"["https://issuer"]"#),
+        ] {
+            let t = format!("{}.{}.s", seg(header), seg(payload));
+            assert!(
+                matches!(UnverifiedToken::parse(&t), Err(AuthError::Malformed(_))),
+                "{header} {payload}"
+            );
+        }
+        let spaced = format!(
+            "{}.{}.s",
+            seg(" \n{\"alg\":\"RS256\"}"),
+            seg("\t{\"iss\":\"i\"}")
+        );
+        assert!(UnverifiedToken::parse(&spaced).is_ok());
         let none = format!("{}.{}.", seg(r#"{"alg":"none"}"#), seg(r#"{"iss":"i"}"#));
         let u = UnverifiedToken::parse(&none).unwrap();
         assert!(matches!(
