@@ -1,0 +1,482 @@
+//! The fuzz targets' bodies: one `fuzz_<target>(data)` per target, each asserting
+//! properties of the gateway code that parses untrusted input (not just "does not
+//! panic"). Shared, as the one copy, by the libFuzzer targets in `fuzz/fuzz_targets/`
+//! and by the main crate's `tests/fuzz_corpus.rs`, which replays the committed seeds.
+//!
+//! Targets and what they assert:
+//! - `jwt`: `UnverifiedToken::parse` never panics, refuses anything over 16 KiB, and
+//!   what it accepts has three parts whose header/payload decode to what it reports;
+//!   `algorithm` only ever returns an allowed algorithm spelled exactly so; error text
+//!   quoting the token is sanitised; `verify` with a key the input cannot know fails.
+//! - `path`: whatever `proxied_path_and_query` accepts starts with `/api/data/`, is the
+//!   request's own path and query, and has no `.`/`..` segment, backslash, `//` or control
+//!   byte as written or after each of up to 3 percent-decodings; prefixed to the
+//!   Dataverse origin it still names that host and that path.
+//! - `filter`: a string attribute's literal parses back (undoubling `''`) to exactly the
+//!   input and no `'` ends it early; a GUID attribute accepts only GUIDs, written as a
+//!   bare lowercase hyphenated GUID.
+//! - `json_links` / `batch_links`: for several `from`/`to` pairs, the streaming rewriter
+//!   fed in arbitrary chunks equals the whole-buffer output; input without `from` comes
+//!   out unchanged; when `to` does not occur in the input, rewriting the output back with
+//!   the pair swapped restores the input; a finished rewriter can be reused; valid JSON
+//!   stays valid JSON.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use dynamics_gateway::config::LookupAttribute;
+use dynamics_gateway::identity::lookup::filter;
+use dynamics_gateway::inbound::jwt::{UnverifiedToken, MAX_TOKEN_BYTES};
+use dynamics_gateway::inbound::AuthError;
+use dynamics_gateway::upstream::odata_links::{
+    rewrite_batch, rewrite_json, BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter,
+    LinkRewrite,
+};
+use dynamics_gateway::upstream::path::{proxied_path_and_query, API_PREFIX};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+/// A target's body.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, for the corpus replay.
+pub const TARGETS: [(&str, Target); 5] = [
+    ("jwt", fuzz_jwt),
+    ("path", fuzz_path),
+    ("filter", fuzz_filter),
+    ("json_links", fuzz_json_links),
+    ("batch_links", fuzz_batch_links),
+];
+
+// ---------------------------------------------------------------------------------------
+// jwt
+
+/// The algorithms an issuer may allow (`inbound.issuers[].algorithms`).
+const ASYMMETRIC: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// The input three ways: as the raw token; as `header JSON \n payload JSON \n signature`
+/// base64url-encoded into a token (so mutations reach the JSON parsing); and padded past
+/// the size limit.
+pub fn fuzz_jwt(data: &[u8]) {
+    let raw = String::from_utf8_lossy(data);
+    check_token(&raw);
+
+    let mut parts = data.splitn(3, |&b| b == b'\n');
+    let header = parts.next().unwrap_or_default();
+    let payload = parts.next().unwrap_or_default();
+    let signature = String::from_utf8_lossy(parts.next().unwrap_or_default());
+    let built = format!(
+        "{}.{}.{signature}",
+        URL_SAFE_NO_PAD.encode(header),
+        URL_SAFE_NO_PAD.encode(payload)
+    );
+    check_token(&built);
+
+    let padding = (MAX_TOKEN_BYTES + 1).saturating_sub(built.len());
+    let oversized = format!("{built}{}", "A".repeat(padding));
+    assert!(
+        matches!(
+            UnverifiedToken::parse(&oversized),
+            Err(AuthError::TooLarge { .. })
+        ),
+        "a token of {} bytes was not refused as too large",
+        oversized.len()
+    );
+}
+
+fn check_token(token: &str) {
+    let parsed = UnverifiedToken::parse(token);
+    if token.len() > MAX_TOKEN_BYTES {
+        assert!(
+            matches!(parsed, Err(AuthError::TooLarge { .. })),
+            "oversized token not refused"
+        );
+        return;
+    }
+    let Ok(unverified) = parsed else {
+        return;
+    };
+    let segments: Vec<&str> = token.split('.').collect();
+    assert_eq!(segments.len(), 3, "accepted a token without three parts");
+    for segment in &segments[..2] {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(segment)
+            .expect("accepted a segment that is not base64url");
+        assert_eq!(
+            bytes.iter().find(|b| !b.is_ascii_whitespace()),
+            Some(&b'{'),
+            "accepted a header or payload that is not a JSON object"
+        );
+    }
+    // serde_json's Value refuses some input the peek skips over in fields it ignores
+    // (`1e400`, invalid UTF-8 in an unknown string): compare only what it can read.
+    if let Some(payload) = decode_json(segments[1]) {
+        assert_eq!(
+            payload.get("iss").and_then(Value::as_str),
+            Some(unverified.issuer()),
+            "issuer differs from the payload's iss"
+        );
+    }
+    let header = decode_json(segments[0]);
+    if let Some(header) = &header {
+        assert!(
+            header.get("crit").is_none_or(Value::is_null),
+            "accepted a crit header"
+        );
+        assert_eq!(
+            header.get("kid").and_then(Value::as_str),
+            unverified.kid(),
+            "kid differs from the header's kid"
+        );
+    }
+    // The header's alg as JSON reads it (None: unreadable, not compared).
+    let alg_text = header
+        .as_ref()
+        .map(|h| h.get("alg").and_then(Value::as_str).unwrap_or_default());
+    match unverified.algorithm(&ASYMMETRIC) {
+        Ok(alg) => {
+            assert!(ASYMMETRIC.contains(&alg), "{alg:?} is not allowed");
+            if let Some(text) = alg_text {
+                assert_eq!(
+                    text,
+                    format!("{alg:?}"),
+                    "algorithm accepted from a different spelling"
+                );
+            }
+        }
+        Err(AuthError::DisallowedAlgorithm(shown)) => assert_sanitised(&shown),
+        Err(e) => panic!("algorithm() failed with {e:?}"),
+    }
+    // Only HS256 allowed: "none" in any case, or anything else, must never pass.
+    if let Ok(alg) = unverified.algorithm(&[Algorithm::HS256]) {
+        assert_eq!(alg, Algorithm::HS256);
+        assert!(alg_text.is_none_or(|t| t == "HS256"), "{alg_text:?}");
+    }
+    // Up to the signature check and through it: a key the input cannot know never verifies.
+    let key = DecodingKey::from_secret(b"fuzz: a secret the input does not know");
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    match unverified.verify(&key, &validation) {
+        Ok(_) => panic!("a token verified against a key it cannot know"),
+        Err(AuthError::MissingClaim(c) | AuthError::InvalidClaim(c)) => assert_sanitised(&c),
+        Err(AuthError::DisallowedAlgorithm(shown)) => assert_sanitised(&shown),
+        Err(_) => {}
+    }
+}
+
+fn decode_json(segment: &str) -> Option<Value> {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(segment).ok()?).ok()
+}
+
+/// Token text quoted in an error message: short, and only `[A-Za-z0-9_.-]`.
+fn assert_sanitised(shown: &str) {
+    assert!(shown.len() <= 32, "unsanitised error text {shown:?}");
+    assert!(
+        shown
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
+        "unsanitised error text {shown:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// path
+
+/// The input as a request target, as written and with `/api/data/` in front (so
+/// mutations spend their time below the prefix).
+pub fn fuzz_path(data: &[u8]) {
+    check_target(data);
+    check_target(&[API_PREFIX.as_bytes(), data].concat());
+}
+
+fn check_target(target: &[u8]) {
+    let Ok(uri) = http::Uri::try_from(target) else {
+        return;
+    };
+    let Ok(pq) = proxied_path_and_query(&uri) else {
+        return;
+    };
+    assert!(pq.starts_with(API_PREFIX), "accepted {pq:?}");
+    let own = uri.path_and_query().map(|p| p.as_str()).unwrap_or_default();
+    assert_eq!(
+        pq, own,
+        "forwarded something other than the request's path and query"
+    );
+    let path = uri.path();
+    assert!(pq.starts_with(path));
+
+    let mut current = path.as_bytes().to_vec();
+    for round in 0..=3 {
+        let unambiguous = current.starts_with(API_PREFIX.as_bytes())
+            && !current.contains(&b'\\')
+            && !current.windows(2).any(|w| w == b"//")
+            && !current.iter().any(|&b| b < 0x20 || b == 0x7f)
+            && !current
+                .split(|&b| b == b'/')
+                .any(|seg| seg == b"." || seg == b"..");
+        assert!(
+            unambiguous,
+            "accepted {path:?}, which after {round} percent-decodings is {:?}",
+            String::from_utf8_lossy(&current)
+        );
+        current = percent_decode(&current);
+    }
+
+    // What the forwarder sends: the Dataverse origin followed by exactly this.
+    let upstream: http::Uri = format!("https://contoso.crm.dynamics.com{pq}")
+        .parse()
+        .expect("accepted path and query do not make an upstream URI");
+    assert_eq!(
+        upstream.authority().map(|a| a.as_str()),
+        Some("contoso.crm.dynamics.com")
+    );
+    assert_eq!(upstream.path(), path);
+}
+
+/// Byte-wise percent-decoding (independent of the gateway's UTF-8 lossy one).
+fn percent_decode(s: &[u8]) -> Vec<u8> {
+    fn hex(b: u8) -> Option<u8> {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            if let (Some(h), Some(l)) = (hex(s[i + 1]), hex(s[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(s[i]);
+        i += 1;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// filter
+
+/// The input as a claim value, for every lookup attribute.
+pub fn fuzz_filter(data: &[u8]) {
+    let value = String::from_utf8_lossy(data);
+    for attribute in [
+        LookupAttribute::InternalEmailAddress,
+        LookupAttribute::DomainName,
+    ] {
+        let f = filter(attribute, &value).expect("a string attribute refused a value");
+        let literal = f
+            .strip_prefix(attribute.name())
+            .and_then(|rest| rest.strip_prefix(" eq "))
+            .unwrap_or_else(|| panic!("filter {f:?} is not `{} eq ...`", attribute.name()));
+        assert_eq!(
+            parse_string_literal(literal).as_deref(),
+            Some(&*value),
+            "literal {literal:?} does not parse back to the value"
+        );
+    }
+
+    let attribute = LookupAttribute::AzureActiveDirectoryObjectId;
+    if let Ok(f) = filter(attribute, &value) {
+        let id = uuid::Uuid::try_parse(&value).expect("a GUID attribute accepted a non-GUID");
+        assert_eq!(
+            f,
+            format!("{} eq {}", attribute.name(), id.hyphenated()),
+            "GUID filter is not the bare hyphenated GUID"
+        );
+        let literal = &f[attribute.name().len() + 4..];
+        assert!(
+            literal.len() == 36
+                && literal
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-')),
+            "GUID literal {literal:?}"
+        );
+    }
+}
+
+/// An OData single-quoted string literal that must make up all of `literal`: `''` is one
+/// quote, and a lone `'` may only be the closing one at the very end.
+fn parse_string_literal(literal: &str) -> Option<String> {
+    let inner = literal.strip_prefix('\'')?;
+    let mut out = String::new();
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\'' {
+            out.push(c);
+        } else if chars.peek() == Some(&'\'') {
+            chars.next();
+            out.push('\'');
+        } else {
+            // The closing quote: nothing may follow it.
+            return chars.next().is_none().then_some(out);
+        }
+    }
+    None // never closed
+}
+
+// ---------------------------------------------------------------------------------------
+// json_links / batch_links
+
+/// `from` -> `to` pairs as the gateway uses them: Dataverse origin <-> public base, with
+/// and without a path, and one whose `to` extends `from`.
+const PAIRS: [(&str, &str); 5] = [
+    ("https://contoso.crm.dynamics.com", "http://localhost:8080"),
+    ("http://localhost:8080", "https://contoso.crm.dynamics.com"),
+    (
+        "https://org.crm4.dynamics.com",
+        "https://gw.example/dataverse",
+    ),
+    (
+        "https://gw.example/dataverse",
+        "https://org.crm4.dynamics.com",
+    ),
+    ("https://a.example", "https://a.example/x"),
+];
+
+/// The input as a JSON body, for every pair and key set.
+pub fn fuzz_json_links(data: &[u8]) {
+    for (from, to) in PAIRS {
+        let rewrite = LinkRewrite::new(from, to);
+        for keys in [JsonKeys::ResponseLinks, JsonKeys::RequestBinds] {
+            let run = |rw: &LinkRewrite, body: &[u8]| rewrite_json(rw, keys, body);
+            let out = run(&rewrite, data);
+            check_rewrite(&rewrite, data, &out, run);
+            for (i, chunks) in splits(data).into_iter().enumerate() {
+                let mut r = JsonLinkRewriter::new(rewrite.clone(), keys);
+                let mut chunked = Vec::new();
+                for c in &chunks {
+                    r.push(c, &mut chunked);
+                }
+                r.finish(&mut chunked);
+                assert_eq!(
+                    chunked, out,
+                    "chunked output differs ({keys:?}, {from} -> {to})"
+                );
+                if i == 0 {
+                    // finish() resets: the same rewriter gives the same answer again.
+                    let mut again = Vec::new();
+                    r.push(data, &mut again);
+                    r.finish(&mut again);
+                    assert_eq!(again, out, "reused rewriter differs");
+                }
+            }
+            if serde_json::from_slice::<Value>(data).is_ok() {
+                assert!(
+                    serde_json::from_slice::<Value>(&out).is_ok(),
+                    "valid JSON rewritten into invalid JSON"
+                );
+            }
+        }
+    }
+}
+
+/// The input as a `$batch` body, for every pair and both directions.
+pub fn fuzz_batch_links(data: &[u8]) {
+    for (from, to) in PAIRS {
+        let rewrite = LinkRewrite::new(from, to);
+        for direction in [BatchDirection::Request, BatchDirection::Response] {
+            let run = |rw: &LinkRewrite, body: &[u8]| rewrite_batch(rw, direction, body);
+            let out = run(&rewrite, data);
+            check_rewrite(&rewrite, data, &out, run);
+            for (i, chunks) in splits(data).into_iter().enumerate() {
+                let mut r = BatchLinkRewriter::new(rewrite.clone(), direction);
+                let mut chunked = Vec::new();
+                for c in &chunks {
+                    r.push(c, &mut chunked);
+                }
+                r.finish(&mut chunked);
+                assert_eq!(
+                    chunked, out,
+                    "chunked output differs ({direction:?}, {from} -> {to})"
+                );
+                if i == 0 {
+                    let mut again = Vec::new();
+                    r.push(data, &mut again);
+                    r.finish(&mut again);
+                    assert_eq!(again, out, "reused rewriter differs");
+                }
+            }
+        }
+    }
+}
+
+/// Shared by both rewriters: unchanged without `from`, and undone by the swapped pair when
+/// `to` was not there to begin with.
+fn check_rewrite(
+    rewrite: &LinkRewrite,
+    input: &[u8],
+    out: &[u8],
+    run: impl Fn(&LinkRewrite, &[u8]) -> Vec<u8>,
+) {
+    if !contains_any(input, &forms(rewrite.from())) {
+        assert_eq!(out, input, "changed a body that does not contain `from`");
+    }
+    if !contains_any(input, &forms(rewrite.to())) {
+        let back = run(&rewrite.reversed(), out);
+        assert_eq!(
+            back, input,
+            "swapping `from`/`to` back does not restore the input"
+        );
+    }
+}
+
+/// How a URL prefix can appear in a body: raw (headers, request lines), JSON-escaped,
+/// and JSON-escaped with `\/` slashes. (The pairs above need no other JSON escaping.)
+fn forms(url: &str) -> [Vec<u8>; 2] {
+    [
+        url.as_bytes().to_vec(),
+        url.replace('/', "\\/").into_bytes(),
+    ]
+}
+
+fn contains_any(haystack: &[u8], needles: &[Vec<u8>]) -> bool {
+    needles
+        .iter()
+        .any(|n| haystack.windows(n.len()).any(|w| w == n.as_slice()))
+}
+
+/// Chunkings of `data` chosen from its own bytes (deterministic, so a crash replays):
+/// one byte at a time, a few pseudo-random splits into two, and a few into many.
+fn splits(data: &[u8]) -> Vec<Vec<&[u8]>> {
+    let mut all = vec![data.chunks(1).collect::<Vec<_>>()];
+    // FNV-1a of the data seeds an xorshift.
+    let mut state = data.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) | 1;
+    let mut next = move |bound: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        usize::try_from(state % u64::try_from(bound.max(1)).unwrap_or(1)).unwrap_or(0)
+    };
+    for _ in 0..3 {
+        let (a, b) = data.split_at(next(data.len() + 1));
+        all.push(vec![a, b]);
+    }
+    for max in [3, 17, 200] {
+        let mut chunks = Vec::new();
+        let mut rest = data;
+        while !rest.is_empty() {
+            let (a, b) = rest.split_at((next(max) + 1).min(rest.len()));
+            chunks.push(a);
+            rest = b;
+        }
+        all.push(chunks);
+    }
+    all
+}
