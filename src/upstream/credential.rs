@@ -131,9 +131,13 @@ impl SigningAlgorithm {
 /// How the gateway authenticates its token requests.
 #[derive(Debug, Clone)]
 pub enum Credential {
+    /// `client_secret`: the form field, as before.
     ClientSecret(Secret),
+    /// `certificate`: a signed client assertion made afresh for every request.
     Certificate(CertificateCredential),
+    /// `workload_identity`: the projected service-account token as the client assertion.
     WorkloadIdentity(WorkloadIdentityCredential),
+    /// `managed_identity`: a token from the instance metadata service, no Azure AD form.
     ManagedIdentity(ManagedIdentityCredential),
 }
 
