@@ -2,8 +2,14 @@
 //! discovery, the JWKS and the OAuth2 client-credentials token endpoint, plus the helpers
 //! that mint caller JWTs signed with its current key. It owns key rotation, the failure
 //! modes of its token endpoint and the registry of the S2S tokens it has issued.
+//!
+//! The token endpoint authenticates a client by secret or by client assertion, checking
+//! an assertion as Azure AD does: a certificate assertion against the certificates
+//! registered for the app (signature, `aud`, `iss`/`sub`, time range, unused `jti`), a
+//! federated token (workload identity) against the app's federated credentials and the
+//! issuer's registered keys.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -17,8 +23,15 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use aws_lc_rs::signature::{
+    UnparsedPublicKey, VerificationAlgorithm, RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256,
+};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+
 use super::keys::{b64url, RsaSigningKey};
 use super::server::{self, full, lock, RespBody, ServerTask};
+use crate::upstream::credential;
 
 const DEFAULT_AUDIENCE: &str = "api://dynamics-gateway";
 const DEFAULT_TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -45,6 +58,12 @@ pub struct Idp {
     client_secret: String,
     s2s_lifetime: u64,
     expires_in_as_string: bool,
+    /// (client id, certificate DER) pairs: certificate credentials of app registrations.
+    certificates: Vec<(String, Vec<u8>)>,
+    /// Federated identity credentials: (client id, issuer, subject).
+    federated: Vec<(String, String, String)>,
+    /// Public keys (SPKI DER) that sign each federated issuer's tokens.
+    issuer_keys: Vec<(String, Vec<u8>)>,
 }
 
 impl fmt::Debug for Idp {
@@ -147,6 +166,9 @@ impl Default for Idp {
             client_secret: DEFAULT_CLIENT_SECRET.to_owned(),
             s2s_lifetime: DEFAULT_S2S_LIFETIME,
             expires_in_as_string: false,
+            certificates: Vec::new(),
+            federated: Vec::new(),
+            issuer_keys: Vec::new(),
         }
     }
 }
@@ -190,6 +212,33 @@ impl Idp {
         self
     }
 
+    /// Registers a certificate credential (DER) for `client_id`: the token endpoint then
+    /// accepts client assertions from that app signed with the certificate's key, named by
+    /// `x5t#S256` or `x5t`. An app may have several (rotation); `client_id` need not be the
+    /// secret-holding client of [`Idp::client`].
+    pub fn certificate(mut self, client_id: &str, cert_der: &[u8]) -> Self {
+        self.certificates
+            .push((client_id.to_owned(), cert_der.to_vec()));
+        self
+    }
+
+    /// Registers a federated identity credential: `client_id` trusts tokens of `issuer`
+    /// about `subject` (e.g. `system:serviceaccount:ns:name`) whose audience is
+    /// `api://AzureADTokenExchange`. The issuer's signing keys come from
+    /// [`Idp::federated_issuer_key`] (Azure AD would fetch them from the issuer's discovery).
+    pub fn federated(mut self, client_id: &str, issuer: &str, subject: &str) -> Self {
+        self.federated
+            .push((client_id.to_owned(), issuer.to_owned(), subject.to_owned()));
+        self
+    }
+
+    /// A key that signs `issuer`'s tokens (RS256), e.g. the Kubernetes service-account issuer.
+    pub fn federated_issuer_key(mut self, issuer: &str, key: &RsaSigningKey) -> Self {
+        self.issuer_keys
+            .push((issuer.to_owned(), key.public_key_der()));
+        self
+    }
+
     /// Starts the IdP on `127.0.0.1:0`.
     pub async fn start(self) -> std::io::Result<IdpHandle> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
@@ -209,7 +258,10 @@ impl Idp {
         let key = Arc::new(key);
         let registry = S2sRegistry::default();
         lock(&registry.0).authorization_uri = format!("{base}/{}/oauth2/authorize", self.tenant_id);
+        let certificates = Mutex::new(self.certificates.clone());
         let state = Arc::new(IdpState {
+            certificates,
+            seen_jtis: Mutex::new(HashSet::new()),
             issuer: format!("{base}/{}/v2.0", self.tenant_id),
             base,
             addr,
@@ -267,6 +319,10 @@ struct IdpState {
     token_requests: AtomicUsize,
     issued: Mutex<Vec<String>>,
     last_form: Mutex<Option<HashMap<String, String>>>,
+    /// Certificate credentials, changeable at run time (rotation tests).
+    certificates: Mutex<Vec<(String, Vec<u8>)>>,
+    /// `jti`s of the client assertions accepted so far (replays are refused).
+    seen_jtis: Mutex<HashSet<String>>,
     registry: S2sRegistry,
 }
 
@@ -468,6 +524,16 @@ impl IdpHandle {
         self.state.registry.clone()
     }
 
+    /// Registers another certificate for `client_id` while running (an app may have several).
+    pub fn add_certificate(&self, client_id: &str, cert_der: &[u8]) {
+        lock(&self.state.certificates).push((client_id.to_owned(), cert_der.to_vec()));
+    }
+
+    /// Removes every certificate of `client_id` (a revoked or expired credential).
+    pub fn remove_certificates(&self, client_id: &str) {
+        lock(&self.state.certificates).retain(|(c, _)| c != client_id);
+    }
+
     /// Stops serving now (clones included); open connections are closed.
     pub fn stop(&self) {
         self.server.stop();
@@ -611,7 +677,7 @@ impl IdpState {
                 if !tenant_ok(&tenant, false) {
                     return self.unknown_tenant(&tenant);
                 }
-                self.token(req).await
+                self.token(req, &tenant).await
             }
             Some(_) => json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -664,7 +730,7 @@ impl IdpState {
         })
     }
 
-    async fn token(&self, req: Request<Incoming>) -> Response<RespBody> {
+    async fn token(&self, req: Request<Incoming>, tenant: &str) -> Response<RespBody> {
         let body = match Limited::new(req.into_body(), MAX_FORM_BYTES)
             .collect()
             .await
@@ -726,7 +792,7 @@ impl IdpState {
                 "The request body must contain the following parameter: 'client_id'.",
             );
         };
-        if client_id != self.config.client_id {
+        if !self.knows_client(client_id) {
             return aad_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid_client",
@@ -737,7 +803,16 @@ impl IdpState {
         let assertion = field("client_assertion").is_some()
             && field("client_assertion_type") == Some(JWT_BEARER_ASSERTION);
         match field("client_secret") {
-            Some(secret) if secret == self.config.client_secret => {}
+            Some(_) if assertion => {
+                return aad_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    90014,
+                    "Only one of 'client_assertion' and 'client_secret' may be sent.",
+                )
+            }
+            Some(secret)
+                if client_id == self.config.client_id && secret == self.config.client_secret => {}
             Some(_) => {
                 return aad_error(
                     StatusCode::UNAUTHORIZED,
@@ -746,8 +821,17 @@ impl IdpState {
                     &self.invalid_secret_text(),
                 )
             }
-            // Client assertions are only recorded (last_token_request) for now.
-            None if assertion => {}
+            None if assertion => {
+                let jwt = field("client_assertion").unwrap_or_default();
+                if let Err(refused) = self.verify_assertion(tenant, client_id, jwt) {
+                    return aad_error(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_client",
+                        refused.code,
+                        &refused.text,
+                    );
+                }
+            }
             None => {
                 return aad_error(
                     StatusCode::UNAUTHORIZED,
@@ -784,11 +868,239 @@ impl IdpState {
         json_response(StatusCode::OK, &body)
     }
 
+    fn knows_client(&self, client_id: &str) -> bool {
+        client_id == self.config.client_id
+            || lock(&self.certificates).iter().any(|(c, _)| c == client_id)
+            || self.config.federated.iter().any(|(c, _, _)| c == client_id)
+    }
+
+    /// Checks a client assertion as Azure AD does: a certificate assertion (RFC 7523,
+    /// header `x5t#S256`/`x5t`) or a federated token (workload identity). The answer on
+    /// refusal is the 401 `invalid_client` Azure AD would give.
+    fn verify_assertion(&self, tenant: &str, client_id: &str, jwt: &str) -> Result<(), Refusal> {
+        let refuse = |code: u32, text: &str| {
+            Err(Refusal {
+                code,
+                text: text.to_owned(),
+            })
+        };
+        let Some(parsed) = ParsedJwt::parse(jwt) else {
+            return refuse(50027, "JWT token is invalid or malformed.");
+        };
+        let thumbprint = parsed
+            .header_str("x5t#S256")
+            .map(|t| (t, true))
+            .or_else(|| parsed.header_str("x5t").map(|t| (t, false)));
+        match thumbprint {
+            Some((thumbprint, sha256)) => {
+                self.verify_certificate_assertion(tenant, client_id, &parsed, thumbprint, sha256)
+            }
+            None => self.verify_federated_assertion(client_id, &parsed),
+        }
+    }
+
+    fn verify_certificate_assertion(
+        &self,
+        tenant: &str,
+        client_id: &str,
+        jwt: &ParsedJwt,
+        thumbprint: &str,
+        sha256: bool,
+    ) -> Result<(), Refusal> {
+        let refuse = |code: u32, text: &str| {
+            Err(Refusal {
+                code,
+                text: text.to_owned(),
+            })
+        };
+        let certificate = lock(&self.certificates)
+            .iter()
+            .filter(|(c, _)| c == client_id)
+            .map(|(_, der)| der.clone())
+            .find(|der| {
+                let t = if sha256 {
+                    credential::x5t_s256(der)
+                } else {
+                    credential::x5t_sha1(der)
+                };
+                t == thumbprint
+            });
+        let Some(certificate) = certificate else {
+            return refuse(
+                700027,
+                &format!("The certificate with identifier used to sign the client assertion is not registered on application. [Reason - The key was not found., Thumbprint of key used by client: '{thumbprint}', Please visit the Microsoft Entra admin center to upload the key.]"),
+            );
+        };
+        let algorithm: &'static dyn VerificationAlgorithm = match jwt.header_str("alg") {
+            Some("PS256") => &RSA_PSS_2048_8192_SHA256,
+            Some("RS256") => &RSA_PKCS1_2048_8192_SHA256,
+            _ => {
+                return refuse(
+                    700027,
+                    "Client assertion contains an unsupported signing algorithm.",
+                )
+            }
+        };
+        let Some(info) = credential::parse_certificate(&certificate) else {
+            return refuse(700027, "The registered certificate could not be read.");
+        };
+        if !jwt.verify(algorithm, info.spki) {
+            return refuse(700027, "Client assertion failed signature validation.");
+        }
+        let expected_aud = format!("{}/{tenant}/oauth2/v2.0/token", self.base);
+        if jwt.claim_str("aud") != Some(expected_aud.as_str()) {
+            return refuse(
+                700023,
+                &format!("Client assertion audience claim does not match Realm issuer. Review the documentation at https://learn.microsoft.com/entra/identity-platform/certificate-credentials. Expected '{expected_aud}'."),
+            );
+        }
+        if jwt.claim_str("iss") != Some(client_id) || jwt.claim_str("sub") != Some(client_id) {
+            return refuse(
+                700021,
+                "Client assertion application identifier doesn't match 'client_id' parameter.",
+            );
+        }
+        let now = now_secs();
+        let nbf = jwt.claim_u64("nbf").or_else(|| jwt.claim_u64("iat"));
+        let exp = jwt.claim_u64("exp");
+        let in_range = match (nbf, exp) {
+            // Five minutes of clock skew, as Azure AD allows.
+            (Some(nbf), Some(exp)) => {
+                exp > now && nbf <= now + 300 && exp > nbf && exp - nbf <= 15 * 60
+            }
+            _ => false,
+        };
+        if !in_range {
+            return refuse(
+                700024,
+                &format!("Client assertion is not within its valid time range. Current time: {}, assertion valid from {}, expiry time of assertion {}.", aad_timestamp(now), nbf.map(aad_timestamp).unwrap_or_default(), exp.map(aad_timestamp).unwrap_or_default()),
+            );
+        }
+        let Some(jti) = jwt.claim_str("jti").filter(|j| !j.is_empty()) else {
+            return refuse(
+                50027,
+                "JWT token is invalid or malformed: the client assertion has no jti.",
+            );
+        };
+        if !lock(&self.seen_jtis).insert(jti.to_owned()) {
+            return refuse(
+                50013,
+                "Assertion failed validation: the client assertion's jti has already been used (replay).",
+            );
+        }
+        Ok(())
+    }
+
+    fn verify_federated_assertion(&self, client_id: &str, jwt: &ParsedJwt) -> Result<(), Refusal> {
+        let refuse = |code: u32, text: &str| {
+            Err(Refusal {
+                code,
+                text: text.to_owned(),
+            })
+        };
+        let issuer = jwt.claim_str("iss").unwrap_or_default();
+        let subject = jwt.claim_str("sub").unwrap_or_default();
+        let audiences: Vec<&str> = match jwt.claims.get("aud") {
+            Some(Value::String(a)) => vec![a.as_str()],
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let registered = self
+            .config
+            .federated
+            .iter()
+            .any(|(c, i, s)| c == client_id && i == issuer && s == subject);
+        if !registered {
+            return refuse(
+                70021,
+                &format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. Assertion Audience: '{}'.", audiences.join(",")),
+            );
+        }
+        if !audiences.contains(&credential::FEDERATED_TOKEN_AUDIENCE) {
+            return refuse(
+                700212,
+                &format!("No matching federated identity record found for presented assertion audience '{}'.", audiences.join(",")),
+            );
+        }
+        let signed = jwt.header_str("alg") == Some("RS256")
+            && self
+                .config
+                .issuer_keys
+                .iter()
+                .filter(|(i, _)| i == issuer)
+                .any(|(_, spki)| jwt.verify(&RSA_PKCS1_2048_8192_SHA256, spki));
+        if !signed {
+            return refuse(
+                700027,
+                "Client assertion failed signature validation: no key of the issuer verifies it.",
+            );
+        }
+        let now = now_secs();
+        let exp = jwt.claim_u64("exp").unwrap_or(0);
+        let nbf = jwt.claim_u64("nbf").unwrap_or(0);
+        if exp <= now || nbf > now + 300 {
+            return refuse(
+                700024,
+                &format!("Client assertion is not within its valid time range. Current time: {}, expiry time of assertion {}.", aad_timestamp(now), aad_timestamp(exp)),
+            );
+        }
+        Ok(())
+    }
+
     fn invalid_secret_text(&self) -> String {
         format!(
             "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{}'.",
             self.config.client_id
         )
+    }
+}
+
+/// Why a client assertion was refused: the AADSTS code and its text (always a 401
+/// `invalid_client`).
+struct Refusal {
+    code: u32,
+    text: String,
+}
+
+/// A JWT split into its decoded parts, for the token endpoint's checks.
+struct ParsedJwt {
+    header: Value,
+    claims: Value,
+    signing_input: String,
+    signature: Vec<u8>,
+}
+
+impl ParsedJwt {
+    fn parse(jwt: &str) -> Option<Self> {
+        let (signing_input, signature) = jwt.rsplit_once('.')?;
+        let (header, claims) = signing_input.split_once('.')?;
+        let decode = |s: &str| URL_SAFE_NO_PAD.decode(s).ok();
+        let json = |s: &str| serde_json::from_slice::<Value>(&decode(s)?).ok();
+        Some(Self {
+            header: json(header).filter(Value::is_object)?,
+            claims: json(claims).filter(Value::is_object)?,
+            signing_input: signing_input.to_owned(),
+            signature: decode(signature)?,
+        })
+    }
+
+    fn header_str(&self, name: &str) -> Option<&str> {
+        self.header.get(name)?.as_str()
+    }
+
+    fn claim_str(&self, name: &str) -> Option<&str> {
+        self.claims.get(name)?.as_str()
+    }
+
+    fn claim_u64(&self, name: &str) -> Option<u64> {
+        self.claims.get(name)?.as_u64()
+    }
+
+    /// Verifies the signature with an RSA public key (SubjectPublicKeyInfo DER).
+    fn verify(&self, algorithm: &'static dyn VerificationAlgorithm, spki: &[u8]) -> bool {
+        UnparsedPublicKey::new(algorithm, spki)
+            .verify(self.signing_input.as_bytes(), &self.signature)
+            .is_ok()
     }
 }
 

@@ -1,11 +1,13 @@
 //! Test doubles of the gateway's two upstreams, served on loopback: a local identity
-//! provider ([`idp`]) and a stand-in Dataverse Web API ([`dataverse`]), plus the signing
+//! provider ([`idp`]), a stand-in Dataverse Web API ([`dataverse`]), a stand-in Azure
+//! instance metadata service for managed identity ([`imds`]), plus the signing
 //! material they and hostile-token tests use ([`keys`]). Used by the `demo` subcommand,
 //! the integration tests and the benchmarks.
 
 pub mod dataverse;
 pub mod gateway_config;
 pub mod idp;
+pub mod imds;
 pub mod keys;
 mod odata_filter;
 mod server;
@@ -13,6 +15,7 @@ mod server;
 pub use dataverse::{Dataverse, DataverseHandle, DirectoryUser, RecordedRequest};
 pub use gateway_config::{gateway_config_yaml, ConfigParts};
 pub use idp::{Idp, IdpHandle, S2sRegistry, TokenEndpointMode};
+pub use imds::{Imds, ImdsHandle, ImdsRequest};
 
 #[cfg(test)]
 mod tests;

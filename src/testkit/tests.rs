@@ -279,7 +279,8 @@ async fn token_endpoint_modes_and_outage() {
     assert_eq!(get_token(&idp, "gateway-secret", scope).await.status, 200);
     assert_eq!(idp.jwks_requests(), 1);
 
-    // A client assertion is accepted in place of the secret, and recorded.
+    // A client assertion is verified in place of the secret (this one is not a JWT), and
+    // recorded either way.
     let body = form(&[
         ("grant_type", "client_credentials"),
         ("client_id", "gateway-client"),
@@ -298,7 +299,9 @@ async fn token_endpoint_modes_and_outage() {
         body.as_bytes(),
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "invalid_client");
+    assert_eq!(r.json()["error_codes"][0], 50027);
     assert_eq!(
         idp.last_token_request().unwrap()["client_assertion"],
         "eyJ.assertion.sig"

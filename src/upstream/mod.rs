@@ -4,6 +4,7 @@
 //! URLs between Dataverse and the gateway, `client` is the pooled connection to Dataverse.
 
 pub mod client;
+pub mod credential;
 pub mod forward;
 pub mod headers;
 pub mod link_body;
