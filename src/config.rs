@@ -11,6 +11,9 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::secret::Secret;
+use crate::upstream::credential::{
+    Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
+};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +232,15 @@ pub struct RawDynamics {
     /// Single-environment form: the app registration's secret (`${VAR}` from the environment).
     #[serde(default)]
     pub client_secret: Option<String>,
+    /// Single-environment form: a certificate credential instead of a secret.
+    #[serde(default)]
+    pub certificate: Option<RawCertificate>,
+    /// Single-environment form: Kubernetes workload identity federation instead of a secret.
+    #[serde(default)]
+    pub workload_identity: Option<RawWorkloadIdentity>,
+    /// Single-environment form: the instance's managed identity instead of a secret.
+    #[serde(default)]
+    pub managed_identity: Option<RawManagedIdentity>,
     /// Single-environment form: default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
     #[serde(default)]
     pub token_url: Option<String>,
@@ -259,10 +271,23 @@ pub struct RawEnvironment {
     pub url: String,
     /// Tenant that owns the organisation (in multi-tenant use: the customer's tenant).
     pub tenant_id: String,
-    /// The app registration's client id (several environments may share one).
-    pub client_id: String,
-    /// The app registration's secret (`${VAR}` from the environment).
-    pub client_secret: String,
+    /// The app registration's client id (several environments may share one); workload
+    /// and managed identity may leave it to `$AZURE_CLIENT_ID` / the system identity.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The app registration's secret (`${VAR}` from the environment). Exactly one of
+    /// `client_secret`, `certificate`, `workload_identity`, `managed_identity`.
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    /// A certificate: the token request carries a signed client assertion.
+    #[serde(default)]
+    pub certificate: Option<RawCertificate>,
+    /// Kubernetes workload identity: the projected service-account token is the assertion.
+    #[serde(default)]
+    pub workload_identity: Option<RawWorkloadIdentity>,
+    /// The instance metadata service's managed identity.
+    #[serde(default)]
+    pub managed_identity: Option<RawManagedIdentity>,
     /// Default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
     #[serde(default)]
     pub token_url: Option<String>,
@@ -396,8 +421,9 @@ pub struct EnvironmentConfig {
     /// Origin of the organisation.
     pub url: Url,
     pub tenant_id: String,
+    /// Empty for a managed identity without a configured client id (the system identity).
     pub client_id: String,
-    pub client_secret: Secret,
+    pub credential: Credential,
     pub token_url: Url,
     pub scope: String,
     /// Caller tenants served; `None`: any.
@@ -882,6 +908,60 @@ impl TryFrom<RawConfig> for Config {
     }
 }
 
+/// Exactly one credential kind per environment.
+fn credential(
+    key: &str,
+    secret: Option<String>,
+    certificate: Option<RawCertificate>,
+    workload_identity: Option<RawWorkloadIdentity>,
+    managed_identity: Option<RawManagedIdentity>,
+) -> Result<Credential, ConfigError> {
+    let given = [
+        secret.is_some(),
+        certificate.is_some(),
+        workload_identity.is_some(),
+        managed_identity.is_some(),
+    ]
+    .iter()
+    .filter(|g| **g)
+    .count();
+    if given != 1 {
+        return Err(invalid(
+            key,
+            "needs exactly one credential: client_secret, certificate, workload_identity or managed_identity",
+        ));
+    }
+    let from = |r: Result<Credential, (String, String)>| r.map_err(|(k, m)| invalid(k, m));
+    if let Some(secret) = secret {
+        if secret.trim().is_empty() {
+            return Err(invalid(
+                format!("{key}.client_secret"),
+                "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
+            ));
+        }
+        return from(Credential::client_secret(
+            Secret::new(secret),
+            &format!("{key}.client_secret"),
+        ));
+    }
+    if let Some(raw) = certificate {
+        return from(Credential::certificate(raw, &format!("{key}.certificate")));
+    }
+    if let Some(raw) = workload_identity {
+        return from(Credential::workload_identity(
+            raw,
+            &format!("{key}.workload_identity"),
+        ));
+    }
+    match managed_identity {
+        Some(raw) => from(Credential::managed_identity(
+            raw,
+            &format!("{key}.managed_identity"),
+        )),
+        None => Err(invalid(key, "needs a credential")),
+    }
+}
+
 /// Environment names appear in URLs and metric labels: keep them plain.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
@@ -897,6 +977,9 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         || d.tenant_id.is_some()
         || d.client_id.is_some()
         || d.client_secret.is_some()
+        || d.certificate.is_some()
+        || d.workload_identity.is_some()
+        || d.managed_identity.is_some()
         || d.token_url.is_some()
         || d.scope.is_some()
         || d.tenants.is_some();
@@ -915,8 +998,11 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
                 name: "default".into(),
                 url: required(d.url, "url")?,
                 tenant_id: required(d.tenant_id, "tenant_id")?,
-                client_id: required(d.client_id, "client_id")?,
-                client_secret: required(d.client_secret, "client_secret")?,
+                client_id: d.client_id,
+                client_secret: d.client_secret,
+                certificate: d.certificate,
+                workload_identity: d.workload_identity,
+                managed_identity: d.managed_identity,
                 token_url: d.token_url,
                 scope: d.scope,
                 tenants: d.tenants,
@@ -953,24 +1039,33 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         if e.tenant_id.trim().is_empty() {
             return Err(invalid(format!("{key}.tenant_id"), "is required"));
         }
-        if e.client_id.trim().is_empty() {
-            return Err(invalid(format!("{key}.client_id"), "is required"));
-        }
-        if e.client_secret.trim().is_empty() {
-            return Err(invalid(
-                format!("{key}.client_secret"),
-                "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
-            ));
-        }
+        let credential = credential(
+            &key,
+            e.client_secret,
+            e.certificate,
+            e.workload_identity,
+            e.managed_identity,
+        )?;
+        let client_id = match e
+            .client_id
+            .or_else(|| credential.default_client_id().map(str::to_string))
+        {
+            Some(id) if !id.trim().is_empty() => id,
+            _ if matches!(credential, Credential::ManagedIdentity(_)) => String::new(),
+            _ => return Err(invalid(format!("{key}.client_id"), "is required")),
+        };
         let token_url = match e.token_url {
             Some(t) => parse_secure_url(&format!("{key}.token_url"), &t)?,
-            None => parse_secure_url(
-                &format!("{key}.tenant_id"),
-                &format!(
-                    "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
-                    e.tenant_id.trim()
-                ),
-            )?,
+            None => match credential.default_token_url(Some(e.tenant_id.trim())) {
+                Some(url) => url,
+                None => parse_secure_url(
+                    &format!("{key}.tenant_id"),
+                    &format!(
+                        "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                        e.tenant_id.trim()
+                    ),
+                )?,
+            },
         };
         let origin = url.origin().ascii_serialization();
         let tenants = match e.tenants {
@@ -989,8 +1084,8 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
             scope: e.scope.unwrap_or_else(|| format!("{origin}/.default")),
             url,
             tenant_id: e.tenant_id,
-            client_id: e.client_id,
-            client_secret: Secret::new(e.client_secret),
+            client_id,
+            credential,
             token_url,
             tenants,
         });
@@ -1100,7 +1195,9 @@ dynamics:
             env.token_url.as_str(),
             "https://login.microsoftonline.com/t/oauth2/v2.0/token"
         );
-        assert_eq!(env.client_secret.expose(), "s3cr3t-value");
+        assert!(
+            matches!(&env.credential, Credential::ClientSecret(s) if s.expose() == "s3cr3t-value")
+        );
         assert_eq!(env.tenants, Some(vec!["t".to_string()]));
         assert_eq!(
             c.inbound.issuers[0].discovery_url.as_str(),
@@ -1208,6 +1305,30 @@ dynamics:
         assert!(load(&dup).unwrap_err().to_string().contains("listed twice"));
         let both = envs("  url: https://x.crm.dynamics.com\n  routing: { by: tenant }");
         assert!(load(&both).unwrap_err().to_string().contains("not both"));
+    }
+
+    #[test]
+    fn exactly_one_credential_per_environment() {
+        let two = MINIMAL.replace(
+            "  client_secret: ${SECRET}",
+            "  client_secret: ${SECRET}\n  managed_identity: {}",
+        );
+        let err = load(&two).unwrap_err().to_string();
+        assert!(err.contains("exactly one credential"), "{err}");
+        let none = MINIMAL.replace("  client_secret: ${SECRET}\n", "");
+        assert!(load(&none)
+            .unwrap_err()
+            .to_string()
+            .contains("exactly one credential"));
+        let mi = MINIMAL.replace(
+            "  client_secret: ${SECRET}",
+            "  managed_identity: { endpoint: http://127.0.0.1:9/token }",
+        );
+        let c = load(&mi).unwrap();
+        assert_eq!(
+            c.dynamics.environments[0].credential.kind(),
+            "managed_identity"
+        );
     }
 
     #[test]

@@ -259,8 +259,11 @@ fn check(path: &std::path::Path) -> ExitCode {
             config.server.request_timeout
         ));
         out.push_str(&format!(
-            "  s2s token:   client {} from {} scope {} (secret set, not shown)\n",
-            env.client_id, env.token_url, env.scope
+            "  s2s token:   client {} from {} scope {}; credential {} (never shown)\n",
+            env.client_id,
+            env.token_url,
+            env.scope,
+            env.credential.describe()
         ));
     }
     use std::io::Write;

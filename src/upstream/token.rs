@@ -20,6 +20,7 @@ use crate::backoff::Backoff;
 use crate::config::EnvironmentConfig;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
+use crate::upstream::credential::CredentialError;
 
 /// An access token for the Dataverse organisation, ready to send.
 pub struct S2sToken {
@@ -53,6 +54,8 @@ impl S2sToken {
 /// Why no token could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
+    #[error("credential: {0}")]
+    Credential(#[from] CredentialError),
     #[error("token endpoint {url} unreachable: {source}")]
     Http {
         url: String,
@@ -224,23 +227,12 @@ impl TokenSource {
 
     async fn fetch(&self) -> Result<S2sToken, TokenError> {
         let url = self.config.token_url.clone();
-        let form = [
-            ("grant_type", "client_credentials"),
-            ("client_id", self.config.client_id.as_str()),
-            ("client_secret", self.config.client_secret.expose()),
-            ("scope", self.config.scope.as_str()),
-        ];
         let sent_at = Instant::now();
         let response = self
-            .http
-            .post(url.clone())
-            .form(&form)
-            .send()
-            .await
-            .map_err(|source| TokenError::Http {
-                url: url.to_string(),
-                source: source.without_url(),
-            })?;
+            .config
+            .credential
+            .request_token(&self.http, &url, &self.config.client_id, &self.config.scope)
+            .await?;
         let status = response.status();
         let retry_after = response
             .headers()
