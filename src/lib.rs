@@ -6,6 +6,7 @@
 //! `upstream`, in `pipeline`), spawns the background refreshers, serves the app and admin
 //! listeners, and drains on shutdown.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod backoff;

@@ -1,0 +1,164 @@
+//! May this caller make this request? The access stage owns the rules (`access:` in the
+//! config), the reading of the request target as an entity set ([`target`]), and the
+//! Dataverse control headers a grant lets through ([`strip_control_headers`]). It runs after
+//! the caller is authenticated and before anything goes upstream, and hands the next stages
+//! a [`Grant`]: which rule allowed the request, whether to impersonate, which control
+//! headers may pass.
+//!
+//! Rules are tried in order; the first whose `when` matches the caller and whose `allow`
+//! covers the request grants it. A rule that matches the caller but not the request does
+//! not stop the search. If no rule grants, `default` decides (`deny` unless set).
+//!
+//! Decisions worth knowing when writing rules:
+//! - Only the first path segment counts: a grant on `accounts` also reaches what its
+//!   navigation properties lead to (see [`target`]).
+//! - `$batch` is allowed only by a rule with `batch: true`, and its parts are not inspected,
+//!   so a batch grant is effectively "anything this identity may do in Dataverse". Long GETs
+//!   from some clients (dynamics-web-api) arrive as batches.
+//! - An empty `when: {}` is allowed and matches every authenticated caller; `when` itself
+//!   must be written, so "everyone" is always a visible choice.
+//! - `impersonation: app_only` rules never match a delegated (user) token.
+
+mod control_headers;
+mod raw;
+mod rule;
+pub mod target;
+
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use http::Method;
+use serde_json::{Map, Value};
+
+pub use control_headers::{is_control_header, strip_control_headers};
+pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
+pub use target::Target;
+
+use rule::Rule;
+
+/// The rule name reported when the default decided.
+const DEFAULT_RULE: &str = "default";
+
+/// The validated access policy.
+#[derive(Debug, Clone)]
+pub struct AccessPolicy {
+    rules: Vec<Rule>,
+    default: DefaultDecision,
+    /// What `default: allow` hands out, built once.
+    default_grant: Grant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DefaultDecision {
+    Allow,
+    Deny,
+}
+
+/// What the access stage needs to know about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessRequest<'a> {
+    pub method: &'a Method,
+    /// The URL path, starting `/api/data/` (after any environment prefix is removed).
+    pub path: &'a str,
+    /// The caller's verified token claims.
+    pub claims: &'a Map<String, Value>,
+    /// The caller's verified issuer.
+    pub issuer: &'a str,
+}
+
+/// Permission for one request.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The rule that granted; `"default"` when the default did.
+    pub rule: Arc<str>,
+    pub impersonation: ImpersonationPolicy,
+    /// `MSCRM.*` headers that may pass (lowercase, as `HeaderName`s are).
+    pub control_headers: Arc<[HeaderName]>,
+}
+
+/// Whom Dataverse acts as for a granted request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImpersonationPolicy {
+    /// The identity stage maps the caller to a Dynamics user, who is impersonated.
+    #[default]
+    Required,
+    /// The application user itself, no impersonation header: for service callers whose
+    /// token names no user.
+    AppOnly,
+}
+
+/// A refused request: answered 403 with `message`, counted under `rule`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct AccessDenied {
+    /// For the metric label: the first rule that matched the caller but did not cover the
+    /// request, or `"default"` when none matched.
+    pub rule: Arc<str>,
+    /// Names the method and target, never the policy.
+    pub message: String,
+}
+
+impl AccessPolicy {
+    /// Validates the `access` section; `key` is its dotted config prefix (`"access"`).
+    /// Errors are (dotted key, message).
+    pub fn from_raw(raw: RawAccess, key: &str) -> Result<Self, (String, String)> {
+        raw::validate(raw, key)
+    }
+
+    /// The policy used when the config has no `access` section: everything is allowed,
+    /// `$batch` included, impersonating as the identity mode says, and no control headers
+    /// pass.
+    pub fn allow_all() -> Self {
+        Self::new(Vec::new(), DefaultDecision::Allow)
+    }
+
+    fn new(rules: Vec<Rule>, default: DefaultDecision) -> Self {
+        Self {
+            rules,
+            default,
+            default_grant: Grant {
+                rule: Arc::from(DEFAULT_RULE),
+                impersonation: ImpersonationPolicy::Required,
+                control_headers: Arc::from([]),
+            },
+        }
+    }
+
+    /// Grants or refuses one request.
+    pub fn decide(&self, request: &AccessRequest<'_>) -> Result<Grant, AccessDenied> {
+        let target = Target::from_path(request.path);
+        let mut closest: Option<&Arc<str>> = None;
+        for rule in &self.rules {
+            if !rule.is_for(request) {
+                continue;
+            }
+            if rule.allow.covers(request.method, &target) {
+                return Ok(rule.grant.clone());
+            }
+            closest.get_or_insert(&rule.grant.rule);
+        }
+        match self.default {
+            DefaultDecision::Allow => Ok(self.default_grant.clone()),
+            DefaultDecision::Deny => Err(AccessDenied {
+                rule: closest.unwrap_or(&self.default_grant.rule).clone(),
+                message: format!(
+                    "no rule allows {} on {} for this caller",
+                    request.method,
+                    truncated(&target.to_string())
+                ),
+            }),
+        }
+    }
+}
+
+/// Keeps a message readable when a path carries a very long name.
+fn truncated(text: &str) -> String {
+    const MAX: usize = 100;
+    match text.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}...", &text[..end]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
