@@ -74,7 +74,7 @@ impl Audit {
             issuer = r.issuer.unwrap_or("-"),
             subject = r.subject.unwrap_or("-"),
             caller = r.caller.unwrap_or("-"),
-            impersonated = %r.impersonated.map(|i| i.id().to_string()).unwrap_or_else(|| "-".into()),
+            impersonated = %r.impersonated.map(|i| i.describe()).unwrap_or_else(|| "-".into()),
             "request"
         );
     }

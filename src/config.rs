@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use url::Url;
 
+use crate::access::{AccessPolicy, RawAccess};
 use crate::secret::Secret;
 use crate::upstream::credential::{
     Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
@@ -56,6 +57,9 @@ pub struct RawConfig {
     /// The audit log of forwarded requests.
     #[serde(default)]
     pub audit: RawAudit,
+    /// Which caller may make which request; without it every verified caller may make any.
+    #[serde(default)]
+    pub access: Option<RawAccess>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +322,7 @@ pub struct Config {
     pub identity: IdentityConfig,
     pub dynamics: DynamicsConfig,
     pub audit: AuditConfig,
+    pub access: AccessPolicy,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -903,6 +908,11 @@ impl TryFrom<RawConfig> for Config {
             dynamics,
             audit: AuditConfig {
                 redact_query: raw.audit.redact_query,
+            },
+            access: match raw.access {
+                Some(a) => AccessPolicy::from_raw(a, "access")
+                    .map_err(|(key, message)| invalid(key, message))?,
+                None => AccessPolicy::allow_all(),
             },
         })
     }

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
+use crate::access::AccessDenied;
 use crate::body::{self, GatewayBody};
 use crate::identity::{IdentityError, LookupError};
 use crate::inbound::AuthError;
@@ -25,6 +26,8 @@ pub enum GatewayError {
     #[error(transparent)]
     Route(#[from] RouteError),
     #[error(transparent)]
+    Access(#[from] AccessDenied),
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
@@ -41,6 +44,7 @@ impl GatewayError {
             Self::Path(PathError::BadHost) => "bad_host",
             Self::Auth(e) => e.reason(),
             Self::Route(e) => e.reason(),
+            Self::Access(_) => "access_denied",
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
             Self::Overloaded(_) => "overloaded",
@@ -65,6 +69,7 @@ impl GatewayError {
                 (StatusCode::NOT_FOUND, "UnknownEnvironment")
             }
             Self::Route(_) => (StatusCode::FORBIDDEN, "EnvironmentNotAllowed"),
+            Self::Access(_) => (StatusCode::FORBIDDEN, "AccessDenied"),
             Self::Identity(IdentityError::Lookup(LookupError::NoToken(_))) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken")
             }

@@ -158,6 +158,7 @@ impl Gateway {
         let pipeline = Arc::new(Pipeline {
             inbound,
             router: Router::new(config.dynamics.routing, environments),
+            access: config.access.clone(),
             metrics,
             audit: Audit::new(config.audit.redact_query),
             public_url: config.server.public_url.clone(),

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub jwks_refresh_total: IntCounterVec,
     pub auth_failures_total: IntCounterVec,
     pub identity_cache_requests_total: IntCounterVec,
+    pub access_denied_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
     pub build_info: IntGaugeVec,
 }
@@ -111,6 +112,12 @@ impl Metrics {
                 "identity_cache_requests_total",
                 "Identity lookups, by cache hit or miss",
                 &["result"],
+            )?,
+            access_denied_total: counter(
+                &registry,
+                "access_denied_total",
+                "Requests refused by the access rules, by the rule that decided",
+                &["rule"],
             )?,
             in_flight_requests,
             build_info,

@@ -1,6 +1,6 @@
 //! The request, start to finish, as one function that reads like the architecture:
-//! path check -> inbound (who is calling?) -> routing (which organisation?) -> identity
-//! (as whom?) -> upstream (forward).
+//! path check -> inbound (who is calling?) -> routing (which organisation?) -> access
+//! (may it do this?) -> identity (as whom?) -> upstream (forward).
 //! Each stage returns a typed value or an error; errors become responses in `error.rs`.
 
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::access::{AccessPolicy, AccessRequest, ImpersonationPolicy};
 use crate::audit::{Audit, AuditRecord};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
@@ -26,6 +27,7 @@ use crate::upstream::ForwardContext;
 pub struct Pipeline {
     pub inbound: Authenticator,
     pub router: Router,
+    pub access: AccessPolicy,
     pub metrics: Metrics,
     pub audit: Audit,
     /// `server.public_url`, without trailing slash.
@@ -120,7 +122,27 @@ impl Pipeline {
             }
         };
         outcome.caller_key = Some(environment.identity.caller_key(&caller).to_string());
-        let impersonation = environment.identity.resolve(&caller).await;
+        let decision = self.access.decide(&AccessRequest {
+            method: request.method(),
+            path: path_and_query.split('?').next().unwrap_or_default(),
+            claims: &caller.claims,
+            issuer: &caller.issuer,
+        });
+        let grant = match decision {
+            Ok(grant) => grant,
+            Err(denied) => {
+                self.metrics
+                    .access_denied_total
+                    .with_label_values(&[&denied.rule])
+                    .inc();
+                outcome.caller = Some(caller);
+                return Err(denied.into());
+            }
+        };
+        let impersonation = match grant.impersonation {
+            ImpersonationPolicy::AppOnly => Ok(Impersonation::ApplicationUser),
+            ImpersonationPolicy::Required => environment.identity.resolve(&caller).await,
+        };
         outcome.caller = Some(caller);
         let impersonation = impersonation?;
         outcome.impersonated = Some(impersonation);
@@ -134,6 +156,7 @@ impl Pipeline {
             peer,
             request_id,
             impersonation: &impersonation,
+            grant: &grant,
             public_base: &public_base,
             path_and_query: &path_and_query,
         };

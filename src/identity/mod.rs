@@ -19,13 +19,17 @@ pub enum Impersonation {
     CallerObjectId(Uuid),
     /// `MSCRMCallerID`: a systemuserid the gateway resolved.
     SystemUserId(Uuid),
+    /// No impersonation header: the request runs as the application user (an access rule
+    /// with `impersonation: app_only`, for service callers that have no user).
+    ApplicationUser,
 }
 
 impl Impersonation {
     /// The id, for logs.
-    pub fn id(&self) -> Uuid {
+    pub fn describe(&self) -> String {
         match self {
-            Self::CallerObjectId(id) | Self::SystemUserId(id) => *id,
+            Self::CallerObjectId(id) | Self::SystemUserId(id) => id.to_string(),
+            Self::ApplicationUser => "application-user".to_string(),
         }
     }
 }

@@ -21,6 +21,7 @@ use super::odata_links::{
     BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
 };
 use super::{DataverseClient, S2sToken, TokenSource, UpstreamError};
+use crate::access::Grant;
 use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
 use crate::config::{DynamicsConfig, ServerConfig};
 use crate::identity::Impersonation;
@@ -37,6 +38,8 @@ pub struct ForwardContext<'a> {
     pub peer: SocketAddr,
     pub request_id: &'a HeaderValue,
     pub impersonation: &'a Impersonation,
+    /// What the access rules granted: which Dataverse control headers may pass.
+    pub grant: &'a Grant,
     /// The gateway's base URL as the caller sees it, without trailing slash.
     pub public_base: &'a str,
     /// The validated path and query to request upstream.
@@ -164,6 +167,7 @@ impl Forwarder {
             self.trust_forwarded,
             ctx.request_id,
         );
+        crate::access::strip_control_headers(&mut headers, ctx.grant);
         if dropped > 0 {
             tracing::warn!(request_id = ?ctx.request_id, dropped, "caller sent impersonation headers; stripped");
         }

@@ -119,6 +119,7 @@ pub fn set_impersonation(headers: &mut HeaderMap, impersonation: &Impersonation)
     let (name, id) = match impersonation {
         Impersonation::CallerObjectId(id) => (CALLER_OBJECT_ID, id),
         Impersonation::SystemUserId(id) => (MSCRM_CALLER_ID, id),
+        Impersonation::ApplicationUser => return,
     };
     let mut buf = uuid::Uuid::encode_buffer();
     let text = id.hyphenated().encode_lower(&mut buf);
