@@ -1,9 +1,12 @@
+//! End to end over sockets: each credential kind asks the stand-in token endpoint (or
+//! IMDS) for a token with `Credential::request_token`, and the stand-in Dataverse must
+//! accept what comes back. The stand-ins check what Azure AD and IMDS check (assertion
+//! signature and claims, replay, federated records, the `Metadata` header), so each kind
+//! also has its refusals tested. The last test runs the real gateway with each kind.
+
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-//! End to end over sockets, without the gateway: each credential kind asks the stand-in
-//! token endpoint (or IMDS) for a token with `Credential::request_token`, and the stand-in
-//! Dataverse must accept what comes back. The stand-ins check what Azure AD and IMDS
-//! check (assertion signature and claims, replay, federated records, the `Metadata`
-//! header), so each kind also has its refusals tested.
+
+mod support;
 
 use std::path::PathBuf;
 
@@ -524,4 +527,136 @@ async fn imds_requires_the_metadata_header_and_its_failures_reach_the_refresher(
     assert_eq!(ask().await.status(), 429);
     assert_eq!(ask().await.status(), 200);
     assert_eq!(imds.issued_tokens().len(), 1);
+}
+
+/// The gateway with `credential_yaml` (lines under `dynamics:`), serving Alice.
+async fn gateway_with(
+    idp: &IdpHandle,
+    dataverse: &DataverseHandle,
+    client_id: &str,
+    credential_yaml: &str,
+) -> support::GatewayHandle {
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
+inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n\
+dynamics:\n  url: {url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  token_url: {token_url}\n{credential_yaml}",
+        issuer = idp.issuer(),
+        aud = idp.audience(),
+        url = dataverse.url(),
+        tenant = idp.tenant_id(),
+        token_url = idp.token_url(),
+    );
+    let gateway = support::start_gateway(&yaml).await;
+    gateway.wait_ready().await;
+    gateway
+}
+
+async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u16 {
+    support::client()
+        .get(format!("{}/api/data/v9.2/WhoAmI", gateway.url()))
+        .bearer_auth(idp.token_for(support::ALICE_OID))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn the_gateway_runs_with_each_secretless_credential() {
+    let alice =
+        dynamics_gateway::testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
+    let scratch = Scratch::new();
+
+    // Certificate: files re-read at each token request.
+    let cert = test_cert();
+    let idp = Idp::builder()
+        .certificate(CERT_APP, &cert.der)
+        .start()
+        .await
+        .unwrap();
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice.clone())
+        .start()
+        .await
+        .unwrap();
+    let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem);
+    let key_path = scratch.write("gw-key.pem", &cert.key_pem);
+    let gateway = gateway_with(
+        &idp,
+        &dataverse,
+        CERT_APP,
+        &format!(
+            "  certificate: {{ certificate: {}, private_key: {} }}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    )
+    .await;
+    assert_eq!(whoami_through(&gateway, &idp).await, 200);
+    let form = idp.last_token_request().unwrap();
+    assert_eq!(
+        form.get("client_assertion_type").map(String::as_str),
+        Some(JWT_BEARER_ASSERTION_TYPE)
+    );
+    assert!(!form.contains_key("client_secret"));
+
+    // Workload identity: the projected service-account token is the assertion.
+    let sa = ServiceAccountIssuer::new();
+    let idp = Idp::builder()
+        .federated(WI_APP, &sa.issuer, SA_SUBJECT)
+        .federated_issuer_key(&sa.issuer, &sa.key)
+        .start()
+        .await
+        .unwrap();
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice.clone())
+        .start()
+        .await
+        .unwrap();
+    let token_file = scratch.write(
+        "gw-azure-identity-token",
+        &sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+    );
+    let gateway = gateway_with(
+        &idp,
+        &dataverse,
+        WI_APP,
+        &format!(
+            "  workload_identity: {{ token_file: {} }}\n",
+            token_file.display()
+        ),
+    )
+    .await;
+    assert_eq!(whoami_through(&gateway, &idp).await, 200);
+
+    // Managed identity: the instance metadata service.
+    let idp = Idp::builder().start().await.unwrap();
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice)
+        .start()
+        .await
+        .unwrap();
+    let imds = Imds::builder()
+        .registry(idp.s2s_registry())
+        .start()
+        .await
+        .unwrap();
+    let gateway = gateway_with(
+        &idp,
+        &dataverse,
+        "unused",
+        &format!("  managed_identity: {{ endpoint: {} }}\n", imds.url()),
+    )
+    .await;
+    assert_eq!(whoami_through(&gateway, &idp).await, 200);
+    assert_eq!(
+        idp.token_requests(),
+        0,
+        "managed identity never calls the token endpoint"
+    );
+    assert!(!imds.requests().is_empty());
 }
