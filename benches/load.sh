@@ -23,6 +23,9 @@
 # Usage: benches/load.sh            (about 3 minutes plus the release build)
 #   DURATION=10   seconds per measured run
 #   PROFILE=1     also record a perf profile of the gateway under the keep-alive workload
+#   SOAK=60       also soak the gateway: SOAK seconds, 200 keep-alive connections, a mix of
+#                 small GETs, 1 MiB POSTs and bad tokens; reports unexpected statuses and the
+#                 resident memory after a warm-up and at the end (no growth expected)
 #   NO_INSTALL=1  do not apt-get anything
 #   OUT=dir       where results go (default target/load-results/<UTC time>)
 # Everything listens on 127.0.0.1 only and is stopped by pid on exit.
@@ -400,6 +403,53 @@ idle_rss=$(rss_kib "$GW_PID")
 wait "$IDLE_PID" || true
 printf 'gateway RSS holding %s idle keep-alive connections (%s answered 200, %s still open 4 s later)\t%s\n' \
   "$IDLE_CONNECTIONS" "$(cat "$TMP/idle.marker")" "$(cat "$TMP/idle.marker.after" 2>/dev/null || echo '?')" "$(mib "$idle_rss")" >>"$MEM"
+
+# --- optional soak ----------------------------------------------------------------------
+if [ "${SOAK:-0}" -gt 0 ]; then
+  cat >"$TMP/soak.lua" <<'LUA'
+-- One request in 20 is a 1 MiB POST, one a bad token (401 expected), the rest small GETs.
+local good = "Bearer " .. os.getenv("SOAK_TOKEN")
+local big = string.rep("x", 1048576)
+local threads = {}
+local n, ok, refused, unexpected = 0, 0, 0, 0
+function setup(thread) table.insert(threads, thread) end
+function request()
+  n = n + 1
+  local k = n % 20
+  if k == 0 then
+    return wrk.format("POST", "/api/data/v9.2/echo", {["Authorization"] = good, ["Content-Type"] = "application/octet-stream"}, big)
+  elseif k == 1 then
+    return wrk.format("GET", "/api/data/v9.2/WhoAmI", {["Authorization"] = "Bearer not.a.token"})
+  end
+  return wrk.format("GET", "/api/data/v9.2/WhoAmI", {["Authorization"] = good})
+end
+function response(status)
+  if status == 200 then ok = ok + 1 elseif status == 401 then refused = refused + 1 else unexpected = unexpected + 1 end
+end
+function done(summary)
+  local t = {ok = 0, refused = 0, unexpected = 0}
+  for _, th in ipairs(threads) do
+    t.ok = t.ok + th:get("ok"); t.refused = t.refused + th:get("refused"); t.unexpected = t.unexpected + th:get("unexpected")
+  end
+  local e = summary.errors
+  local f = io.open(os.getenv("WRK_OUT"), "a")
+  f:write(string.format("%d %d %d %d %d\n", t.ok, t.refused, t.unexpected, e.connect + e.read + e.write + e.timeout, summary.requests))
+  f:close()
+end
+LUA
+  soak_run() { # seconds out
+    WRK_OUT=$2 SOAK_TOKEN=$TOKEN wrk -t2 -c200 -d"$1s" --timeout 10s -s "$TMP/soak.lua" "${URL[gateway]}" >>"$OUT/wrk-soak.log" 2>&1
+  }
+  log "soak: 10 s warm-up, then ${SOAK} s at 200 connections (GET / 1 MiB POST / bad token)"
+  soak_run 10 /dev/null
+  warm_rss=$(rss_kib "$GW_PID")
+  soak_run "$SOAK" "$OUT/soak.txt"
+  end_rss=$(rss_kib "$GW_PID")
+  read -r s_ok s_refused s_unexpected s_socket s_total <"$OUT/soak.txt"
+  printf 'soak %s s, 200 conns: requests / 200 / 401 (bad token) / unexpected status / socket errors\t%s / %s / %s / %s / %s\n' \
+    "$SOAK" "$s_total" "$s_ok" "$s_refused" "$s_unexpected" "$s_socket" >>"$MEM"
+  printf 'soak: gateway RSS after warm-up -> at the end\t%s -> %s\n' "$(mib "$warm_rss")" "$(mib "$end_rss")" >>"$MEM"
+fi
 
 # --- optional profile ------------------------------------------------------------------
 if [ "${PROFILE:-0}" = 1 ]; then

@@ -107,6 +107,9 @@ pub struct RawServer {
     pub max_in_flight: usize,
     /// Longest wait for in-flight requests after SIGTERM.
     pub shutdown_grace: String,
+    /// Threads serving requests; default: one per core. A sidecar limited to one CPU is
+    /// fastest with 1 (no hand-offs between threads).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for RawServer {
@@ -122,6 +125,7 @@ impl Default for RawServer {
             max_connections: 10_000,
             max_in_flight: 1024,
             shutdown_grace: "30s".into(),
+            worker_threads: None,
         }
     }
 }
@@ -343,6 +347,7 @@ pub struct ServerConfig {
     pub max_connections: usize,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -711,6 +716,10 @@ impl TryFrom<RawConfig> for Config {
             max_connections: s.max_connections,
             max_in_flight: s.max_in_flight,
             shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
+            worker_threads: match s.worker_threads {
+                Some(0) => return Err(invalid("server.worker_threads", "must be at least 1")),
+                other => other,
+            },
         };
         if server.max_connections == 0 {
             return Err(invalid("server.max_connections", "must be at least 1"));

@@ -211,8 +211,12 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
+            // From the thread-local generator: `new_v4` would make a getrandom syscall per request.
             let mut buf = uuid::Uuid::encode_buffer();
-            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            let id = uuid::Builder::from_random_bytes(rand::random())
+                .into_uuid()
+                .hyphenated()
+                .encode_lower(&mut buf);
             HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("-"))
         })
 }

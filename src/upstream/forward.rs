@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -56,6 +57,16 @@ pub struct Forwarder {
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
     metrics: Metrics,
+    /// The link rewrites for the last public base seen: callers nearly always reach the
+    /// gateway by one name, so the pair is built once rather than per request.
+    links: ArcSwapOption<LinkPair>,
+}
+
+/// Both directions of link rewriting for one public base.
+struct LinkPair {
+    base: String,
+    to_upstream: LinkRewrite,
+    to_gateway: LinkRewrite,
 }
 
 /// The body of the upstream request, held (replayable) or streaming (sent once).
@@ -128,7 +139,21 @@ impl Forwarder {
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
             metrics,
+            links: ArcSwapOption::empty(),
         }
+    }
+
+    fn links(&self, public_base: &str) -> Arc<LinkPair> {
+        if let Some(pair) = self.links.load_full().filter(|p| p.base == public_base) {
+            return pair;
+        }
+        let pair = Arc::new(LinkPair {
+            base: public_base.to_string(),
+            to_upstream: LinkRewrite::new(public_base, self.client.origin()),
+            to_gateway: LinkRewrite::new(self.client.origin(), public_base),
+        });
+        self.links.store(Some(pair.clone()));
+        pair
     }
 
     pub fn client(&self) -> &DataverseClient {
@@ -154,7 +179,8 @@ impl Forwarder {
         let mut token = self.tokens.current()?;
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
-        let to_upstream = LinkRewrite::new(ctx.public_base, self.client.origin());
+        let links = self.links(ctx.public_base);
+        let to_upstream = links.to_upstream.clone();
         let mut body = self
             .request_body(incoming, &mut headers, to_upstream)
             .await?;
@@ -351,7 +377,7 @@ impl Forwarder {
     ) -> Response<GatewayBody> {
         let (mut parts, incoming) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let to_gateway = LinkRewrite::new(self.client.origin(), ctx.public_base);
+        let to_gateway = self.links(ctx.public_base).to_gateway.clone();
         for name in [LOCATION, ODATA_ENTITY_ID] {
             let rewritten = parts
                 .headers

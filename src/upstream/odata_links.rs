@@ -7,11 +7,18 @@
 //! only when it starts with `from` followed by `/`, `?`, `(` or its end. JSON property names
 //! containing escapes (e.g. `"@odata\u002enextLink"`) are treated as non-matching.
 
+use std::sync::Arc;
+
 use memchr::{memchr, memchr2, memrchr};
 
 /// A pair of URL prefixes: `from` is replaced by `to` at the start of selected URL values.
+/// Cheap to clone: the prefixes are shared, so one pair serves every request to a base.
 #[derive(Clone, Debug)]
-pub struct LinkRewrite {
+pub struct LinkRewrite(Arc<LinkPrefixes>);
+
+/// The prefixes of a [`LinkRewrite`] in each form they are matched in.
+#[derive(Debug)]
+pub struct LinkPrefixes {
     from: String,
     to: String,
     /// `from`/`to` as they appear inside a JSON string literal.
@@ -29,6 +36,14 @@ enum Decision {
     Match { prefix_len: usize, slash: bool },
 }
 
+impl std::ops::Deref for LinkRewrite {
+    type Target = LinkPrefixes;
+
+    fn deref(&self) -> &LinkPrefixes {
+        &self.0
+    }
+}
+
 impl LinkRewrite {
     /// `from` and `to` are absolute URL prefixes without trailing slash, e.g.
     /// "https://org.crm.dynamics.com" and "http://127.0.0.1:8080". An empty `from`
@@ -36,14 +51,14 @@ impl LinkRewrite {
     pub fn new(from: impl Into<String>, to: impl Into<String>) -> Self {
         let from = from.into();
         let to = to.into();
-        Self {
+        Self(Arc::new(LinkPrefixes {
             from_json: json_escape(&from, false),
             to_json: json_escape(&to, false),
             from_json_slash: json_escape(&from, true),
             to_json_slash: json_escape(&to, true),
             from,
             to,
-        }
+        }))
     }
 
     /// The prefix that is replaced.
