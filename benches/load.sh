@@ -411,7 +411,8 @@ if [ "${SOAK:-0}" -gt 0 ]; then
 local good = "Bearer " .. os.getenv("SOAK_TOKEN")
 local big = string.rep("x", 1048576)
 local threads = {}
-local n, ok, refused, unexpected = 0, 0, 0, 0
+-- Globals, not locals: done() reads each thread's counters with thread:get().
+n, ok, refused, unexpected = 0, 0, 0, 0
 function setup(thread) table.insert(threads, thread) end
 function request()
   n = n + 1

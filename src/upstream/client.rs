@@ -43,7 +43,9 @@ impl DataverseClient {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(512)
+            .pool_max_idle_per_host(128)
+            // Bounds what one connection buffers while streaming a large body.
+            .http1_max_buf_size(64 * 1024)
             .build(https);
         let origin = url.origin().ascii_serialization();
         let authority = match url.port() {
