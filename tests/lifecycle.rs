@@ -237,3 +237,94 @@ async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_re
         .unwrap();
     assert_eq!(ready.status(), 200, "still serving");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    let token = idp.token_for(ALICE_OID);
+    let response = client()
+        .get(format!(
+            "{}{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'Alice'",
+            gateway.url
+        ))
+        .bearer_auth(&token)
+        .header("x-request-id", "audit-me-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // A flood of bad tokens: each is answered, but only 20 refusals a second are logged.
+    let flood_started = std::time::Instant::now();
+    let http = client();
+    let flood: Vec<_> = (0..100)
+        .map(|_| {
+            let request = http
+                .get(format!("{}{WHOAMI}", gateway.url))
+                .bearer_auth("not.a.token");
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    for answer in flood {
+        assert_eq!(answer.await.unwrap(), 401);
+    }
+    let windows = flood_started.elapsed().as_secs() + 2;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gateway.log();
+    let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit-me-1")).collect();
+    assert_eq!(audit.len(), 1, "one audit line per request: {log}");
+    let line = audit[0];
+    for expected in [
+        "status=200",
+        "method=GET",
+        ALICE_OID,
+        "subject=",
+        &idp.issuer(),
+    ] {
+        assert!(line.contains(expected), "{expected} missing from {line}");
+    }
+    assert!(
+        line.contains("fullname"),
+        "query kept unless redact_query: {line}"
+    );
+    assert!(!log.contains(&token), "a token never reaches the log");
+    assert!(
+        !log.contains(&idp.client_secret()),
+        "the client secret never reaches the log"
+    );
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .count();
+    assert!(refusals >= 1, "refusals are logged");
+    assert!(
+        refusals as u64 <= 20 * windows,
+        "{refusals} refusal lines for 100 refusals within {windows} one-second windows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redact_query_keeps_query_values_out_of_the_audit_log() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let yaml = format!(
+        "{}audit:\n  redact_query: true\n",
+        binary_config(&idp, &dataverse, "", ports)
+    );
+    let gateway = start_binary(&yaml, ports).await;
+    let response = client()
+        .get(format!(
+            "{}{WHOAMI}?$filter=emailaddress1%20eq%20'secret-person@example.com'",
+            gateway.url
+        ))
+        .bearer_auth(idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = gateway.log();
+    assert!(log.contains("WhoAmI?$filter="), "{log}");
+    assert!(!log.contains("secret-person"), "{log}");
+}

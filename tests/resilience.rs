@@ -380,3 +380,124 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     assert_eq!(response.status(), 429);
     assert_eq!(env.dataverse.request_count(), 3);
 }
+
+/// Open file descriptors of this test process (the gateway and stand-ins run inside it).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+async fn settle_fds(baseline: usize) -> usize {
+    let mut now = open_fds();
+    for _ in 0..40 {
+        if now <= baseline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = open_fds();
+    }
+    now
+}
+
+#[tokio::test]
+async fn a_caller_hanging_up_mid_download_or_mid_upload_releases_the_upstream_connection() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    // One full request first, so the pooled upstream connection is part of the baseline.
+    let warm = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    let baseline = open_fds();
+
+    // Mid-download: read 1 MiB of a 64 MiB answer, then hang up.
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let request = format!(
+        "GET /api/data/v9.2/download?bytes={} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n",
+        64 << 20
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < (1 << 20) {
+        got += stream.read(&mut buf).await.unwrap();
+    }
+    drop(stream);
+    assert!(
+        settle_fds(baseline).await <= baseline,
+        "the upstream download connection is closed"
+    );
+
+    // Mid-upload: promise 64 MiB, send 1 MiB, hang up.
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /api/data/v9.2/echo HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        64 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b'u'; 1 << 20]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(stream);
+    assert!(
+        settle_fds(baseline).await <= baseline,
+        "the upstream upload connection is closed"
+    );
+    let upload = env
+        .dataverse
+        .requests()
+        .into_iter()
+        .find(|r| r.path_and_query.ends_with("/echo"))
+        .unwrap();
+    assert!(
+        upload.body_len < 64 << 20,
+        "Dataverse never saw a complete body"
+    );
+
+    // And the gateway still serves.
+    let after = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
+    let env = env()
+        .identity("identity:\n  mode: lookup\n  claim: oid\n  cache_max_entries: 5\n")
+        .start()
+        .await;
+    // Thirty distinct valid callers (unknown users: each answer is a cached 403).
+    for i in 0..30u32 {
+        let oid = format!("00000000-0000-4000-8000-{i:012}");
+        let r = client()
+            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+            .bearer_auth(env.idp.token_for(&oid))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    }
+    assert_eq!(env.dataverse.systemuser_lookups(), 30);
+    // The bound holds: asking again for all thirty cannot be answered from a cache of five.
+    for i in 0..30u32 {
+        let oid = format!("00000000-0000-4000-8000-{i:012}");
+        client()
+            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+            .bearer_auth(env.idp.token_for(&oid))
+            .send()
+            .await
+            .unwrap();
+    }
+    // moka enforces the bound asynchronously, so allow it a little slack.
+    assert!(
+        env.dataverse.systemuser_lookups() >= 30 + 20,
+        "at most a handful of 30 answers can still be cached"
+    );
+}
