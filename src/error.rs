@@ -33,6 +33,8 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("the gateway has {0} requests in flight, its limit; retry shortly")]
     Overloaded(usize),
+    #[error("the gateway failed while handling the request")]
+    Internal,
 }
 
 impl GatewayError {
@@ -48,6 +50,7 @@ impl GatewayError {
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
             Self::Overloaded(_) => "overloaded",
+            Self::Internal => "internal",
         }
     }
 
@@ -91,6 +94,7 @@ impl GatewayError {
             Self::Upstream(U::Unreachable(_)) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
             Self::Upstream(U::Build(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         }
     }
 

@@ -46,7 +46,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::admin::{Admin, Readiness};
 use crate::audit::Audit;
-use crate::config::{Config, IdentityMode};
+use crate::config::{Config, EnvironmentConfig, IdentityMode};
 use crate::identity::{IdentityResolver, UserLookup};
 use crate::inbound::Authenticator;
 use crate::metrics::Metrics;
@@ -94,61 +94,64 @@ impl Gateway {
         let inbound = Authenticator::new(&config.inbound, http.clone(), metrics.clone());
         // One token per (token endpoint, client, resource): environments that share an app
         // registration and organisation share the token and its refresher.
-        let mut token_sources: Vec<((String, String, String), TokenSource)> = Vec::new();
-        let mut token_of_env = Vec::with_capacity(config.dynamics.environments.len());
+        let mut groups: Vec<Vec<&EnvironmentConfig>> = Vec::new();
         for env in &config.dynamics.environments {
-            let key = (
-                env.token_url.to_string(),
-                env.client_id.clone(),
-                env.scope.clone(),
-            );
-            match token_sources.iter().position(|(k, _)| *k == key) {
-                Some(i) => {
-                    token_sources[i].1.also_serves(&env.name);
-                    token_of_env.push(i);
-                }
-                None => {
-                    token_of_env.push(token_sources.len());
-                    token_sources.push((key, TokenSource::new(env, http.clone(), metrics.clone())));
-                }
+            let same = |other: &&EnvironmentConfig| {
+                other.token_url == env.token_url
+                    && other.client_id == env.client_id
+                    && other.scope == env.scope
+            };
+            match groups.iter_mut().find(|g| g.first().is_some_and(same)) {
+                Some(group) => group.push(env),
+                None => groups.push(vec![env]),
             }
         }
-        let tokens: Vec<Arc<TokenSource>> = token_sources
-            .into_iter()
-            .map(|(_, t)| Arc::new(t))
-            .collect();
+        let mut tokens = Vec::with_capacity(groups.len());
         let mut environments = Vec::with_capacity(config.dynamics.environments.len());
-        for (env, token_index) in config.dynamics.environments.iter().zip(token_of_env) {
-            let env_tokens = tokens
-                .get(token_index)
-                .cloned()
-                .ok_or(StartError::Identity("token source missing"))?;
-            let client = DataverseClient::new(&env.url)?;
-            let lookup = match &config.identity.mode {
-                IdentityMode::Lookup(attribute) => Some(UserLookup::new(
-                    &config.identity,
-                    *attribute,
-                    client.clone(),
-                    env_tokens.clone(),
-                    config.server.request_timeout,
-                    metrics.clone(),
-                )),
-                _ => None,
+        for group in groups {
+            let Some(first) = group.first() else {
+                continue;
             };
-            let identity = IdentityResolver::new(&config.identity, lookup, &env.tenant_id)
-                .map_err(StartError::Identity)?;
-            let upstream = Forwarder::new(
-                client,
-                env_tokens,
-                &config.server,
-                &config.dynamics,
+            let label = group
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let env_tokens = Arc::new(TokenSource::new(
+                first,
+                label,
+                http.clone(),
                 metrics.clone(),
-            );
-            environments.push(Arc::new(Environment {
-                config: env.clone(),
-                identity,
-                upstream,
-            }));
+            ));
+            tokens.push(env_tokens.clone());
+            for env in group {
+                let client = DataverseClient::new(&env.url)?;
+                let lookup = match &config.identity.mode {
+                    IdentityMode::Lookup(attribute) => Some(UserLookup::new(
+                        &config.identity,
+                        *attribute,
+                        client.clone(),
+                        env_tokens.clone(),
+                        config.server.request_timeout,
+                        metrics.clone(),
+                    )),
+                    _ => None,
+                };
+                let identity = IdentityResolver::new(&config.identity, lookup, &env.tenant_id)
+                    .map_err(StartError::Identity)?;
+                let upstream = Forwarder::new(
+                    client,
+                    env_tokens.clone(),
+                    &config.server,
+                    &config.dynamics,
+                    metrics.clone(),
+                );
+                environments.push(Arc::new(Environment {
+                    config: env.clone(),
+                    identity,
+                    upstream,
+                }));
+            }
         }
         let readiness = Readiness {
             issuers: inbound.caches().cloned().collect(),
@@ -381,6 +384,5 @@ fn panic_response(
 ) -> http::Response<body::GatewayBody> {
     tracing::error!("request handler panicked");
     let id = http::HeaderValue::from_static("-");
-    error::GatewayError::Upstream(upstream::UpstreamError::Build("internal error".into()))
-        .into_response(&id)
+    error::GatewayError::Internal.into_response(&id)
 }

@@ -134,9 +134,15 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    pub fn new(config: &EnvironmentConfig, http: reqwest::Client, metrics: Metrics) -> Self {
+    /// `label` names the environments this token serves, for logs and readiness.
+    pub fn new(
+        config: &EnvironmentConfig,
+        label: String,
+        http: reqwest::Client,
+        metrics: Metrics,
+    ) -> Self {
         Self {
-            label: config.name.clone(),
+            label,
             config: config.clone(),
             http,
             current: ArcSwapOption::empty(),
@@ -152,12 +158,6 @@ impl TokenSource {
             Some(token) if token.is_usable() => Ok(token),
             _ => Err(self.no_valid_token()),
         }
-    }
-
-    /// Another environment sharing this token (same tenant, client and resource).
-    pub fn also_serves(&mut self, environment: &str) {
-        self.label.push_str(", ");
-        self.label.push_str(environment);
     }
 
     /// The environments this token serves, for logs and readiness.
