@@ -415,3 +415,50 @@ async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
         "at most a handful of 30 answers can still be cached"
     );
 }
+
+#[tokio::test]
+async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
+    let env = env()
+        .token_endpoint(TokenEndpointMode::Hang)
+        .start_unready()
+        .await;
+    while env.idp.token_requests() == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ready = client()
+        .get(format!("{}/readyz", env.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
+    // The hung request is abandoned after the client timeout (15 s), counted, and retried.
+    for _ in 0..300 {
+        if metric(
+            &env.gateway,
+            "dynamics_gateway_token_requests_total{result=\"success\"}",
+        )
+        .await
+            >= 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metric(
+            &env.gateway,
+            "dynamics_gateway_token_requests_total{result=\"failure\"}"
+        )
+        .await
+            >= 1.0
+    );
+    env.gateway.wait_ready().await;
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
