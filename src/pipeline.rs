@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HOST;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -54,13 +54,14 @@ impl Pipeline {
         self.metrics.in_flight_requests.inc();
         let request_id = request_id(request.headers());
         let method = request.method().clone();
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
+        // One copy of the target (a reference count, not a string copy) serves routing,
+        // forwarding and the audit line.
+        let uri = request.uri().clone();
         let mut outcome = Outcome::default();
-        let response = match self.process(request, peer, &request_id, &mut outcome).await {
+        let response = match self
+            .process(request, &uri, peer, &request_id, &mut outcome)
+            .await
+        {
             Ok(response) => response,
             Err(error) => {
                 if let GatewayError::Auth(e) = &error {
@@ -89,7 +90,7 @@ impl Pipeline {
             request_id: request_id.to_str().unwrap_or("-"),
             peer,
             method: &method,
-            path_and_query: &path_and_query,
+            path_and_query: uri.path_and_query().map_or("", |p| p.as_str()),
             status: status.as_u16(),
             duration: elapsed,
             issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
@@ -103,52 +104,40 @@ impl Pipeline {
     async fn process(
         &self,
         request: Request<Incoming>,
+        uri: &Uri,
         peer: SocketAddr,
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<GatewayBody>, GatewayError> {
-        let target = request_target(request.uri(), self.router.uses_path_prefix())?;
-        let (prefix, path_and_query) = (
-            target.environment.map(str::to_string),
-            target.path_and_query.to_string(),
-        );
-        let caller: Caller = self.inbound.authenticate(request.headers()).await?;
-        let environment = self.router.route(prefix.as_deref(), &caller);
-        let environment = match environment {
-            Ok(environment) => environment,
-            Err(e) => {
-                outcome.caller = Some(caller);
-                return Err(e.into());
-            }
-        };
-        outcome.caller_key = Some(environment.identity.caller_key(&caller).to_string());
-        let decision = self.access.decide(&AccessRequest {
-            method: request.method(),
-            path: path_and_query.split('?').next().unwrap_or_default(),
-            claims: &caller.claims,
-            issuer: &caller.issuer,
-        });
-        let grant = match decision {
-            Ok(grant) => grant,
-            Err(denied) => {
+        let target = request_target(uri, self.router.uses_path_prefix())?;
+        let caller: &Caller = outcome
+            .caller
+            .insert(self.inbound.authenticate(request.headers()).await?);
+        let environment = self.router.route(target.environment, caller)?;
+        outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
+        let grant = self
+            .access
+            .decide(&AccessRequest {
+                method: request.method(),
+                // The path without the environment prefix.
+                path: target.path_and_query.split('?').next().unwrap_or_default(),
+                claims: &caller.claims,
+                issuer: &caller.issuer,
+            })
+            .inspect_err(|denied| {
                 self.metrics
                     .access_denied_total
                     .with_label_values(&[&denied.rule])
                     .inc();
-                outcome.caller = Some(caller);
-                return Err(denied.into());
-            }
-        };
+            })?;
         let impersonation = match grant.impersonation {
-            ImpersonationPolicy::AppOnly => Ok(Impersonation::ApplicationUser),
-            ImpersonationPolicy::Required => environment.identity.resolve(&caller).await,
+            ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
+            ImpersonationPolicy::Required => environment.identity.resolve(caller).await?,
         };
-        outcome.caller = Some(caller);
-        let impersonation = impersonation?;
         outcome.impersonated = Some(impersonation);
         // Links handed back keep the environment prefix, so apps stay on the same route.
         let mut public_base = self.public_base(&request)?;
-        if let Some(prefix) = &prefix {
+        if let Some(prefix) = target.environment {
             public_base.push('/');
             public_base.push_str(prefix);
         }
@@ -158,7 +147,7 @@ impl Pipeline {
             impersonation: &impersonation,
             grant: &grant,
             public_base: &public_base,
-            path_and_query: &path_and_query,
+            path_and_query: target.path_and_query,
         };
         Ok(environment.upstream.forward(request, ctx).await?)
     }

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{client, env, ALICE_OID};
+use support::{env, ALICE_OID};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,12 +43,7 @@ async fn hang_ups() {
     let env = env().start().await;
     let token = env.idp.token_for(ALICE_OID);
     // One full request first, so the pooled upstream connection is part of the baseline.
-    let warm = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
     let baseline = open_fds();
 
@@ -96,12 +91,7 @@ async fn hang_ups() {
     );
 
     // And the gateway still serves.
-    let after = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let after = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(after.status(), 200);
 }
 
@@ -109,21 +99,11 @@ async fn time_out() {
     let env = env().server("  request_timeout: 1s\n").start().await;
     let token = env.idp.token_for(ALICE_OID);
     // The pooled upstream connection (both of its ends live in this process) is in the baseline.
-    let warm = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
     let baseline = open_fds();
     env.dataverse.set_delay(Duration::from_millis(2500));
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 504);
     drop(response);
     // Once the stand-in has answered into the void, a cancelled request has taken its
@@ -134,11 +114,6 @@ async fn time_out() {
         "the timed-out upstream connection was closed, not pooled"
     );
     env.dataverse.set_delay(Duration::ZERO);
-    let after = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let after = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(after.status(), 200);
 }

@@ -552,14 +552,14 @@ dynamics:\n  url: {url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  toke
 }
 
 async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u16 {
-    support::client()
-        .get(format!("{}/api/data/v9.2/WhoAmI", gateway.url()))
-        .bearer_auth(idp.token_for(support::ALICE_OID))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    support::get(
+        gateway,
+        "/api/data/v9.2/WhoAmI",
+        idp.token_for(support::ALICE_OID),
+    )
+    .await
+    .status()
+    .as_u16()
 }
 
 #[tokio::test]

@@ -5,17 +5,12 @@
 
 mod support;
 
-use support::{client, env, error_body, ALICE_EMAIL, ALICE_OID, BOB_OID};
+use support::{env, error_body, ALICE_EMAIL, ALICE_OID, BOB_OID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 
 async fn get_whoami(env: &support::Env, token: &str) -> reqwest::Response {
-    client()
-        .get(format!("{}{WHOAMI}", env.gateway.url()))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    support::get(&env.gateway, WHOAMI, token).await
 }
 
 /// The WhoAmI calls that reached Dataverse (lookups excluded).
@@ -62,28 +57,8 @@ async fn lookup_mode_sends_the_systemuserid_and_shares_one_lookup_between_concur
         .start()
         .await;
     let token = env.idp.token_for(ALICE_OID);
-    let client = client();
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let (c, url, t) = (
-                client.clone(),
-                format!("{}{WHOAMI}", env.gateway.url()),
-                token.clone(),
-            );
-            tokio::spawn(async move {
-                c.get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = support::concurrent_gets(&env.gateway, WHOAMI, &token, 100).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(
         env.dataverse.systemuser_lookups(),
         1,
@@ -113,18 +88,12 @@ async fn lookup_mode_sends_the_systemuserid_and_shares_one_lookup_between_concur
         "{}",
         lookup.path_and_query
     );
-    let metrics = client
-        .get(format!("{}/metrics", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("dynamics_gateway_identity_cache_requests_total{result=\"hit\"} 99"),
-        "{metrics}"
-    );
+    let hits = support::metric(
+        &env.gateway,
+        "dynamics_gateway_identity_cache_requests_total{result=\"hit\"}",
+    )
+    .await;
+    assert_eq!(hits, 99.0);
 }
 
 #[tokio::test]

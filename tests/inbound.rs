@@ -22,12 +22,7 @@ fn now() -> i64 {
 /// `description`, and that Dataverse saw nothing.
 async fn assert_refused(env: &support::Env, token: &str, description: &str) {
     let before = env.dataverse.request_count();
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, token).await;
     let www = response
         .headers()
         .get("www-authenticate")
@@ -159,24 +154,14 @@ async fn rejects_unknown_kid_and_refetches_at_most_once_per_interval() {
 async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
     let env = env().start().await;
     let first = env.idp.token_for(ALICE_OID);
-    let ok = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&first)
-        .send()
-        .await
-        .unwrap();
+    let ok = support::get(&env.gateway, ACCOUNTS, &first).await;
     assert_eq!(ok.status(), 200);
     let old_kid = env.idp.current_key().kid().to_string();
     let fetches = env.idp.jwks_requests();
     let new_kid = env.idp.rotate_key(false);
     assert_ne!(new_kid, old_kid);
     let second = env.idp.token_for(ALICE_OID);
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&second)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &second).await;
     assert_eq!(
         response.status(),
         200,
@@ -193,12 +178,7 @@ async fn key_rotation_at_the_idp_is_picked_up_without_restart() {
 async fn cached_keys_keep_working_while_the_idp_is_down() {
     let env = env().start().await;
     env.idp.set_available(false);
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
 }
 

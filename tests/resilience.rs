@@ -131,12 +131,7 @@ async fn connections_over_the_cap_get_503_and_close() {
     assert_eq!(json["error"]["code"], "DynamicsGateway.TooManyConnections");
     drop((first, second));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let ok = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let ok = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(ok.status(), 200, "a slot frees when a connection closes");
 }
 
@@ -162,12 +157,7 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = tokio::time::Instant::now();
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "answered at once, not queued"
@@ -185,20 +175,11 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
 async fn idp_down_at_start_up_leaves_the_gateway_unready_until_it_returns() {
     let env = env().idp_down().start_unready().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let ready = client()
-        .get(format!("{}/readyz", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap();
+    let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
     assert!(why.contains("signing keys"), "{why}");
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     let (status, code, _) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -215,12 +196,7 @@ async fn idp_down_at_start_up_leaves_the_gateway_unready_until_it_returns() {
 
     env.idp.set_available(true);
     env.gateway.wait_ready().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
 }
 
@@ -235,18 +211,9 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         while env.idp.token_requests() < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let ready = client()
-            .get(format!("{}/readyz", env.gateway.admin_url()))
-            .send()
-            .await
-            .unwrap();
+        let ready = env.gateway.readyz().await;
         assert_eq!(ready.status(), 503, "{mode:?}");
-        let response = client()
-            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-            .bearer_auth(env.idp.token_for(ALICE_OID))
-            .send()
-            .await
-            .unwrap();
+        let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
         let (status, _, message) = error_body(response).await;
         assert_eq!(status, 503, "{mode:?}: {message}");
         assert!(message.contains("token endpoint"), "{mode:?}: {message}");
@@ -277,12 +244,7 @@ async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
         2,
         "refreshed before expiry, in the background"
     );
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 200);
     let s2s = env.idp.issued_s2s_tokens();
     assert_eq!(
@@ -297,20 +259,10 @@ async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
     // Token endpoint down from now on: the current token serves until its margin, then 503.
     env.idp
         .set_token_endpoint_mode(TokenEndpointMode::ServerError);
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 200, "current token used while valid");
     tokio::time::sleep(Duration::from_millis(9500)).await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     let (status, code, _) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -319,12 +271,7 @@ async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
 
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
     env.gateway.wait_ready().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 200, "recovered without restart");
 }
 
@@ -341,12 +288,7 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     };
     // Off by default: the 429 goes back unchanged.
     throttle(1);
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 429);
 
     let env = support::env()
@@ -356,12 +298,7 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     env.dataverse
         .respond_next(1, 429, vec![("Retry-After".into(), "1".into())], "{}");
     let started = tokio::time::Instant::now();
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(env.dataverse.request_count(), 2);
@@ -390,24 +327,14 @@ async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
     // Thirty distinct valid callers (unknown users: each answer is a cached 403).
     for i in 0..30u32 {
         let oid = format!("00000000-0000-4000-8000-{i:012}");
-        let r = client()
-            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-            .bearer_auth(env.idp.token_for(&oid))
-            .send()
-            .await
-            .unwrap();
+        let r = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(&oid)).await;
         assert_eq!(r.status(), 403);
     }
     assert_eq!(env.dataverse.systemuser_lookups(), 30);
     // The bound holds: asking again for all thirty cannot be answered from a cache of five.
     for i in 0..30u32 {
         let oid = format!("00000000-0000-4000-8000-{i:012}");
-        client()
-            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-            .bearer_auth(env.idp.token_for(&oid))
-            .send()
-            .await
-            .unwrap();
+        support::get(&env.gateway, ACCOUNTS, env.idp.token_for(&oid)).await;
     }
     // moka enforces the bound asynchronously, so allow it a little slack.
     assert!(
@@ -425,11 +352,7 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     while env.idp.token_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ready = client()
-        .get(format!("{}/readyz", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap();
+    let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
     // The hung request is abandoned after the client timeout (15 s), counted, and retried.
@@ -454,11 +377,6 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
             >= 1.0
     );
     env.gateway.wait_ready().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
 }

@@ -43,12 +43,7 @@ impl Tenants {
     }
 
     async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        client()
-            .get(format!("{}{path}", self.gateway.url()))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
+        support::get(&self.gateway, path, token).await
     }
 }
 
@@ -95,14 +90,7 @@ dynamics:\n  routing: {{ by: {routing} }}\n  environments:\n{a}{b}",
         gateway.wait_ready().await;
     } else {
         for _ in 0..200 {
-            let body = client()
-                .get(format!("{}/readyz", gateway.admin_url()))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let body = gateway.readyz().await.text().await.unwrap();
             if !body.contains("no S2S token") && body.starts_with("ready") {
                 break;
             }
@@ -242,12 +230,7 @@ dynamics:\n  url: {url}\n  tenant_id: {TENANT_A}\n  tenants: [{TENANT_A}, {TENAN
     let mut claims = idp_a.claims_for(ALICE_OID);
     claims["tid"] = json!(TENANT_B);
     claims["iss"] = json!(format!("{}/{TENANT_B}/v2.0", idp_a.base_url()));
-    let response = client()
-        .get(format!("{}{WHOAMI}", gateway.url()))
-        .bearer_auth(idp_a.sign(claims))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&gateway, WHOAMI, idp_a.sign(claims)).await;
     let (status, _, message) = error_body(response).await;
     assert_eq!(status, 403);
     assert!(message.contains("another tenant"), "{message}");
@@ -257,11 +240,7 @@ dynamics:\n  url: {url}\n  tenant_id: {TENANT_A}\n  tenants: [{TENANT_A}, {TENAN
 #[tokio::test]
 async fn one_tenants_token_endpoint_down_leaves_the_other_serving() {
     let t = tenants("tenant", "", true).await;
-    let ready = client()
-        .get(format!("{}/readyz", t.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap();
+    let ready = t.gateway.readyz().await;
     assert_eq!(ready.status(), 200);
     let body = ready.text().await.unwrap();
     assert!(

@@ -114,28 +114,8 @@ async fn paths_outside_the_web_api_are_404_and_traversal_is_400() {
 async fn hundred_concurrent_requests_share_one_token_fetch() {
     let env = env().start().await;
     let token = env.idp.token_for(ALICE_OID);
-    let client = client();
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let (c, url, t) = (
-                client.clone(),
-                format!("{}{ACCOUNTS}", env.gateway.url()),
-                token.clone(),
-            );
-            tokio::spawn(async move {
-                c.get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert_eq!(t.await.unwrap(), 200);
-    }
+    let statuses = support::concurrent_gets(&env.gateway, ACCOUNTS, &token, 100).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(env.idp.token_requests(), 1);
     assert_eq!(env.dataverse.request_count(), 100);
 }
@@ -147,12 +127,7 @@ async fn token_endpoint_down_after_start_keeps_serving_with_the_current_token() 
         .set_token_endpoint_mode(TokenEndpointMode::ServerError);
     env.idp.set_available(false);
     for _ in 0..3 {
-        let response = client()
-            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-            .bearer_auth(env.idp.token_for(ALICE_OID))
-            .send()
-            .await
-            .unwrap();
+        let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
         assert_eq!(response.status(), 200);
     }
 }
@@ -211,20 +186,11 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
     while env.idp.token_requests() == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let ready = client()
-        .get(format!("{}/readyz", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap();
+    let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
     assert!(why.contains("S2S token"), "{why}");
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     let (status, code, message) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -236,12 +202,7 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
 
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
     env.gateway.wait_ready().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
 }
 
@@ -416,12 +377,7 @@ async fn dynamics_errors_and_throttling_pass_through_unchanged() {
         vec![("Retry-After".into(), "7".into())],
         r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit"}}"#,
     );
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "7");
     let json: serde_json::Value = response.json().await.unwrap();
@@ -432,12 +388,7 @@ async fn dynamics_errors_and_throttling_pass_through_unchanged() {
 async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
     let env = env().server("  request_timeout: 1s\n").start().await;
     env.dataverse.set_delay(Duration::from_secs(3));
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     let (status, code, _) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -456,12 +407,7 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
     let yaml = support::config_yaml(&idp, &format!("http://{closed}"), "", "", "");
     let gateway = support::start_gateway(&yaml).await;
     gateway.wait_ready().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", gateway.url()))
-        .bearer_auth(idp.token_for(ALICE_OID))
-        .send()
-        .await
-        .unwrap();
+    let response = support::get(&gateway, ACCOUNTS, idp.token_for(ALICE_OID)).await;
     let (status, code, _) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),

@@ -21,7 +21,7 @@ use super::link_body::{ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{
     BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
 };
-use super::{DataverseClient, S2sToken, TokenSource, UpstreamError};
+use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
 use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
 use crate::config::{DynamicsConfig, ServerConfig};
@@ -160,14 +160,6 @@ impl Forwarder {
         &self.client
     }
 
-    pub fn tokens(&self) -> &Arc<TokenSource> {
-        &self.tokens
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        self.request_timeout
-    }
-
     /// Forwards the request and returns Dataverse's answer (errors included, unchanged
     /// apart from links), or why it could not be had.
     pub async fn forward(
@@ -180,9 +172,8 @@ impl Forwarder {
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
-        let to_upstream = links.to_upstream.clone();
         let mut body = self
-            .request_body(incoming, &mut headers, to_upstream)
+            .request_body(incoming, &mut headers, links.to_upstream.clone())
             .await?;
         let dropped = headers::prepare_upstream_request(
             &mut headers,
@@ -209,13 +200,18 @@ impl Forwarder {
             *upstream.method_mut() = parts.method.clone();
             *upstream.uri_mut() = uri.clone();
             *upstream.version_mut() = Version::HTTP_11;
-            *upstream.headers_mut() = headers.clone();
+            // Only a replayable request may need the headers again.
+            *upstream.headers_mut() = if replay.is_some() {
+                headers.clone()
+            } else {
+                std::mem::take(&mut headers)
+            };
             let response = self.send(upstream, &parts.method).await?;
             match replay {
                 Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
                     retried = true;
                     tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; refreshing and retrying once");
-                    token = self.replace_token(&token).await?;
+                    token = self.tokens.replace_rejected(&token).await?;
                     headers.insert(http::header::AUTHORIZATION, token.authorization().clone());
                     body = RequestBody::Held(bytes);
                 }
@@ -236,27 +232,15 @@ impl Forwarder {
                 _ => break response,
             }
         };
-        Ok(self.response(response, &parts.method, ctx))
+        Ok(self.response(response, &parts.method, &links.to_gateway, ctx))
     }
 
     /// How long to wait before retrying a 429, if retries are on and the total wait stays
     /// within `retry_throttled.max_wait`; otherwise the 429 goes back to the caller.
     fn throttle_wait<B>(&self, response: &Response<B>, waited: Duration) -> Option<Duration> {
         let max = self.retry_throttled?;
-        let wait = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs)?;
+        let wait = headers::retry_after(response.headers())?;
         (waited + wait <= max).then_some(wait)
-    }
-
-    async fn replace_token(
-        &self,
-        rejected: &Arc<S2sToken>,
-    ) -> Result<Arc<S2sToken>, UpstreamError> {
-        Ok(self.tokens.replace_rejected(rejected).await?)
     }
 
     /// Sends with the request timeout covering everything up to the response headers.
@@ -373,11 +357,11 @@ impl Forwarder {
         &self,
         response: Response<Incoming>,
         method: &Method,
+        to_gateway: &LinkRewrite,
         ctx: ForwardContext<'_>,
     ) -> Response<GatewayBody> {
         let (mut parts, incoming) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
-        let to_gateway = self.links(ctx.public_base).to_gateway.clone();
         for name in [LOCATION, ODATA_ENTITY_ID] {
             let rewritten = parts
                 .headers
@@ -395,7 +379,7 @@ impl Forwarder {
         let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
         let body = match rewriter(
             link_bearing(&parts.headers),
-            to_gateway,
+            to_gateway.clone(),
             BatchDirection::Response,
         ) {
             Some(r) if has_body => {

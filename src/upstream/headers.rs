@@ -84,6 +84,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
+/// A `Retry-After` given in seconds (Azure AD and Dataverse send seconds, not dates).
+pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
+}
+
 /// Headers some front ends (IIS URL Rewrite among them) read as a replacement request
 /// path; the path the gateway checked must be the only one.
 const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];

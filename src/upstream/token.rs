@@ -234,12 +234,7 @@ impl TokenSource {
             .request_token(&self.http, &url, &self.config.client_id, &self.config.scope)
             .await?;
         let status = response.status();
-        let retry_after = response
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = super::headers::retry_after(response.headers());
         let body = response.bytes().await.map_err(|source| TokenError::Http {
             url: url.to_string(),
             source,

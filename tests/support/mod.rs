@@ -47,6 +47,15 @@ impl GatewayHandle {
         format!("http://{}", self.admin_addr)
     }
 
+    /// GET the admin `/readyz`.
+    pub async fn readyz(&self) -> reqwest::Response {
+        client()
+            .get(format!("{}/readyz", self.admin_url()))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Waits until `/readyz` answers 200 (at most 10 s).
     pub async fn wait_ready(&self) {
         let client = client();
@@ -282,4 +291,41 @@ pub async fn metric(gateway: &GatewayHandle, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// GET `path` on the gateway with a bearer token.
+pub async fn get(
+    gateway: &GatewayHandle,
+    path: &str,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    client()
+        .get(format!("{}{path}", gateway.url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `n` concurrent GETs of `path` with one token; their statuses.
+pub async fn concurrent_gets(
+    gateway: &GatewayHandle,
+    path: &str,
+    token: &str,
+    n: usize,
+) -> Vec<u16> {
+    let client = client();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let request = client
+                .get(format!("{}{path}", gateway.url()))
+                .bearer_auth(token);
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for task in tasks {
+        statuses.push(task.await.unwrap());
+    }
+    statuses
 }
