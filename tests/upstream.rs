@@ -414,3 +414,38 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
         (502, "DynamicsGateway.UpstreamUnreachable")
     );
 }
+
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_refused_before_anything_is_sent() {
+    // Larger than the 64 KiB the gateway reads ahead, so only the declared length can stop it.
+    let env = env().server("  max_request_body: 1MiB\n").start().await;
+    let response = client()
+        .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .body(vec![b'x'; 3 << 20])
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "DynamicsGateway.RequestBodyTooLarge")
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+}
+
+#[tokio::test]
+async fn path_override_headers_never_reach_dynamics() {
+    let env = env().start().await;
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .header("X-Original-URL", "/XRMServices/2011/Organization.svc")
+        .header("X-Rewrite-URL", "/XRMServices/2011/Organization.svc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = env.dataverse.requests().pop().unwrap();
+    assert!(seen.header("x-original-url").is_none() && seen.header("x-rewrite-url").is_none());
+}
