@@ -29,6 +29,7 @@ use dynamics_gateway::config::LookupAttribute;
 use dynamics_gateway::identity::lookup::filter;
 use dynamics_gateway::inbound::jwt::{UnverifiedToken, MAX_TOKEN_BYTES};
 use dynamics_gateway::inbound::AuthError;
+use dynamics_gateway::upstream::link_body::ChunkRewriter;
 use dynamics_gateway::upstream::odata_links::{
     rewrite_batch, rewrite_json, BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter,
     LinkRewrite,
@@ -348,6 +349,26 @@ const PAIRS: [(&str, &str); 5] = [
     ("https://a.example", "https://a.example/x"),
 ];
 
+/// Fed in every chunking, a fresh rewriter gives the whole-buffer output `out`, and after
+/// `finish` (which resets it) the same rewriter gives it again.
+fn check_chunked(data: &[u8], out: &[u8], what: &str, make: impl Fn() -> ChunkRewriter) {
+    for (i, chunks) in splits(data).into_iter().enumerate() {
+        let mut r = make();
+        let mut chunked = Vec::new();
+        for c in &chunks {
+            r.push(c, &mut chunked);
+        }
+        r.finish(&mut chunked);
+        assert_eq!(chunked, out, "chunked output differs ({what})");
+        if i == 0 {
+            let mut again = Vec::new();
+            r.push(data, &mut again);
+            r.finish(&mut again);
+            assert_eq!(again, out, "reused rewriter differs ({what})");
+        }
+    }
+}
+
 /// The input as a JSON body, for every pair and key set.
 pub fn fuzz_json_links(data: &[u8]) {
     for (from, to) in PAIRS {
@@ -356,25 +377,9 @@ pub fn fuzz_json_links(data: &[u8]) {
             let run = |rw: &LinkRewrite, body: &[u8]| rewrite_json(rw, keys, body);
             let out = run(&rewrite, data);
             check_rewrite(&rewrite, data, &out, run);
-            for (i, chunks) in splits(data).into_iter().enumerate() {
-                let mut r = JsonLinkRewriter::new(rewrite.clone(), keys);
-                let mut chunked = Vec::new();
-                for c in &chunks {
-                    r.push(c, &mut chunked);
-                }
-                r.finish(&mut chunked);
-                assert_eq!(
-                    chunked, out,
-                    "chunked output differs ({keys:?}, {from} -> {to})"
-                );
-                if i == 0 {
-                    // finish() resets: the same rewriter gives the same answer again.
-                    let mut again = Vec::new();
-                    r.push(data, &mut again);
-                    r.finish(&mut again);
-                    assert_eq!(again, out, "reused rewriter differs");
-                }
-            }
+            check_chunked(data, &out, &format!("{keys:?}, {from} -> {to}"), || {
+                ChunkRewriter::Json(JsonLinkRewriter::new(rewrite.clone(), keys))
+            });
             if serde_json::from_slice::<Value>(data).is_ok() {
                 assert!(
                     serde_json::from_slice::<Value>(&out).is_ok(),
@@ -393,24 +398,12 @@ pub fn fuzz_batch_links(data: &[u8]) {
             let run = |rw: &LinkRewrite, body: &[u8]| rewrite_batch(rw, direction, body);
             let out = run(&rewrite, data);
             check_rewrite(&rewrite, data, &out, run);
-            for (i, chunks) in splits(data).into_iter().enumerate() {
-                let mut r = BatchLinkRewriter::new(rewrite.clone(), direction);
-                let mut chunked = Vec::new();
-                for c in &chunks {
-                    r.push(c, &mut chunked);
-                }
-                r.finish(&mut chunked);
-                assert_eq!(
-                    chunked, out,
-                    "chunked output differs ({direction:?}, {from} -> {to})"
-                );
-                if i == 0 {
-                    let mut again = Vec::new();
-                    r.push(data, &mut again);
-                    r.finish(&mut again);
-                    assert_eq!(again, out, "reused rewriter differs");
-                }
-            }
+            check_chunked(
+                data,
+                &out,
+                &format!("{direction:?}, {from} -> {to}"),
+                || ChunkRewriter::Batch(BatchLinkRewriter::new(rewrite.clone(), direction)),
+            );
         }
     }
 }

@@ -17,14 +17,16 @@ pub enum ChunkRewriter {
 }
 
 impl ChunkRewriter {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+    /// Feeds the next chunk; rewritten output is appended to `out`.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         match self {
             Self::Json(r) => r.push(chunk, out),
             Self::Batch(r) => r.push(chunk, out),
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<u8>) {
+    /// End of body: flushes what is held, and resets for reuse.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
         match self {
             Self::Json(r) => r.finish(out),
             Self::Batch(r) => r.finish(out),
