@@ -4,13 +4,14 @@
 //! pipeline, never put in the body.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use crate::access::AccessDenied;
 use crate::body::{self, GatewayBody};
 use crate::identity::{IdentityError, LookupError};
 use crate::inbound::AuthError;
+use crate::method::{self, MethodNotAllowed};
 use crate::routing::RouteError;
 use crate::upstream::headers::X_REQUEST_ID;
 use crate::upstream::path::PathError;
@@ -19,6 +20,8 @@ use crate::upstream::UpstreamError;
 /// Everything that can stop a request inside the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error(transparent)]
+    Method(#[from] MethodNotAllowed),
     #[error(transparent)]
     Path(#[from] PathError),
     #[error(transparent)]
@@ -41,6 +44,7 @@ impl GatewayError {
     /// The low-cardinality label used in logs and metrics.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::Method(_) => "method_not_allowed",
             Self::Path(PathError::NotProxied) => "not_proxied",
             Self::Path(PathError::Ambiguous) => "ambiguous_path",
             Self::Path(PathError::BadHost) => "bad_host",
@@ -59,6 +63,7 @@ impl GatewayError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         use UpstreamError as U;
         match self {
+            Self::Method(_) => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed"),
             Self::Path(PathError::NotProxied) => (StatusCode::NOT_FOUND, "NotProxied"),
             Self::Path(PathError::Ambiguous) => (StatusCode::BAD_REQUEST, "AmbiguousPath"),
             Self::Path(PathError::BadHost) => (StatusCode::BAD_REQUEST, "BadHost"),
@@ -114,6 +119,9 @@ impl GatewayError {
         );
         headers.insert(X_REQUEST_ID, request_id.clone());
         match self {
+            Self::Method(_) => {
+                headers.insert(ALLOW, HeaderValue::from_static(method::ALLOW));
+            }
             Self::Auth(AuthError::MissingToken) => {
                 headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }

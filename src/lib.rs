@@ -16,6 +16,7 @@ pub mod demo;
 pub mod error;
 pub mod identity;
 pub mod inbound;
+pub mod method;
 pub mod metrics;
 pub mod pipeline;
 pub mod routing;

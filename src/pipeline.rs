@@ -17,6 +17,7 @@ use crate::body::GatewayBody;
 use crate::error::GatewayError;
 use crate::identity::Impersonation;
 use crate::inbound::{Authenticator, Caller};
+use crate::method::WebApiMethod;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
@@ -58,11 +59,11 @@ impl Pipeline {
         // forwarding and the audit line.
         let uri = request.uri().clone();
         let mut outcome = Outcome::default();
-        let response = match self
+        let (response, refusal) = match self
             .process(request, &uri, peer, &request_id, &mut outcome)
             .await
         {
-            Ok(response) => response,
+            Ok(response) => (response, None),
             Err(error) => {
                 if let GatewayError::Auth(e) = &error {
                     self.metrics
@@ -70,34 +71,36 @@ impl Pipeline {
                         .with_label_values(&[e.reason()])
                         .inc();
                 }
-                self.audit
-                    .refusal(request_id.to_str().unwrap_or("-"), peer, &error);
-                error.into_response(&request_id)
+                (error.into_response(&request_id), Some(error))
             }
         };
         let status = response.status();
         let elapsed = started.elapsed();
+        let method_label = WebApiMethod::label(&method);
         self.metrics.in_flight_requests.dec();
         self.metrics
             .requests_total
-            .with_label_values(&[method.as_str(), status.as_str()])
+            .with_label_values(&[method_label, status.as_str()])
             .inc();
         self.metrics
             .request_duration_seconds
-            .with_label_values(&[method.as_str()])
+            .with_label_values(&[method_label])
             .observe(elapsed.as_secs_f64());
-        self.audit.request(&AuditRecord {
-            request_id: request_id.to_str().unwrap_or("-"),
-            peer,
-            method: &method,
-            path_and_query: uri.path_and_query().map_or("", |p| p.as_str()),
-            status: status.as_u16(),
-            duration: elapsed,
-            issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
-            subject: outcome.caller.as_ref().map(|c| c.subject()),
-            caller: outcome.caller_key.as_deref(),
-            impersonated: outcome.impersonated,
-        });
+        self.audit.request(
+            &AuditRecord {
+                request_id: request_id.to_str().unwrap_or("-"),
+                peer,
+                method: &method,
+                path_and_query: uri.path_and_query().map_or("", |p| p.as_str()),
+                status: status.as_u16(),
+                duration: elapsed,
+                issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
+                subject: outcome.caller.as_ref().map(|c| c.subject()),
+                caller: outcome.caller_key.as_deref(),
+                impersonated: outcome.impersonated,
+            },
+            refusal.as_ref(),
+        );
         response
     }
 
@@ -109,6 +112,8 @@ impl Pipeline {
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<GatewayBody>, GatewayError> {
+        // Cheap checks first: a method or path that is never forwarded costs no key lookup.
+        WebApiMethod::from_http(request.method())?;
         let target = request_target(uri, self.router.uses_path_prefix())?;
         let caller: &Caller = outcome
             .caller

@@ -1340,3 +1340,139 @@ async fn object_id_lookup_refuses_claims_that_are_not_guids_before_any_lookup() 
         Some(support::ALICE_SYSTEMUSERID)
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Methods and metric labels
+
+#[tokio::test]
+async fn methods_outside_the_web_api_are_405_before_authentication_and_never_forwarded() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let before = env.dataverse.requests().len();
+    for method in [
+        "TRACE",
+        "PROPFIND",
+        "MERGE",
+        "OPTIONS",
+        "get",
+        "X-TOKEN-LIKE-12345",
+    ] {
+        for bearer in ["", token.as_str()] {
+            let auth = if bearer.is_empty() {
+                String::new()
+            } else {
+                format!("Authorization: Bearer {bearer}\r\n")
+            };
+            let raw = raw_request(
+                env.gateway.addr,
+                format!(
+                    "{method} {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\n{auth}Connection: close\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+            let answer = Answer::from_raw(&raw);
+            assert_eq!(answer.status, 405, "{method}: {raw}");
+            assert!(
+                raw.to_ascii_lowercase()
+                    .contains("allow: get, head, post, patch, put, delete"),
+                "{method}: the 405 names the methods: {raw}"
+            );
+            assert!(
+                answer.body.contains("DynamicsGateway.MethodNotAllowed"),
+                "{raw}"
+            );
+        }
+    }
+    // CONNECT, in authority form, is refused the same way.
+    let raw = raw_request(
+        env.gateway.addr,
+        b"CONNECT dataverse.example:443 HTTP/1.1\r\nHost: dataverse.example:443\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        raw.starts_with("HTTP/1.1 405") || raw.starts_with("HTTP/1.1 400"),
+        "{raw}"
+    );
+    assert_eq!(
+        env.dataverse.requests().len(),
+        before,
+        "no refused method reaches Dataverse"
+    );
+}
+
+#[tokio::test]
+async fn invented_methods_never_become_metric_series() {
+    let env = env().start().await;
+    let scrape = || async {
+        client()
+            .get(format!("{}/metrics", env.gateway.admin_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let series = |text: &str, name: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .count()
+    };
+    // Warm up the fixed label values this test can produce.
+    let _ = raw_request(
+        env.gateway.addr,
+        format!("GET {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let _ = raw_request(
+        env.gateway.addr,
+        format!("BREW0 {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let before = scrape().await;
+    let long = "M".repeat(4000);
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let addr = env.gateway.addr;
+            let method = if i % 10 == 0 {
+                format!("{long}{i}")
+            } else {
+                format!("BREW{i}")
+            };
+            tokio::spawn(async move {
+                raw_request(
+                    addr,
+                    format!(
+                        "{method} {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                )
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let raw = task.await.unwrap();
+        assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+    }
+    let after = scrape().await;
+    for name in [
+        "dynamics_gateway_requests_total",
+        "dynamics_gateway_request_duration_seconds_count",
+    ] {
+        assert_eq!(
+            series(&after, name),
+            series(&before, name),
+            "300 invented methods added no {name} series"
+        );
+    }
+    assert!(after.contains("method=\"other\""), "{after}");
+    assert!(!after.contains("BREW"), "no method text becomes a label");
+    assert!(
+        after.len() < before.len() + 1024,
+        "the scrape did not grow: {} -> {} bytes",
+        before.len(),
+        after.len()
+    );
+}

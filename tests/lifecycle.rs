@@ -328,3 +328,83 @@ async fn redact_query_keeps_query_values_out_of_the_audit_log() {
     assert!(log.contains("WhoAmI?$filter="), "{log}");
     assert!(!log.contains("secret-person"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_token_less_requests_with_huge_queries_cannot_fill_the_log() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    // An authenticated request with a huge query: audited, but its path is cut to the bound.
+    let huge_query = format!("{WHOAMI}?$filter={}", "a".repeat(60_000));
+    let response = client()
+        .get(format!("{}{huge_query}", gateway.url))
+        .bearer_auth(idp.token_for(ALICE_OID))
+        .header("x-request-id", "huge-authenticated")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let log_before = gateway.log().len();
+    // 2,000 token-less requests, each naming 60 KB of query: 120 MB if each were logged.
+    let flood_started = std::time::Instant::now();
+    let http = client();
+    let url = format!("{}{huge_query}", gateway.url);
+    let mut statuses = Vec::new();
+    for batch in 0..50 {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let request = http
+                    .get(&url)
+                    .header("x-request-id", format!("flood-{batch}-{i}"));
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect();
+        for task in tasks {
+            statuses.push(task.await.unwrap());
+        }
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 401),
+        "every flood request is answered 401"
+    );
+    let windows = flood_started.elapsed().as_secs() + 2;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = gateway.log();
+    let authenticated: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("huge-authenticated"))
+        .collect();
+    assert_eq!(
+        authenticated.len(),
+        1,
+        "an authenticated request is always audited"
+    );
+    assert!(
+        authenticated[0].len() < 4096 && authenticated[0].contains("...[cut "),
+        "its path is cut to 2 KiB and marked: {} bytes",
+        authenticated[0].len()
+    );
+    let flood_lines = log
+        .lines()
+        .filter(|l| l.contains("flood-"))
+        .collect::<Vec<_>>();
+    assert!(
+        flood_lines.iter().all(|l| l.len() < 4096),
+        "every line is bounded"
+    );
+    // Each admitted refusal writes two lines (the warning and the audit line).
+    assert!(
+        flood_lines.len() as u64 <= 2 * 20 * windows,
+        "{} flood lines within {windows} one-second windows",
+        flood_lines.len()
+    );
+    let written = (log.len() - log_before) as u64;
+    assert!(
+        written <= 2 * 20 * windows * 4096 + 4096,
+        "the flood wrote {written} bytes of log for 120 MB of requests"
+    );
+    assert!(
+        log.contains("refused requests not logged in the last second"),
+        "the suppressed lines are counted"
+    );
+}

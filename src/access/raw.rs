@@ -67,7 +67,7 @@ pub struct RawWhen {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAllow {
-    /// HTTP methods (GET, POST, PATCH, PUT, DELETE, HEAD, OPTIONS), or `["*"]` for all.
+    /// HTTP methods (GET, POST, PATCH, PUT, DELETE, HEAD), or `["*"]` for all.
     /// Each is listed on its own: GET does not imply HEAD.
     #[serde(default)]
     pub methods: Vec<String>,
@@ -92,15 +92,14 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
     (key.into(), message.into())
 }
 
-/// Methods a rule may name: what the Web API uses, plus HEAD and OPTIONS.
-const METHODS: [Method; 7] = [
+/// Methods a rule may name: those the gateway forwards (`method.rs`).
+const METHODS: [Method; 6] = [
     Method::GET,
     Method::HEAD,
     Method::POST,
     Method::PATCH,
     Method::PUT,
     Method::DELETE,
-    Method::OPTIONS,
 ];
 
 pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invalid> {
@@ -291,7 +290,7 @@ fn validate_allow(
             .find(|known| known.as_str().eq_ignore_ascii_case(m))
             .cloned()
             .ok_or_else(|| {
-                format!("{m:?} is not a method a rule may name; use GET, POST, PATCH, PUT, DELETE, HEAD, OPTIONS or \"*\"")
+                format!("{m:?} is not a method a rule may name; use GET, POST, PATCH, PUT, DELETE, HEAD or \"*\"")
             })
     })?;
     let entity_sets = star_or(entity_sets, &format!("{key}.entity_sets"), |name| {
