@@ -99,6 +99,9 @@ pub struct RawServer {
     pub request_timeout: String,
     /// Largest request body accepted.
     pub max_request_body: String,
+    /// Largest decompressed Dataverse response body the gateway rewrites links in; past it
+    /// the answer is cut off rather than held.
+    pub max_decoded_response_body: String,
     /// Time a client has to send a request's headers (slowloris).
     pub header_read_timeout: String,
     /// Open connections beyond this are refused with 503.
@@ -121,6 +124,7 @@ impl Default for RawServer {
             trust_forwarded_headers: false,
             request_timeout: "120s".into(),
             max_request_body: "128MiB".into(),
+            max_decoded_response_body: "1GiB".into(),
             header_read_timeout: "10s".into(),
             max_connections: 10_000,
             max_in_flight: 1024,
@@ -343,6 +347,7 @@ pub struct ServerConfig {
     pub trust_forwarded_headers: bool,
     pub request_timeout: Duration,
     pub max_request_body: u64,
+    pub max_decoded_response_body: u64,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_in_flight: usize,
@@ -709,6 +714,10 @@ impl TryFrom<RawConfig> for Config {
             trust_forwarded_headers: s.trust_forwarded_headers,
             request_timeout: parse_duration("server.request_timeout", &s.request_timeout)?,
             max_request_body: parse_size("server.max_request_body", &s.max_request_body)?,
+            max_decoded_response_body: parse_size(
+                "server.max_decoded_response_body",
+                &s.max_decoded_response_body,
+            )?,
             header_read_timeout: parse_duration(
                 "server.header_read_timeout",
                 &s.header_read_timeout,

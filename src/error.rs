@@ -94,6 +94,13 @@ impl GatewayError {
             Self::Upstream(U::RequestBody(_)) => {
                 (StatusCode::BAD_REQUEST, "RequestBodyInterrupted")
             }
+            Self::Upstream(U::UnsupportedEncoding) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UnsupportedContentEncoding",
+            ),
+            Self::Upstream(U::UndecodableResponse) => {
+                (StatusCode::BAD_GATEWAY, "UndecodableResponse")
+            }
             Self::Upstream(U::NoToken(_)) => (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken"),
             Self::Upstream(U::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
             Self::Upstream(U::Unreachable(_)) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),

@@ -513,6 +513,58 @@ impl DvResponse {
         self
     }
 
+    /// Like Dataverse (IIS dynamic compression): JSON and `$batch` answers compressed when
+    /// the request accepts it, brotli preferred over gzip. Its own code, not the gateway's.
+    fn compressed_for(mut self, request: &HeaderMap) -> Self {
+        use std::io::Write as _;
+        let content_type = self
+            .headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+            .map(|(_, v)| v.to_ascii_lowercase())
+            .unwrap_or_default();
+        if self.body.is_empty()
+            || !(content_type.starts_with("application/json")
+                || content_type.starts_with("multipart/mixed"))
+        {
+            return self;
+        }
+        let accepts = |coding: &str| {
+            request
+                .get_all(header::ACCEPT_ENCODING)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|item| {
+                    let mut params = item.split(';');
+                    params
+                        .next()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case(coding))
+                        && !params.any(|p| p.trim() == "q=0")
+                })
+        };
+        let (coding, compressed) = if accepts("br") {
+            let mut out = Vec::new();
+            {
+                let mut writer = brotli::CompressorWriter::new(&mut out, 4096, 5, 22);
+                let _ = writer.write_all(&self.body);
+            }
+            ("br", out)
+        } else if accepts("gzip") {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            let _ = encoder.write_all(&self.body);
+            ("gzip", encoder.finish().unwrap_or_default())
+        } else {
+            return self;
+        };
+        self.headers
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("content-length"));
+        self.body = Bytes::from(compressed);
+        self.header("Content-Encoding", coding)
+            .header("Vary", "Accept-Encoding")
+    }
+
     fn into_http(self) -> Response<RespBody> {
         let mut resp = Response::new(full(self.body));
         *resp.status_mut() = self.status;
@@ -948,7 +1000,7 @@ impl DvState {
             body: drained.full.unwrap_or_default(),
         };
         let resp = self.execute(&request, None);
-        self.finalize(resp.into_http())
+        self.finalize(resp.compressed_for(&request.headers).into_http())
     }
 
     /// Reads the whole body through the hasher and records it; `None` if reading failed.

@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, LOCATION};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{
@@ -53,6 +54,7 @@ pub struct Forwarder {
     tokens: Arc<TokenSource>,
     request_timeout: Duration,
     max_request_body: u64,
+    max_decoded_response_body: u64,
     trust_forwarded: bool,
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
@@ -136,6 +138,7 @@ impl Forwarder {
             tokens,
             request_timeout: server.request_timeout,
             max_request_body: server.max_request_body,
+            max_decoded_response_body: server.max_decoded_response_body,
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
             metrics,
@@ -172,6 +175,7 @@ impl Forwarder {
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
+        let accepted = Accepted::from_caller(&headers);
         let mut body = self
             .request_body(incoming, &mut headers, links.to_upstream.clone())
             .await?;
@@ -185,6 +189,7 @@ impl Forwarder {
             ctx.request_id,
         );
         crate::access::strip_control_headers(&mut headers, ctx.grant);
+        headers.insert(ACCEPT_ENCODING, accepted.header_value());
         if dropped > 0 {
             tracing::warn!(request_id = ?ctx.request_id, dropped, "caller sent impersonation headers; stripped");
         }
@@ -232,7 +237,7 @@ impl Forwarder {
                 _ => break response,
             }
         };
-        Ok(self.response(response, &parts.method, &links.to_gateway, ctx))
+        self.response(response, &parts.method, &links.to_gateway, ctx)
     }
 
     /// How long to wait before retrying a 429, if retries are on and the total wait stays
@@ -264,13 +269,20 @@ impl Forwarder {
 
     /// Tells a failure of the caller's body (too large, cut off) from a failure to reach Dataverse.
     fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
+        let chain = || {
+            std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            })
+        };
+        // The limit is looked for in the whole chain first: hyper reports it as a user
+        // error of the body, which would otherwise read as a body cut off.
+        if chain().any(|e| e.downcast_ref::<LengthLimitError>().is_some()) {
+            return UpstreamError::BodyTooLarge {
+                limit: self.max_request_body,
+            };
+        }
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(e) = source {
-            if e.downcast_ref::<LengthLimitError>().is_some() {
-                return UpstreamError::BodyTooLarge {
-                    limit: self.max_request_body,
-                };
-            }
             if let Some(h) = e.downcast_ref::<hyper::Error>() {
                 if h.is_user() || h.is_incomplete_message() {
                     return UpstreamError::RequestBody(Box::new(error));
@@ -299,12 +311,24 @@ impl Forwarder {
         if declared.is_some_and(|len| len > self.max_request_body) {
             return Err(too_large);
         }
-        let rewriter = rewriter(link_bearing(headers), to_upstream, BatchDirection::Request);
+        let kind = link_bearing(headers);
+        // A compressed body with links is decoded to rewrite them and sent as identity; the
+        // size limit then applies to the decoded bytes, so a small bomb cannot grow past it.
+        let source = match (kind, BodyCoding::of(headers)) {
+            (LinkBearing::None, _) | (_, BodyCoding::Identity) => body::boxed(incoming),
+            (_, BodyCoding::Known(coding)) => {
+                headers.remove(CONTENT_ENCODING);
+                headers.remove(CONTENT_LENGTH);
+                encoding::decode(body::boxed(incoming), coding, u64::MAX)
+            }
+            (_, BodyCoding::Unknown) => return Err(UpstreamError::UnsupportedEncoding),
+        };
+        let rewriter = rewriter(kind, to_upstream, BatchDirection::Request);
         // Read up to the replay bound before connecting: a small body (declared or chunked)
         // is then held and replayable, and a chunked body over a small limit is refused
         // before anything is sent.
         let mut incoming = Limited::new(
-            incoming,
+            source,
             usize::try_from(self.max_request_body).unwrap_or(usize::MAX),
         );
         let mut head = BytesMut::new();
@@ -352,14 +376,14 @@ impl Forwarder {
     }
 
     /// Dataverse's response for the caller: hop-by-hop headers dropped, absolute links
-    /// pointed at the gateway, body streamed.
+    /// pointed at the gateway (in compressed bodies too), body streamed.
     fn response(
         &self,
         response: Response<Incoming>,
         method: &Method,
         to_gateway: &LinkRewrite,
         ctx: ForwardContext<'_>,
-    ) -> Response<GatewayBody> {
+    ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (mut parts, incoming) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         for name in [LOCATION, ODATA_ENTITY_ID] {
@@ -384,10 +408,20 @@ impl Forwarder {
         ) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
-                body::boxed(LinkRewritingBody::new(incoming, r))
+                match BodyCoding::of(&parts.headers) {
+                    BodyCoding::Identity => body::boxed(LinkRewritingBody::new(incoming, r)),
+                    // Encoded again in Dataverse's coding: the caller accepts it, since
+                    // Dataverse was offered only codings the caller accepts.
+                    BodyCoding::Known(coding) => {
+                        let decoded =
+                            encoding::decode(incoming, coding, self.max_decoded_response_body);
+                        encoding::encode(body::boxed(LinkRewritingBody::new(decoded, r)), coding)
+                    }
+                    BodyCoding::Unknown => return Err(UpstreamError::UndecodableResponse),
+                }
             }
             _ => incoming,
         };
-        Response::from_parts(parts, body)
+        Ok(Response::from_parts(parts, body))
     }
 }

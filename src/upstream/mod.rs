@@ -1,10 +1,11 @@
 //! Upstream: everything about the hop to Dataverse. `token` holds the S2S token,
 //! `headers` strips and sets headers, `path` decides which paths may go, `forward`
 //! streams the request and response, `odata_links` and `link_body` rewrite absolute
-//! URLs between Dataverse and the gateway, `client` is the pooled connection to Dataverse.
+//! URLs between Dataverse and the gateway, `encoding` decides and applies compression, `client` is the pooled connection to Dataverse.
 
 pub mod client;
 pub mod credential;
+pub mod encoding;
 pub mod forward;
 pub mod headers;
 pub mod link_body;
@@ -33,6 +34,10 @@ pub enum UpstreamError {
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read from the caller")]
     RequestBody(#[source] BoxError),
+    #[error("the request body's Content-Encoding cannot be decoded; send it as gzip, deflate, br or uncompressed")]
+    UnsupportedEncoding,
+    #[error("Dynamics answered in a content coding the gateway cannot decode")]
+    UndecodableResponse,
     #[error("the upstream request could not be built")]
     Build(#[source] BoxError),
 }
@@ -46,6 +51,8 @@ impl UpstreamError {
             Self::Unreachable(_) => "upstream_unreachable",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::RequestBody(_) => "request_body_failed",
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::UndecodableResponse => "undecodable_response",
             Self::Build(_) => "internal",
         }
     }
