@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz` (the process is alive), `/readyz` (keys and S2S token in
 //! hand, not draining), `/metrics` (Prometheus text). Never on the app port.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,19 +43,36 @@ impl Readiness {
         missing
     }
 
-    /// One line per environment group: whether its S2S token is in hand.
+    /// One line per environment group: whether its S2S token is in hand, and how often
+    /// its refresher was restarted after a panic (when it was).
     pub fn environments(&self) -> Vec<String> {
         self.tokens
             .iter()
             .map(|t| {
                 format!(
-                    "{}: {}",
+                    "{}: {}{}",
                     t.label(),
                     if t.is_ready() {
                         "ready"
                     } else {
                         "no S2S token"
-                    }
+                    },
+                    restarted(t.refresher_restarts())
+                )
+            })
+            .collect()
+    }
+
+    /// One line per issuer whose key refresher was restarted after a panic.
+    pub fn restarted_key_refreshers(&self) -> Vec<String> {
+        self.issuers
+            .iter()
+            .filter(|c| c.refresher_restarts().load(Ordering::Relaxed) > 0)
+            .map(|c| {
+                format!(
+                    "signing keys of {}:{}",
+                    c.issuer(),
+                    restarted(c.refresher_restarts())
                 )
             })
             .collect()
@@ -75,7 +92,9 @@ impl Admin {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (&Method::GET, "/readyz") => {
                 let missing = self.readiness.missing();
-                let environments = self.readiness.environments().join("\n");
+                let mut lines = self.readiness.environments();
+                lines.extend(self.readiness.restarted_key_refreshers());
+                let environments = lines.join("\n");
                 if missing.is_empty() {
                     text(
                         StatusCode::OK,
@@ -109,6 +128,14 @@ impl Admin {
                 "not found: try /healthz, /readyz or /metrics\n".into(),
             ),
         }
+    }
+}
+
+/// ` (refresher restarted N times after a panic)`, or nothing when it never was.
+fn restarted(restarts: &AtomicU64) -> String {
+    match restarts.load(Ordering::Relaxed) {
+        0 => String::new(),
+        n => format!(" (refresher restarted {n} times after a panic)"),
     }
 }
 
