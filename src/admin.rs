@@ -147,3 +147,68 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::upstream::TokenPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn readyz_shows_refresher_restarts() {
+        let config = Config::from_yaml(
+            r#"
+inbound:
+  issuers:
+    - issuer: https://login.microsoftonline.com/t/v2.0
+      audiences: [api://dynamics-gateway]
+dynamics:
+  url: https://contoso.crm.dynamics.com
+  tenant_id: t
+  client_id: c
+  client_secret: s
+"#,
+            &|_| None,
+        )
+        .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let tokens = Arc::new(TokenSource::new(
+            &config.dynamics.environments[0],
+            "contoso".into(),
+            reqwest::Client::new(),
+            TokenPolicy {
+                replace_interval: Duration::from_secs(5),
+                retry_max_wait: Duration::from_secs(300),
+                first_fetch_wait: Duration::from_secs(1),
+            },
+            metrics.clone(),
+        ));
+        let admin = Admin {
+            readiness: Readiness {
+                issuers: Vec::new(),
+                tokens: vec![tokens.clone()],
+                draining: Arc::new(AtomicBool::new(false)),
+            },
+            metrics,
+        };
+        let readyz = |admin: &Admin| {
+            let request = Request::get("/readyz").body(()).unwrap();
+            let response = admin.handle(&request);
+            let bytes = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(http_body_util::BodyExt::collect(response.into_body()))
+                .unwrap()
+                .to_bytes();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        assert!(!readyz(&admin).contains("restarted"));
+        tokens.refresher_restarts().store(2, Ordering::Relaxed);
+        let body = readyz(&admin);
+        assert!(
+            body.contains("contoso: no S2S token (refresher restarted 2 times after a panic)"),
+            "{body}"
+        );
+    }
+}

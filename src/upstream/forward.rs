@@ -244,7 +244,7 @@ impl Forwarder {
     fn throttle_wait<B>(&self, response: &Response<B>, waited: Duration) -> Option<Duration> {
         let max = self.retry_throttled?;
         let wait = headers::retry_after(response.headers())?;
-        (waited + wait <= max).then_some(wait)
+        (waited.saturating_add(wait) <= max).then_some(wait)
     }
 
     /// Sends with the request timeout covering everything up to the response headers.

@@ -194,6 +194,22 @@ fn retry_wait(backoff_delay: Duration, retry_after: Option<Duration>, max: Durat
     wait.min(max)
 }
 
+/// Longest piece of token endpoint error text kept for the log (Azure AD's are a few
+/// hundred bytes; a hostile endpoint's could be the whole body, on every retry).
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes at a character boundary, marked when cut.
+fn bounded_text(text: &str) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... (cut)", &text[..end])
+}
+
 /// Holds and refreshes the S2S token.
 pub struct TokenSource {
     /// Environment names served by this token (one token per tenant, client and resource).
@@ -358,15 +374,12 @@ impl TokenSource {
             return Err(match serde_json::from_slice::<OAuthError>(&body) {
                 Ok(e) => TokenError::Refused {
                     status: status.as_u16(),
-                    error: e.error,
+                    error: bounded_text(&e.error),
                     // Azure AD's description starts with the AADSTS code; its tail is a
                     // trace id and timestamp, useful in logs, and never contains the secret.
-                    description: e
-                        .error_description
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
+                    description: bounded_text(
+                        e.error_description.lines().next().unwrap_or_default(),
+                    ),
                     retry_after,
                 },
                 Err(_) => TokenError::Status {
@@ -496,6 +509,17 @@ mod tests {
         // A token shorter than the minimum refreshes at half its life.
         assert_eq!(times(40, Some(0)).refresh_after, Duration::from_secs(20));
         assert_eq!(times(40, None).usable_for, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn error_text_from_the_endpoint_is_bounded() {
+        assert_eq!(bounded_text("AADSTS7000215: bad"), "AADSTS7000215: bad");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let cut = bounded_text(&long);
+        assert!(
+            cut.len() <= MAX_ERROR_TEXT + 10 && cut.ends_with("(cut)"),
+            "{cut}"
+        );
     }
 
     #[test]
