@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz` (the process is alive), `/readyz` (keys and S2S token in
 //! hand, not draining), `/metrics` (Prometheus text). Never on the app port.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -43,19 +43,36 @@ impl Readiness {
         missing
     }
 
-    /// One line per environment group: whether its S2S token is in hand.
+    /// One line per environment group: whether its S2S token is in hand, and how often
+    /// its refresher was restarted after a panic (when it was).
     pub fn environments(&self) -> Vec<String> {
         self.tokens
             .iter()
             .map(|t| {
                 format!(
-                    "{}: {}",
+                    "{}: {}{}",
                     t.label(),
                     if t.is_ready() {
                         "ready"
                     } else {
                         "no S2S token"
-                    }
+                    },
+                    restarted(t.refresher_restarts())
+                )
+            })
+            .collect()
+    }
+
+    /// One line per issuer whose key refresher was restarted after a panic.
+    pub fn restarted_key_refreshers(&self) -> Vec<String> {
+        self.issuers
+            .iter()
+            .filter(|c| c.refresher_restarts().load(Ordering::Relaxed) > 0)
+            .map(|c| {
+                format!(
+                    "signing keys of {}:{}",
+                    c.issuer(),
+                    restarted(c.refresher_restarts())
                 )
             })
             .collect()
@@ -75,7 +92,9 @@ impl Admin {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
             (&Method::GET, "/readyz") => {
                 let missing = self.readiness.missing();
-                let environments = self.readiness.environments().join("\n");
+                let mut lines = self.readiness.environments();
+                lines.extend(self.readiness.restarted_key_refreshers());
+                let environments = lines.join("\n");
                 if missing.is_empty() {
                     text(
                         StatusCode::OK,
@@ -112,6 +131,14 @@ impl Admin {
     }
 }
 
+/// ` (refresher restarted N times after a panic)`, or nothing when it never was.
+fn restarted(restarts: &AtomicU64) -> String {
+    match restarts.load(Ordering::Relaxed) {
+        0 => String::new(),
+        n => format!(" (refresher restarted {n} times after a panic)"),
+    }
+}
+
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<GatewayBody> {
     let mut response = Response::new(body::full(Bytes::from(body)));
     *response.status_mut() = status;
@@ -119,4 +146,69 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::upstream::TokenPolicy;
+    use std::time::Duration;
+
+    #[test]
+    fn readyz_shows_refresher_restarts() {
+        let config = Config::from_yaml(
+            r#"
+inbound:
+  issuers:
+    - issuer: https://login.microsoftonline.com/t/v2.0
+      audiences: [api://dynamics-gateway]
+dynamics:
+  url: https://contoso.crm.dynamics.com
+  tenant_id: t
+  client_id: c
+  client_secret: s
+"#,
+            &|_| None,
+        )
+        .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let tokens = Arc::new(TokenSource::new(
+            &config.dynamics.environments[0],
+            "contoso".into(),
+            reqwest::Client::new(),
+            TokenPolicy {
+                replace_interval: Duration::from_secs(5),
+                retry_max_wait: Duration::from_secs(300),
+                first_fetch_wait: Duration::from_secs(1),
+            },
+            metrics.clone(),
+        ));
+        let admin = Admin {
+            readiness: Readiness {
+                issuers: Vec::new(),
+                tokens: vec![tokens.clone()],
+                draining: Arc::new(AtomicBool::new(false)),
+            },
+            metrics,
+        };
+        let readyz = |admin: &Admin| {
+            let request = Request::get("/readyz").body(()).unwrap();
+            let response = admin.handle(&request);
+            let bytes = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(http_body_util::BodyExt::collect(response.into_body()))
+                .unwrap()
+                .to_bytes();
+            String::from_utf8(bytes.to_vec()).unwrap()
+        };
+        assert!(!readyz(&admin).contains("restarted"));
+        tokens.refresher_restarts().store(2, Ordering::Relaxed);
+        let body = readyz(&admin);
+        assert!(
+            body.contains("contoso: no S2S token (refresher restarted 2 times after a panic)"),
+            "{body}"
+        );
+    }
 }

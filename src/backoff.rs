@@ -4,6 +4,15 @@
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::time::Instant;
+
+/// `base + after`, checked: a sum past the clock's range becomes a day after `base`
+/// (callers clamp what they add, so this is a last line of defence, not a policy).
+pub fn instant_after(base: Instant, after: Duration) -> Instant {
+    base.checked_add(after)
+        .or_else(|| base.checked_add(Duration::from_secs(24 * 3600)))
+        .unwrap_or(base)
+}
 
 /// Delays of `base * 2^n`, capped at `max`, each scaled by a random factor in [0.5, 1.0].
 #[derive(Debug, Clone)]
@@ -49,5 +58,16 @@ mod tests {
         assert!(d[5] <= Duration::from_secs(8));
         b.reset();
         assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn instants_never_overflow() {
+        let now = Instant::now();
+        assert_eq!(
+            instant_after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = instant_after(now, Duration::MAX);
+        assert!(far > now);
     }
 }

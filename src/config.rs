@@ -271,6 +271,22 @@ pub struct RawDynamics {
     /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
     #[serde(default)]
     pub retry_throttled: Option<RawRetryThrottled>,
+    /// Least time between two S2S token replacements caused by Dataverse answering 401
+    /// (per token); 401s within it are passed on instead of requesting another token.
+    #[serde(default = "default_token_replace_interval")]
+    pub token_replace_interval: String,
+    /// Longest wait before retrying a failed S2S token request, whatever the token
+    /// endpoint's `Retry-After` asks for.
+    #[serde(default = "default_token_retry_max_wait")]
+    pub token_retry_max_wait: String,
+}
+
+fn default_token_replace_interval() -> String {
+    "5s".into()
+}
+
+fn default_token_retry_max_wait() -> String {
+    "5m".into()
 }
 
 /// One Dataverse organisation and the credential used for it.
@@ -416,6 +432,10 @@ pub struct DynamicsConfig {
     pub routing: Routing,
     /// `Some(max_wait)` when 429s of idempotent requests are retried.
     pub retry_throttled: Option<Duration>,
+    /// Least time between two 401-caused token replacements of one token source.
+    pub token_replace_interval: Duration,
+    /// Longest wait before retrying a failed token request.
+    pub token_retry_max_wait: Duration,
 }
 
 /// How a request chooses its environment.
@@ -1164,10 +1184,23 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         )?),
         _ => None,
     };
+    let token_replace_interval =
+        parse_duration("dynamics.token_replace_interval", &d.token_replace_interval)?;
+    let token_retry_max_wait =
+        parse_duration("dynamics.token_retry_max_wait", &d.token_retry_max_wait)?;
+    if token_retry_max_wait < Duration::from_secs(1) {
+        // Shorter caps the backoff near zero: a failing endpoint would be asked in a loop.
+        return Err(invalid(
+            "dynamics.token_retry_max_wait",
+            "must be at least 1s",
+        ));
+    }
     Ok(DynamicsConfig {
         environments,
         routing,
         retry_throttled,
+        token_replace_interval,
+        token_retry_max_wait,
     })
 }
 
@@ -1376,5 +1409,30 @@ dynamics:
             format!("{MINIMAL}identity:\n  mode: static\n  static:\n    alice: not-a-guid\n");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("identity.static.alice"), "{err}");
+    }
+
+    #[test]
+    fn token_pacing_keys_have_defaults_and_bounds() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.dynamics.token_replace_interval, Duration::from_secs(5));
+        assert_eq!(c.dynamics.token_retry_max_wait, Duration::from_secs(300));
+        let text = MINIMAL.replace(
+            "  client_secret: ${SECRET}\n",
+            "  client_secret: ${SECRET}\n  token_replace_interval: 250ms\n  token_retry_max_wait: 2s\n",
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(
+            c.dynamics.token_replace_interval,
+            Duration::from_millis(250)
+        );
+        assert_eq!(c.dynamics.token_retry_max_wait, Duration::from_secs(2));
+        let err = load(&text.replace("max_wait: 2s", "max_wait: 0s"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dynamics.token_retry_max_wait"), "{err}");
+        let err = load(&text.replace("interval: 250ms", "interval: \"5\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dynamics.token_replace_interval"), "{err}");
     }
 }

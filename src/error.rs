@@ -1,7 +1,9 @@
 //! The one place where a failure becomes an HTTP response: status by whose fault it is,
 //! and a body in Dataverse's own error shape, `{"error":{"code":..,"message":..}}`, so
 //! clients parse gateway errors like Dynamics' errors. The cause chain is logged by the
-//! pipeline, never put in the body.
+//! pipeline with the request id, never put in the body: a failure on the gateway's side
+//! (a dependency, its credentials) answers a fixed message per kind, so no upstream
+//! error text, URL, host name or credential detail ever reaches a caller.
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -110,12 +112,44 @@ impl GatewayError {
         }
     }
 
+    /// What the caller is told. Their own mistakes are described in the gateway's own
+    /// words (which name only what the caller sent); the gateway's failures get a fixed
+    /// sentence per kind, since their causes describe the gateway's dependencies.
+    fn caller_message(&self) -> std::borrow::Cow<'static, str> {
+        use UpstreamError as U;
+        let fixed = match self {
+            Self::Auth(AuthError::KeysUnavailable { .. }) => {
+                "the signing keys of the token's issuer are not available yet; retry shortly"
+            }
+            Self::Identity(IdentityError::Lookup(LookupError::NoToken(_)))
+            | Self::Upstream(U::NoToken(_)) => {
+                "the gateway holds no valid Dynamics S2S token (its token endpoint has not supplied one); retry shortly"
+            }
+            Self::Identity(IdentityError::Lookup(LookupError::Timeout(_))) => {
+                "Dynamics did not answer the gateway's user lookup in time"
+            }
+            Self::Identity(IdentityError::Lookup(_)) => {
+                "looking up the caller's Dynamics user failed"
+            }
+            Self::Upstream(U::Timeout(_)) => "Dynamics did not answer in time",
+            Self::Upstream(U::Unreachable(_)) => "Dynamics is unreachable",
+            Self::Upstream(U::Build(_)) | Self::Internal => {
+                "the gateway failed while handling the request"
+            }
+            _ => return self.to_string().into(),
+        };
+        fixed.into()
+    }
+
     /// Status, Dataverse-shaped JSON body, and the headers RFC 6750 asks for.
     pub fn into_response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {
         let (status, code) = self.status_and_code();
         let id = request_id.to_str().unwrap_or("-");
         let json = serde_json::json!({
-            "error": { "code": format!("DynamicsGateway.{code}"), "message": format!("{self} (request id {id})") }
+            "error": {
+                "code": format!("DynamicsGateway.{code}"),
+                "message": format!("{} (request id {id})", self.caller_message()),
+            }
         });
         let mut response = Response::new(body::full(Bytes::from(json.to_string())));
         *response.status_mut() = status;
@@ -164,4 +198,83 @@ pub fn chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::TokenError;
+
+    /// Text that describes the gateway's credentials or dependencies.
+    const CAUSE: &str = "AADSTS7000215: Invalid client secret provided for a secret added to app 2222 at https://login.example/tenant/oauth2/v2.0/token (idp.internal)";
+
+    fn body_of(error: &GatewayError) -> (StatusCode, String) {
+        let response = error.into_response(&HeaderValue::from_static("req-123"));
+        let status = response.status();
+        let body = text_of(response);
+        (status, body)
+    }
+
+    fn text_of(response: Response<GatewayBody>) -> String {
+        use http_body_util::BodyExt;
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(response.into_body().collect())
+            .unwrap()
+            .to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn dependency_failures_never_show_their_cause() {
+        let io = || -> crate::body::BoxError { CAUSE.into() };
+        let cases = [
+            GatewayError::Upstream(UpstreamError::NoToken(TokenError::NoValidToken {
+                last_error: CAUSE.into(),
+            })),
+            GatewayError::Upstream(UpstreamError::NoToken(TokenError::InvalidResponse(
+                CAUSE.into(),
+            ))),
+            GatewayError::Upstream(UpstreamError::Unreachable(io())),
+            GatewayError::Upstream(UpstreamError::Build(io())),
+            GatewayError::Auth(AuthError::KeysUnavailable {
+                issuer: CAUSE.into(),
+            }),
+            GatewayError::Identity(IdentityError::Lookup(LookupError::NoToken(CAUSE.into()))),
+            GatewayError::Identity(IdentityError::Lookup(LookupError::Unreachable(
+                CAUSE.into(),
+            ))),
+            GatewayError::Identity(IdentityError::Lookup(LookupError::Status(401))),
+            GatewayError::Internal,
+        ];
+        for error in &cases {
+            let (status, body) = body_of(error);
+            assert!(status.is_server_error() || status.is_client_error());
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let message = json["error"]["message"].as_str().unwrap();
+            assert!(message.ends_with("(request id req-123)"), "{message}");
+            for leak in ["AADSTS", "2222", "http", "idp.internal", "secret"] {
+                assert!(!body.contains(leak), "{leak} in {body}");
+            }
+            // The cause is still there for the log line.
+            if !matches!(error, GatewayError::Internal) {
+                let logged = chain(error);
+                assert!(
+                    logged.contains("AADSTS7000215") || logged.contains("401"),
+                    "{logged}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn callers_mistakes_are_still_explained() {
+        let (status, body) = body_of(&GatewayError::Auth(AuthError::Expired));
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(
+            body.contains("the token has expired (request id req-123)"),
+            "{body}"
+        );
+    }
 }

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod routing;
 pub mod secret;
 pub mod server;
+pub mod supervisor;
 pub mod testkit;
 pub mod upstream;
 
@@ -54,7 +55,10 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::routing::{Environment, Router};
 use crate::server::ConnectionLimits;
-use crate::upstream::{DataverseClient, Forwarder, TokenSource};
+use crate::upstream::{DataverseClient, Forwarder, TokenPolicy, TokenSource};
+
+/// Longest any one request to the identity provider or token endpoint may take.
+const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +90,7 @@ impl Gateway {
     ) -> Result<Self, StartError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15))
+            .timeout(DEPENDENCY_TIMEOUT)
             // Identity provider and token endpoint URLs come from config; a redirect
             // must not send the client secret or key fetches somewhere else.
             .redirect(reqwest::redirect::Policy::none())
@@ -122,6 +126,11 @@ impl Gateway {
                 first,
                 label,
                 http.clone(),
+                TokenPolicy {
+                    replace_interval: config.dynamics.token_replace_interval,
+                    retry_max_wait: config.dynamics.token_retry_max_wait,
+                    first_fetch_wait: DEPENDENCY_TIMEOUT,
+                },
                 metrics.clone(),
             ));
             tokens.push(env_tokens.clone());
@@ -175,14 +184,32 @@ impl Gateway {
         })
     }
 
-    /// Starts the key and token refreshers on `tracker`; they stop when this gateway is
-    /// retired or the process shuts down.
+    /// Starts the key and token refreshers on `tracker`, each supervised (restarted after
+    /// a panic); they stop when this gateway is retired or the process shuts down.
     fn spawn_refreshers(&self, tracker: &TaskTracker) {
+        let metrics = &self.pipeline.metrics;
+        let cancel = &self.refreshers;
         for cache in &self.readiness.issuers {
-            tracker.spawn(cache.clone().run(self.refreshers.clone()));
+            let (cache, stop) = (cache.clone(), cancel.clone());
+            tracker.spawn(supervisor::supervise(
+                supervisor::Refresher::Jwks,
+                cache.issuer().to_string(),
+                cache.refresher_restarts().clone(),
+                metrics.clone(),
+                cancel.clone(),
+                move || cache.clone().run(stop.clone()),
+            ));
         }
         for tokens in &self.readiness.tokens {
-            tracker.spawn(tokens.clone().run(self.refreshers.clone()));
+            let (tokens, stop) = (tokens.clone(), cancel.clone());
+            tracker.spawn(supervisor::supervise(
+                supervisor::Refresher::Token,
+                tokens.label().to_string(),
+                tokens.refresher_restarts().clone(),
+                metrics.clone(),
+                cancel.clone(),
+                move || tokens.clone().run(stop.clone()),
+            ));
         }
     }
 

@@ -307,10 +307,16 @@ fn consent_url(
     };
     let Some(env) = chosen else {
         let names: Vec<&str> = envs.iter().map(|e| e.name.as_str()).collect();
-        eprintln!(
-            "error: name one environment with --environment; configured: {}",
-            names.join(", ")
-        );
+        match environment {
+            Some(name) => eprintln!(
+                "error: there is no environment named {name:?}; configured: {}",
+                names.join(", ")
+            ),
+            None => eprintln!(
+                "error: name one environment with --environment; configured: {}",
+                names.join(", ")
+            ),
+        }
         return ExitCode::from(2);
     };
     use std::io::Write;

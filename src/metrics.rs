@@ -17,6 +17,7 @@ pub struct Metrics {
     pub upstream_duration_seconds: HistogramVec,
     pub token_requests_total: IntCounterVec,
     pub jwks_refresh_total: IntCounterVec,
+    pub refresher_restarts_total: IntCounterVec,
     pub auth_failures_total: IntCounterVec,
     pub identity_cache_requests_total: IntCounterVec,
     pub access_denied_total: IntCounterVec,
@@ -100,6 +101,12 @@ impl Metrics {
                 "jwks_refresh_total",
                 "JWKS fetches, by result",
                 &["result"],
+            )?,
+            refresher_restarts_total: counter(
+                &registry,
+                "refresher_restarts_total",
+                "Background refreshers restarted after a panic, by refresher (jwks or token)",
+                &["refresher"],
             )?,
             auth_failures_total: counter(
                 &registry,

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use http::header::{ACCEPT, AUTHORIZATION, HOST};
 use http::{HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use moka::future::Cache;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
@@ -30,9 +29,6 @@ const FILTER_VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
-
-/// Largest lookup answer read (one user is a few hundred bytes).
-const MAX_ANSWER_BYTES: usize = 256 * 1024;
 
 /// Why a lookup could not be answered. Cloneable: every request waiting on the same
 /// in-flight lookup gets the same failure.
@@ -145,29 +141,34 @@ impl UserLookup {
             "/api/data/v9.2/systemusers?$select=systemuserid,isdisabled&$filter={}",
             utf8_percent_encode(&filter, FILTER_VALUE)
         );
-        let mut token = self.tokens.current().map_err(UpstreamError::from)?;
+        let mut token = self
+            .tokens
+            .current_or_first()
+            .await
+            .map_err(UpstreamError::from)?;
         let mut retried = false;
         let response = loop {
             let response = self.send(&path, &token).await?;
             if response.status() == StatusCode::UNAUTHORIZED && !retried {
                 retried = true;
-                token = self
+                if let Some(replacement) = self
                     .tokens
                     .replace_rejected(&token)
                     .await
-                    .map_err(UpstreamError::from)?;
-                continue;
+                    .map_err(UpstreamError::from)?
+                {
+                    token = replacement;
+                    continue;
+                }
             }
             break response;
         };
         if !response.status().is_success() {
             return Err(LookupError::Status(response.status().as_u16()));
         }
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
-            .collect()
+        let bytes = body::read_capped(response.into_body(), body::MAX_DEPENDENCY_BODY_BYTES)
             .await
-            .map_err(|_| LookupError::BadAnswer)?
-            .to_bytes();
+            .map_err(|_| LookupError::BadAnswer)?;
         let users: SystemUsers =
             serde_json::from_slice(&bytes).map_err(|_| LookupError::BadAnswer)?;
         Ok(match users.value.as_slice() {

@@ -14,11 +14,19 @@ pub enum FetchError {
     },
     #[error("GET {url} answered {status}")]
     Status { url: String, status: u16 },
+    /// Too large, or cut off: the read stops at the cap so a dependency streaming without
+    /// end costs bounded memory.
+    #[error("reading the answer of {url} failed: {source}")]
+    Body {
+        url: String,
+        #[source]
+        source: crate::body::CappedReadError,
+    },
     #[error("{url} did not return the expected JSON: {source}")]
     Json {
         url: String,
         #[source]
-        source: reqwest::Error,
+        source: serde_json::Error,
     },
     #[error("discovery document at {url} names issuer {found:?}, not the configured {expected:?}")]
     IssuerMismatch {
@@ -30,6 +38,8 @@ pub enum FetchError {
     InsecureJwksUri { url: String, jwks_uri: String },
     #[error("the key set at {url} holds no usable signing key")]
     NoKeys { url: String },
+    #[error("the key set at {url} holds more than {max} keys")]
+    TooManyKeys { url: String, max: usize },
 }
 
 #[derive(Deserialize)]
@@ -38,7 +48,8 @@ struct DiscoveryDocument {
     jwks_uri: String,
 }
 
-/// GETs JSON, mapping each failure to a `FetchError` naming the URL.
+/// GETs JSON of at most [`crate::body::MAX_DEPENDENCY_BODY_BYTES`], mapping each failure
+/// to a `FetchError` naming the URL.
 pub async fn get_json<T: for<'de> Deserialize<'de>>(
     http: &reqwest::Client,
     url: &Url,
@@ -57,7 +68,13 @@ pub async fn get_json<T: for<'de> Deserialize<'de>>(
             status: response.status().as_u16(),
         });
     }
-    response.json().await.map_err(|source| FetchError::Json {
+    let bytes = crate::body::read_response_capped(response, crate::body::MAX_DEPENDENCY_BODY_BYTES)
+        .await
+        .map_err(|source| FetchError::Body {
+            url: url.to_string(),
+            source,
+        })?;
+    serde_json::from_slice(&bytes).map_err(|source| FetchError::Json {
         url: url.to_string(),
         source,
     })

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,9 +35,53 @@ struct KeySet {
     by_kid: HashMap<String, Arc<SigningKey>>,
 }
 
+/// Most keys a JWKS may hold: Entra publishes a handful, and each key costs parsing
+/// and memory on every refresh.
+pub const MAX_JWKS_KEYS: usize = 100;
+
 #[derive(Deserialize)]
 struct JwksDocument {
+    keys: BoundedKeys,
+}
+
+/// The first [`MAX_JWKS_KEYS`] entries of `keys`, and how many there were: entries past
+/// the cap are skipped unparsed.
+struct BoundedKeys {
     keys: Vec<serde_json::Value>,
+    total: usize,
+}
+
+impl<'de> Deserialize<'de> for BoundedKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = BoundedKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array of JWKs")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<BoundedKeys, A::Error> {
+                let mut keys = Vec::new();
+                let mut total = 0usize;
+                while total < MAX_JWKS_KEYS {
+                    match seq.next_element()? {
+                        Some(key) => keys.push(key),
+                        None => return Ok(BoundedKeys { keys, total }),
+                    }
+                    total += 1;
+                }
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    total = total.saturating_add(1);
+                }
+                Ok(BoundedKeys { keys, total })
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
 }
 
 /// The keys of one issuer, and how tokens of that issuer are validated.
@@ -52,6 +97,8 @@ pub struct JwksCache {
     refetch_interval: Duration,
     refresh_interval: Duration,
     http: reqwest::Client,
+    /// Times the refresher was restarted after a panic.
+    refresher_restarts: Arc<AtomicU64>,
     metrics: Metrics,
 }
 
@@ -88,8 +135,14 @@ impl JwksCache {
             refetch_interval: inbound.jwks_refetch_interval,
             refresh_interval: inbound.jwks_refresh_interval,
             http,
+            refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
         }
+    }
+
+    /// Times the refresher was restarted after a panic (shared with its supervisor).
+    pub fn refresher_restarts(&self) -> &Arc<AtomicU64> {
+        &self.refresher_restarts
     }
 
     pub fn issuer(&self) -> &str {
@@ -170,7 +223,7 @@ impl JwksCache {
         }
         *last_fetch = Some(Instant::now());
         if let Err(e) = self.fetch_and_store().await {
-            tracing::warn!(issuer = %self.issuer, error = %e, "JWKS refetch for an unknown kid failed; keeping the current keys");
+            tracing::warn!(issuer = %self.issuer, error = %crate::error::chain(&e), "JWKS refetch for an unknown kid failed; keeping the current keys");
         }
         match self.lookup(kid) {
             Some(Ok(key)) => Ok(key),
@@ -234,7 +287,13 @@ impl JwksCache {
                 return Err(e);
             }
         };
-        let by_kid: HashMap<_, _> = doc.keys.into_iter().filter_map(signing_key).collect();
+        if doc.keys.total > MAX_JWKS_KEYS {
+            return Err(FetchError::TooManyKeys {
+                url: uri.to_string(),
+                max: MAX_JWKS_KEYS,
+            });
+        }
+        let by_kid: HashMap<_, _> = doc.keys.keys.into_iter().filter_map(signing_key).collect();
         if by_kid.is_empty() {
             return Err(FetchError::NoKeys {
                 url: uri.to_string(),
@@ -256,7 +315,7 @@ impl JwksCache {
                 }
                 Err(e) => {
                     let wait = backoff.next_delay();
-                    tracing::warn!(issuer = %self.issuer, error = %e, retry_in = ?wait, "JWKS fetch failed; keeping the last good keys");
+                    tracing::warn!(issuer = %self.issuer, error = %crate::error::chain(&e), retry_in = ?wait, "JWKS fetch failed; keeping the last good keys");
                     wait
                 }
             };

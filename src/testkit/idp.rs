@@ -96,6 +96,78 @@ pub enum TokenEndpointMode {
     Hang,
     /// 400 `invalid_client` (AADSTS7000215) whatever the credentials.
     InvalidClient,
+    /// A real token whose `expires_in`, `ext_expires_in` and `refresh_in` are `u64::MAX`.
+    HugeNumbers,
+    /// 503 with `Retry-After: 18446744073709551615` (`u64::MAX` seconds).
+    HugeRetryAfter,
+    /// 200 with a body that never ends (counted in [`IdpHandle::absurd_bytes_served`]).
+    Endless,
+}
+
+/// What the JWKS endpoint serves, switchable with [`IdpHandle::set_jwks_document`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum JwksDocument {
+    /// The published keys.
+    #[default]
+    Published,
+    /// The published keys followed by this many junk keys.
+    Padded(usize),
+    /// A key set that never ends (counted in [`IdpHandle::absurd_bytes_served`]).
+    Endless,
+}
+
+/// Most an endless body serves, so a client without a cap finishes (and fails) a test
+/// rather than running it out of memory.
+pub const ENDLESS_BODY_BYTES: u64 = 256 << 20;
+
+/// A streamed body of `prefix` then `filler` repeated, up to [`ENDLESS_BODY_BYTES`],
+/// counting what it hands to the connection.
+pub(crate) struct EndlessBody {
+    prefix: Option<Bytes>,
+    filler: Bytes,
+    served: Arc<AtomicU64>,
+    left: u64,
+}
+
+impl EndlessBody {
+    pub(crate) fn response(
+        prefix: &'static str,
+        filler: String,
+        served: Arc<AtomicU64>,
+    ) -> Response<RespBody> {
+        let body = EndlessBody {
+            prefix: Some(Bytes::from_static(prefix.as_bytes())),
+            filler: Bytes::from(filler.repeat(64 * 1024 / filler.len().max(1))),
+            served,
+            left: ENDLESS_BODY_BYTES,
+        };
+        let mut resp = Response::new(http_body_util::BodyExt::boxed(body));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+impl http_body::Body for EndlessBody {
+    type Data = Bytes;
+    type Error = super::server::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let chunk = match self.prefix.take() {
+            Some(prefix) => prefix,
+            None if self.left == 0 => return std::task::Poll::Ready(None),
+            None => self.filler.clone(),
+        };
+        let n = chunk.len() as u64;
+        self.left = self.left.saturating_sub(n);
+        self.served.fetch_add(n, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+    }
 }
 
 /// Which S2S tokens the IdP issued and which were revoked; shared with the stand-in
@@ -272,6 +344,9 @@ impl Idp {
             }),
             key_serial,
             mode: Mutex::new(TokenEndpointMode::Ok),
+            jwks_document: Mutex::new(JwksDocument::Published),
+            token_delay: Mutex::new(std::time::Duration::ZERO),
+            absurd_bytes_served: Arc::new(AtomicU64::new(0)),
             available: AtomicBool::new(true),
             discovery_requests: AtomicUsize::new(0),
             jwks_requests: AtomicUsize::new(0),
@@ -313,6 +388,11 @@ struct IdpState {
     keys: Mutex<KeySet>,
     key_serial: AtomicU64,
     mode: Mutex<TokenEndpointMode>,
+    jwks_document: Mutex<JwksDocument>,
+    /// How long the token endpoint waits before answering.
+    token_delay: Mutex<std::time::Duration>,
+    /// Bytes of endless bodies handed to connections.
+    absurd_bytes_served: Arc<AtomicU64>,
     available: AtomicBool,
     discovery_requests: AtomicUsize,
     jwks_requests: AtomicUsize,
@@ -486,6 +566,21 @@ impl IdpHandle {
 
     pub fn set_token_endpoint_mode(&self, mode: TokenEndpointMode) {
         *lock(&self.state.mode) = mode;
+    }
+
+    pub fn set_jwks_document(&self, document: JwksDocument) {
+        *lock(&self.state.jwks_document) = document;
+    }
+
+    /// Delays every token endpoint answer by `d` (a slow first token); zero turns it off.
+    pub fn set_token_delay(&self, d: std::time::Duration) {
+        *lock(&self.state.token_delay) = d;
+    }
+
+    /// Bytes of endless bodies (JWKS or token endpoint) handed to connections so far: a
+    /// client that stops reading at its cap keeps this near the cap plus socket buffers.
+    pub fn absurd_bytes_served(&self) -> u64 {
+        self.state.absurd_bytes_served.load(Ordering::SeqCst)
     }
 
     /// `false`: every endpoint answers 503 (an outage); `true`: back to normal.
@@ -662,7 +757,15 @@ impl IdpState {
                 if !tenant_ok(&tenant, true) {
                     return self.unknown_tenant(&tenant);
                 }
-                let keys: Vec<Value> = lock(&self.keys)
+                let document = lock(&self.jwks_document).clone();
+                if document == JwksDocument::Endless {
+                    return EndlessBody::response(
+                        "{\"keys\":[",
+                        "{\"kty\":\"RSA\",\"kid\":\"junk\",\"n\":\"AQAB\",\"e\":\"AQAB\"},".into(),
+                        self.absurd_bytes_served.clone(),
+                    );
+                }
+                let mut keys: Vec<Value> = lock(&self.keys)
                     .published
                     .iter()
                     .map(|k| {
@@ -671,6 +774,9 @@ impl IdpState {
                         jwk
                     })
                     .collect();
+                if let JwksDocument::Padded(n) = document {
+                    keys.extend((0..n).map(|i| json!({"kty": "RSA", "kid": format!("junk-{i}"), "n": "AQAB", "e": "AQAB"})));
+                }
                 json_response(StatusCode::OK, &json!({ "keys": keys }))
             }
             Some(Endpoint::Token { tenant }) if req.method() == Method::POST => {
@@ -748,9 +854,33 @@ impl IdpState {
         let form = parse_form(&body);
         *lock(&self.last_form) = Some(form.clone());
 
+        let delay = *lock(&self.token_delay);
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let mode = lock(&self.mode).clone();
         match mode {
-            TokenEndpointMode::Ok | TokenEndpointMode::NoExpiresIn => {}
+            TokenEndpointMode::Ok
+            | TokenEndpointMode::NoExpiresIn
+            | TokenEndpointMode::HugeNumbers => {}
+            TokenEndpointMode::HugeRetryAfter => {
+                let mut resp = aad_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "temporarily_unavailable",
+                    50001,
+                    "The service is temporarily unavailable.",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from(u64::MAX));
+                return resp;
+            }
+            TokenEndpointMode::Endless => {
+                return EndlessBody::response(
+                    "{\"token_type\":\"Bearer\",\"access_token\":\"",
+                    "s2s".into(),
+                    self.absurd_bytes_served.clone(),
+                );
+            }
             TokenEndpointMode::ServerError => {
                 return aad_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -864,6 +994,11 @@ impl IdpState {
             };
             body["expires_in"] = value.clone();
             body["ext_expires_in"] = value;
+        }
+        if mode == TokenEndpointMode::HugeNumbers {
+            for key in ["expires_in", "ext_expires_in", "refresh_in"] {
+                body[key] = Value::from(u64::MAX);
+            }
         }
         json_response(StatusCode::OK, &body)
     }

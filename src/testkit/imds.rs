@@ -8,6 +8,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use http::{header, Method, Request, Response, StatusCode};
@@ -15,7 +16,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::idp::{now_secs, S2sRegistry};
+use super::idp::{now_secs, EndlessBody, S2sRegistry};
 use super::server::{self, full, lock, RespBody, ServerTask};
 
 const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
@@ -76,6 +77,8 @@ impl Imds {
             requests: Mutex::new(Vec::new()),
             queued: Mutex::new(VecDeque::new()),
             issued: Mutex::new(Vec::new()),
+            endless: AtomicBool::new(false),
+            absurd_bytes_served: Arc::new(AtomicU64::new(0)),
         });
         let handler_state = state.clone();
         let server = server::spawn(listener, move |req| {
@@ -108,6 +111,9 @@ struct ImdsState {
     /// Statuses to answer the next requests with, in order.
     queued: Mutex<VecDeque<StatusCode>>,
     issued: Mutex<Vec<String>>,
+    /// Answer token requests with a body that never ends.
+    endless: AtomicBool,
+    absurd_bytes_served: Arc<AtomicU64>,
 }
 
 /// A running IMDS; stops when the last clone is dropped or on [`ImdsHandle::stop`].
@@ -149,6 +155,16 @@ impl ImdsHandle {
         let mut queued = lock(&self.state.queued);
         queued.clear();
         queued.extend(std::iter::repeat_n(status, n));
+    }
+
+    /// `true`: token requests are answered 200 with a body that never ends.
+    pub fn set_endless(&self, endless: bool) {
+        self.state.endless.store(endless, Ordering::SeqCst);
+    }
+
+    /// Bytes of endless bodies handed to connections so far.
+    pub fn absurd_bytes_served(&self) -> u64 {
+        self.state.absurd_bytes_served.load(Ordering::SeqCst)
     }
 
     /// The tokens issued so far, in order (`mi-<uuid>`).
@@ -225,6 +241,13 @@ impl ImdsState {
             };
             return imds_error(status, "temporarily_unavailable", description);
         }
+        if self.endless.load(Ordering::SeqCst) {
+            return EndlessBody::response(
+                "{\"token_type\":\"Bearer\",\"access_token\":\"",
+                "mi".into(),
+                self.absurd_bytes_served.clone(),
+            );
+        }
         // IMDS refuses requests without the header, a guard against SSRF.
         if metadata.as_deref() != Some("true") {
             return imds_error(
@@ -271,7 +294,7 @@ impl ImdsState {
                 "access_token": token,
                 "client_id": client_id,
                 "expires_in": lifetime.to_string(),
-                "expires_on": (now + lifetime).to_string(),
+                "expires_on": now.saturating_add(lifetime).to_string(),
                 "ext_expires_in": lifetime.to_string(),
                 "not_before": now.to_string(),
                 "resource": resource,

@@ -14,7 +14,7 @@ mod server;
 
 pub use dataverse::{Dataverse, DataverseHandle, DirectoryUser, RecordedRequest};
 pub use gateway_config::{gateway_config_yaml, ConfigParts};
-pub use idp::{Idp, IdpHandle, S2sRegistry, TokenEndpointMode};
+pub use idp::{Idp, IdpHandle, JwksDocument, S2sRegistry, TokenEndpointMode, ENDLESS_BODY_BYTES};
 pub use imds::{Imds, ImdsHandle, ImdsRequest};
 
 #[cfg(test)]

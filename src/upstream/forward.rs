@@ -171,7 +171,7 @@ impl Forwarder {
         ctx: ForwardContext<'_>,
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (parts, incoming) = request.into_parts();
-        let mut token = self.tokens.current()?;
+        let mut token = self.tokens.current_or_first().await?;
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
@@ -215,8 +215,12 @@ impl Forwarder {
             match replay {
                 Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
                     retried = true;
-                    tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; refreshing and retrying once");
-                    token = self.tokens.replace_rejected(&token).await?;
+                    // `None`: replaced moments ago by another 401; this one is passed on.
+                    let Some(replacement) = self.tokens.replace_rejected(&token).await? else {
+                        break response;
+                    };
+                    tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; retrying once with a replacement");
+                    token = replacement;
                     headers.insert(http::header::AUTHORIZATION, token.authorization().clone());
                     body = RequestBody::Held(bytes);
                 }
@@ -245,7 +249,7 @@ impl Forwarder {
     fn throttle_wait<B>(&self, response: &Response<B>, waited: Duration) -> Option<Duration> {
         let max = self.retry_throttled?;
         let wait = headers::retry_after(response.headers())?;
-        (waited + wait <= max).then_some(wait)
+        (waited.saturating_add(wait) <= max).then_some(wait)
     }
 
     /// Sends with the request timeout covering everything up to the response headers.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 pub use client::DataverseClient;
 pub use forward::{ForwardContext, Forwarder};
-pub use token::{S2sToken, TokenError, TokenSource};
+pub use token::{S2sToken, TokenError, TokenPolicy, TokenSource};
 
 use crate::body::BoxError;
 

@@ -1,12 +1,19 @@
 //! The gateway's own S2S token for Dataverse (OAuth2 client credentials): fetched at
-//! start, refreshed in the background well before it expires, replaced at most once when
-//! Dataverse rejects it, and never sent once expired.
+//! start, refreshed in the background well before it expires, replaced at most once per
+//! `dynamics.token_replace_interval` when Dataverse rejects it, and never sent once expired.
+//!
+//! Every number from the token endpoint is clamped before it touches a clock
+//! ([`TokenTimes::from_response`], [`retry_wait`]): a lifetime of `u64::MAX` seconds is a
+//! day, not a panic.
 //!
 //! Concurrency: the current token is an `ArcSwapOption` snapshot that requests read
 //! without locking. Every fetch happens under `fetch_lock`, so the background refresher
 //! and any number of requests that saw a 401 cause one call to the token endpoint: a
-//! waiter that gets the lock after a fetch finds a different token in place and uses it.
+//! waiter that gets the lock after a fetch finds a different token in place and uses it,
+//! and a 401 that arrives within the replace interval of the last replacement is passed
+//! on rather than buying another token.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +23,8 @@ use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use crate::backoff::{self, Backoff};
+use crate::body::{read_response_capped, CappedReadError, MAX_DEPENDENCY_BODY_BYTES};
 use crate::config::EnvironmentConfig;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -56,11 +64,11 @@ impl S2sToken {
 pub enum TokenError {
     #[error("credential: {0}")]
     Credential(#[from] CredentialError),
-    #[error("token endpoint {url} unreachable: {source}")]
-    Http {
+    #[error("reading the answer of token endpoint {url} failed: {source}")]
+    Body {
         url: String,
         #[source]
-        source: reqwest::Error,
+        source: CappedReadError,
     },
     #[error("token endpoint refused the request ({status}): {error}: {description}")]
     Refused {
@@ -121,6 +129,87 @@ struct OAuthError {
     error_description: String,
 }
 
+/// The longest token lifetime believed: a longer `expires_in` is taken as this.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The earliest refresh a token endpoint's `refresh_in` can ask for (a token with a
+/// shorter lifetime refreshes at half of it).
+pub const MIN_REFRESH_IN: Duration = Duration::from_secs(60);
+/// The longest retry wait a token endpoint's `Retry-After` can impose, unless
+/// `dynamics.token_retry_max_wait` says otherwise.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(300);
+
+/// How a token source paces itself.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenPolicy {
+    /// Least time between two 401-caused replacements.
+    pub replace_interval: Duration,
+    /// Longest wait after a failed fetch, whatever the endpoint's `Retry-After` says.
+    pub retry_max_wait: Duration,
+    /// Longest a request waits for the first token while its fetch is in flight.
+    pub first_fetch_wait: Duration,
+}
+
+/// When a token stops being sent and when it is replaced, relative to its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TokenTimes {
+    /// Sent until then: the lifetime less a margin, so it never expires in transit.
+    usable_for: Duration,
+    refresh_after: Duration,
+}
+
+impl TokenTimes {
+    /// From the endpoint's `expires_in` and `refresh_in` seconds: the lifetime at most
+    /// [`MAX_TOKEN_LIFETIME`], the refresh at half of it or `refresh_in` if sooner, but
+    /// `refresh_in` no sooner than [`MIN_REFRESH_IN`] (nor later than the lifetime).
+    fn from_response(expires_in: u64, refresh_in: Option<u64>) -> Result<Self, TokenError> {
+        let lifetime = Duration::from_secs(expires_in).min(MAX_TOKEN_LIFETIME);
+        if lifetime < Duration::from_secs(10) {
+            return Err(TokenError::InvalidResponse(format!(
+                "expires_in of {}s is too short to use",
+                lifetime.as_secs()
+            )));
+        }
+        let margin = (lifetime / 4).min(Duration::from_secs(300));
+        let mut refresh_after = lifetime / 2;
+        if let Some(r) = refresh_in {
+            let asked = Duration::from_secs(r)
+                .max(MIN_REFRESH_IN.min(lifetime))
+                .min(lifetime);
+            refresh_after = refresh_after.min(asked);
+        }
+        Ok(Self {
+            usable_for: lifetime.saturating_sub(margin),
+            refresh_after,
+        })
+    }
+}
+
+/// The wait before the next attempt after a failure: the backoff's delay, or the
+/// endpoint's `Retry-After` if longer, but never more than `max`.
+fn retry_wait(backoff_delay: Duration, retry_after: Option<Duration>, max: Duration) -> Duration {
+    let wait = match retry_after {
+        Some(after) => backoff_delay.max(after),
+        None => backoff_delay,
+    };
+    wait.min(max)
+}
+
+/// Longest piece of token endpoint error text kept for the log (Azure AD's are a few
+/// hundred bytes; a hostile endpoint's could be the whole body, on every retry).
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// `text` cut to [`MAX_ERROR_TEXT`] bytes at a character boundary, marked when cut.
+fn bounded_text(text: &str) -> String {
+    if text.len() <= MAX_ERROR_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_ERROR_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... (cut)", &text[..end])
+}
+
 /// Holds and refreshes the S2S token.
 pub struct TokenSource {
     /// Environment names served by this token (one token per tenant, client and resource).
@@ -128,8 +217,14 @@ pub struct TokenSource {
     config: EnvironmentConfig,
     http: reqwest::Client,
     current: ArcSwapOption<S2sToken>,
-    fetch_lock: tokio::sync::Mutex<()>,
+    /// Held for every fetch; holds when a 401 last caused a replacement.
+    fetch_lock: tokio::sync::Mutex<Option<Instant>>,
+    policy: TokenPolicy,
+    /// `true` once the first fetch has finished, well or not.
+    first_attempt_done: tokio::sync::watch::Sender<bool>,
     last_error: Mutex<Option<String>>,
+    /// Times the refresher was restarted after a panic.
+    refresher_restarts: Arc<AtomicU64>,
     metrics: Metrics,
 }
 
@@ -139,6 +234,7 @@ impl TokenSource {
         config: &EnvironmentConfig,
         label: String,
         http: reqwest::Client,
+        policy: TokenPolicy,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -146,10 +242,32 @@ impl TokenSource {
             config: config.clone(),
             http,
             current: ArcSwapOption::empty(),
-            fetch_lock: tokio::sync::Mutex::new(()),
+            fetch_lock: tokio::sync::Mutex::new(None),
+            policy,
+            first_attempt_done: tokio::sync::watch::Sender::new(false),
             last_error: Mutex::new(None),
+            refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
         }
+    }
+
+    /// As [`Self::current`], but while the very first fetch is still in flight, waits for
+    /// it (at most `first_fetch_wait`) instead of failing: at start-up one environment
+    /// may be ready before another.
+    pub async fn current_or_first(&self) -> Result<Arc<S2sToken>, TokenError> {
+        if let Ok(token) = self.current() {
+            return Ok(token);
+        }
+        let mut done = self.first_attempt_done.subscribe();
+        // Waiting only bounds the wait: the outcome is read from `current` either way.
+        let _ =
+            tokio::time::timeout(self.policy.first_fetch_wait, done.wait_for(|done| *done)).await;
+        self.current()
+    }
+
+    /// Times the refresher was restarted after a panic (shared with its supervisor).
+    pub fn refresher_restarts(&self) -> &Arc<AtomicU64> {
+        &self.refresher_restarts
     }
 
     /// The token to send now; never an expired one.
@@ -180,18 +298,26 @@ impl TokenSource {
         TokenError::NoValidToken { last_error }
     }
 
-    /// Dataverse answered 401 to `rejected`: replace it, unless another request already did.
+    /// Dataverse answered 401 to `rejected`: the token to retry with, which is the one
+    /// another request or the refresher put in place meanwhile, or a new one; `None` when
+    /// a 401 replaced the token less than `replace_interval` ago (the 401 is then passed
+    /// on), so however many 401s arrive, the token endpoint sees at most one request per
+    /// interval from them.
     pub async fn replace_rejected(
         &self,
         rejected: &Arc<S2sToken>,
-    ) -> Result<Arc<S2sToken>, TokenError> {
-        let _fetching = self.fetch_lock.lock().await;
+    ) -> Result<Option<Arc<S2sToken>>, TokenError> {
+        let mut last_replaced = self.fetch_lock.lock().await;
         if let Some(now) = self.current.load_full() {
             if !Arc::ptr_eq(&now, rejected) && now.is_usable() {
-                return Ok(now);
+                return Ok(Some(now));
             }
         }
-        self.fetch_and_store().await
+        if last_replaced.is_some_and(|at| at.elapsed() < self.policy.replace_interval) {
+            return Ok(None);
+        }
+        *last_replaced = Some(Instant::now());
+        self.fetch_and_store().await.map(Some)
     }
 
     /// One fetch under the lock (the refresher's path).
@@ -201,6 +327,9 @@ impl TokenSource {
     }
 
     async fn fetch_and_store(&self) -> Result<Arc<S2sToken>, TokenError> {
+        // Fires when this function ends: after `current` or `last_error` is written below,
+        // or when the fetch is cancelled midway.
+        let _first_attempt_done = FirstAttemptDone(&self.first_attempt_done);
         let result = self.fetch().await;
         let label = if result.is_ok() { "success" } else { "failure" };
         self.metrics
@@ -235,23 +364,22 @@ impl TokenSource {
             .await?;
         let status = response.status();
         let retry_after = super::headers::retry_after(response.headers());
-        let body = response.bytes().await.map_err(|source| TokenError::Http {
-            url: url.to_string(),
-            source,
-        })?;
+        let body = read_response_capped(response, MAX_DEPENDENCY_BODY_BYTES)
+            .await
+            .map_err(|source| TokenError::Body {
+                url: url.to_string(),
+                source,
+            })?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<OAuthError>(&body) {
                 Ok(e) => TokenError::Refused {
                     status: status.as_u16(),
-                    error: e.error,
+                    error: bounded_text(&e.error),
                     // Azure AD's description starts with the AADSTS code; its tail is a
                     // trace id and timestamp, useful in logs, and never contains the secret.
-                    description: e
-                        .error_description
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
+                    description: bounded_text(
+                        e.error_description.lines().next().unwrap_or_default(),
+                    ),
                     retry_after,
                 },
                 Err(_) => TokenError::Status {
@@ -273,33 +401,24 @@ impl TokenSource {
                 )));
             }
         }
-        let lifetime = parsed
+        let expires_in = parsed
             .expires_in
             .as_ref()
             .and_then(NumberOrString::seconds)
-            .map(Duration::from_secs)
             .ok_or_else(|| TokenError::InvalidResponse("no numeric expires_in".into()))?;
-        if lifetime < Duration::from_secs(10) {
-            return Err(TokenError::InvalidResponse(format!(
-                "expires_in of {}s is too short to use",
-                lifetime.as_secs()
-            )));
-        }
+        let times = TokenTimes::from_response(
+            expires_in,
+            parsed.refresh_in.as_ref().and_then(NumberOrString::seconds),
+        )?;
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
             .map_err(|_| {
                 TokenError::InvalidResponse("access_token is not a valid header value".into())
             })?;
         authorization.set_sensitive(true);
-        // Stop sending a little before the real expiry so a token never expires in transit.
-        let margin = (lifetime / 4).min(Duration::from_secs(300));
-        let mut refresh_after = lifetime / 2;
-        if let Some(r) = parsed.refresh_in.as_ref().and_then(NumberOrString::seconds) {
-            refresh_after = refresh_after.min(Duration::from_secs(r));
-        }
         Ok(S2sToken {
             authorization,
-            usable_until: sent_at + lifetime - margin,
-            refresh_at: sent_at + refresh_after,
+            usable_until: backoff::instant_after(sent_at, times.usable_for),
+            refresh_at: backoff::instant_after(sent_at, times.refresh_after),
         })
     }
 
@@ -320,13 +439,14 @@ impl TokenSource {
                     token.refresh_at
                 }
                 Err(e) => {
-                    let mut wait = backoff.next_delay();
-                    if let Some(after) = e.retry_after() {
-                        wait = wait.max(after);
-                    }
+                    let wait = retry_wait(
+                        backoff.next_delay(),
+                        e.retry_after(),
+                        self.policy.retry_max_wait,
+                    );
                     let serving = self.current().is_ok();
-                    tracing::warn!(environment = %self.label, error = %e, retry_in = ?wait, still_serving = serving, "S2S token request failed");
-                    Instant::now() + wait
+                    tracing::warn!(environment = %self.label, error = %crate::error::chain(&e), retry_in = ?wait, still_serving = serving, "S2S token request failed");
+                    backoff::instant_after(Instant::now(), wait)
                 }
             };
             // A refresh triggered by a 401 may have replaced the token meanwhile; its own
@@ -340,5 +460,87 @@ impl TokenSource {
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
+    }
+}
+
+/// Marks the first fetch finished when dropped, so a waiter is released even if the fetch
+/// future is dropped (cancelled) midway.
+struct FirstAttemptDone<'a>(&'a tokio::sync::watch::Sender<bool>);
+
+impl Drop for FirstAttemptDone<'_> {
+    fn drop(&mut self) {
+        self.0
+            .send_if_modified(|done| !std::mem::replace(done, true));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn times(expires_in: u64, refresh_in: Option<u64>) -> TokenTimes {
+        TokenTimes::from_response(expires_in, refresh_in).unwrap()
+    }
+
+    #[test]
+    fn absurd_lifetimes_are_clamped_to_a_day() {
+        let t = times(u64::MAX, Some(u64::MAX));
+        assert_eq!(t.usable_for, MAX_TOKEN_LIFETIME - Duration::from_secs(300));
+        assert_eq!(t.refresh_after, MAX_TOKEN_LIFETIME / 2);
+        // The instants derived from them are in range too.
+        let now = Instant::now();
+        assert!(backoff::instant_after(now, t.usable_for) > now);
+    }
+
+    #[test]
+    fn refresh_in_is_kept_within_a_minute_and_the_lifetime() {
+        // An hour's token: half-life by default; refresh_in only brings it forward, and
+        // never closer than a minute.
+        assert_eq!(times(3600, None).refresh_after, Duration::from_secs(1800));
+        assert_eq!(
+            times(3600, Some(600)).refresh_after,
+            Duration::from_secs(600)
+        );
+        assert_eq!(times(3600, Some(0)).refresh_after, MIN_REFRESH_IN);
+        assert_eq!(
+            times(3600, Some(u64::MAX)).refresh_after,
+            Duration::from_secs(1800)
+        );
+        // A token shorter than the minimum refreshes at half its life.
+        assert_eq!(times(40, Some(0)).refresh_after, Duration::from_secs(20));
+        assert_eq!(times(40, None).usable_for, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn error_text_from_the_endpoint_is_bounded() {
+        assert_eq!(bounded_text("AADSTS7000215: bad"), "AADSTS7000215: bad");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let cut = bounded_text(&long);
+        assert!(
+            cut.len() <= MAX_ERROR_TEXT + 10 && cut.ends_with("(cut)"),
+            "{cut}"
+        );
+    }
+
+    #[test]
+    fn too_short_lifetimes_are_refused() {
+        assert!(TokenTimes::from_response(9, None).is_err());
+        assert!(TokenTimes::from_response(0, Some(0)).is_err());
+    }
+
+    #[test]
+    fn retry_after_waits_at_most_five_minutes() {
+        let b = Duration::from_millis(500);
+        let max = MAX_RETRY_WAIT;
+        assert_eq!(retry_wait(b, None, max), b);
+        assert_eq!(
+            retry_wait(b, Some(Duration::from_secs(7)), max),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            retry_wait(b, Some(Duration::from_secs(u64::MAX)), max),
+            MAX_RETRY_WAIT
+        );
+        assert_eq!(retry_wait(Duration::MAX, None, max), MAX_RETRY_WAIT);
     }
 }
