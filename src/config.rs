@@ -99,6 +99,9 @@ pub struct RawServer {
     pub request_timeout: String,
     /// Largest request body accepted.
     pub max_request_body: String,
+    /// Largest `$batch` part held to rewrite it and fix its `Content-Length` (parts that
+    /// declare one; .NET clients do); a larger one is refused with 413.
+    pub max_batch_part: String,
     /// Time a client has to send a request's headers (slowloris).
     pub header_read_timeout: String,
     /// Open connections beyond this are refused with 503.
@@ -121,6 +124,7 @@ impl Default for RawServer {
             trust_forwarded_headers: false,
             request_timeout: "120s".into(),
             max_request_body: "128MiB".into(),
+            max_batch_part: "4MiB".into(),
             header_read_timeout: "10s".into(),
             max_connections: 10_000,
             max_in_flight: 1024,
@@ -343,6 +347,7 @@ pub struct ServerConfig {
     pub trust_forwarded_headers: bool,
     pub request_timeout: Duration,
     pub max_request_body: u64,
+    pub max_batch_part: u64,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_in_flight: usize,
@@ -709,6 +714,7 @@ impl TryFrom<RawConfig> for Config {
             trust_forwarded_headers: s.trust_forwarded_headers,
             request_timeout: parse_duration("server.request_timeout", &s.request_timeout)?,
             max_request_body: parse_size("server.max_request_body", &s.max_request_body)?,
+            max_batch_part: parse_size("server.max_batch_part", &s.max_batch_part)?,
             header_read_timeout: parse_duration(
                 "server.header_read_timeout",
                 &s.header_read_timeout,
@@ -726,6 +732,12 @@ impl TryFrom<RawConfig> for Config {
         }
         if server.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight", "must be at least 1"));
+        }
+        if server.max_batch_part < 64 * 1024 {
+            return Err(invalid(
+                "server.max_batch_part",
+                "must be at least 64KiB (a part's headers and request line are held whole)",
+            ));
         }
         if server.header_read_timeout.is_zero() {
             return Err(invalid(

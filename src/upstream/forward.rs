@@ -16,11 +16,10 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{ChunkRewriter, LinkRewritingBody};
-use super::odata_links::{
-    BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
-};
+use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
 use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
@@ -53,6 +52,8 @@ pub struct Forwarder {
     tokens: Arc<TokenSource>,
     request_timeout: Duration,
     max_request_body: u64,
+    /// Most bytes of one `$batch` part held to fix its Content-Length.
+    max_batch_part: usize,
     trust_forwarded: bool,
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
@@ -105,21 +106,51 @@ fn link_bearing(headers: &HeaderMap) -> LinkBearing {
     }
 }
 
-fn rewriter(
-    kind: LinkBearing,
-    rewrite: LinkRewrite,
-    direction: BatchDirection,
-) -> Option<ChunkRewriter> {
-    let keys = match direction {
-        BatchDirection::Request => JsonKeys::RequestBinds,
-        BatchDirection::Response => JsonKeys::ResponseLinks,
-    };
+fn response_rewriter(kind: LinkBearing, rewrite: LinkRewrite) -> Option<ChunkRewriter> {
     match kind {
-        LinkBearing::Json => Some(ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, keys))),
-        LinkBearing::Batch => Some(ChunkRewriter::Batch(BatchLinkRewriter::new(
-            rewrite, direction,
+        LinkBearing::Json => Some(ChunkRewriter::Json(JsonLinkRewriter::new(
+            rewrite,
+            JsonKeys::ResponseLinks,
         ))),
+        LinkBearing::Batch => Some(ChunkRewriter::Batch(BatchLinkRewriter::response(rewrite))),
         LinkBearing::None => None,
+    }
+}
+
+/// The request body's rewriter. A `$batch` (a multipart/mixed body, or any body sent to
+/// `$batch`) must be one the part checks can read: multipart/mixed with one boundary and
+/// not compressed, or it is refused.
+fn request_rewriter(
+    headers: &HeaderMap,
+    path_and_query: &str,
+    rewrite: LinkRewrite,
+    grant: &Grant,
+    max_batch_part: usize,
+) -> Result<Option<ChunkRewriter>, BatchRefusal> {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let batch_path = path
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.eq_ignore_ascii_case("$batch"));
+    let kind = link_bearing(headers);
+    if kind != LinkBearing::Batch && !batch_path {
+        return Ok((kind == LinkBearing::Json)
+            .then(|| ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds))));
+    }
+    let encoded = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    let boundary = match headers.get_all(CONTENT_TYPE).iter().collect::<Vec<_>>()[..] {
+        [one] => multipart_mixed_boundary(one.as_bytes()),
+        _ => None,
+    };
+    match boundary {
+        Some(boundary) if !encoded => Ok(Some(ChunkRewriter::Batch(BatchLinkRewriter::request(
+            rewrite,
+            PartRules::new(grant.clone(), boundary, max_batch_part),
+        )))),
+        _ => Err(BatchRefusal::NotMultipart),
     }
 }
 
@@ -136,6 +167,7 @@ impl Forwarder {
             tokens,
             request_timeout: server.request_timeout,
             max_request_body: server.max_request_body,
+            max_batch_part: usize::try_from(server.max_batch_part).unwrap_or(usize::MAX),
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
             metrics,
@@ -172,9 +204,14 @@ impl Forwarder {
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
-        let mut body = self
-            .request_body(incoming, &mut headers, links.to_upstream.clone())
-            .await?;
+        let rewriter = request_rewriter(
+            &headers,
+            ctx.path_and_query,
+            links.to_upstream.clone(),
+            ctx.grant,
+            self.max_batch_part,
+        )?;
+        let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
         let dropped = headers::prepare_upstream_request(
             &mut headers,
             self.client.host_header(),
@@ -266,6 +303,10 @@ impl Forwarder {
     fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(e) = source {
+            // A part refused after the request started: the body was aborted unfinished.
+            if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
+                return UpstreamError::Batch(refusal.clone());
+            }
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 return UpstreamError::BodyTooLarge {
                     limit: self.max_request_body,
@@ -282,12 +323,14 @@ impl Forwarder {
     }
 
     /// Applies the size limit and link rewriting to the caller's body; small bodies are
-    /// held so they can be replayed after a token refresh.
+    /// held so they can be replayed after a token refresh. What is read before connecting
+    /// (up to the replay bound) is rewritten, and `$batch` parts in it checked, before
+    /// anything is sent.
     async fn request_body(
         &self,
         incoming: Incoming,
         headers: &mut HeaderMap,
-        to_upstream: LinkRewrite,
+        rewriter: Option<ChunkRewriter>,
     ) -> Result<RequestBody, UpstreamError> {
         let too_large = UpstreamError::BodyTooLarge {
             limit: self.max_request_body,
@@ -299,7 +342,6 @@ impl Forwarder {
         if declared.is_some_and(|len| len > self.max_request_body) {
             return Err(too_large);
         }
-        let rewriter = rewriter(link_bearing(headers), to_upstream, BatchDirection::Request);
         // Read up to the replay bound before connecting: a small body (declared or chunked)
         // is then held and replayable, and a chunked body over a small limit is refused
         // before anything is sent.
@@ -331,7 +373,8 @@ impl Forwarder {
         let head = head.freeze();
         if ended {
             let bytes = match rewriter {
-                Some(r) if !head.is_empty() => r.rewrite_all(&head),
+                Some(r) if !head.is_empty() => r.rewrite_all(&head)?,
+                Some(ChunkRewriter::Batch(_)) => return Err(BatchRefusal::NotMultipart.into()),
                 _ => head,
             };
             if !bytes.is_empty() || headers.contains_key(CONTENT_LENGTH) {
@@ -340,14 +383,16 @@ impl Forwarder {
             }
             return Ok(RequestBody::Held(bytes));
         }
-        let rest = body::boxed(PrefixedBody::new(head, body::boxed(incoming)));
         Ok(RequestBody::Streaming(match rewriter {
-            Some(r) => {
+            Some(mut r) => {
+                let mut rewritten = Vec::with_capacity(head.len());
+                r.push(&head, &mut rewritten)?;
                 // The rewritten length is unknown until the end: send it chunked.
                 headers.remove(CONTENT_LENGTH);
-                body::boxed(LinkRewritingBody::new(rest, r))
+                let rest = body::boxed(LinkRewritingBody::new(body::boxed(incoming), r));
+                body::boxed(PrefixedBody::new(Bytes::from(rewritten), rest))
             }
-            None => rest,
+            None => body::boxed(PrefixedBody::new(head, body::boxed(incoming))),
         }))
     }
 
@@ -377,11 +422,7 @@ impl Forwarder {
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
         let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
-        let body = match rewriter(
-            link_bearing(&parts.headers),
-            to_gateway.clone(),
-            BatchDirection::Response,
-        ) {
+        let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
                 body::boxed(LinkRewritingBody::new(incoming, r))

@@ -3,6 +3,7 @@
 //! streams the request and response, `odata_links` and `link_body` rewrite absolute
 //! URLs between Dataverse and the gateway, `client` is the pooled connection to Dataverse.
 
+pub mod batch_parts;
 pub mod client;
 pub mod credential;
 pub mod forward;
@@ -35,6 +36,8 @@ pub enum UpstreamError {
     RequestBody(#[source] BoxError),
     #[error("the upstream request could not be built")]
     Build(#[source] BoxError),
+    #[error(transparent)]
+    Batch(#[from] batch_parts::BatchRefusal),
 }
 
 impl UpstreamError {
@@ -47,6 +50,7 @@ impl UpstreamError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::RequestBody(_) => "request_body_failed",
             Self::Build(_) => "internal",
+            Self::Batch(e) => e.reason(),
         }
     }
 }
