@@ -301,12 +301,17 @@ impl Forwarder {
 
     /// Tells a failure of the caller's body (too large, cut off) from a failure to reach Dataverse.
     fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
+        // A part refused after the request started: the body was aborted unfinished. It
+        // sits below hyper's own "user body" error, so look through the whole chain first.
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
         while let Some(e) = source {
-            // A part refused after the request started: the body was aborted unfinished.
             if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
                 return UpstreamError::Batch(refusal.clone());
             }
+            source = e.source();
+        }
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 return UpstreamError::BodyTooLarge {
                     limit: self.max_request_body,
