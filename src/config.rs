@@ -1276,6 +1276,14 @@ dynamics:
     }
 
     #[test]
+    fn max_batch_part_defaults_to_4_mib_and_must_hold_a_request_line() {
+        assert_eq!(load(MINIMAL).unwrap().server.max_batch_part, 4 << 20);
+        let text = format!("server:\n  max_batch_part: 16KiB\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("server.max_batch_part"), "{err}");
+    }
+
+    #[test]
     fn plain_http_is_refused_unless_loopback() {
         let text = MINIMAL.replace("https://contoso", "http://contoso");
         let err = load(&text).unwrap_err().to_string();

@@ -1867,14 +1867,16 @@ impl DvState {
                 Ok(n) if body.len() >= n && body[n..].trim_matches(['\r', '\n']).is_empty() => {
                     &body[..n]
                 }
-                _ => return DvResponse::error(
-                    StatusCode::BAD_REQUEST,
-                    "0x80060888",
-                    &format!(
+                _ => {
+                    return DvResponse::error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80060888",
+                        &format!(
                         "The part's Content-Length {declared} does not match its body of {} bytes.",
                         body.len()
                     ),
-                ),
+                    )
+                }
             },
             None => body.trim_end_matches(['\r', '\n']),
         };
