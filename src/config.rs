@@ -102,6 +102,9 @@ pub struct RawServer {
     /// Largest decompressed Dataverse response body the gateway rewrites links in; past it
     /// the answer is cut off rather than held.
     pub max_decoded_response_body: String,
+    /// Largest `$batch` part held to rewrite it and fix its `Content-Length` (parts that
+    /// declare one; .NET clients do); a larger one is refused with 413.
+    pub max_batch_part: String,
     /// Time a client has to send a request's headers (slowloris).
     pub header_read_timeout: String,
     /// Open connections beyond this are refused with 503.
@@ -125,6 +128,7 @@ impl Default for RawServer {
             request_timeout: "120s".into(),
             max_request_body: "128MiB".into(),
             max_decoded_response_body: "1GiB".into(),
+            max_batch_part: "4MiB".into(),
             header_read_timeout: "10s".into(),
             max_connections: 10_000,
             max_in_flight: 1024,
@@ -364,6 +368,7 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub max_request_body: u64,
     pub max_decoded_response_body: u64,
+    pub max_batch_part: u64,
     pub header_read_timeout: Duration,
     pub max_connections: usize,
     pub max_in_flight: usize,
@@ -738,6 +743,7 @@ impl TryFrom<RawConfig> for Config {
                 "server.max_decoded_response_body",
                 &s.max_decoded_response_body,
             )?,
+            max_batch_part: parse_size("server.max_batch_part", &s.max_batch_part)?,
             header_read_timeout: parse_duration(
                 "server.header_read_timeout",
                 &s.header_read_timeout,
@@ -755,6 +761,12 @@ impl TryFrom<RawConfig> for Config {
         }
         if server.max_in_flight == 0 {
             return Err(invalid("server.max_in_flight", "must be at least 1"));
+        }
+        if server.max_batch_part < 64 * 1024 {
+            return Err(invalid(
+                "server.max_batch_part",
+                "must be at least 64KiB (a part's headers and request line are held whole)",
+            ));
         }
         if server.header_read_timeout.is_zero() {
             return Err(invalid(
@@ -1303,6 +1315,14 @@ dynamics:
             .to_string()
             .contains("no unit"));
         assert!(parse_size("k", "12 parsecs").is_err());
+    }
+
+    #[test]
+    fn max_batch_part_defaults_to_4_mib_and_must_hold_a_request_line() {
+        assert_eq!(load(MINIMAL).unwrap().server.max_batch_part, 4 << 20);
+        let text = format!("server:\n  max_batch_part: 16KiB\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("server.max_batch_part"), "{err}");
     }
 
     #[test]

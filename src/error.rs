@@ -15,6 +15,7 @@ use crate::identity::{IdentityError, LookupError};
 use crate::inbound::AuthError;
 use crate::method::{self, MethodNotAllowed};
 use crate::routing::RouteError;
+use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::X_REQUEST_ID;
 use crate::upstream::path::PathError;
 use crate::upstream::UpstreamError;
@@ -107,6 +108,10 @@ impl GatewayError {
             Self::Upstream(U::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
             Self::Upstream(U::Unreachable(_)) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
             Self::Upstream(U::Build(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
+            Self::Upstream(U::Batch(BatchRefusal::PartTooLarge { .. })) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "BatchPartTooLarge")
+            }
+            Self::Upstream(U::Batch(_)) => (StatusCode::BAD_REQUEST, "BatchPartRefused"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         }

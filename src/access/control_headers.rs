@@ -11,7 +11,8 @@
 //! treat `_`, `-` and `.` alike. Impersonation headers (`MSCRMCallerID`, `CallerObjectId`)
 //! are not control headers: `upstream::headers` always removes those, whatever the grant.
 //!
-//! Headers inside `$batch` parts are in the body and are not seen here.
+//! Headers inside `$batch` parts are decided by the same [`decide_control_header`], called
+//! by the `$batch` part checks in `upstream::odata_links`.
 
 use http::header::HeaderName;
 use http::HeaderMap;
@@ -25,13 +26,31 @@ pub fn is_control_header(name: &HeaderName) -> bool {
     name.len() > 6 && name.starts_with(b"mscrm") && matches!(name[5], b'.' | b'_' | b'-')
 }
 
+/// What becomes of one request header under a grant, at top level and in `$batch` parts alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlHeaderDecision {
+    /// Not a control header, or one the grant allows: sent on.
+    Pass,
+    /// A control header the grant does not allow: not sent.
+    Drop,
+}
+
+/// The one rule for control headers: those the grant names pass, all others are dropped.
+pub fn decide_control_header(name: &HeaderName, grant: &Grant) -> ControlHeaderDecision {
+    if is_control_header(name) && !grant.control_headers.contains(name) {
+        ControlHeaderDecision::Drop
+    } else {
+        ControlHeaderDecision::Pass
+    }
+}
+
 /// Removes every control header the grant does not allow; returns how many distinct header
 /// names were dropped (worth a log line: the caller asked for something it may not have).
 /// Other headers are untouched.
 pub fn strip_control_headers(headers: &mut HeaderMap, grant: &Grant) -> usize {
     let dropped: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_control_header(name) && !grant.control_headers.contains(name))
+        .filter(|name| decide_control_header(name, grant) == ControlHeaderDecision::Drop)
         .cloned()
         .collect();
     for name in &dropped {

@@ -12,9 +12,12 @@
 //! Decisions worth knowing when writing rules:
 //! - Only the first path segment counts: a grant on `accounts` also reaches what its
 //!   navigation properties lead to (see [`target`]).
-//! - `$batch` is allowed only by a rule with `batch: true`, and its parts are not inspected,
-//!   so a batch grant is effectively "anything this identity may do in Dataverse". Long GETs
-//!   from some clients (dynamics-web-api) arrive as batches.
+//! - `$batch` is allowed only by a rule with `batch: true`. Its parts are checked for
+//!   identity, credential, cookie and method-override headers, other hosts and paths outside
+//!   `/api/data/`, and their control headers are decided by the same grant, but their entity
+//!   sets are not matched against rules, so a batch grant is effectively "anything this
+//!   identity may do in Dataverse". Long GETs from some clients (dynamics-web-api) arrive as
+//!   batches.
 //! - An empty `when: {}` is allowed and matches every authenticated caller; `when` itself
 //!   must be written, so "everyone" is always a visible choice.
 //! - `impersonation: app_only` rules never match a delegated (user) token.
@@ -30,7 +33,10 @@ use http::header::HeaderName;
 use http::Method;
 use serde_json::{Map, Value};
 
-pub use control_headers::{is_control_header, strip_control_headers};
+pub(crate) use control_headers::names_impersonation;
+pub use control_headers::{
+    decide_control_header, is_control_header, strip_control_headers, ControlHeaderDecision,
+};
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
 pub use target::Target;
 

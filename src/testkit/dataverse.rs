@@ -1062,13 +1062,22 @@ impl DvState {
         headers: &HeaderMap,
         outer: Option<&HeaderMap>,
     ) -> Result<String, DvResponse> {
+        // Any spelling (`_`, `-`, `.`, case): the worst case, so a header the gateway let
+        // through inside a `$batch` part shows as the wrong user.
         let pick = |h: &HeaderMap| -> Option<(bool, String)> {
-            let get = |n: &str| {
-                h.get(n)
-                    .and_then(|v| v.to_str().ok())
+            let get = |wanted: &str| {
+                h.iter()
+                    .find(|(n, _)| {
+                        n.as_str()
+                            .chars()
+                            .filter(char::is_ascii_alphanumeric)
+                            .eq(wanted.chars())
+                    })
+                    .and_then(|(_, v)| v.to_str().ok())
                     .map(|s| s.trim().to_owned())
             };
             get("callerobjectid")
+                .or_else(|| get("mscrmcallerobjectid"))
                 .map(|v| (true, v))
                 .or_else(|| get("mscrmcallerid").map(|v| (false, v)))
         };
@@ -1763,7 +1772,10 @@ impl DvState {
             let part_type = header_value(&part_headers, "content-type").unwrap_or_default();
             let failed;
             out.push_str(&format!("--{batch_boundary}\r\n"));
-            if part_type
+            if let Some(e) = declared_length_error(&part_headers, content) {
+                out.push_str(&part_response(&e, None));
+                failed = true;
+            } else if part_type
                 .to_ascii_lowercase()
                 .starts_with("multipart/mixed")
             {
@@ -1783,7 +1795,10 @@ impl DvState {
                 failed = !ok;
             } else {
                 let content_id = header_value(&part_headers, "content-id");
-                let resp = self.batch_part(req, content, &HashMap::new());
+                let resp = match declared_length_error(&part_headers, content) {
+                    Some(e) => e,
+                    None => self.batch_part(req, content, &HashMap::new()),
+                };
                 failed = resp.status.as_u16() >= 400;
                 out.push_str(&part_response(&resp, content_id.as_deref()));
             }
@@ -1822,7 +1837,10 @@ impl DvState {
         for part in parts {
             let (part_headers, content) = split_headers(part);
             let content_id = header_value(&part_headers, "content-id");
-            let resp = self.batch_part(req, content, &ids);
+            let resp = match declared_length_error(&part_headers, content) {
+                Some(e) => e,
+                None => self.batch_part(req, content, &ids),
+            };
             if resp.status.as_u16() >= 400 {
                 *lock(&self.store) = snapshot;
                 return (part_response(&resp, content_id.as_deref()), false);
@@ -1891,13 +1909,36 @@ impl DvState {
             Ok(r) => r,
             Err(resp) => return resp,
         };
+        // With a Content-Length the body is exactly that many bytes (line breaks after it
+        // are tolerated), as a length-reading MIME parser takes it.
+        let body = match headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(declared) => match declared.trim().parse::<usize>() {
+                Ok(n) if body.len() >= n && body[n..].trim_matches(['\r', '\n']).is_empty() => {
+                    &body[..n]
+                }
+                _ => {
+                    return DvResponse::error(
+                        StatusCode::BAD_REQUEST,
+                        "0x80060888",
+                        &format!(
+                        "The part's Content-Length {declared} does not match its body of {} bytes.",
+                        body.len()
+                    ),
+                    )
+                }
+            },
+            None => body.trim_end_matches(['\r', '\n']),
+        };
         let part = DvRequest {
             method,
             api_version,
             resource,
             raw_query,
             headers,
-            body: Bytes::copy_from_slice(body.trim_end_matches(['\r', '\n']).as_bytes()),
+            body: Bytes::copy_from_slice(body.as_bytes()),
         };
         self.execute(&part, Some(&batch.headers))
     }
@@ -2149,6 +2190,24 @@ fn split_headers(text: &str) -> (Vec<(String, String)>, &str) {
         }
     }
     (headers, "")
+}
+
+/// A part whose MIME `Content-Length` is not the length of its content (the text before
+/// the line break that belongs to the next delimiter) is refused, as a length-framing reader
+/// would misread it.
+fn declared_length_error(headers: &[(String, String)], content: &str) -> Option<DvResponse> {
+    let declared = header_value(headers, "content-length")?;
+    match declared.parse::<usize>() {
+        Ok(n) if n == content.len() => None,
+        _ => Some(DvResponse::error(
+            StatusCode::BAD_REQUEST,
+            "0x80060888",
+            &format!(
+                "The batch part's Content-Length {declared} does not match its {} bytes.",
+                content.len()
+            ),
+        )),
+    }
 }
 
 fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {

@@ -16,12 +16,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{ChunkRewriter, LinkRewritingBody};
-use super::odata_links::{
-    BatchDirection, BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite,
-};
+use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
 use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
@@ -55,6 +54,8 @@ pub struct Forwarder {
     request_timeout: Duration,
     max_request_body: u64,
     max_decoded_response_body: u64,
+    /// Most bytes of one `$batch` part held to fix its Content-Length.
+    max_batch_part: usize,
     trust_forwarded: bool,
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
@@ -107,21 +108,73 @@ fn link_bearing(headers: &HeaderMap) -> LinkBearing {
     }
 }
 
-fn rewriter(
-    kind: LinkBearing,
-    rewrite: LinkRewrite,
-    direction: BatchDirection,
-) -> Option<ChunkRewriter> {
-    let keys = match direction {
-        BatchDirection::Request => JsonKeys::RequestBinds,
-        BatchDirection::Response => JsonKeys::ResponseLinks,
-    };
+fn response_rewriter(kind: LinkBearing, rewrite: LinkRewrite) -> Option<ChunkRewriter> {
     match kind {
-        LinkBearing::Json => Some(ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, keys))),
-        LinkBearing::Batch => Some(ChunkRewriter::Batch(BatchLinkRewriter::new(
-            rewrite, direction,
+        LinkBearing::Json => Some(ChunkRewriter::Json(JsonLinkRewriter::new(
+            rewrite,
+            JsonKeys::ResponseLinks,
         ))),
+        LinkBearing::Batch => Some(ChunkRewriter::Batch(BatchLinkRewriter::response(rewrite))),
         LinkBearing::None => None,
+    }
+}
+
+/// The request body's rewriter. A `$batch` (a multipart/mixed body, or any body sent to
+/// `$batch`) must be one the part checks can read: multipart/mixed with one boundary and
+/// not compressed, or it is refused.
+fn request_rewriter(
+    headers: &HeaderMap,
+    path_and_query: &str,
+    rewrite: LinkRewrite,
+    grant: &Grant,
+    max_batch_part: usize,
+) -> Result<Option<ChunkRewriter>, BatchRefusal> {
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let batch_path = path
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.eq_ignore_ascii_case("$batch"));
+    let kind = link_bearing(headers);
+    if kind != LinkBearing::Batch && !batch_path {
+        return Ok((kind == LinkBearing::Json)
+            .then(|| ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds))));
+    }
+    let encoded = headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    let boundary = match headers.get_all(CONTENT_TYPE).iter().collect::<Vec<_>>()[..] {
+        [one] => multipart_mixed_boundary(one.as_bytes()),
+        _ => None,
+    };
+    match boundary {
+        Some(boundary) if !encoded => Ok(Some(ChunkRewriter::Batch(BatchLinkRewriter::request(
+            rewrite,
+            PartRules::new(grant.clone(), boundary, max_batch_part),
+        )))),
+        _ => Err(BatchRefusal::NotMultipart),
+    }
+}
+
+/// The caller's body as the rewriters must read it: a compressed body with links (JSON,
+/// `$batch`) is decoded and goes on as identity; the size limit then applies to the
+/// decoded bytes, so a small bomb cannot grow past it. Other bodies pass as sent.
+fn decoded_request(
+    incoming: Incoming,
+    headers: &mut HeaderMap,
+) -> Result<GatewayBody, UpstreamError> {
+    let body = body::boxed(incoming);
+    if link_bearing(headers) == LinkBearing::None {
+        return Ok(body);
+    }
+    match BodyCoding::of(headers) {
+        BodyCoding::Identity => Ok(body),
+        BodyCoding::Known(coding) => {
+            headers.remove(CONTENT_ENCODING);
+            headers.remove(CONTENT_LENGTH);
+            Ok(encoding::decode(body, coding, u64::MAX))
+        }
+        BodyCoding::Unknown => Err(UpstreamError::UnsupportedEncoding),
     }
 }
 
@@ -139,6 +192,7 @@ impl Forwarder {
             request_timeout: server.request_timeout,
             max_request_body: server.max_request_body,
             max_decoded_response_body: server.max_decoded_response_body,
+            max_batch_part: usize::try_from(server.max_batch_part).unwrap_or(usize::MAX),
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
             metrics,
@@ -176,9 +230,15 @@ impl Forwarder {
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
         let accepted = Accepted::from_caller(&headers);
-        let mut body = self
-            .request_body(incoming, &mut headers, links.to_upstream.clone())
-            .await?;
+        let incoming = decoded_request(incoming, &mut headers)?;
+        let rewriter = request_rewriter(
+            &headers,
+            ctx.path_and_query,
+            links.to_upstream.clone(),
+            ctx.grant,
+            self.max_batch_part,
+        )?;
+        let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
         let dropped = headers::prepare_upstream_request(
             &mut headers,
             self.client.host_header(),
@@ -273,12 +333,21 @@ impl Forwarder {
 
     /// Tells a failure of the caller's body (too large, cut off) from a failure to reach Dataverse.
     fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
+        // A part refused after the request started: the body was aborted unfinished. It
+        // sits below hyper's own "user body" error, so look through the whole chain first.
         let chain = || {
             std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
                 e.source()
             })
         };
-        // The limit is looked for in the whole chain first: hyper reports it as a user
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+        while let Some(e) = source {
+            if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
+                return UpstreamError::Batch(refusal.clone());
+            }
+            source = e.source();
+        }
+        // The limit is looked for in the whole chain too: hyper reports it as a user
         // error of the body, which would otherwise read as a body cut off.
         if chain().any(|e| e.downcast_ref::<LengthLimitError>().is_some()) {
             return UpstreamError::BodyTooLarge {
@@ -298,12 +367,14 @@ impl Forwarder {
     }
 
     /// Applies the size limit and link rewriting to the caller's body; small bodies are
-    /// held so they can be replayed after a token refresh.
+    /// held so they can be replayed after a token refresh. What is read before connecting
+    /// (up to the replay bound) is rewritten, and `$batch` parts in it checked, before
+    /// anything is sent.
     async fn request_body(
         &self,
-        incoming: Incoming,
+        incoming: GatewayBody,
         headers: &mut HeaderMap,
-        to_upstream: LinkRewrite,
+        rewriter: Option<ChunkRewriter>,
     ) -> Result<RequestBody, UpstreamError> {
         let too_large = UpstreamError::BodyTooLarge {
             limit: self.max_request_body,
@@ -315,24 +386,11 @@ impl Forwarder {
         if declared.is_some_and(|len| len > self.max_request_body) {
             return Err(too_large);
         }
-        let kind = link_bearing(headers);
-        // A compressed body with links is decoded to rewrite them and sent as identity; the
-        // size limit then applies to the decoded bytes, so a small bomb cannot grow past it.
-        let source = match (kind, BodyCoding::of(headers)) {
-            (LinkBearing::None, _) | (_, BodyCoding::Identity) => body::boxed(incoming),
-            (_, BodyCoding::Known(coding)) => {
-                headers.remove(CONTENT_ENCODING);
-                headers.remove(CONTENT_LENGTH);
-                encoding::decode(body::boxed(incoming), coding, u64::MAX)
-            }
-            (_, BodyCoding::Unknown) => return Err(UpstreamError::UnsupportedEncoding),
-        };
-        let rewriter = rewriter(kind, to_upstream, BatchDirection::Request);
         // Read up to the replay bound before connecting: a small body (declared or chunked)
         // is then held and replayable, and a chunked body over a small limit is refused
         // before anything is sent.
         let mut incoming = Limited::new(
-            source,
+            incoming,
             usize::try_from(self.max_request_body).unwrap_or(usize::MAX),
         );
         let mut head = BytesMut::new();
@@ -359,7 +417,8 @@ impl Forwarder {
         let head = head.freeze();
         if ended {
             let bytes = match rewriter {
-                Some(r) if !head.is_empty() => r.rewrite_all(&head),
+                Some(r) if !head.is_empty() => r.rewrite_all(&head)?,
+                Some(ChunkRewriter::Batch(_)) => return Err(BatchRefusal::NotMultipart.into()),
                 _ => head,
             };
             if !bytes.is_empty() || headers.contains_key(CONTENT_LENGTH) {
@@ -368,14 +427,16 @@ impl Forwarder {
             }
             return Ok(RequestBody::Held(bytes));
         }
-        let rest = body::boxed(PrefixedBody::new(head, body::boxed(incoming)));
         Ok(RequestBody::Streaming(match rewriter {
-            Some(r) => {
+            Some(mut r) => {
+                let mut rewritten = Vec::with_capacity(head.len());
+                r.push(&head, &mut rewritten)?;
                 // The rewritten length is unknown until the end: send it chunked.
                 headers.remove(CONTENT_LENGTH);
-                body::boxed(LinkRewritingBody::new(rest, r))
+                let rest = body::boxed(LinkRewritingBody::new(body::boxed(incoming), r));
+                body::boxed(PrefixedBody::new(Bytes::from(rewritten), rest))
             }
-            None => rest,
+            None => body::boxed(PrefixedBody::new(head, body::boxed(incoming))),
         }))
     }
 
@@ -405,11 +466,7 @@ impl Forwarder {
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
         let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
-        let body = match rewriter(
-            link_bearing(&parts.headers),
-            to_gateway.clone(),
-            BatchDirection::Response,
-        ) {
+        let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
                 match BodyCoding::of(&parts.headers) {

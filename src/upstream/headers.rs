@@ -97,10 +97,87 @@ pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
 /// path; the path the gateway checked must be the only one.
 const PATH_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
+/// Headers frameworks (ASP.NET's `HttpMethodOverride`, OData clients tunnelling PATCH
+/// through POST) read as a replacement method; the method the gateway checked must be the
+/// only one. Compared lowercase with `_` read as `-`, as CGI-style servers do.
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method",
+    "x-http-method-override",
+    "x-method-override",
+];
+
 /// Removes headers that could make a server behind the gateway use a different path.
 pub fn strip_path_overrides(headers: &mut HeaderMap) {
     for name in PATH_OVERRIDE_HEADERS {
         headers.remove(name);
+    }
+}
+
+/// `name` lowercased with `_` read as `-`: the spelling CGI-style servers compare.
+fn dashed_lowercase(name: &str) -> String {
+    name.trim()
+        .chars()
+        .map(|c| {
+            if c == '_' {
+                '-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .collect()
+}
+
+/// True for every spelling of a method-override header.
+pub fn is_method_override_header(name: &str) -> bool {
+    METHOD_OVERRIDE_HEADERS.contains(&dashed_lowercase(name).as_str())
+}
+
+/// Removes every method-override header; returns how many names were dropped.
+pub fn strip_method_overrides(headers: &mut HeaderMap) -> usize {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_method_override_header(n.as_str()))
+        .cloned()
+        .collect();
+    for name in &names {
+        headers.remove(name);
+    }
+    names.len()
+}
+
+/// Why a header line inside a `$batch` part is never sent on: it would choose, in that
+/// part, what the gateway decides for the whole request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallerOnlyHeader {
+    /// `CallerObjectId`, `MSCRMCallerID`, `MSCRMCallerObjectID` in any spelling.
+    Impersonation,
+    /// `Authorization`, `Proxy-Authorization`.
+    Credential,
+    /// `Cookie`.
+    Cookie,
+    /// `X-HTTP-Method`, `X-HTTP-Method-Override`, `X-Method-Override`.
+    MethodOverride,
+}
+
+/// The rule a header name inside a `$batch` part falls under, if any: the same names the
+/// top-level stripping removes, in the same spellings (any case, `_` read as `-`), plus
+/// `Cookie`, which at top level is someone else's decision but inside a part would reach
+/// Dataverse unseen.
+pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
+    let dashed = dashed_lowercase(name);
+    let squeezed: String = dashed.chars().filter(|c| *c != '-').collect();
+    if IMPERSONATION_HEADERS.contains(&squeezed.as_str())
+        || crate::access::names_impersonation(&dashed)
+    {
+        Some(CallerOnlyHeader::Impersonation)
+    } else if matches!(dashed.as_str(), "authorization" | "proxy-authorization") {
+        Some(CallerOnlyHeader::Credential)
+    } else if dashed == "cookie" {
+        Some(CallerOnlyHeader::Cookie)
+    } else if METHOD_OVERRIDE_HEADERS.contains(&dashed.as_str()) {
+        Some(CallerOnlyHeader::MethodOverride)
+    } else {
+        None
     }
 }
 
@@ -151,6 +228,7 @@ pub fn prepare_upstream_request(
     strip_hop_by_hop(headers);
     let dropped = strip_caller_identity_headers(headers);
     strip_path_overrides(headers);
+    strip_method_overrides(headers);
     set_forwarded_for(headers, peer, trust_forwarded);
     headers.insert(HOST, upstream_host.clone());
     headers.insert(AUTHORIZATION, token.clone());
@@ -200,6 +278,58 @@ mod tests {
         h.insert("prefer", HeaderValue::from_static("return=representation"));
         strip_path_overrides(&mut h);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn method_override_headers_are_removed_in_any_spelling() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "X-HTTP-Method",
+            "x-http-method-override",
+            "X-Method-Override",
+            "x_http_method_override",
+            "X_HTTP_METHOD",
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("DELETE"),
+            );
+        }
+        h.insert("x-http-methods", HeaderValue::from_static("kept"));
+        assert_eq!(strip_method_overrides(&mut h), 5);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-http-methods"));
+    }
+
+    #[test]
+    fn caller_only_headers_in_parts_are_recognised_in_every_spelling() {
+        use CallerOnlyHeader as C;
+        for (name, want) in [
+            ("CallerObjectId", C::Impersonation),
+            ("caller_object_id", C::Impersonation),
+            ("MSCRMCallerID", C::Impersonation),
+            ("MSCRM-CallerID", C::Impersonation),
+            ("mscrm_callerid", C::Impersonation),
+            ("MSCRMCallerObjectID", C::Impersonation),
+            ("MSCRM.CallerID", C::Impersonation),
+            (" CallerObjectId\t", C::Impersonation),
+            ("Authorization", C::Credential),
+            ("proxy_authorization", C::Credential),
+            ("COOKIE", C::Cookie),
+            ("X-HTTP-Method", C::MethodOverride),
+            ("X_HTTP_Method_Override", C::MethodOverride),
+            ("x-method-override", C::MethodOverride),
+        ] {
+            assert_eq!(caller_only_header(name), Some(want), "{name}");
+        }
+        for name in [
+            "Prefer",
+            "MSCRM.BypassCustomPluginExecution",
+            "If-Match",
+            "Cookies",
+        ] {
+            assert_eq!(caller_only_header(name), None, "{name}");
+        }
     }
 
     #[test]

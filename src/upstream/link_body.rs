@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::batch_parts::BatchRefusal;
 use super::odata_links::{BatchLinkRewriter, JsonLinkRewriter};
 use crate::body::{BoxError, GatewayBody};
 
@@ -17,32 +18,40 @@ pub enum ChunkRewriter {
 }
 
 impl ChunkRewriter {
-    /// Feeds the next chunk; rewritten output is appended to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+    /// Feeds the next chunk; rewritten output is appended to `out`. Only a `$batch`
+    /// request can be refused.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
         match self {
-            Self::Json(r) => r.push(chunk, out),
+            Self::Json(r) => {
+                r.push(chunk, out);
+                Ok(())
+            }
             Self::Batch(r) => r.push(chunk, out),
         }
     }
 
     /// End of body: flushes what is held, and resets for reuse.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
         match self {
-            Self::Json(r) => r.finish(out),
+            Self::Json(r) => {
+                r.finish(out);
+                Ok(())
+            }
             Self::Batch(r) => r.finish(out),
         }
     }
 
     /// Rewrites a body already in memory.
-    pub fn rewrite_all(mut self, body: &[u8]) -> Bytes {
+    pub fn rewrite_all(mut self, body: &[u8]) -> Result<Bytes, BatchRefusal> {
         let mut out = Vec::with_capacity(body.len());
-        self.push(body, &mut out);
-        self.finish(&mut out);
-        Bytes::from(out)
+        self.push(body, &mut out)?;
+        self.finish(&mut out)?;
+        Ok(Bytes::from(out))
     }
 }
 
-/// `inner`, rewritten chunk by chunk.
+/// `inner`, rewritten chunk by chunk. A refused `$batch` request ends the body with the
+/// refusal as its error, so the upstream request is aborted, never completed.
 pub struct LinkRewritingBody {
     inner: GatewayBody,
     rewriter: ChunkRewriter,
@@ -78,7 +87,10 @@ impl Body for LinkRewritingBody {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         let mut out = Vec::with_capacity(data.len() + 64);
-                        this.rewriter.push(&data, &mut out);
+                        if let Err(e) = this.rewriter.push(&data, &mut out) {
+                            this.finished = true;
+                            return Poll::Ready(Some(Err(Box::new(e))));
+                        }
                         // The rewriter may hold a few bytes back until it can decide.
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
@@ -89,7 +101,9 @@ impl Body for LinkRewritingBody {
                 Poll::Ready(None) => {
                     this.finished = true;
                     let mut out = Vec::new();
-                    this.rewriter.finish(&mut out);
+                    if let Err(e) = this.rewriter.finish(&mut out) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
                     }

@@ -3,6 +3,7 @@
 //! streams the request and response, `odata_links` and `link_body` rewrite absolute
 //! URLs between Dataverse and the gateway, `encoding` decides and applies compression, `client` is the pooled connection to Dataverse.
 
+pub mod batch_parts;
 pub mod client;
 pub mod credential;
 pub mod encoding;
@@ -40,6 +41,8 @@ pub enum UpstreamError {
     UndecodableResponse,
     #[error("the upstream request could not be built")]
     Build(#[source] BoxError),
+    #[error(transparent)]
+    Batch(#[from] batch_parts::BatchRefusal),
 }
 
 impl UpstreamError {
@@ -54,6 +57,7 @@ impl UpstreamError {
             Self::UnsupportedEncoding => "unsupported_encoding",
             Self::UndecodableResponse => "undecodable_response",
             Self::Build(_) => "internal",
+            Self::Batch(e) => e.reason(),
         }
     }
 }

@@ -11,6 +11,11 @@ use std::sync::Arc;
 
 use memchr::{memchr, memchr2, memrchr};
 
+use super::batch_parts::{
+    multipart_mixed_boundary, BatchRefusal, Hold, LengthField, PartName, PartRules, Region,
+};
+use crate::access::ControlHeaderDecision;
+
 /// A pair of URL prefixes: `from` is replaced by `to` at the start of selected URL values.
 /// Cheap to clone: the prefixes are shared, so one pair serves every request to a base.
 #[derive(Clone, Debug)]
@@ -428,12 +433,16 @@ pub enum BatchDirection {
     Response,
 }
 
-/// Longest line held for inspection; longer lines pass through unchanged.
-const MAX_LINE: usize = 64 * 1024;
+/// Longest line held for inspection: a request line with a URL at Dataverse's 64 KB limit
+/// fits. Longer lines pass through unchanged in responses and are refused in requests.
+const MAX_LINE: usize = 65 * 1024;
 /// RFC 2046 caps boundaries at 70 chars; allow some slack, refuse anything absurd.
 const MAX_BOUNDARY: usize = 200;
-/// Batch nests one changeset level; anything deeper than this is passed through opaquely.
+/// Batch nests one changeset level; anything deeper than this is passed through opaquely
+/// (responses) or refused (requests).
 const MAX_DEPTH: usize = 8;
+/// Methods a part may use: the Web API's.
+const PART_METHODS: [&[u8]; 5] = [b"GET", b"POST", b"PATCH", b"PUT", b"DELETE"];
 
 #[derive(Clone, Debug)]
 enum MimeKind {
@@ -444,12 +453,13 @@ enum MimeKind {
 
 #[derive(Clone, Debug)]
 enum PartState {
-    /// Before the first delimiter of the innermost multipart; learns the outer boundary.
+    /// Before the first delimiter of the innermost multipart; learns the outer boundary
+    /// (responses).
     Preamble,
     /// After a close delimiter, until the enclosing multipart's next delimiter.
     Epilogue,
     /// MIME headers of a part. `frozen`: the part declares a Content-Length, so nothing
-    /// inside may change length.
+    /// inside may change length (responses; requests hold the part and fix the length).
     MimeHeaders { kind: MimeKind, frozen: bool },
     /// Before the inner HTTP request line / status line.
     HttpStart { frozen: bool },
@@ -463,15 +473,107 @@ enum PartState {
     Body { json: Option<Box<JsonLinkRewriter>> },
 }
 
+/// The request direction's state beyond rewriting: the rules every part meets and the
+/// part being held.
+#[derive(Clone, Debug)]
+struct PartChecks {
+    rules: PartRules,
+    /// Parts seen so far; the current part's name.
+    position: usize,
+    part: PartName,
+    /// Parts held, outermost first; their bytes are the tail of `held`.
+    holds: Vec<Hold>,
+    held: Vec<u8>,
+    /// The current header block already had a Content-Type / Content-Length.
+    seen_type: bool,
+    seen_length: bool,
+    /// The outer close delimiter was seen.
+    closed: bool,
+    /// Input bytes consumed; where the current line started and the line break before it.
+    consumed: u64,
+    line_start: u64,
+    eol_before_line: usize,
+    last_eol: usize,
+    at_line_start: bool,
+    last_cr: bool,
+}
+
+impl PartChecks {
+    fn new(rules: PartRules) -> Self {
+        Self {
+            rules,
+            position: 0,
+            part: PartName::default(),
+            holds: Vec::new(),
+            held: Vec::new(),
+            seen_type: false,
+            seen_length: false,
+            closed: false,
+            consumed: 0,
+            line_start: 0,
+            eol_before_line: 0,
+            last_eol: 0,
+            at_line_start: true,
+            last_cr: false,
+        }
+    }
+
+    fn malformed(&self, what: &'static str) -> BatchRefusal {
+        BatchRefusal::Malformed {
+            part: self.part.clone(),
+            what,
+        }
+    }
+
+    /// Counts input bytes, notes line starts and ends, and refuses a carriage return that
+    /// does not end a line: some MIME readers take it as a line break, so a delimiter after
+    /// it would be seen by Dataverse and not here.
+    fn consume(&mut self, bytes: &[u8]) -> Result<(), BatchRefusal> {
+        let Some(&last) = bytes.last() else {
+            return Ok(());
+        };
+        let lone = |i: usize| bytes.get(i + 1).is_some_and(|&n| n != b'\n');
+        if (self.last_cr && bytes[0] != b'\n') || memchr::memchr_iter(b'\r', bytes).any(lone) {
+            return Err(self.malformed("a carriage return that does not end a line"));
+        }
+        if self.at_line_start {
+            self.line_start = self.consumed;
+            self.eol_before_line = self.last_eol;
+            self.at_line_start = false;
+        }
+        if last == b'\n' {
+            let cr = match bytes.len() {
+                1 => self.last_cr,
+                n => bytes[n - 2] == b'\r',
+            };
+            self.last_eol = if cr { 2 } else { 1 };
+            self.at_line_start = true;
+        }
+        self.last_cr = last == b'\r';
+        self.consumed += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn top(&mut self) -> Option<&mut Hold> {
+        self.holds.last_mut()
+    }
+}
+
 /// Streaming rewriter for `$batch` multipart/mixed bodies (request or response).
 ///
-/// Line-oriented: the outer boundary is learned from the first `--` line, changeset
-/// boundaries from nested `Content-Type: multipart/mixed; boundary=...` headers. Body lines
-/// are streamed (only a possible delimiter line start is held); other lines are held up to
-/// 64 KiB and passed through unchanged beyond that. Inner bodies are JSON-scanned unless their
-/// Content-Type names something other than JSON. Bodies of inner HTTP messages that carry
-/// `Content-Length` (and whole parts whose MIME headers do) are left unchanged, since their
-/// length cannot be fixed up while streaming.
+/// Line-oriented: changeset boundaries come from nested `Content-Type: multipart/mixed;
+/// boundary=...` headers; the outer one from the request's Content-Type (requests) or the
+/// first `--` line (responses). Body lines are streamed (only a possible delimiter line start
+/// is held); other lines are held up to 65 KiB. Inner bodies are JSON-scanned unless their
+/// Content-Type names something other than JSON.
+///
+/// Requests are also checked ([`PartRules`]): every part's headers are held until they have
+/// passed, so a refused header never leaves; a part that declares a Content-Length (MIME or
+/// inner HTTP) is held whole, bounded, rewritten, and sent with its lengths fixed. Anything
+/// the parser could read differently from Dataverse's (a bare CR, a line that looks like a
+/// delimiter but is not one, an unknown part type, content after the close delimiter) is
+/// refused rather than passed on unread. In responses, parts with a Content-Length are left
+/// unchanged, since their length cannot be fixed up while streaming.
 #[derive(Clone, Debug)]
 pub struct BatchLinkRewriter {
     rewrite: LinkRewrite,
@@ -481,22 +583,124 @@ pub struct BatchLinkRewriter {
     line: Vec<u8>,
     /// The rest of the current line bypasses `line` (long line or non-delimiter body line).
     streaming: bool,
+    checks: Option<Box<PartChecks>>,
+    /// Set by the first refusal; every later call repeats it.
+    failed: Option<BatchRefusal>,
 }
 
 impl BatchLinkRewriter {
-    pub fn new(rewrite: LinkRewrite, direction: BatchDirection) -> Self {
+    /// Rewrites Dataverse's `$batch` responses for the caller.
+    pub fn response(rewrite: LinkRewrite) -> Self {
+        Self::build(rewrite, BatchDirection::Response, None)
+    }
+
+    /// Rewrites and checks a caller's `$batch` request: `rewrite` maps the gateway's
+    /// public base to the Dataverse origin.
+    pub fn request(rewrite: LinkRewrite, rules: PartRules) -> Self {
+        Self::build(
+            rewrite,
+            BatchDirection::Request,
+            Some(Box::new(PartChecks::new(rules))),
+        )
+    }
+
+    fn build(
+        rewrite: LinkRewrite,
+        direction: BatchDirection,
+        checks: Option<Box<PartChecks>>,
+    ) -> Self {
+        let boundaries = checks
+            .as_ref()
+            .map(|c| vec![c.rules.boundary().to_vec()])
+            .unwrap_or_default();
         Self {
             rewrite,
             direction,
-            boundaries: Vec::new(),
+            boundaries,
             state: PartState::Preamble,
             line: Vec::new(),
             streaming: false,
+            checks,
+            failed: None,
         }
     }
 
-    /// Feed the next chunk; rewritten output is appended to `out`.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+    /// Feed the next chunk; rewritten output is appended to `out`. In requests, held parts
+    /// are appended once they are complete, and a refusal stops everything.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = match self.checks.as_mut().map(|c| std::mem::take(&mut c.held)) {
+            None => self.push_lines(chunk, out),
+            Some(mut held) => {
+                let result = self.push_lines(chunk, &mut held);
+                self.release(held, out);
+                result
+            }
+        };
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    /// End of body: flush whatever is held and reset for reuse.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+        let result = match self.failed.take() {
+            Some(e) => Err(e),
+            None => match self.checks.as_mut().map(|c| std::mem::take(&mut c.held)) {
+                None => self.finish_lines(out),
+                Some(mut held) => {
+                    let result = self.finish_lines(&mut held);
+                    if result.is_ok() {
+                        out.append(&mut held);
+                    }
+                    result
+                }
+            },
+        };
+        let checks = self
+            .checks
+            .take()
+            .map(|c| Box::new(PartChecks::new(c.rules)));
+        *self = Self::build(self.rewrite.clone(), self.direction, checks);
+        result
+    }
+
+    fn finish_lines(&mut self, out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+        if !self.line.is_empty() {
+            self.complete_line(out)?;
+        }
+        if let PartState::Body { json: Some(j) } = &mut self.state {
+            j.finish(out);
+        }
+        match &self.checks {
+            Some(c) if c.last_cr => Err(c.malformed("a carriage return that does not end a line")),
+            Some(c) if !c.closed => {
+                Err(c.malformed("the body ends before the batch's close delimiter"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Moves the held output no part needs any more to `out`.
+    fn release(&mut self, mut held: Vec<u8>, out: &mut Vec<u8>) {
+        let Some(checks) = self.checks.as_mut() else {
+            return;
+        };
+        let keep_from = checks.holds.first().map_or(held.len(), |h| h.start);
+        if keep_from > 0 {
+            out.extend_from_slice(&held[..keep_from]);
+            held.drain(..keep_from);
+            for hold in &mut checks.holds {
+                hold.shift_back(keep_from);
+            }
+        }
+        checks.held = held;
+    }
+
+    fn push_lines(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
         let mut rest = chunk;
         while let Some(&first) = rest.first() {
             let (seg, eol) = match memchr(b'\n', rest) {
@@ -504,12 +708,14 @@ impl BatchLinkRewriter {
                 None => (rest, false),
             };
             if self.streaming {
+                self.consume(seg)?;
                 self.emit(seg, out);
                 rest = &rest[seg.len()..];
                 if eol {
                     self.streaming = false;
                     self.end_unread_line();
                 }
+                self.check_held(out)?;
                 continue;
             }
             let in_body = matches!(self.state, PartState::Body { .. });
@@ -518,29 +724,69 @@ impl BatchLinkRewriter {
                 continue;
             }
             let take = seg.len().min(MAX_LINE - self.line.len());
+            self.consume(&seg[..take])?;
             self.line.extend_from_slice(&seg[..take]);
             rest = &rest[take..];
             if take == seg.len() && eol {
-                self.complete_line(out);
+                self.complete_line(out)?;
             } else if self.line.len() >= MAX_LINE || (in_body && !self.could_be_delimiter()) {
+                if self.line.len() >= MAX_LINE {
+                    self.long_line()?;
+                }
                 let line = std::mem::take(&mut self.line);
                 self.emit(&line, out);
                 self.line = line;
                 self.line.clear();
                 self.streaming = true;
             }
+            self.check_held(out)?;
+        }
+        Ok(())
+    }
+
+    fn consume(&mut self, bytes: &[u8]) -> Result<(), BatchRefusal> {
+        match self.checks.as_mut() {
+            Some(c) => c.consume(bytes),
+            None => Ok(()),
         }
     }
 
-    /// End of body: flush whatever is held and reset for reuse.
-    pub fn finish(&mut self, out: &mut Vec<u8>) {
-        if !self.line.is_empty() {
-            self.complete_line(out);
+    /// A line too long to inspect: fine in a body or preamble, unless it could be a
+    /// delimiter; never in headers or a request line (requests only).
+    fn long_line(&self) -> Result<(), BatchRefusal> {
+        let Some(c) = &self.checks else {
+            return Ok(());
+        };
+        let inspected = matches!(
+            self.state,
+            PartState::MimeHeaders { .. }
+                | PartState::HttpStart { .. }
+                | PartState::HttpHeaders { .. }
+                | PartState::Epilogue
+        );
+        if inspected || self.line.starts_with(b"--") {
+            Err(c.malformed(
+                "a header, request or delimiter line longer than 65 KiB (Dataverse's URL limit is 64 KB)",
+            ))
+        } else {
+            Ok(())
         }
-        if let PartState::Body { json: Some(j) } = &mut self.state {
-            j.finish(out);
+    }
+
+    /// The part being held must stay within `server.max_batch_part`.
+    fn check_held(&self, held: &[u8]) -> Result<(), BatchRefusal> {
+        let Some(c) = &self.checks else {
+            return Ok(());
+        };
+        match c.holds.first() {
+            Some(h) if held.len() - h.start > c.rules.max_held() => {
+                Err(BatchRefusal::PartTooLarge {
+                    part: h.part.clone(),
+                    limit: c.rules.max_held(),
+                })
+            }
+            _ => Ok(()),
         }
-        *self = Self::new(self.rewrite.clone(), self.direction);
     }
 
     /// Body bytes go through the part's JSON rewriter, everything else straight out.
@@ -562,12 +808,20 @@ impl BatchLinkRewriter {
         }
     }
 
-    /// Whether the held start of a body line may still become a delimiter line.
+    /// Whether the held start of a body line may still become a delimiter line. Requests
+    /// compare without case and hold any line that starts like a delimiter to its end, so
+    /// a near miss is seen (and refused) whole.
     fn could_be_delimiter(&self) -> bool {
         let line = self.line.as_slice();
         let Some(after) = line.strip_prefix(b"--") else {
             return line.iter().all(|&c| c == b'-');
         };
+        if self.checks.is_some() {
+            return self.boundaries.iter().any(|b| {
+                let n = after.len().min(b.len());
+                after[..n].eq_ignore_ascii_case(&b[..n])
+            });
+        }
         self.boundaries.iter().any(|b| {
             if after.len() <= b.len() {
                 return b.starts_with(after);
@@ -584,19 +838,26 @@ impl BatchLinkRewriter {
         })
     }
 
-    fn complete_line(&mut self, out: &mut Vec<u8>) {
+    fn complete_line(&mut self, out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
         let line = std::mem::take(&mut self.line);
-        if !self.delimiter(&line, out) {
-            self.content_line(&line, out);
-        }
+        let result = match self.delimiter(&line, out) {
+            Ok(true) => Ok(()),
+            Ok(false) if self.checks.is_some() => self.checked_line(&line, out),
+            Ok(false) => {
+                self.content_line(&line, out);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         self.line = line;
         self.line.clear();
+        result
     }
 
     /// Handle `line` if it is a delimiter or close delimiter of an open multipart.
-    fn delimiter(&mut self, line: &[u8], out: &mut Vec<u8>) -> bool {
+    fn delimiter(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<bool, BatchRefusal> {
         let Some(after) = trim_line_end(line).strip_prefix(b"--") else {
-            return false;
+            return Ok(false);
         };
         let mut hit = None;
         for (level, b) in self.boundaries.iter().enumerate().rev() {
@@ -610,6 +871,7 @@ impl BatchLinkRewriter {
             }
         }
         if hit.is_none()
+            && self.checks.is_none()
             && self.boundaries.is_empty()
             && matches!(self.state, PartState::Preamble)
             && !after.is_empty()
@@ -619,23 +881,63 @@ impl BatchLinkRewriter {
             hit = Some((0, false));
         }
         let Some((level, close)) = hit else {
-            return false;
+            if let Some(c) = &self.checks {
+                let near_miss = self.boundaries.iter().any(|b| {
+                    after
+                        .get(..b.len())
+                        .is_some_and(|p| p.eq_ignore_ascii_case(b))
+                });
+                if near_miss {
+                    return Err(c.malformed("a line that starts like a delimiter but is not one"));
+                }
+            }
+            return Ok(false);
         };
+        if let Some(c) = self.checks.as_mut() {
+            if matches!(
+                self.state,
+                PartState::MimeHeaders { .. }
+                    | PartState::HttpStart { .. }
+                    | PartState::HttpHeaders { .. }
+            ) {
+                return Err(c.malformed("the part ends inside its headers"));
+            }
+        }
         if let PartState::Body { json: Some(j) } = &mut self.state {
             j.finish(out);
+        }
+        if let Some(c) = self.checks.as_mut() {
+            while c.holds.last().is_some_and(|h| h.level >= level) {
+                if let Some(hold) = c.holds.pop() {
+                    hold.finish(out, c.line_start, c.eol_before_line)?;
+                }
+            }
         }
         out.extend_from_slice(line);
         if close {
             self.boundaries.truncate(level);
             self.state = PartState::Epilogue;
+            if let Some(c) = self.checks.as_mut() {
+                c.closed |= level == 0;
+            }
         } else {
             self.boundaries.truncate(level + 1);
             self.state = PartState::MimeHeaders {
                 kind: MimeKind::Other,
                 frozen: false,
             };
+            if let Some(c) = self.checks.as_mut() {
+                c.position += 1;
+                c.part = PartName {
+                    position: c.position,
+                    content_id: None,
+                };
+                c.seen_type = false;
+                c.seen_length = false;
+                c.holds.push(Hold::new(level, out.len(), c.part.clone()));
+            }
         }
-        true
+        Ok(true)
     }
 
     fn content_line(&mut self, line: &[u8], out: &mut Vec<u8>) {
@@ -668,20 +970,14 @@ impl BatchLinkRewriter {
             }
             PartState::HttpStart { frozen } => {
                 let frozen = *frozen;
-                if blank {
-                    out.extend_from_slice(line);
-                    return;
+                out.extend_from_slice(line);
+                if !blank {
+                    self.state = PartState::HttpHeaders {
+                        frozen,
+                        has_length: false,
+                        json: true,
+                    };
                 }
-                if self.direction == BatchDirection::Request && !frozen {
-                    self.request_line(line, out);
-                } else {
-                    out.extend_from_slice(line);
-                }
-                self.state = PartState::HttpHeaders {
-                    frozen,
-                    has_length: false,
-                    json: true,
-                };
             }
             PartState::HttpHeaders {
                 frozen,
@@ -691,13 +987,13 @@ impl BatchLinkRewriter {
                 if blank {
                     out.extend_from_slice(line);
                     let rewrite = !*frozen && !*has_length && *json;
-                    let keys = match self.direction {
-                        BatchDirection::Request => JsonKeys::RequestBinds,
-                        BatchDirection::Response => JsonKeys::ResponseLinks,
-                    };
                     self.state = PartState::Body {
-                        json: rewrite
-                            .then(|| Box::new(JsonLinkRewriter::new(self.rewrite.clone(), keys))),
+                        json: rewrite.then(|| {
+                            Box::new(JsonLinkRewriter::new(
+                                self.rewrite.clone(),
+                                JsonKeys::ResponseLinks,
+                            ))
+                        }),
                     };
                     return;
                 }
@@ -712,7 +1008,7 @@ impl BatchLinkRewriter {
                 }
                 let link_header = name.eq_ignore_ascii_case(b"location")
                     || name.eq_ignore_ascii_case(b"odata-entityid");
-                if self.direction == BatchDirection::Response && link_header && !*frozen {
+                if link_header && !*frozen {
                     header_line(&self.rewrite, line, out);
                 } else {
                     out.extend_from_slice(line);
@@ -721,21 +1017,221 @@ impl BatchLinkRewriter {
         }
     }
 
-    /// `METHOD <url> HTTP/1.1`: split at the first and last space, since the URL may hold
-    /// raw spaces, and rewrite only the URL prefix.
-    fn request_line(&self, line: &[u8], out: &mut Vec<u8>) {
-        let content = trim_eol(line);
-        if let (Some(first), Some(last)) = (memchr(b' ', content), memrchr(b' ', content)) {
-            if first < last {
-                if let Some(url) = self.rewrite.header_value(&content[first + 1..last]) {
-                    out.extend_from_slice(&content[..=first]);
-                    out.extend_from_slice(&url);
-                    out.extend_from_slice(&line[last..]);
-                    return;
+    /// A non-delimiter line of a request: checked, rewritten, and noted in the part's hold.
+    fn checked_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+        let Some(c) = self.checks.as_mut() else {
+            return Ok(());
+        };
+        let blank = trim_eol(line).is_empty();
+        match &mut self.state {
+            PartState::Preamble => out.extend_from_slice(line),
+            PartState::Epilogue if blank => out.extend_from_slice(line),
+            PartState::Epilogue => {
+                return Err(c.malformed("content after a close delimiter"));
+            }
+            PartState::Body { json } => match json {
+                Some(j) => j.push(line, out),
+                None => out.extend_from_slice(line),
+            },
+            PartState::MimeHeaders { kind, .. } => {
+                if blank {
+                    out.extend_from_slice(line);
+                    let region = Region {
+                        out_start: out.len(),
+                        in_start: c.consumed,
+                    };
+                    let kind = std::mem::replace(kind, MimeKind::Other);
+                    let depth = self.boundaries.len();
+                    let hold = c.holds.last_mut();
+                    if let Some(h) = hold {
+                        h.content = Some(region);
+                    }
+                    self.state = match kind {
+                        MimeKind::Http => PartState::HttpStart { frozen: false },
+                        MimeKind::Multipart(b) if depth < MAX_DEPTH => {
+                            self.boundaries.push(b);
+                            if c.holds.last().is_some_and(|h| !h.has_length()) {
+                                c.holds.pop();
+                            }
+                            PartState::Preamble
+                        }
+                        MimeKind::Multipart(_) | MimeKind::Other => {
+                            return Err(c.malformed(
+                                "a part that is neither application/http nor multipart/mixed with a boundary",
+                            ));
+                        }
+                    };
+                    c.seen_type = false;
+                    c.seen_length = false;
+                    return Ok(());
                 }
+                let Some((name, value)) = split_header(line) else {
+                    return Err(c.malformed("a header line without a colon"));
+                };
+                if name.eq_ignore_ascii_case(b"content-type") {
+                    if std::mem::replace(&mut c.seen_type, true) {
+                        return Err(c.malformed("two Content-Type headers"));
+                    }
+                    *kind = checked_mime_kind(trim_line_end(value));
+                } else if name.eq_ignore_ascii_case(b"content-id") {
+                    c.part.set_content_id(trim_line_end(value));
+                    let part = c.part.clone();
+                    if let Some(h) = c.top() {
+                        h.part = part;
+                    }
+                } else if name.eq_ignore_ascii_case(b"content-transfer-encoding") {
+                    let encoding = trim_line_end(value).trim_ascii();
+                    if ![&b"binary"[..], b"8bit", b"7bit"]
+                        .iter()
+                        .any(|e| encoding.eq_ignore_ascii_case(e))
+                    {
+                        return Err(c.malformed(
+                            "a Content-Transfer-Encoding other than binary (the part would be read unseen)",
+                        ));
+                    }
+                } else if name.eq_ignore_ascii_case(b"content-length") {
+                    let field = length_field(c, line, out.len())?;
+                    if let Some(h) = c.top() {
+                        h.mime_length = Some(field);
+                    }
+                } else if c.rules.header(name, &c.part)? == ControlHeaderDecision::Drop {
+                    return Ok(());
+                }
+                out.extend_from_slice(line);
+            }
+            PartState::HttpStart { .. } => {
+                if blank {
+                    out.extend_from_slice(line);
+                    return Ok(());
+                }
+                let content = trim_eol(line);
+                let (first, last) = match (memchr(b' ', content), memrchr(b' ', content)) {
+                    (Some(first), Some(last)) if first < last => (first, last),
+                    _ => return Err(c.malformed("a part without a request line")),
+                };
+                let method = &content[..first];
+                if !PART_METHODS.contains(&method) {
+                    return Err(
+                        c.malformed("a part method other than GET, POST, PATCH, PUT or DELETE")
+                    );
+                }
+                if !content[last + 1..].starts_with(b"HTTP/") {
+                    return Err(c.malformed("a request line without an HTTP version"));
+                }
+                let target = &content[first + 1..last];
+                match c
+                    .rules
+                    .target(target, self.rewrite.from(), self.rewrite.to(), &c.part)?
+                {
+                    Some(url) => {
+                        out.extend_from_slice(&content[..=first]);
+                        out.extend_from_slice(&url);
+                        out.extend_from_slice(&line[last..]);
+                    }
+                    None => out.extend_from_slice(line),
+                }
+                self.state = PartState::HttpHeaders {
+                    frozen: false,
+                    has_length: false,
+                    json: true,
+                };
+            }
+            PartState::HttpHeaders { json, .. } => {
+                if blank {
+                    out.extend_from_slice(line);
+                    let region = Region {
+                        out_start: out.len(),
+                        in_start: c.consumed,
+                    };
+                    if let Some(h) = c.top() {
+                        h.body = Some(region);
+                    }
+                    if c.holds.last().is_some_and(|h| !h.has_length()) {
+                        c.holds.pop();
+                    }
+                    let json = *json;
+                    self.state = PartState::Body {
+                        json: json.then(|| {
+                            Box::new(JsonLinkRewriter::new(
+                                self.rewrite.clone(),
+                                JsonKeys::RequestBinds,
+                            ))
+                        }),
+                    };
+                    return Ok(());
+                }
+                let Some((name, value)) = split_header(line) else {
+                    return Err(c.malformed("a header line without a colon"));
+                };
+                if name.eq_ignore_ascii_case(b"content-length") {
+                    if c.holds.last().is_some_and(|h| h.http_length.is_some()) {
+                        return Err(c.malformed("two Content-Length headers"));
+                    }
+                    let field = length_field(c, line, out.len())?;
+                    if let Some(h) = c.top() {
+                        h.http_length = Some(field);
+                    }
+                } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                    return Err(c.malformed("a Transfer-Encoding inside a part"));
+                } else if name.eq_ignore_ascii_case(b"host") {
+                    let value = trim_line_end(value);
+                    if let Some(host) =
+                        c.rules
+                            .host(value, self.rewrite.from(), self.rewrite.to(), &c.part)?
+                    {
+                        out.extend_from_slice(&line[..line.len() - trim_start(line).len()]);
+                        out.extend_from_slice(b"Host: ");
+                        out.extend_from_slice(&host);
+                        out.extend_from_slice(&line[trim_line_end(line).len()..]);
+                        return Ok(());
+                    }
+                } else if name.eq_ignore_ascii_case(b"content-type") {
+                    *json = contains_ignore_case(value, b"json");
+                } else if c.rules.header(name, &c.part)? == ControlHeaderDecision::Drop {
+                    return Ok(());
+                }
+                out.extend_from_slice(line);
             }
         }
-        out.extend_from_slice(line);
+        Ok(())
+    }
+}
+
+/// A `Content-Length: <digits>` line about to be written at `at` in the held output: where
+/// its digits will be and what they say. One per header block, digits only.
+fn length_field(
+    checks: &mut PartChecks,
+    line: &[u8],
+    at: usize,
+) -> Result<LengthField, BatchRefusal> {
+    if std::mem::replace(&mut checks.seen_length, true) {
+        return Err(checks.malformed("two Content-Length headers"));
+    }
+    let colon = memchr(b':', line).unwrap_or(0);
+    let after = &line[colon + 1..];
+    let lead = after.len() - trim_start(after).len();
+    let start = colon + 1 + lead;
+    let digits = trim_line_end(&line[start..]);
+    let declared = std::str::from_utf8(digits)
+        .ok()
+        .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|d| d.parse::<u64>().ok())
+        .ok_or_else(|| checks.malformed("a Content-Length that is not a number"))?;
+    Ok(LengthField {
+        at: at + start..at + start + digits.len(),
+        declared,
+    })
+}
+
+/// A part's Content-Type in a request, read strictly: `application/http` exactly, or
+/// `multipart/mixed` with one boundary.
+fn checked_mime_kind(value: &[u8]) -> MimeKind {
+    let value = trim_start(value);
+    let mime = value.split(|&b| b == b';').next().unwrap_or_default();
+    if mime.trim_ascii().eq_ignore_ascii_case(b"application/http") {
+        MimeKind::Http
+    } else {
+        multipart_mixed_boundary(value).map_or(MimeKind::Other, MimeKind::Multipart)
     }
 }
 
@@ -843,13 +1339,26 @@ pub fn rewrite_json(rewrite: &LinkRewrite, keys: JsonKeys, body: &[u8]) -> Vec<u
     out
 }
 
-/// Whole-buffer version of [`BatchLinkRewriter`].
-pub fn rewrite_batch(rewrite: &LinkRewrite, direction: BatchDirection, body: &[u8]) -> Vec<u8> {
+/// Whole-buffer version of [`BatchLinkRewriter::response`].
+pub fn rewrite_batch_response(rewrite: &LinkRewrite, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len());
-    let mut rw = BatchLinkRewriter::new(rewrite.clone(), direction);
-    rw.push(body, &mut out);
-    rw.finish(&mut out);
+    let mut rw = BatchLinkRewriter::response(rewrite.clone());
+    // Responses are never refused.
+    let _ = rw.push(body, &mut out).and_then(|()| rw.finish(&mut out));
     out
+}
+
+/// Whole-buffer version of [`BatchLinkRewriter::request`].
+pub fn rewrite_batch_request(
+    rewrite: &LinkRewrite,
+    rules: &PartRules,
+    body: &[u8],
+) -> Result<Vec<u8>, BatchRefusal> {
+    let mut out = Vec::with_capacity(body.len());
+    let mut rw = BatchLinkRewriter::request(rewrite.clone(), rules.clone());
+    rw.push(body, &mut out)?;
+    rw.finish(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -892,13 +1401,51 @@ mod tests {
     }
 
     fn batch_chunks(rw: &LinkRewrite, dir: BatchDirection, chunks: &[&[u8]]) -> Vec<u8> {
-        let mut r = BatchLinkRewriter::new(rw.clone(), dir);
+        match dir {
+            BatchDirection::Response => resp_chunks(rw, chunks),
+            BatchDirection::Request => req_chunks(rw, &rules(BATCH), chunks).unwrap(),
+        }
+    }
+
+    fn resp_chunks(rw: &LinkRewrite, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut r = BatchLinkRewriter::response(rw.clone());
         let mut out = Vec::new();
         for c in chunks {
-            r.push(c, &mut out);
+            r.push(c, &mut out).unwrap();
         }
-        r.finish(&mut out);
+        r.finish(&mut out).unwrap();
         out
+    }
+
+    fn req_chunks(
+        rw: &LinkRewrite,
+        rules: &PartRules,
+        chunks: &[&[u8]],
+    ) -> Result<Vec<u8>, BatchRefusal> {
+        let mut r = BatchLinkRewriter::request(rw.clone(), rules.clone());
+        let mut out = Vec::new();
+        for c in chunks {
+            r.push(c, &mut out)?;
+        }
+        r.finish(&mut out)?;
+        Ok(out)
+    }
+
+    const BATCH: &str = "dwa_batch_0e5f2c3a";
+
+    fn grant(allowed: &[&str]) -> crate::access::Grant {
+        crate::access::Grant {
+            rule: std::sync::Arc::from("test"),
+            impersonation: crate::access::ImpersonationPolicy::Required,
+            control_headers: allowed
+                .iter()
+                .map(|n| http::HeaderName::from_bytes(n.as_bytes()).unwrap())
+                .collect(),
+        }
+    }
+
+    fn rules(boundary: &str) -> PartRules {
+        PartRules::new(grant(&[]), boundary.as_bytes().to_vec(), 1 << 20)
     }
 
     const SKIPTOKEN: &str = "$skiptoken=%3Ccookie%20pagenumber=%222%22%20pagingcookie=%22%253ccookie%2520page%253d%25221%2522%253e%253caccountid%2520last%253d%2522%257bB1D4B6E1%257d%2522%2520first%253d%2522%257b7A4814F9%257d%2522%2520%252f%253e%253c%252fcookie%253e%22%20istracking=%22False%22%20/%3E";
@@ -1124,9 +1671,13 @@ mod tests {
             for keys in [JsonKeys::ResponseLinks, JsonKeys::RequestBinds] {
                 assert_eq!(json_chunks(&resp(), keys, &chunks), input);
             }
-            for dir in [BatchDirection::Request, BatchDirection::Response] {
-                assert_eq!(batch_chunks(&resp(), dir, &chunks), input);
-            }
+            assert_eq!(resp_chunks(&resp(), &chunks), input);
+            // Requests: garbage is refused or rewritten, the same way in every chunking.
+            let whole = req_chunks(&req(), &rules("x"), &[&input]);
+            assert_eq!(
+                req_chunks(&req(), &rules("x"), &chunks).is_ok(),
+                whole.is_ok()
+            );
         }
         let odd: [&[u8]; 7] = [
             b"\"",
@@ -1139,10 +1690,7 @@ mod tests {
         ];
         for input in odd {
             assert_eq!(rewrite_json(&resp(), JsonKeys::ResponseLinks, input), input);
-            assert_eq!(
-                rewrite_batch(&resp(), BatchDirection::Response, input),
-                input
-            );
+            assert_eq!(rewrite_batch_response(&resp(), input), input);
         }
         let huge = [b"{\"@odata.id\":\"".as_slice(), &vec![b'x'; 3 << 20]].concat();
         assert_eq!(rewrite_json(&resp(), JsonKeys::ResponseLinks, &huge), huge);
@@ -1152,10 +1700,7 @@ mod tests {
             b"\r\n--b--\r\n",
         ]
         .concat();
-        assert_eq!(
-            rewrite_batch(&resp(), BatchDirection::Response, &huge_line),
-            huge_line
-        );
+        assert_eq!(rewrite_batch_response(&resp(), &huge_line), huge_line);
     }
 
     fn batch_request() -> String {
@@ -1201,7 +1746,7 @@ mod tests {
             "\r\n",
             "PATCH http://localhost:8080/api/data/v9.2/accounts(5) HTTP/1.1\r\n",
             "Content-Type: application/json\r\n",
-            "Content-Length: 57\r\n",
+            "Content-Length: 56\r\n",
             "\r\n",
             "{\"a@odata.bind\":\"http://localhost:8080/api/data/v9.2/x\"}\r\n",
             "--dwa_batch_0e5f2c3a--\r\n",
@@ -1235,25 +1780,223 @@ mod tests {
                 "PATCH http://localhost:8080/api",
                 "PATCH https://contoso.crm.dynamics.com/api",
             )
+            // A part with Content-Length is rewritten too, its length fixed.
+            .replace("Content-Length: 56", "Content-Length: 67")
+            .replace(
+                "{\"a@odata.bind\":\"http://localhost:8080/api",
+                "{\"a@odata.bind\":\"https://contoso.crm.dynamics.com/api",
+            )
     }
 
     #[test]
     fn batch_request_rewrites_request_lines_and_binds() {
         let input = batch_request();
         let expected = expected_batch_request(&input);
-        assert_eq!(expected.matches(ORG).count(), 6);
-        let out = rewrite_batch(&req(), BatchDirection::Request, input.as_bytes());
+        assert_eq!(expected.matches(ORG).count(), 7);
+        let out = rewrite_batch_request(&req(), &rules(BATCH), input.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), expected);
-        // Untouched: inner headers, data fields, relative URLs, Content-Length bodies.
+        // Untouched: inner headers, data fields, relative URLs.
         assert!(expected.contains("Referer: http://localhost:8080/app\r\n"));
         assert!(expected.contains("\"websiteurl\":\"http://localhost:8080/w\""));
-        assert!(expected.contains("\"a@odata.bind\":\"http://localhost:8080/api/data/v9.2/x\""));
+        let patched = format!("{{\"a@odata.bind\":\"{ORG}/api/data/v9.2/x\"}}");
+        assert_eq!(patched.len(), 67);
         assert!(expected
             .contains("&$orderby=fullname asc&$filter=contains(fullname,'a b') HTTP/1.1\r\n"));
 
         let lf = input.replace("\r\n", "\n");
-        let out = rewrite_batch(&req(), BatchDirection::Request, lf.as_bytes());
+        let out = rewrite_batch_request(&req(), &rules(BATCH), lf.as_bytes()).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), expected_batch_request(&lf));
+    }
+
+    /// A .NET `MultipartContent` batch: MIME Content-Length on every part (the change set
+    /// too), inner Content-Length on the body.
+    fn dotnet_batch(bind_to: &str) -> String {
+        let body = format!("{{\"name\":\"n\",\"primarycontactid@odata.bind\":\"{bind_to}/api/data/v9.2/contacts(1)\"}}");
+        let inner = format!(
+            "POST {bind_to}/api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json; type=entry\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let part = format!(
+            "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\nContent-Length: {}\r\n\r\n{inner}",
+            inner.len()
+        );
+        let cs_content = format!("--cs\r\n{part}\r\n--cs--");
+        let get = format!("GET {bind_to}/api/data/v9.2/accounts?$top=1 HTTP/1.1\r\n\r\n");
+        let get_part = format!(
+            "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-Length: {}\r\n\r\n{get}",
+            get.len()
+        );
+        format!(
+            "--{BATCH}\r\nContent-Type: multipart/mixed; boundary=cs\r\nContent-Length: {}\r\n\r\n{cs_content}\r\n--{BATCH}\r\n{get_part}\r\n--{BATCH}--\r\n",
+            cs_content.len()
+        )
+    }
+
+    #[test]
+    fn parts_with_content_length_are_rewritten_and_their_lengths_fixed() {
+        let input = dotnet_batch(GW);
+        let out = String::from_utf8(
+            rewrite_batch_request(&req(), &rules(BATCH), input.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        // Exactly what the same client writes when it talks to Dataverse directly.
+        assert_eq!(out, dotnet_batch(ORG));
+        assert!(!out.contains(GW), "{out}");
+        assert_split_invariant(input.as_bytes(), &mut |c| {
+            req_chunks(&req(), &rules(BATCH), c).unwrap()
+        });
+        // Unchanged content keeps its bytes, lengths included.
+        let direct = dotnet_batch(ORG);
+        let same = rewrite_batch_request(&req(), &rules(BATCH), direct.as_bytes()).unwrap();
+        assert_eq!(same, direct.as_bytes());
+    }
+
+    #[test]
+    fn a_held_part_over_the_bound_is_refused_naming_the_limit() {
+        let input = dotnet_batch(GW);
+        let tight = PartRules::new(grant(&[]), BATCH.as_bytes().to_vec(), 200);
+        let e = rewrite_batch_request(&req(), &tight, input.as_bytes()).unwrap_err();
+        assert!(
+            matches!(e, BatchRefusal::PartTooLarge { limit: 200, .. }),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("200 bytes"), "{e}");
+        // Without Content-Length nothing is held beyond the headers: the same bound passes.
+        let streamed = format!(
+            "--{BATCH}\r\nContent-Type: application/http\r\n\r\nPOST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"name\":\"{}\"}}\r\n--{BATCH}--\r\n",
+            "x".repeat(5000)
+        );
+        assert!(rewrite_batch_request(&req(), &tight, streamed.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_wrong_content_length_is_refused() {
+        let input = dotnet_batch(GW).replacen("Content-Length: 9", "Content-Length: 8", 1);
+        let e = rewrite_batch_request(&req(), &rules(BATCH), input.as_bytes()).unwrap_err();
+        assert!(matches!(e, BatchRefusal::LengthMismatch { .. }), "{e:?}");
+    }
+
+    fn one_part(headers: &str, request_line: &str) -> String {
+        format!(
+            "--{BATCH}\r\nContent-Type: application/http\r\nContent-ID: 42\r\n\r\n{request_line}\r\n{headers}\r\n--{BATCH}--\r\n"
+        )
+    }
+
+    fn refused(body: &str) -> BatchRefusal {
+        let whole = rewrite_batch_request(&req(), &rules(BATCH), body.as_bytes()).unwrap_err();
+        let bytes: Vec<&[u8]> = body.as_bytes().chunks(1).collect();
+        assert!(req_chunks(&req(), &rules(BATCH), &bytes).is_err());
+        whole
+    }
+
+    #[test]
+    fn parts_carrying_identity_credentials_or_overrides_are_refused() {
+        let get = "GET /api/data/v9.2/WhoAmI HTTP/1.1";
+        for header in [
+            "CallerObjectId: 11111111-1111-1111-1111-111111111111",
+            "MSCRMCallerID: x",
+            "mscrm_callerid: x",
+            "Caller_Object_Id : x",
+            "Authorization: Bearer x",
+            "Proxy-Authorization: Basic x",
+            "Cookie: ARRAffinity=1",
+            "X-HTTP-Method-Override: DELETE",
+            "X-HTTP-Method: DELETE",
+            "X_Method_Override: DELETE",
+        ] {
+            let e = refused(&one_part(&format!("{header}\r\n"), get));
+            let name = header.split(':').next().unwrap().trim();
+            let text = e.to_string();
+            assert!(text.contains(&format!("`{name}`")), "{text}");
+            assert!(text.contains("part 1 (Content-ID 42)"), "{text}");
+        }
+        // Inside a change set, and in the part's MIME headers.
+        let cs = format!(
+            "--{BATCH}\r\nContent-Type: multipart/mixed; boundary=cs\r\n\r\n--cs\r\nContent-Type: application/http\r\n\r\nPOST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--cs\r\nContent-Type: application/http\r\nCallerObjectId: x\r\n\r\n{get}\r\n\r\n--cs--\r\n--{BATCH}--\r\n"
+        );
+        let e = refused(&cs);
+        assert!(e.to_string().contains("part 3"), "{e}");
+    }
+
+    #[test]
+    fn control_headers_in_parts_follow_the_grant() {
+        let body = one_part(
+            "MSCRM.BypassCustomPluginExecution: true\r\nMSCRM.SuppressDuplicateDetection: false\r\nPrefer: return=representation\r\n",
+            "POST /api/data/v9.2/accounts HTTP/1.1",
+        );
+        let allowing = PartRules::new(
+            grant(&["MSCRM.SuppressDuplicateDetection"]),
+            BATCH.as_bytes().to_vec(),
+            1 << 20,
+        );
+        let out =
+            String::from_utf8(rewrite_batch_request(&req(), &allowing, body.as_bytes()).unwrap())
+                .unwrap();
+        assert!(!out.contains("BypassCustomPluginExecution"), "{out}");
+        assert!(
+            out.contains("MSCRM.SuppressDuplicateDetection: false\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Prefer: return=representation\r\n"), "{out}");
+    }
+
+    #[test]
+    fn part_targets_elsewhere_are_refused() {
+        for line in [
+            "GET https://evil.example/api/data/v9.2/accounts HTTP/1.1",
+            "GET /XRMServices/2011/Organization.svc HTTP/1.1",
+            "GET /api/data/v9.2/.../accounts HTTP/1.1",
+            "POST /api/data/v9.2/$batch HTTP/1.1",
+            "TRACE /api/data/v9.2/accounts HTTP/1.1",
+            "GET /api/data/v9.2/accounts",
+        ] {
+            refused(&one_part("", line));
+        }
+        let e = refused(&one_part(
+            "Host: evil.example\r\n",
+            "GET /api/data/v9.2/accounts HTTP/1.1",
+        ));
+        assert!(e.to_string().contains("evil.example"), "{e}");
+        let long = format!(
+            "GET /api/data/v9.2/accounts?$filter={} HTTP/1.1",
+            "a".repeat(70_000)
+        );
+        refused(&one_part("", &long));
+        // A request line at Dataverse's 64 KB URL limit is rewritten.
+        let at_limit = format!(
+            "GET {GW}/api/data/v9.2/accounts?$filter={} HTTP/1.1",
+            "a".repeat(64 * 1024 - 60)
+        );
+        let out = rewrite_batch_request(&req(), &rules(BATCH), one_part("", &at_limit).as_bytes())
+            .unwrap();
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains(&format!("GET {ORG}/api/data/v9.2/accounts?$filter=aaa")));
+    }
+
+    #[test]
+    fn anything_another_reader_could_split_differently_is_refused() {
+        let get = "GET /api/data/v9.2/accounts HTTP/1.1";
+        for body in [
+            // A bare CR: some readers end a line there, so a delimiter would hide behind it.
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n{{}}\r--{BATCH}\rContent-Type: application/http\r\r{get}\rCallerObjectId: x\r\r\r\n--{BATCH}--\r\n"),
+            // Lines that start like a delimiter in another case or with a tail.
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n--{}\r\n--{BATCH}--\r\n", BATCH.to_uppercase()),
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n--{BATCH}junk\r\n--{BATCH}--\r\n"),
+            // Content after the close delimiter.
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n--{BATCH}--\r\n--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\nCallerObjectId: x\r\n\r\n"),
+            // A part of unknown type, or without Content-Type, or encoded.
+            format!("--{BATCH}\r\nContent-Type: text/plain\r\n\r\n{get}\r\nCallerObjectId: x\r\n\r\n--{BATCH}--\r\n"),
+            format!("--{BATCH}\r\n\r\n{get}\r\nCallerObjectId: x\r\n\r\n--{BATCH}--\r\n"),
+            format!("--{BATCH}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: base64\r\n\r\nR0VU\r\n--{BATCH}--\r\n"),
+            // Ends before the close delimiter, or inside headers.
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n"),
+            format!("--{BATCH}\r\nContent-Type: application/http\r\n\r\n{get}\r\n--{BATCH}--\r\n"),
+            // A boundary learnt from the body is not the one Dataverse uses.
+            format!("--other\r\nContent-Type: application/http\r\n\r\n{get}\r\n\r\n--other--\r\n"),
+        ] {
+            refused(&body);
+        }
     }
 
     fn batch_response() -> String {
@@ -1324,14 +2067,14 @@ mod tests {
         let input = batch_response();
         let expected = expected_batch_response(&input);
         assert_eq!(expected.matches(GW).count(), 4);
-        let out = rewrite_batch(&resp(), BatchDirection::Response, input.as_bytes());
+        let out = rewrite_batch_response(&resp(), input.as_bytes());
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         assert!(expected.contains("X-Other: https://contoso.crm.dynamics.com/"));
         assert!(expected
             .contains("$metadata#contacts\",\r\n\"value\":[{\"websiteurl\":\"https://contoso"));
 
         let lf = input.replace("\r\n", "\n");
-        let out = rewrite_batch(&resp(), BatchDirection::Response, lf.as_bytes());
+        let out = rewrite_batch_response(&resp(), lf.as_bytes());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             expected_batch_response(&lf)
@@ -1352,26 +2095,26 @@ mod tests {
 
     #[test]
     fn batch_long_body_line_streams_without_holding() {
-        let mut r = BatchLinkRewriter::new(resp(), BatchDirection::Response);
+        let mut r = BatchLinkRewriter::response(resp());
         let mut out = Vec::new();
         let head = b"--b\r\nContent-Type: application/http\r\n\r\nHTTP/1.1 200 OK\r\n\r\n{\"@odata.context\":\"";
-        r.push(head, &mut out);
-        r.push(ORG.as_bytes(), &mut out);
-        r.push(b"/x\",\"v\":\"", &mut out);
+        r.push(head, &mut out).unwrap();
+        r.push(ORG.as_bytes(), &mut out).unwrap();
+        r.push(b"/x\",\"v\":\"", &mut out).unwrap();
         let big = vec![b'z'; 1 << 20];
-        r.push(&big, &mut out);
+        r.push(&big, &mut out).unwrap();
         assert!(r.line.is_empty());
         let expected_len = head.len() + GW.len() + 9 + big.len();
         assert_eq!(out.len(), expected_len);
         // A body line that starts like a delimiter is released as soon as it cannot be one.
-        r.push(b"\"}\r\n--bx", &mut out);
+        r.push(b"\"}\r\n--bx", &mut out).unwrap();
         assert!(r.line.is_empty());
-        r.push(&big, &mut out);
+        r.push(&big, &mut out).unwrap();
         assert!(r.line.is_empty());
         assert_eq!(out.len(), expected_len + 8 + big.len());
-        r.push(b"\r\n--b-", &mut out);
+        r.push(b"\r\n--b-", &mut out).unwrap();
         assert_eq!(r.line, b"--b-");
-        r.push(b"-\r\n", &mut out);
+        r.push(b"-\r\n", &mut out).unwrap();
         assert!(r.boundaries.is_empty() && matches!(r.state, PartState::Epilogue));
     }
 }

@@ -5,11 +5,11 @@
 use http::Uri;
 
 /// Why a path is not forwarded.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("only paths under /api/data/ are proxied")]
     NotProxied,
-    #[error("the path contains a dot segment, backslash, empty segment, control character or malformed escape (in any encoding); send a plain normalised path")]
+    #[error("the path contains a dot segment (`.`, `..`, `...`), backslash, empty segment, control character or malformed escape (in any encoding); send a plain normalised path")]
     Ambiguous,
     #[error("the Host header is missing or not a plain host[:port]")]
     BadHost,
@@ -30,6 +30,22 @@ pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
         return Err(PathError::NotProxied);
     }
     Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
+}
+
+/// A `$batch` part's absolute path (without query): the same rules as a top-level path.
+pub fn check_proxied_path(path: &str) -> Result<(), PathError> {
+    check_unambiguous(path)?;
+    if path.starts_with(API_PREFIX) {
+        Ok(())
+    } else {
+        Err(PathError::NotProxied)
+    }
+}
+
+/// A `$batch` part's relative path (`accounts(1)`, `$1/...`), resolved by Dataverse against
+/// the batch's `/api/data/v9.x/`: unambiguous, so it cannot climb out of it.
+pub fn check_relative_path(path: &str) -> Result<(), PathError> {
+    check_unambiguous(&format!("/{path}"))
 }
 
 /// A checked request target: the environment named by a path prefix, if routing uses
@@ -84,7 +100,7 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
         {
             return Err(PathError::Ambiguous);
         }
-        if current.split('/').any(|seg| seg == "." || seg == "..") {
+        if current.split('/').any(is_dot_segment) {
             return Err(PathError::Ambiguous);
         }
         let decoded = percent_encoding::percent_decode_str(&current)
@@ -98,6 +114,12 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
     }
     // Still changing after four decodings: nobody writes paths like that on purpose.
     Err(PathError::Ambiguous)
+}
+
+/// `.`, `..`, and any other segment made only of dots: `...` means `..` to some
+/// Windows path handling, and no Web API segment is all dots.
+fn is_dot_segment(segment: &str) -> bool {
+    !segment.is_empty() && segment.bytes().all(|b| b == b'.')
 }
 
 /// Every `%` starts a `%XX` escape with two hex digits (RFC 3986 section 2.1).
@@ -181,6 +203,12 @@ mod tests {
             "/api/data/v9.2/a%5c..%5cb",
             "/api/data//v9.2/accounts",
             "/api/data/v9.2/./accounts",
+            "/api/data/v9.2/.../accounts",
+            "/api/data/v9.2/..../accounts",
+            "/api/data/v9.2/%2e%2e%2e/accounts",
+            "/api/data/v9.2/.%2e./accounts",
+            "/api/data/v9.2/%252e%252e%252e/accounts",
+            "/api/data/v9.2/accounts/...",
             "/api/data/v9.2/%00",
             "/api/data/v9.2/%u002e%u002e/%u002e%u002e/%u002e%u002e/XRMServices",
             "/api/data/v9.2/%c0%ae%c0%ae/x",

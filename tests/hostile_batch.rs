@@ -1,0 +1,431 @@
+//! `$batch` parts as an attacker writes them, end to end through the real gateway and a
+//! stand-in Dataverse that honours a part's own impersonation headers (the worst case):
+//! a part cannot choose whom it runs as, carry credentials, cookies or method overrides,
+//! pass a control header its grant does not allow, or name another host or path; .NET-style
+//! parts with `Content-Length` are rewritten with their lengths fixed, within a bound. Also
+//! top-level method overrides and all-dot path segments.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use dynamics_gateway::testkit::{DirectoryUser, RecordedRequest};
+use serde_json::json;
+use support::{client, env, error_body, raw_request, Env, ALICE_OID, ALICE_SYSTEMUSERID};
+
+const BOUNDARY: &str = "batch_7d2f";
+
+/// A user the attacker would like to be.
+const VICTIM_OID: &str = "c0ffee00-1111-4222-8333-944455556666";
+
+async fn post_batch(env: &Env, token: &str, body: impl Into<String>) -> reqwest::Response {
+    client()
+        .post(format!("{}/api/data/v9.2/$batch", env.gateway.url()))
+        .bearer_auth(token)
+        .header(
+            "content-type",
+            format!("multipart/mixed; boundary={BOUNDARY}"),
+        )
+        .body(body.into())
+        .send()
+        .await
+        .unwrap()
+}
+
+/// `$batch` requests the stand-in received.
+fn batches(env: &Env) -> Vec<RecordedRequest> {
+    env.dataverse
+        .requests()
+        .into_iter()
+        .filter(|r| r.path_and_query.ends_with("$batch"))
+        .collect()
+}
+
+/// One GET WhoAmI part with extra header lines, at top level.
+fn whoami_batch(extra_headers: &str) -> String {
+    format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 9\r\n\r\nGET /api/data/v9.2/WhoAmI HTTP/1.1\r\nAccept: application/json\r\n{extra_headers}\r\n\r\n--{BOUNDARY}--\r\n"
+    )
+}
+
+/// The same inside a change set, after a harmless part.
+fn whoami_in_changeset(extra_headers: &str) -> String {
+    format!(
+        "--{BOUNDARY}\r\nContent-Type: multipart/mixed; boundary=cs_1\r\n\r\n--cs_1\r\nContent-Type: application/http\r\nContent-ID: 1\r\n\r\nPOST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"name\":\"harmless\"}}\r\n--cs_1\r\nContent-Type: application/http\r\nContent-ID: 2\r\n\r\nPATCH /api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001) HTTP/1.1\r\nContent-Type: application/json\r\n{extra_headers}\r\n{{\"name\":\"x\"}}\r\n--cs_1--\r\n--{BOUNDARY}--\r\n"
+    )
+}
+
+/// An environment whose organisation also has the victim; its systemuserid.
+async fn env_with_victim() -> (Env, String) {
+    let env = env().start().await;
+    let victim = DirectoryUser::new(VICTIM_OID, "victim@contoso.example");
+    env.dataverse.add_user(victim.clone());
+    (env, victim.systemuserid)
+}
+
+#[tokio::test]
+async fn the_stand_in_runs_a_part_as_whoever_its_own_header_names() {
+    // The worst case the gateway must guard against: sent straight to Dataverse with the
+    // gateway's token, a part's CallerObjectId (any spelling) wins over the batch's.
+    let (env, victim) = env_with_victim().await;
+    let token = env.idp.token_for(ALICE_OID);
+    assert_eq!(
+        support::get(&env.gateway, "/api/data/v9.2/WhoAmI", &token)
+            .await
+            .status(),
+        200
+    );
+    let s2s = env.idp.issued_s2s_tokens().pop().unwrap();
+    for spelling in ["CallerObjectId", "caller_object_id", "MSCRM.CallerObjectId"] {
+        let text = client()
+            .post(format!("{}/api/data/v9.2/$batch", env.dataverse.url()))
+            .bearer_auth(&s2s)
+            .header("CallerObjectId", ALICE_OID)
+            .header(
+                "content-type",
+                format!("multipart/mixed; boundary={BOUNDARY}"),
+            )
+            .body(whoami_batch(&format!("{spelling}: {VICTIM_OID}\r\n")))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains(&victim), "{spelling}: {text}");
+        assert!(!text.contains(ALICE_SYSTEMUSERID), "{spelling}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn a_part_with_identity_credentials_cookies_or_overrides_refuses_the_whole_batch() {
+    let (env, victim) = env_with_victim().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let headers = [
+        format!("CallerObjectId: {VICTIM_OID}"),
+        format!("callerobjectid: {VICTIM_OID}"),
+        format!("Caller_Object_Id: {VICTIM_OID}"),
+        "MSCRMCallerID: 00000000-0000-0000-0000-0000000000aa".to_string(),
+        "MSCRM-CallerID: 00000000-0000-0000-0000-0000000000aa".to_string(),
+        "MSCRMCallerObjectID: 00000000-0000-0000-0000-0000000000aa".to_string(),
+        "Authorization: Bearer stolen".to_string(),
+        "Proxy-Authorization: Basic eDp5".to_string(),
+        "Cookie: ARRAffinity=abc".to_string(),
+        "X-HTTP-Method: DELETE".to_string(),
+        "X-HTTP-Method-Override: DELETE".to_string(),
+        "X_Method_Override: DELETE".to_string(),
+    ];
+    for header in &headers {
+        let name = header.split(':').next().unwrap();
+        for (body, part) in [
+            (
+                whoami_batch(&format!("{header}\r\n")),
+                "part 1 (Content-ID 9)",
+            ),
+            (
+                whoami_in_changeset(&format!("{header}\r\n")),
+                "part 3 (Content-ID 2)",
+            ),
+        ] {
+            let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (400, "DynamicsGateway.BatchPartRefused"),
+                "{header}: {message}"
+            );
+            assert!(message.contains(&format!("`{name}`")), "{message}");
+            assert!(message.contains(part), "{message}");
+        }
+    }
+    assert!(batches(&env).is_empty(), "a refused batch reached Dynamics");
+    assert!(
+        env.dataverse
+            .records("accounts")
+            .iter()
+            .all(|r| r["name"] != "harmless"),
+        "a part of a refused batch ran"
+    );
+    // The same batch without the header goes through and runs as the caller.
+    let response = post_batch(&env, &token, whoami_batch("")).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(text.contains(ALICE_SYSTEMUSERID), "{text}");
+    assert!(!text.contains(&victim), "{text}");
+}
+
+const BYPASS_POLICY: &str = "identity:
+  mode: caller_object_id
+access:
+  default: deny
+  rules:
+    - name: trusted-batch
+      when: { scp: [Dynamics.Bypass] }
+      allow: { methods: [GET, POST], entity_sets: [\"*\"], batch: true, control_headers: [MSCRM.BypassCustomPluginExecution] }
+    - name: plain-batch
+      when: {}
+      allow: { methods: [GET, POST], entity_sets: [\"*\"], batch: true }
+";
+
+#[tokio::test]
+async fn control_headers_in_parts_are_decided_by_the_grant_as_at_top_level() {
+    let env = env().identity(BYPASS_POLICY).start().await;
+    let mut claims = env.idp.claims_for(ALICE_OID);
+    let plain = env.idp.sign(claims.clone());
+    claims["scp"] = json!("Dynamics.Bypass");
+    let trusted = env.idp.sign(claims);
+    let part_header = "MSCRM.BypassCustomPluginExecution: true\r\nMSCRM.BypassBusinessLogicExecution: CustomSync\r\n";
+    for (token, bypass_passes) in [(&plain, false), (&trusted, true)] {
+        // Top level: the decision the part must match.
+        client()
+            .get(format!("{}/api/data/v9.2/headers", env.gateway.url()))
+            .bearer_auth(token)
+            .header("MSCRM.BypassCustomPluginExecution", "true")
+            .header("MSCRM.BypassBusinessLogicExecution", "CustomSync")
+            .send()
+            .await
+            .unwrap();
+        let top = env.dataverse.requests().pop().unwrap();
+        assert_eq!(
+            top.headers
+                .contains_key("mscrm.bypasscustompluginexecution"),
+            bypass_passes
+        );
+        assert!(!top
+            .headers
+            .contains_key("mscrm.bypassbusinesslogicexecution"));
+
+        let response = post_batch(&env, token, whoami_batch(part_header)).await;
+        assert_eq!(response.status(), 200);
+        let seen = batches(&env).pop().unwrap().body_text();
+        assert_eq!(
+            seen.contains("MSCRM.BypassCustomPluginExecution: true\r\n"),
+            bypass_passes,
+            "{seen}"
+        );
+        assert!(!seen.contains("BypassBusinessLogicExecution"), "{seen}");
+        assert!(seen.contains("Accept: application/json\r\n"), "{seen}");
+    }
+}
+
+#[tokio::test]
+async fn parts_naming_another_host_or_a_path_outside_api_data_are_refused() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let gw = env.gateway.url();
+    for line in [
+        "GET https://evil.example/api/data/v9.2/accounts HTTP/1.1".to_string(),
+        format!("GET {}/api/data/v9.2/accounts HTTP/1.1", env.idp.issuer()),
+        format!("GET {gw}@evil.example/api/data/v9.2/accounts HTTP/1.1"),
+        "GET /XRMServices/2011/Organization.svc HTTP/1.1".to_string(),
+        "GET /api/data/v9.2/../../XRMServices/2011/Organization.svc HTTP/1.1".to_string(),
+        "GET /api/data/v9.2/.../accounts HTTP/1.1".to_string(),
+        format!("GET {gw}/admin HTTP/1.1"),
+        "POST /api/data/v9.2/$batch HTTP/1.1".to_string(),
+    ] {
+        let body = format!(
+            "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\n{line}\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+        );
+        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "DynamicsGateway.BatchPartRefused"),
+            "{line}: {message}"
+        );
+        assert!(message.contains("part 1"), "{message}");
+    }
+    let host = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nGET /api/data/v9.2/accounts HTTP/1.1\r\nHost: evil.example\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+    );
+    let (status, _, message) = error_body(post_batch(&env, &token, host).await).await;
+    assert_eq!(status, 400);
+    assert!(message.contains("evil.example"), "{message}");
+    // A body to $batch the checks cannot read is refused too.
+    let opaque = client()
+        .post(format!("{gw}/api/data/v9.2/$batch"))
+        .bearer_auth(&token)
+        .header("content-type", "application/json")
+        .body(r#"{"requests":[{"method":"GET","url":"WhoAmI","headers":{"CallerObjectId":"x"}}]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(opaque.status(), 400);
+    assert!(batches(&env).is_empty());
+}
+
+/// A batch as .NET's `MultipartContent` + `HttpMessageContent` write it: `Content-Length`
+/// on every MIME part (the change set too) and on every inner body, absolute URLs.
+fn dotnet_batch(base: &str, host: &str) -> String {
+    let body = format!(
+        "{{\"name\":\"Contoso via .NET\",\"primarycontactid@odata.bind\":\"{base}/api/data/v9.2/contacts(00000000-0000-0000-0000-0000000000c1)\"}}"
+    );
+    let create = format!(
+        "POST {base}/api/data/v9.2/accounts HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json; type=entry\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let create_part = format!(
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\nContent-Length: {}\r\n\r\n{create}",
+        create.len()
+    );
+    let changeset = format!("--changeset_dotnet\r\n{create_part}\r\n--changeset_dotnet--");
+    let get = format!("GET {base}/api/data/v9.2/WhoAmI HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let get_part = format!(
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-Length: {}\r\n\r\n{get}",
+        get.len()
+    );
+    format!(
+        "--{BOUNDARY}\r\nContent-Type: multipart/mixed; boundary=changeset_dotnet\r\nContent-Length: {}\r\n\r\n{changeset}\r\n--{BOUNDARY}\r\n{get_part}\r\n--{BOUNDARY}--\r\n",
+        changeset.len()
+    )
+}
+
+fn authority(url: &str) -> &str {
+    url.split_once("://").unwrap().1
+}
+
+#[tokio::test]
+async fn dotnet_style_parts_with_content_length_are_rewritten_with_their_lengths_fixed() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let gw = env.gateway.url();
+    let dv = env.dataverse.url();
+    let response = post_batch(&env, &token, dotnet_batch(&gw, authority(&gw))).await;
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    // Every part succeeded: the stand-in refuses lengths that do not match.
+    assert!(text.contains("HTTP/1.1 204"), "{text}");
+    assert!(text.contains(ALICE_SYSTEMUSERID), "{text}");
+    assert!(!text.contains("HTTP/1.1 400"), "{text}");
+    assert!(
+        text.contains(&format!("{gw}/api/data/v9.2/accounts(")),
+        "{text}"
+    );
+    assert!(!text.contains(&dv), "{text}");
+    // Dataverse received exactly what the same client writes when it talks to Dataverse.
+    let seen = batches(&env).pop().unwrap().body_text();
+    assert_eq!(seen, dotnet_batch(&dv, authority(&dv)));
+    let created = env.dataverse.records("accounts");
+    let account = created
+        .iter()
+        .find(|r| r["name"] == "Contoso via .NET")
+        .expect("the account was created");
+    assert_eq!(
+        account["primarycontactid@odata.bind"],
+        format!("{dv}/api/data/v9.2/contacts(00000000-0000-0000-0000-0000000000c1)"),
+        "{account}"
+    );
+}
+
+#[tokio::test]
+async fn a_held_part_over_max_batch_part_is_refused_with_413_naming_the_limit() {
+    let env = env().server("  max_batch_part: 64KiB\n").start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let gw = env.gateway.url();
+    let body = format!("{{\"name\":\"{}\"}}", "x".repeat(70_000));
+    let inner = format!(
+        "POST {gw}/api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let batch = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\nContent-ID: big\r\nContent-Length: {}\r\n\r\n{inner}\r\n--{BOUNDARY}--\r\n",
+        inner.len()
+    );
+    let (status, code, message) = error_body(post_batch(&env, &token, batch).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "DynamicsGateway.BatchPartTooLarge")
+    );
+    assert!(message.contains("65536 bytes"), "{message}");
+    assert!(message.contains("server.max_batch_part"), "{message}");
+    assert!(message.contains("Content-ID big"), "{message}");
+    assert!(batches(&env)
+        .iter()
+        .all(|r| r.body_sha256.is_empty() || r.body_len == 0));
+    // The same part without Content-Length streams: the bound does not apply.
+    let streamed = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nPOST {gw}/api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{body}\r\n--{BOUNDARY}--\r\n"
+    );
+    assert_eq!(post_batch(&env, &token, streamed).await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_bad_part_beyond_the_checked_head_aborts_the_upstream_request_unfinished() {
+    let (env, _) = env_with_victim().await;
+    let token = env.idp.token_for(ALICE_OID);
+    // 200 KB of good parts first, so the request is already streaming upstream.
+    let mut body = String::new();
+    for i in 0..20 {
+        body.push_str(&format!(
+            "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nPOST /api/data/v9.2/accounts HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"name\":\"early-{i}\",\"description\":\"{}\"}}\r\n",
+            "d".repeat(10_000)
+        ));
+    }
+    body.push_str(&whoami_batch(&format!("CallerObjectId: {VICTIM_OID}\r\n")));
+    let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "DynamicsGateway.BatchPartRefused"),
+        "{message}"
+    );
+    assert!(message.contains("part 21 (Content-ID 9)"), "{message}");
+    // Dynamics never received a whole batch, so it ran none of it.
+    assert!(batches(&env).iter().all(|r| r.body_sha256.is_empty()));
+    assert!(env
+        .dataverse
+        .records("accounts")
+        .iter()
+        .all(|r| !r["name"].as_str().unwrap_or_default().starts_with("early-")));
+}
+
+#[tokio::test]
+async fn top_level_method_overrides_never_reach_dynamics() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let response = client()
+        .get(format!("{}/api/data/v9.2/headers", env.gateway.url()))
+        .bearer_auth(&token)
+        .header("X-HTTP-Method-Override", "DELETE")
+        .header("X-HTTP-Method", "DELETE")
+        .header("X-Method-Override", "DELETE")
+        .header("x_http_method_override", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = env.dataverse.requests().pop().unwrap();
+    for (name, _) in &seen.headers {
+        let n = name.as_str().replace('_', "-");
+        assert!(
+            ![
+                "x-http-method",
+                "x-http-method-override",
+                "x-method-override"
+            ]
+            .contains(&n.as_str()),
+            "{name} reached Dynamics"
+        );
+    }
+    assert!(seen.headers.contains_key("x-request-id"));
+}
+
+#[tokio::test]
+async fn all_dot_segments_are_refused_in_every_encoding() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let before = env.dataverse.request_count();
+    for path in [
+        "/api/data/v9.2/.../accounts",
+        "/api/data/v9.2/..../accounts",
+        "/api/data/v9.2/%2e%2e%2e/accounts",
+        "/api/data/v9.2/.%2E./accounts",
+        "/api/data/v9.2/%252e%252e%252e/accounts",
+    ] {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n",
+            env.gateway.addr
+        );
+        let answer = raw_request(env.gateway.addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("AmbiguousPath"), "{path}: {answer}");
+    }
+    assert_eq!(env.dataverse.request_count(), before);
+}
