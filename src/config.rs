@@ -1400,7 +1400,12 @@ fn issuers_bound_to_tenants(
     }
     tenants.sort();
     tenants.dedup();
-    if dynamics.environments.len() < 2 && tenants.len() < 2 && !any_tenant {
+    // One issuer for one environment that serves any tenant has no other issuer to be
+    // confused with (and may be one that sends no `tid`, such as Keycloak).
+    let several = dynamics.environments.len() > 1
+        || tenants.len() > 1
+        || (any_tenant && inbound.issuers.len() > 1);
+    if !several {
         return Ok(());
     }
     match inbound.issuers.iter().position(|i| i.tenants.is_none()) {
@@ -1636,8 +1641,17 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
         let text = MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  tenants: [t, u]\n");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.starts_with("inbound.issuers[0].tenants"), "{err}");
-        // The old single-issuer single-tenant form still loads without a list.
+        // The old single-issuer single-tenant form still loads without a list, and so does
+        // one issuer serving any tenant (nothing to confuse it with).
         assert!(load(MINIMAL).is_ok());
+        let any = MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  tenants: [\"*\"]\n");
+        assert!(load(&any).is_ok());
+        let two = any.replace(
+            "      audiences: [api://dynamics-gateway]\n",
+            "      audiences: [api://dynamics-gateway]\n    - issuer: https://other.example/\n      audiences: [a]\n",
+        );
+        let err = load(&two).unwrap_err().to_string();
+        assert!(err.starts_with("inbound.issuers[0].tenants"), "{err}");
     }
 
     #[test]

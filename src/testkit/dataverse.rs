@@ -249,6 +249,11 @@ impl DataverseHandle {
         lock(&self.state.users).push(user);
     }
 
+    /// As [`Dataverse::group_team_member`], while running (a user added to a group team).
+    pub fn add_group_team_member(&self, user: DirectoryUser) {
+        lock(&self.state.group_team_members).push(user);
+    }
+
     /// The next `n` requests (any path) get this canned response instead of normal
     /// handling; they are still recorded. Calls queue up behind each other.
     pub fn respond_next(&self, n: usize, status: u16, headers: Vec<(String, String)>, body: &str) {
