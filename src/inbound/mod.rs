@@ -72,14 +72,6 @@ impl CallerKind {
             Self::User
         }
     }
-
-    /// For logs and the audit line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::User => "user",
-            Self::App => "app",
-        }
-    }
 }
 
 fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
@@ -269,6 +261,45 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    fn kind(evidence: &AppOnlyEvidence, claims: serde_json::Value) -> CallerKind {
+        CallerKind::from_claims(evidence, claims.as_object().unwrap())
+    }
+
+    #[test]
+    fn app_only_needs_the_issuers_positive_evidence() {
+        use serde_json::json;
+        let entra = AppOnlyEvidence::Entra;
+        assert_eq!(kind(&entra, json!({ "idtyp": "app" })), CallerKind::App);
+        assert_eq!(
+            kind(&entra, json!({ "oid": "x", "sub": "x" })),
+            CallerKind::App
+        );
+        for user in [
+            json!({}),
+            json!({ "oid": "x", "sub": "y" }),
+            json!({ "oid": "", "sub": "" }),
+            json!({ "sub": "x", "scope": "openid" }),
+            json!({ "idtyp": "app", "scp": "a" }),
+            json!({ "idtyp": "user", "oid": "x", "sub": "x" }),
+            json!({ "idtyp": 1, "oid": "x", "sub": "x" }),
+        ] {
+            assert_eq!(kind(&entra, user.clone()), CallerKind::User, "{user}");
+        }
+        let never = AppOnlyEvidence::Never;
+        assert_eq!(kind(&never, json!({ "idtyp": "app" })), CallerKind::User);
+        let claim = AppOnlyEvidence::Claim {
+            name: "kind".into(),
+            value: "service".into(),
+        };
+        assert_eq!(kind(&claim, json!({ "kind": "service" })), CallerKind::App);
+        assert_eq!(
+            kind(&claim, json!({ "kind": ["a", "service"] })),
+            CallerKind::App
+        );
+        assert_eq!(kind(&claim, json!({ "kind": "Service" })), CallerKind::User);
+        assert_eq!(kind(&claim, json!({ "idtyp": "app" })), CallerKind::User);
+    }
 
     #[test]
     fn bearer_token_requires_one_bearer_header() {
