@@ -1670,6 +1670,13 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
             c.inbound.issuers[0].app_only_evidence,
             AppOnlyEvidence::Never
         );
+        assert!(is_entra_issuer(
+            "https://login.microsoftonline.com/{tenantid}/v2.0"
+        ));
+        assert!(is_entra_issuer("https://contoso.ciamlogin.com/t/v2.0"));
+        assert!(!is_entra_issuer(
+            "https://evil.example/login.microsoftonline.com/"
+        ));
         let claim = MINIMAL.replace(
             "audiences: [api://dynamics-gateway]",
             "audiences: [a]\n      app_only_evidence: { claim: token_use, value: service }\n      token_types: [application/AT+JWT]",
