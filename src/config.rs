@@ -188,9 +188,37 @@ pub struct RawIssuer {
     #[serde(default)]
     pub jwks_uri: Option<String>,
     /// Tenants (`tid`) accepted from this issuer. Required, and non-empty, when the issuer
-    /// is a `{tenantid}` template (Azure AD multi-tenant).
+    /// is a `{tenantid}` template (Azure AD multi-tenant), and for every issuer when the
+    /// gateway serves more than one environment or tenant.
     #[serde(default)]
     pub tenants: Option<Vec<String>>,
+    /// Accepted `typ` header values, e.g. `[at+jwt]` (RFC 9068); a token whose `typ` is not
+    /// listed (or absent) is refused. Default: any `typ`.
+    #[serde(default)]
+    pub token_types: Option<Vec<String>>,
+    /// What proves a token is app-only (a service calling as itself), which
+    /// `impersonation: app_only` rules need: `entra` (`idtyp: app`, or without `idtyp`:
+    /// `oid` equal to `sub` and no `scp`), `never`, or `{ claim: <name>, value: <value> }`.
+    /// Default: `entra` for Microsoft Entra hosts (login.microsoftonline.com, sts.windows.net, ...), else `never`.
+    #[serde(default)]
+    pub app_only_evidence: Option<RawAppOnlyEvidence>,
+}
+
+/// `entra` / `never`, or the claim whose value proves an app-only token.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawAppOnlyEvidence {
+    Named(String),
+    Claim(RawAppOnlyClaim),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAppOnlyClaim {
+    /// The claim the issuer sets only in app-only tokens.
+    pub claim: String,
+    /// Its value in app-only tokens (a string, or one item of an array claim).
+    pub value: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,11 +230,15 @@ pub struct RawIdentity {
     pub claim: String,
     /// For `lookup`: which systemuser attribute the claim value is compared with.
     pub lookup: Option<RawLookup>,
-    /// For `static`: claim value -> systemuserid.
+    /// For `static`: claim value -> systemuserid, or -> `{ systemuserid, issuer }` naming the
+    /// issuer whose tokens this entry trusts (required when there are several issuers).
     #[serde(rename = "static")]
-    pub static_map: Option<BTreeMap<String, String>>,
-    /// How long a lookup answer (found or not) is remembered.
+    pub static_map: Option<BTreeMap<String, RawStaticUser>>,
+    /// How long a lookup answer that found a user (enabled or disabled) is remembered.
     pub cache_ttl: String,
+    /// How long a lookup answer "no such user" is remembered: short, so a user Dataverse
+    /// provisions later (group teams) is not locked out for `cache_ttl`.
+    pub unknown_user_cache_ttl: String,
     /// Most lookup answers remembered.
     pub cache_max_entries: u64,
 }
@@ -219,9 +251,27 @@ impl Default for RawIdentity {
             lookup: None,
             static_map: None,
             cache_ttl: "15m".into(),
+            unknown_user_cache_ttl: "1m".into(),
             cache_max_entries: 100_000,
         }
     }
+}
+
+/// One `static` entry: a systemuserid, or a systemuserid and the issuer it trusts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStaticUser {
+    SystemUserId(String),
+    Trusted(RawTrustedStaticUser),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrustedStaticUser {
+    /// The Dynamics user the caller acts as.
+    pub systemuserid: String,
+    /// The issuer (as written in `inbound.issuers`) whose tokens may carry this claim value.
+    pub issuer: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -266,6 +316,9 @@ pub struct RawDynamics {
     /// Single-environment form: caller tenants (`tid`) served; default `[tenant_id]`; `"*"`: any.
     #[serde(default)]
     pub tenants: Option<Vec<String>>,
+    /// Single-environment form: see `environments[].allow_guest_tenants`.
+    #[serde(default)]
+    pub allow_guest_tenants: bool,
     /// Several organisations or customer tenants, each with a name.
     #[serde(default)]
     pub environments: Option<Vec<RawEnvironment>>,
@@ -329,6 +382,11 @@ pub struct RawEnvironment {
     /// Caller tenants (`tid`) this environment serves; default `[tenant_id]`; `"*"`: any.
     #[serde(default)]
     pub tenants: Option<Vec<String>>,
+    /// Lets callers whose `tid` is not `tenant_id` (users of other tenants, or tokens
+    /// without `tid`) act as a Dynamics user here in `lookup` or `static` mode. Off: only
+    /// the organisation's own tenant's users are mapped to users.
+    #[serde(default)]
+    pub allow_guest_tenants: bool,
 }
 
 /// How a request chooses its environment.
@@ -395,6 +453,40 @@ pub struct IssuerConfig {
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
     pub discovery_url: Url,
     pub jwks_uri: Option<Url>,
+    /// Accepted `typ` header values (lowercase, without `application/`); `None`: any.
+    pub token_types: Option<Vec<String>>,
+    pub app_only_evidence: AppOnlyEvidence,
+}
+
+/// What proves that a token of an issuer is app-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppOnlyEvidence {
+    /// No token of this issuer is app-only.
+    Never,
+    /// Microsoft's test: `idtyp: app`; without `idtyp`, `oid` equal to `sub` and no `scp`.
+    Entra,
+    /// This claim has this value (or, as an array, contains it).
+    Claim { name: String, value: String },
+}
+
+/// Hosts of Microsoft Entra ID token issuers (public and sovereign clouds, External ID).
+const ENTRA_HOSTS: [&str; 7] = [
+    "login.microsoftonline.com",
+    "login.windows.net",
+    "sts.windows.net",
+    "login.microsoftonline.us",
+    "login.partner.microsoftonline.cn",
+    "login.chinacloudapi.cn",
+    "sts.chinacloudapi.cn",
+];
+
+fn is_entra_issuer(issuer: &str) -> bool {
+    Url::parse(issuer.trim()).is_ok_and(|u| {
+        u.host_str().is_some_and(|h| {
+            ENTRA_HOSTS.iter().any(|e| h.eq_ignore_ascii_case(e))
+                || h.to_ascii_lowercase().ends_with(".ciamlogin.com")
+        })
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -402,6 +494,7 @@ pub struct IdentityConfig {
     pub mode: IdentityMode,
     pub claim: String,
     pub cache_ttl: Duration,
+    pub unknown_user_cache_ttl: Duration,
     pub cache_max_entries: u64,
 }
 
@@ -409,7 +502,16 @@ pub struct IdentityConfig {
 pub enum IdentityMode {
     CallerObjectId,
     Lookup(LookupAttribute),
-    Static(BTreeMap<String, String>),
+    Static(Vec<StaticUser>),
+}
+
+/// One `static` entry: a claim value, from one issuer, acts as one Dynamics user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticUser {
+    /// The issuer as written in `inbound.issuers` (a `{tenantid}` template included).
+    pub issuer: String,
+    pub claim_value: String,
+    pub systemuserid: uuid::Uuid,
 }
 
 /// The systemuser attributes a lookup may compare with, and how their literal is written.
@@ -468,6 +570,8 @@ pub struct EnvironmentConfig {
     pub scope: String,
     /// Caller tenants served; `None`: any.
     pub tenants: Option<Vec<String>>,
+    /// Callers of other tenants (or without `tid`) may be mapped to users here.
+    pub allow_guest_tenants: bool,
 }
 
 impl EnvironmentConfig {
@@ -699,10 +803,6 @@ fn parse_algorithm(key: &str, text: &str) -> Result<jsonwebtoken::Algorithm, Con
     })
 }
 
-fn is_guid(text: &str) -> bool {
-    uuid::Uuid::try_parse(text).is_ok()
-}
-
 impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
@@ -851,6 +951,21 @@ impl TryFrom<RawConfig> for Config {
                     format!("issuer \"{}\" is listed twice", ri.issuer),
                 ));
             }
+            let token_types = match ri.token_types {
+                None => None,
+                Some(list) if list.is_empty() || list.iter().any(|t| t.trim().is_empty()) => {
+                    return Err(invalid(
+                        format!("{key}.token_types"),
+                        "must list token types, e.g. [at+jwt]; leave it out to accept any typ",
+                    ))
+                }
+                Some(list) => Some(list.iter().map(|t| token_type(t)).collect()),
+            };
+            let app_only_evidence = app_only_evidence(
+                &format!("{key}.app_only_evidence"),
+                &ri.issuer,
+                ri.app_only_evidence,
+            )?;
             issuers.push(IssuerConfig {
                 issuer: ri.issuer,
                 tenants,
@@ -858,6 +973,8 @@ impl TryFrom<RawConfig> for Config {
                 algorithms,
                 discovery_url,
                 jwks_uri,
+                token_types,
+                app_only_evidence,
             });
         }
         let inbound = InboundConfig {
@@ -896,6 +1013,12 @@ impl TryFrom<RawConfig> for Config {
             }
             "lookup" => {
                 reject_extra(id.static_map.is_some(), "identity.static", "lookup")?;
+                if id.claim.trim().eq_ignore_ascii_case("email") {
+                    return Err(invalid(
+                        "identity.claim",
+                        "email cannot identify a caller: in Microsoft Entra ID it is mutable and unverified, so anyone able to set it could act as that user; use oid with attribute azureactivedirectoryobjectid",
+                    ));
+                }
                 let attr = id
                     .lookup
                     .as_ref()
@@ -922,15 +1045,11 @@ impl TryFrom<RawConfig> for Config {
                         "static mode needs a map of claim value -> systemuserid",
                     ));
                 }
-                for (k, v) in &map {
-                    if !is_guid(v) {
-                        return Err(invalid(
-                            format!("identity.static.{k}"),
-                            format!("\"{v}\" is not a systemuserid (a GUID)"),
-                        ));
-                    }
+                let mut users = Vec::with_capacity(map.len());
+                for (k, v) in map {
+                    users.push(static_user(&inbound.issuers, k, v)?);
                 }
-                IdentityMode::Static(map)
+                IdentityMode::Static(users)
             }
             other => {
                 return Err(invalid(
@@ -943,6 +1062,10 @@ impl TryFrom<RawConfig> for Config {
             mode,
             claim: id.claim,
             cache_ttl: parse_duration("identity.cache_ttl", &id.cache_ttl)?,
+            unknown_user_cache_ttl: parse_duration(
+                "identity.unknown_user_cache_ttl",
+                &id.unknown_user_cache_ttl,
+            )?,
             cache_max_entries: id.cache_max_entries,
         };
         if identity.cache_max_entries == 0 {
@@ -950,6 +1073,23 @@ impl TryFrom<RawConfig> for Config {
         }
 
         let dynamics = dynamics_config(raw.dynamics)?;
+        issuers_bound_to_tenants(&inbound, &dynamics)?;
+        if identity.mode == IdentityMode::CallerObjectId {
+            if let Some(n) = dynamics
+                .environments
+                .iter()
+                .position(|e| e.allow_guest_tenants)
+            {
+                let key = match dynamics.environments.as_slice() {
+                    [only] if only.name == "default" => "dynamics.allow_guest_tenants".to_string(),
+                    _ => format!("dynamics.environments[{n}].allow_guest_tenants"),
+                };
+                return Err(invalid(
+                    key,
+                    "has no effect in identity.mode caller_object_id: an object id issued by another tenant names nobody in this organisation; remove it, or use lookup or static mode",
+                ));
+            }
+        }
 
         Ok(Config {
             server,
@@ -1042,7 +1182,8 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         || d.managed_identity.is_some()
         || d.token_url.is_some()
         || d.scope.is_some()
-        || d.tenants.is_some();
+        || d.tenants.is_some()
+        || d.allow_guest_tenants;
     let (raw_envs, in_list) = match d.environments {
         Some(_) if single => {
             return Err(invalid(
@@ -1066,6 +1207,7 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
                 token_url: d.token_url,
                 scope: d.scope,
                 tenants: d.tenants,
+                allow_guest_tenants: d.allow_guest_tenants,
             };
             (vec![env], false)
         }
@@ -1148,6 +1290,7 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
             credential,
             token_url,
             tenants,
+            allow_guest_tenants: e.allow_guest_tenants,
         });
     }
     let routing = match (d.routing, environments.len()) {
@@ -1214,6 +1357,121 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         token_replace_interval,
         token_retry_max_wait,
     })
+}
+
+/// A `typ` as compared: lowercase, without the optional `application/` (RFC 7515 4.1.9).
+pub fn token_type(text: &str) -> String {
+    let t = text.trim().to_ascii_lowercase();
+    t.strip_prefix("application/")
+        .map(str::to_string)
+        .unwrap_or(t)
+}
+
+fn app_only_evidence(
+    key: &str,
+    issuer: &str,
+    raw: Option<RawAppOnlyEvidence>,
+) -> Result<AppOnlyEvidence, ConfigError> {
+    Ok(match raw {
+        None if is_entra_issuer(issuer) => AppOnlyEvidence::Entra,
+        None => AppOnlyEvidence::Never,
+        Some(RawAppOnlyEvidence::Named(name)) => match name.trim() {
+            "entra" => AppOnlyEvidence::Entra,
+            "never" => AppOnlyEvidence::Never,
+            other => {
+                return Err(invalid(
+                    key,
+                    format!("\"{other}\" is not app-only evidence; use entra, never or {{ claim: <name>, value: <value> }}"),
+                ))
+            }
+        },
+        Some(RawAppOnlyEvidence::Claim(c)) => {
+            if c.claim.trim().is_empty() || c.value.trim().is_empty() {
+                return Err(invalid(key, "claim and value must both be written"));
+            }
+            AppOnlyEvidence::Claim {
+                name: c.claim,
+                value: c.value,
+            }
+        }
+    })
+}
+
+/// A validated `static` entry; without a named issuer it trusts the only issuer there is.
+fn static_user(
+    issuers: &[IssuerConfig],
+    claim_value: String,
+    raw: RawStaticUser,
+) -> Result<StaticUser, ConfigError> {
+    let key = format!("identity.static.{claim_value}");
+    let (systemuserid, issuer) = match raw {
+        RawStaticUser::SystemUserId(id) => match issuers {
+            [only] => (id, only.issuer.clone()),
+            _ => {
+                return Err(invalid(
+                    key,
+                    "several issuers are configured, so each static entry must name the one it trusts: { systemuserid: <guid>, issuer: <issuer as in inbound.issuers> }",
+                ))
+            }
+        },
+        RawStaticUser::Trusted(t) => {
+            if !issuers.iter().any(|i| i.issuer == t.issuer) {
+                return Err(invalid(
+                    format!("{key}.issuer"),
+                    format!("\"{}\" is not one of inbound.issuers", t.issuer),
+                ));
+            }
+            (t.systemuserid, t.issuer)
+        }
+    };
+    let systemuserid = uuid::Uuid::try_parse(systemuserid.trim()).map_err(|_| {
+        invalid(
+            &key,
+            format!("\"{systemuserid}\" is not a systemuserid (a GUID)"),
+        )
+    })?;
+    Ok(StaticUser {
+        issuer,
+        claim_value,
+        systemuserid,
+    })
+}
+
+/// With several environments or caller tenants, an issuer without a `tenants` list could
+/// assert any `tid` and so reach any of them: each must say which tenants it speaks for.
+fn issuers_bound_to_tenants(
+    inbound: &InboundConfig,
+    dynamics: &DynamicsConfig,
+) -> Result<(), ConfigError> {
+    let mut tenants: Vec<String> = Vec::new();
+    let mut any_tenant = false;
+    for env in &dynamics.environments {
+        tenants.push(env.tenant_id.trim().to_ascii_lowercase());
+        match &env.tenants {
+            Some(list) => tenants.extend(list.iter().map(|t| t.trim().to_ascii_lowercase())),
+            None => any_tenant = true,
+        }
+    }
+    tenants.sort();
+    tenants.dedup();
+    // One issuer for one environment that serves any tenant has no other issuer to be
+    // confused with (and may be one that sends no `tid`, such as Keycloak).
+    let several = dynamics.environments.len() > 1
+        || tenants.len() > 1
+        || (any_tenant && inbound.issuers.len() > 1);
+    if !several {
+        return Ok(());
+    }
+    match inbound.issuers.iter().position(|i| i.tenants.is_none()) {
+        Some(n) => Err(invalid(
+            format!("inbound.issuers[{n}].tenants"),
+            format!(
+                "issuer \"{}\" must list the tenant ids (tid) it may assert: the gateway serves several environments or tenants, and an issuer without the list could name any of them",
+                inbound.issuers[n].issuer
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 fn reject_extra(present: bool, key: &str, mode: &str) -> Result<(), ConfigError> {
@@ -1366,6 +1624,7 @@ dynamics:
                 "  issuers:",
                 "    - issuer: https://i.example/",
                 "      audiences: [a]",
+                "      tenants: [t1, t2]",
                 "dynamics:",
                 routing,
                 "  environments:",
@@ -1420,6 +1679,154 @@ dynamics:
         assert_eq!(
             url,
             "https://login.microsoftonline.com/t/adminconsent?client_id=c&redirect_uri=https%3A%2F%2Fapp.example%2Fonboarded"
+        );
+    }
+
+    #[test]
+    fn with_several_environments_every_issuer_names_its_tenants() {
+        let two_envs = |tenants: &str| {
+            format!(
+                "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/{{tenantid}}/v2.0\n      audiences: [a]\n      tenants: [t1, t2]\n    - issuer: https://keycloak.example/realms/r\n      audiences: [a]\n{tenants}\
+dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
+- {{ name: contoso, url: https://contoso.crm.dynamics.com, tenant_id: t1, client_id: c, client_secret: s }}\n    \
+- {{ name: fabrikam, url: https://fabrikam.crm4.dynamics.com, tenant_id: t2, client_id: c, client_secret: s }}\n"
+            )
+        };
+        let err = load(&two_envs("")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("inbound.issuers[1].tenants")
+                && err.contains("https://keycloak.example/realms/r"),
+            "{err}"
+        );
+        assert!(load(&two_envs("      tenants: [t2]\n")).is_ok());
+        // One environment serving a second tenant is several tenants too.
+        let text = MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  tenants: [t, u]\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("inbound.issuers[0].tenants"), "{err}");
+        // The old single-issuer single-tenant form still loads without a list, and so does
+        // one issuer serving any tenant (nothing to confuse it with).
+        assert!(load(MINIMAL).is_ok());
+        let any = MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  tenants: [\"*\"]\n");
+        assert!(load(&any).is_ok());
+        let two = any.replace(
+            "      audiences: [api://dynamics-gateway]\n",
+            "      audiences: [api://dynamics-gateway]\n    - issuer: https://other.example/\n      audiences: [a]\n",
+        );
+        let err = load(&two).unwrap_err().to_string();
+        assert!(err.starts_with("inbound.issuers[0].tenants"), "{err}");
+    }
+
+    #[test]
+    fn app_only_evidence_defaults_to_entra_only_for_entra_hosts() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(
+            c.inbound.issuers[0].app_only_evidence,
+            AppOnlyEvidence::Entra
+        );
+        let other = MINIMAL.replace(
+            "https://login.microsoftonline.com/t/v2.0",
+            "https://login.microsoftonline.com.evil.example/t/v2.0",
+        );
+        let c = load(&other).unwrap();
+        assert_eq!(
+            c.inbound.issuers[0].app_only_evidence,
+            AppOnlyEvidence::Never
+        );
+        assert!(is_entra_issuer(
+            "https://login.microsoftonline.com/{tenantid}/v2.0"
+        ));
+        assert!(is_entra_issuer("https://contoso.ciamlogin.com/t/v2.0"));
+        assert!(!is_entra_issuer(
+            "https://evil.example/login.microsoftonline.com/"
+        ));
+        let claim = MINIMAL.replace(
+            "audiences: [api://dynamics-gateway]",
+            "audiences: [a]\n      app_only_evidence: { claim: token_use, value: service }\n      token_types: [application/AT+JWT]",
+        );
+        let c = load(&claim).unwrap();
+        assert_eq!(
+            c.inbound.issuers[0].app_only_evidence,
+            AppOnlyEvidence::Claim {
+                name: "token_use".into(),
+                value: "service".into()
+            }
+        );
+        assert_eq!(
+            c.inbound.issuers[0].token_types,
+            Some(vec!["at+jwt".to_string()])
+        );
+        let bad = MINIMAL.replace(
+            "audiences: [api://dynamics-gateway]",
+            "audiences: [a]\n      app_only_evidence: always",
+        );
+        let err = load(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("inbound.issuers[0].app_only_evidence"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lookup_by_email_is_refused() {
+        let text = format!("{MINIMAL}identity:\n  mode: lookup\n  claim: email\n  lookup: {{ attribute: internalemailaddress }}\n");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(
+            err.starts_with("identity.claim") && err.contains("mutable"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn static_entries_name_their_issuer_when_there_are_several() {
+        let id = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+        let c = load(&format!(
+            "{MINIMAL}identity:\n  mode: static\n  static:\n    alice: {id}\n"
+        ))
+        .unwrap();
+        let IdentityMode::Static(users) = &c.identity.mode else {
+            panic!("static mode")
+        };
+        assert_eq!(users[0].issuer, "https://login.microsoftonline.com/t/v2.0");
+        let two = MINIMAL.replace(
+            "      audiences: [api://dynamics-gateway]\n",
+            "      audiences: [api://dynamics-gateway]\n    - issuer: https://other.example/\n      audiences: [a]\n",
+        );
+        let err = load(&format!(
+            "{two}identity:\n  mode: static\n  static:\n    alice: {id}\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("identity.static.alice") && err.contains("name the one it trusts"),
+            "{err}"
+        );
+        let named = format!("{two}identity:\n  mode: static\n  static:\n    alice: {{ systemuserid: {id}, issuer: https://other.example/ }}\n");
+        let c = load(&named).unwrap();
+        let IdentityMode::Static(users) = &c.identity.mode else {
+            panic!("static mode")
+        };
+        assert_eq!(users[0].issuer, "https://other.example/");
+        let unknown = named.replace(
+            "issuer: https://other.example/ }",
+            "issuer: https://nowhere.example/ }",
+        );
+        let err = load(&unknown).unwrap_err().to_string();
+        assert!(err.starts_with("identity.static.alice.issuer"), "{err}");
+    }
+
+    #[test]
+    fn guests_cannot_be_allowed_in_caller_object_id_mode() {
+        let text = MINIMAL.replace(
+            "tenant_id: t\n",
+            "tenant_id: t\n  allow_guest_tenants: true\n",
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("dynamics.allow_guest_tenants"), "{err}");
+        let lookup = format!("{text}identity:\n  mode: lookup\n");
+        assert!(load(&lookup).unwrap().dynamics.environments[0].allow_guest_tenants);
+        assert_eq!(
+            load(&lookup).unwrap().identity.unknown_user_cache_ttl,
+            Duration::from_secs(60)
         );
     }
 

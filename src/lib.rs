@@ -147,8 +147,13 @@ impl Gateway {
                     )),
                     _ => None,
                 };
-                let identity = IdentityResolver::new(&config.identity, lookup, &env.tenant_id)
-                    .map_err(StartError::Identity)?;
+                let identity = IdentityResolver::new(
+                    &config.identity,
+                    lookup,
+                    &env.tenant_id,
+                    env.allow_guest_tenants,
+                )
+                .map_err(StartError::Identity)?;
                 let upstream = Forwarder::new(
                     client,
                     env_tokens.clone(),

@@ -128,6 +128,7 @@ impl Pipeline {
                 path: target.path_and_query.split('?').next().unwrap_or_default(),
                 claims: &caller.claims,
                 issuer: &caller.issuer,
+                kind: caller.kind,
             })
             .inspect_err(|denied| {
                 self.metrics

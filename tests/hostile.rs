@@ -1226,7 +1226,7 @@ fn token_with(env: &Env, claim: &str, value: &str) -> String {
 #[tokio::test]
 async fn email_lookup_escapes_hostile_values_so_only_the_exact_value_can_match() {
     let env = env()
-        .identity("identity:\n  mode: lookup\n  claim: email\n  lookup: { attribute: internalemailaddress }\n")
+        .identity("identity:\n  mode: lookup\n  claim: upn\n  lookup: { attribute: internalemailaddress }\n")
         .start()
         .await;
     let oneil = DirectoryUser::new(
@@ -1256,7 +1256,7 @@ async fn email_lookup_escapes_hostile_values_so_only_the_exact_value_can_match()
     ];
     for value in &hostile {
         let before = env.dataverse.request_count();
-        let answer = get(&env, WHOAMI, &token_with(&env, "email", value)).await;
+        let answer = get(&env, WHOAMI, &token_with(&env, "upn", value)).await;
         assert_refused(
             &env,
             value,
@@ -1276,7 +1276,7 @@ async fn email_lookup_escapes_hostile_values_so_only_the_exact_value_can_match()
         ("zo\u{eb}@contoso.example", &zoe),
         (ALICE_EMAIL, &env.alice),
     ] {
-        let answer = get(&env, WHOAMI, &token_with(&env, "email", value)).await;
+        let answer = get(&env, WHOAMI, &token_with(&env, "upn", value)).await;
         assert_eq!(answer.status, 200, "{value}: {answer:?}");
         let who: Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(who["UserId"], user.systemuserid.as_str(), "{value}");
@@ -1333,7 +1333,7 @@ async fn object_id_lookup_refuses_claims_that_are_not_guids_before_any_lookup() 
     assert_eq!(seen.len(), 2);
     assert_eq!(
         seen[0].path_and_query,
-        expected_lookup(&format!("azureactivedirectoryobjectid eq {ALICE_OID}"))
+        format!("/api/data/v9.2/systemusers(azureactivedirectoryobjectid={ALICE_OID})?$select=systemuserid,isdisabled")
     );
     assert_eq!(
         seen[1].header("mscrmcallerid"),

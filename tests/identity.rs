@@ -84,7 +84,7 @@ async fn lookup_mode_sends_the_systemuserid_and_shares_one_lookup_between_concur
     assert!(
         lookup
             .path_and_query
-            .contains(&format!("azureactivedirectoryobjectid%20eq%20{ALICE_OID}")),
+            .ends_with(&format!("/systemusers(azureactivedirectoryobjectid={ALICE_OID})?$select=systemuserid,isdisabled")),
         "{}",
         lookup.path_and_query
     );
@@ -124,15 +124,15 @@ async fn lookup_mode_refuses_unknown_and_disabled_users_and_remembers_the_answer
 #[tokio::test]
 async fn lookup_by_email_escapes_the_literal_so_injection_matches_nobody() {
     let env = env()
-        .identity("identity:\n  mode: lookup\n  claim: email\n  lookup: { attribute: internalemailaddress }\n")
+        .identity("identity:\n  mode: lookup\n  claim: upn\n  lookup: { attribute: internalemailaddress }\n")
         .start()
         .await;
     let mut claims = env.idp.claims_for(ALICE_OID);
-    claims["email"] = serde_json::json!(ALICE_EMAIL);
+    claims["upn"] = serde_json::json!(ALICE_EMAIL);
     assert_eq!(get_whoami(&env, &env.idp.sign(claims)).await.status(), 200);
 
     let mut claims = env.idp.claims_for(ALICE_OID);
-    claims["email"] = serde_json::json!("x' or internalemailaddress ne 'x");
+    claims["upn"] = serde_json::json!("x' or internalemailaddress ne 'x");
     let (status, _, _) = error_body(get_whoami(&env, &env.idp.sign(claims)).await).await;
     assert_eq!(status, 403);
     let lookup = env

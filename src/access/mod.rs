@@ -20,7 +20,8 @@
 //!   batches.
 //! - An empty `when: {}` is allowed and matches every authenticated caller; `when` itself
 //!   must be written, so "everyone" is always a visible choice.
-//! - `impersonation: app_only` rules never match a delegated (user) token.
+//! - `impersonation: app_only` rules match only callers the inbound stage found to be
+//!   applications ([`CallerKind::App`], on the issuer's positive evidence), never a user.
 
 mod control_headers;
 mod raw;
@@ -32,6 +33,8 @@ use std::sync::Arc;
 use http::header::HeaderName;
 use http::Method;
 use serde_json::{Map, Value};
+
+use crate::inbound::CallerKind;
 
 pub(crate) use control_headers::names_impersonation;
 pub use control_headers::{
@@ -70,6 +73,8 @@ pub struct AccessRequest<'a> {
     pub claims: &'a Map<String, Value>,
     /// The caller's verified issuer.
     pub issuer: &'a str,
+    /// User or application, as the inbound stage decided.
+    pub kind: CallerKind,
 }
 
 /// Permission for one request.

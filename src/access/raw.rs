@@ -39,7 +39,7 @@ pub struct RawRule {
     pub allow: RawAllow,
     /// `required` (default): the identity stage must map the caller to a Dynamics user.
     /// `app_only`: act as the application user, no impersonation; only ever matches
-    /// app-only tokens (`idtyp: app`, or no `scp`).
+    /// callers proven app-only by their issuer's `app_only_evidence`.
     #[serde(default)]
     pub impersonation: Option<String>,
 }

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::target::Target;
 use super::{AccessRequest, Grant, ImpersonationPolicy};
+use crate::inbound::CallerKind;
 
 #[derive(Debug, Clone)]
 pub(super) struct Rule {
@@ -17,25 +18,17 @@ pub(super) struct Rule {
 }
 
 impl Rule {
-    /// Whether this rule is for this caller. An `app_only` rule is never for a delegated
-    /// (user) token, whatever its `when` says: otherwise a user holding the same role would
-    /// act as the application user, with its rights and without an audit trail naming them.
+    /// Whether this rule is for this caller. An `app_only` rule is only for a caller the
+    /// inbound stage proved to be an application, whatever its `when` says: otherwise a
+    /// user holding the same role would act as the application user, with its rights and
+    /// without an audit trail naming them.
     pub(super) fn is_for(&self, request: &AccessRequest<'_>) -> bool {
-        if self.grant.impersonation == ImpersonationPolicy::AppOnly && !is_app_only(request.claims)
+        if self.grant.impersonation == ImpersonationPolicy::AppOnly
+            && request.kind != CallerKind::App
         {
             return false;
         }
         self.when.matches(request)
-    }
-}
-
-/// An app-only token (a service calling as itself): Azure AD's `idtyp: app`, or, where the
-/// optional `idtyp` claim is not issued, a token with no `scp` (delegated tokens always
-/// carry the scopes the user consented to).
-fn is_app_only(claims: &Map<String, Value>) -> bool {
-    match claims.get("idtyp").and_then(Value::as_str) {
-        Some(idtyp) => idtyp.eq_ignore_ascii_case("app"),
-        None => !claims.contains_key("scp"),
     }
 }
 

@@ -2,6 +2,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde_json::{json, Map, Value};
 
 use super::*;
+use crate::config::AppOnlyEvidence;
 
 const ISSUER: &str = "https://login.microsoftonline.com/11111111-1111-1111-1111-111111111111/v2.0";
 const TENANT: &str = "11111111-1111-1111-1111-111111111111";
@@ -51,6 +52,7 @@ fn decide_as(
         path,
         claims,
         issuer,
+        kind: CallerKind::from_claims(&AppOnlyEvidence::Entra, claims),
     })
 }
 
@@ -187,9 +189,23 @@ fn app_only_rules_never_match_user_tokens() {
     );
     let grant = decide(&p, Method::GET, ACCOUNTS, &app(json!({}))).unwrap();
     assert_eq!(grant.impersonation, ImpersonationPolicy::AppOnly);
-    // No idtyp, no scp: an app token from an issuer that does not send idtyp.
-    let bare = claims(json!({ "azp": APP }));
-    assert!(decide(&p, Method::GET, ACCOUNTS, &bare).is_ok());
+    // No idtyp, no scp, `oid` equal to `sub`: Microsoft's test for an app token where the
+    // optional idtyp is not issued.
+    let no_idtyp = claims(json!({ "azp": APP, "oid": "sp", "sub": "sp" }));
+    assert!(decide(&p, Method::GET, ACCOUNTS, &no_idtyp).is_ok());
+    // No idtyp and no scp prove nothing: an ID token, or another issuer's `scope`.
+    for unproven in [
+        json!({ "azp": APP }),
+        json!({ "azp": APP, "oid": "o", "sub": "s" }),
+        json!({ "azp": APP, "scope": "openid", "sub": "s" }),
+        json!({ "azp": APP, "oid": "sp", "sub": "sp", "scp": "x" }),
+        json!({ "azp": APP, "idtyp": ["app"] }),
+    ] {
+        assert!(
+            decide(&p, Method::GET, ACCOUNTS, &claims(unproven.clone())).is_err(),
+            "{unproven}"
+        );
+    }
     // Same app, but a user's token: not for this rule.
     assert!(decide(&p, Method::GET, ACCOUNTS, &user(json!({}))).is_err());
     let user_idtyp = claims(json!({ "azp": APP, "idtyp": "user" }));

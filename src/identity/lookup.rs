@@ -1,11 +1,17 @@
 //! `lookup` mode: finds the caller's `systemuserid` in Dataverse with the S2S token and
-//! remembers the answer (found, not found, disabled) in a bounded cache. Concurrent
+//! remembers the answer (found, not found, disabled) in a bounded cache, keyed by
+//! (issuer, tenant, claim value). "Not found" is remembered for a shorter time. Concurrent
 //! requests of one caller share a single lookup.
 //!
-//! The claim value goes into an OData `$filter`, so it is an injection point: a GUID
-//! attribute takes only a value that parses as a GUID (written unquoted), a string
-//! attribute takes a single-quoted literal with `'` doubled, and the whole filter is
-//! percent-encoded. The filter can therefore only ever match that exact value.
+//! The Entra object id is looked up by Dataverse's alternate key,
+//! `systemusers(azureactivedirectoryobjectid=<guid>)` (404: no such user): only that form
+//! makes Dataverse add a member of an Entra group team just in time; a `$filter` finds
+//! nobody until the user's first sign-in.
+//!
+//! The claim value goes into the URL, so it is an injection point: a GUID attribute takes
+//! only a value that parses as a GUID (written unquoted, canonical), a string attribute
+//! takes a single-quoted `$filter` literal with `'` doubled, and the whole filter is
+//! percent-encoded. The query can therefore only ever match that exact value.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +19,7 @@ use std::time::Duration;
 use http::header::{ACCEPT, AUTHORIZATION, HOST};
 use http::{HeaderValue, Request, StatusCode};
 use moka::future::Cache;
+use moka::Expiry;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
 use uuid::Uuid;
@@ -65,6 +72,46 @@ enum Outcome {
     Ambiguous,
 }
 
+/// Found answers live `cache_ttl`, "not found" only `unknown_user_cache_ttl`.
+struct AnswerTtl {
+    found: Duration,
+    unknown: Duration,
+}
+
+impl Expiry<CacheKey, Outcome> for AnswerTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Outcome,
+        _created_at: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(match value {
+            Outcome::NotFound => self.unknown,
+            _ => self.found,
+        })
+    }
+}
+
+/// (issuer, tenant in lowercase, claim value): the same value from another issuer or
+/// tenant may be another person.
+type CacheKey = (Arc<str>, String, String);
+
+/// The request that finds the user.
+enum Query {
+    /// `systemusers(<attribute>=<value>)`: one entity, or 404.
+    AlternateKey(String),
+    /// `systemusers?$filter=...`: a collection of matches.
+    Filter(String),
+}
+
+impl Query {
+    fn path(&self) -> &str {
+        match self {
+            Self::AlternateKey(p) | Self::Filter(p) => p,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct SystemUsers {
     value: Vec<SystemUser>,
@@ -83,8 +130,7 @@ pub struct UserLookup {
     client: DataverseClient,
     tokens: Arc<TokenSource>,
     timeout: Duration,
-    /// Keyed by (issuer, claim value): the same value from two issuers may be two people.
-    cache: Cache<(Arc<str>, String), Outcome>,
+    cache: Cache<CacheKey, Outcome>,
     metrics: Metrics,
 }
 
@@ -99,7 +145,10 @@ impl UserLookup {
     ) -> Self {
         let cache = Cache::builder()
             .max_capacity(config.cache_max_entries)
-            .time_to_live(config.cache_ttl)
+            .expire_after(AnswerTtl {
+                found: config.cache_ttl,
+                unknown: config.unknown_user_cache_ttl,
+            })
             .build();
         Self {
             attribute,
@@ -111,16 +160,22 @@ impl UserLookup {
         }
     }
 
+    /// `tenant` is the caller's `tid` (empty when the token has none).
     pub async fn resolve(
         &self,
         issuer: &Arc<str>,
+        tenant: &str,
         value: &str,
     ) -> Result<Impersonation, IdentityError> {
-        let filter = filter(self.attribute, value)?;
+        let query = query(self.attribute, value)?;
         let entry = self
             .cache
-            .entry((issuer.clone(), value.to_string()))
-            .or_try_insert_with(self.fetch(filter))
+            .entry((
+                issuer.clone(),
+                tenant.to_ascii_lowercase(),
+                value.to_string(),
+            ))
+            .or_try_insert_with(self.fetch(query))
             .await
             .map_err(|e| IdentityError::Lookup((*e).clone()))?;
         let result = if entry.is_fresh() { "miss" } else { "hit" };
@@ -136,11 +191,8 @@ impl UserLookup {
         }
     }
 
-    async fn fetch(&self, filter: String) -> Result<Outcome, LookupError> {
-        let path = format!(
-            "/api/data/v9.2/systemusers?$select=systemuserid,isdisabled&$filter={}",
-            utf8_percent_encode(&filter, FILTER_VALUE)
-        );
+    async fn fetch(&self, query: Query) -> Result<Outcome, LookupError> {
+        let path = query.path();
         let mut token = self
             .tokens
             .current_or_first()
@@ -148,7 +200,7 @@ impl UserLookup {
             .map_err(UpstreamError::from)?;
         let mut retried = false;
         let response = loop {
-            let response = self.send(&path, &token).await?;
+            let response = self.send(path, &token).await?;
             if response.status() == StatusCode::UNAUTHORIZED && !retried {
                 retried = true;
                 if let Some(replacement) = self
@@ -163,12 +215,24 @@ impl UserLookup {
             }
             break response;
         };
+        if matches!(query, Query::AlternateKey(_)) && response.status() == StatusCode::NOT_FOUND {
+            return Ok(Outcome::NotFound);
+        }
         if !response.status().is_success() {
             return Err(LookupError::Status(response.status().as_u16()));
         }
         let bytes = body::read_capped(response.into_body(), body::MAX_DEPENDENCY_BODY_BYTES)
             .await
             .map_err(|_| LookupError::BadAnswer)?;
+        if let Query::AlternateKey(_) = query {
+            let user: SystemUser =
+                serde_json::from_slice(&bytes).map_err(|_| LookupError::BadAnswer)?;
+            return Ok(if user.isdisabled {
+                Outcome::Disabled
+            } else {
+                Outcome::Found(user.systemuserid)
+            });
+        }
         let users: SystemUsers =
             serde_json::from_slice(&bytes).map_err(|_| LookupError::BadAnswer)?;
         Ok(match users.value.as_slice() {
@@ -198,6 +262,28 @@ impl UserLookup {
             Ok(Ok(response)) => Ok(response),
         }
     }
+}
+
+/// The request that finds exactly `value` in `attribute`.
+fn query(attribute: LookupAttribute, value: &str) -> Result<Query, IdentityError> {
+    const SELECT: &str = "$select=systemuserid,isdisabled";
+    Ok(match attribute {
+        LookupAttribute::AzureActiveDirectoryObjectId => {
+            let id = Uuid::try_parse(value)
+                .map_err(|_| IdentityError::NotAGuid(attribute.name().to_string()))?;
+            Query::AlternateKey(format!(
+                "/api/data/v9.2/systemusers({}={})?{SELECT}",
+                attribute.name(),
+                id.hyphenated()
+            ))
+        }
+        LookupAttribute::InternalEmailAddress | LookupAttribute::DomainName => {
+            Query::Filter(format!(
+                "/api/data/v9.2/systemusers?{SELECT}&$filter={}",
+                utf8_percent_encode(&filter(attribute, value)?, FILTER_VALUE)
+            ))
+        }
+    })
 }
 
 /// The OData filter that matches exactly `value` in `attribute`, before percent-encoding.
@@ -231,6 +317,24 @@ mod tests {
             "azureactivedirectoryobjectid eq 9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c"
         );
         assert!(filter(LookupAttribute::AzureActiveDirectoryObjectId, "x or 1 eq 1").is_err());
+    }
+
+    #[test]
+    fn object_ids_use_the_alternate_key_in_canonical_form() {
+        let q = query(
+            LookupAttribute::AzureActiveDirectoryObjectId,
+            "{9F2C4C1E-5D7A-4B8E-A6C3-0D1E2F3A4B5C}",
+        )
+        .unwrap();
+        assert_eq!(
+            q.path(),
+            "/api/data/v9.2/systemusers(azureactivedirectoryobjectid=9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c)?$select=systemuserid,isdisabled"
+        );
+        assert!(query(
+            LookupAttribute::AzureActiveDirectoryObjectId,
+            "x)?$filter=1"
+        )
+        .is_err());
     }
 
     #[test]

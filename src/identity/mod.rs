@@ -45,6 +45,8 @@ pub enum IdentityError {
     NotMapped,
     #[error("the caller's tenant is not the organisation's: an object id from another tenant names nobody there")]
     ForeignTenant,
+    #[error("the caller's tenant (tid) is not the organisation's, and this environment does not allow_guest_tenants")]
+    GuestTenant,
     #[error("no Dynamics user matches the caller")]
     UserNotFound,
     #[error("the caller's Dynamics user is disabled")]
@@ -62,6 +64,7 @@ impl IdentityError {
             Self::NotAGuid(_) => "identity_claim_not_guid",
             Self::NotMapped => "identity_not_mapped",
             Self::ForeignTenant => "identity_foreign_tenant",
+            Self::GuestTenant => "identity_guest_tenant",
             Self::UserNotFound => "identity_user_not_found",
             Self::UserDisabled => "identity_user_disabled",
             Self::Ambiguous => "identity_ambiguous",
@@ -80,8 +83,10 @@ enum Mode {
 pub struct IdentityResolver {
     claim: String,
     mode: Mode,
-    /// The organisation's tenant: `CallerObjectId` only means something for its callers.
+    /// The organisation's tenant: `CallerObjectId` only means something for its callers,
+    /// and only its users become users here unless `allow_guest_tenants`.
     tenant_id: String,
+    allow_guest_tenants: bool,
 }
 
 impl IdentityResolver {
@@ -90,6 +95,7 @@ impl IdentityResolver {
         config: &IdentityConfig,
         lookup: Option<UserLookup>,
         tenant_id: &str,
+        allow_guest_tenants: bool,
     ) -> Result<Self, &'static str> {
         let mode = match &config.mode {
             IdentityMode::CallerObjectId => Mode::CallerObjectId,
@@ -102,6 +108,7 @@ impl IdentityResolver {
             claim: config.claim.clone(),
             mode,
             tenant_id: tenant_id.trim().to_string(),
+            allow_guest_tenants,
         })
     }
 
@@ -115,18 +122,22 @@ impl IdentityResolver {
             .claim_str(&self.claim)
             .filter(|v| !v.is_empty())
             .ok_or_else(|| IdentityError::MissingClaim(self.claim.clone()))?;
+        let tid = caller.claim_str("tid").unwrap_or_default();
+        let own_tenant = tid.eq_ignore_ascii_case(&self.tenant_id);
         match &self.mode {
             Mode::CallerObjectId => {
                 // Guests have a different oid in each tenant: an oid issued by another
                 // tenant would impersonate nobody, or the wrong person.
-                let tid = caller.claim_str("tid").unwrap_or_default();
-                if !tid.eq_ignore_ascii_case(&self.tenant_id) {
+                if !own_tenant {
                     return Err(IdentityError::ForeignTenant);
                 }
                 caller_object_id::resolve(&self.claim, value)
             }
-            Mode::Static(map) => map.resolve(value),
-            Mode::Lookup(lookup) => lookup.resolve(&caller.issuer, value).await,
+            // Another tenant's token may carry any email or name it likes: it names one of
+            // this organisation's users only if the environment says it trusts such guests.
+            _ if !own_tenant && !self.allow_guest_tenants => Err(IdentityError::GuestTenant),
+            Mode::Static(map) => map.resolve(&caller.configured_issuer, value),
+            Mode::Lookup(lookup) => lookup.resolve(&caller.issuer, tid, value).await,
         }
     }
 }

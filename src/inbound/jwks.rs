@@ -18,9 +18,9 @@ use url::Url;
 
 use super::discovery::{self, FetchError};
 use super::jwt::UnverifiedToken;
-use super::{AuthError, Caller};
+use super::{AuthError, Caller, CallerKind};
 use crate::backoff::Backoff;
-use crate::config::{InboundConfig, IssuerConfig, TENANT_PLACEHOLDER};
+use crate::config::{token_type, InboundConfig, IssuerConfig, TENANT_PLACEHOLDER};
 use crate::metrics::Metrics;
 
 /// A verification key from the issuer's JWKS.
@@ -96,6 +96,8 @@ pub struct JwksCache {
     fetch_lock: tokio::sync::Mutex<Option<Instant>>,
     refetch_interval: Duration,
     refresh_interval: Duration,
+    /// Clock skew allowed on `iat`, as on `exp` and `nbf`.
+    leeway: Duration,
     http: reqwest::Client,
     /// Times the refresher was restarted after a panic.
     refresher_restarts: Arc<AtomicU64>,
@@ -134,6 +136,7 @@ impl JwksCache {
             fetch_lock: tokio::sync::Mutex::new(None),
             refetch_interval: inbound.jwks_refetch_interval,
             refresh_interval: inbound.jwks_refresh_interval,
+            leeway: inbound.leeway,
             http,
             refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
@@ -177,6 +180,7 @@ impl JwksCache {
             .get(&alg)
             .ok_or_else(|| AuthError::DisallowedAlgorithm(format!("{alg:?}")))?;
         let claims = token.verify(&key.key, validation)?;
+        self.check_access_token(token, &claims)?;
         let tid = claims.get("tid").and_then(|t| t.as_str());
         let issuer = if self.is_template() {
             // Signed claims now: `iss` must be the template with the token's own `tid`.
@@ -196,8 +200,46 @@ impl JwksCache {
         }
         Ok(Caller {
             issuer,
+            configured_issuer: self.issuer.clone(),
+            kind: CallerKind::from_claims(&self.config.app_only_evidence, &claims),
             claims: Arc::new(claims),
         })
+    }
+
+    /// Refuses signed tokens that are not access tokens for an API: ID tokens (they carry
+    /// the `nonce` of a sign-in and prove only that a user signed in to some client), a
+    /// `typ` the issuer's `token_types` does not list, and an `iat` that is not a number
+    /// or lies in the future.
+    fn check_access_token(
+        &self,
+        token: &UnverifiedToken<'_>,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), AuthError> {
+        if claims.contains_key("nonce") {
+            return Err(AuthError::NotAnAccessToken(
+                "it carries a nonce, so it is an ID token",
+            ));
+        }
+        if let Some(types) = &self.config.token_types {
+            let typ = token.token_type().map(token_type);
+            if !typ.is_some_and(|t| types.contains(&t)) {
+                return Err(AuthError::TokenTypeNotAllowed);
+            }
+        }
+        match claims.get("iat") {
+            None => {}
+            Some(serde_json::Value::Number(iat)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                let latest = (now + self.leeway).as_secs_f64();
+                if iat.as_f64().is_none_or(|iat| iat > latest) {
+                    return Err(AuthError::IssuedInFuture);
+                }
+            }
+            Some(_) => return Err(AuthError::InvalidClaim("iat".into())),
+        }
+        Ok(())
     }
 
     /// The key with this `kid`, refetching the set at most once per `refetch_interval`

@@ -26,6 +26,8 @@ pub struct UnverifiedToken<'a> {
     raw: &'a str,
     alg: String,
     kid: Option<String>,
+    /// The `typ` header when it is a string.
+    typ: Option<String>,
     issuer: String,
     tenant: Option<String>,
 }
@@ -37,6 +39,8 @@ struct PeekHeader {
     kid: Option<String>,
     #[serde(default)]
     crit: Option<Value>,
+    #[serde(default)]
+    typ: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +80,10 @@ impl<'a> UnverifiedToken<'a> {
             raw,
             alg: header.alg,
             kid: header.kid,
+            typ: match header.typ {
+                Some(Value::String(s)) => Some(s),
+                _ => None,
+            },
             issuer,
             tenant,
         })
@@ -93,6 +101,11 @@ impl<'a> UnverifiedToken<'a> {
 
     pub fn kid(&self) -> Option<&str> {
         self.kid.as_deref()
+    }
+
+    /// The `typ` header; only trusted once the signature (which covers it) is checked.
+    pub fn token_type(&self) -> Option<&str> {
+        self.typ.as_deref()
     }
 
     /// The header's algorithm, if it is one of `allowed`.

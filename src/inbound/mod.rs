@@ -15,15 +15,67 @@ use serde_json::{Map, Value};
 
 pub use jwks::JwksCache;
 
-use crate::config::InboundConfig;
+use crate::config::{AppOnlyEvidence, InboundConfig};
 
 /// A caller whose token has been verified.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The token's `iss`, exactly as configured.
+    /// The token's `iss` (for a `{tenantid}` template: with the token's own `tid` put in).
     pub issuer: Arc<str>,
+    /// The issuer as written in `inbound.issuers` (a template stays a template): what
+    /// config entries that trust an issuer name.
+    pub configured_issuer: Arc<str>,
+    /// User or application, decided once here from the issuer's evidence.
+    pub kind: CallerKind,
     /// Every claim of the verified token.
     pub claims: Arc<Map<String, Value>>,
+}
+
+/// Whether a token speaks for a user (delegated) or for an application calling as itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    User,
+    /// Only on positive evidence (see [`CallerKind::from_claims`]): an app-only token acts
+    /// as the application user, so no missing claim may make a user's token one.
+    App,
+}
+
+impl CallerKind {
+    /// The kind the issuer's `app_only_evidence` proves; `User` whenever it proves nothing.
+    pub fn from_claims(evidence: &AppOnlyEvidence, claims: &Map<String, Value>) -> Self {
+        let app = match evidence {
+            AppOnlyEvidence::Never => false,
+            // Microsoft's claims-validation guidance: the optional `idtyp` claim says `app`;
+            // where it is not issued, an app-only token has `oid` equal to `sub`. A token
+            // with `scp` was delegated by a user, whatever else it says.
+            AppOnlyEvidence::Entra => {
+                !claims.contains_key("scp")
+                    && match claims.get("idtyp") {
+                        Some(idtyp) => idtyp
+                            .as_str()
+                            .is_some_and(|t| t.eq_ignore_ascii_case("app")),
+                        None => match (claim(claims, "oid"), claim(claims, "sub")) {
+                            (Some(oid), Some(sub)) => !oid.is_empty() && oid == sub,
+                            _ => false,
+                        },
+                    }
+            }
+            AppOnlyEvidence::Claim { name, value } => match claims.get(name) {
+                Some(Value::String(s)) => s == value,
+                Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(value)),
+                _ => false,
+            },
+        };
+        if app {
+            Self::App
+        } else {
+            Self::User
+        }
+    }
+}
+
+fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    claims.get(name).and_then(Value::as_str)
 }
 
 impl Caller {
@@ -77,6 +129,14 @@ pub enum AuthError {
     InvalidClaim(String),
     #[error("the keys of issuer {issuer} are not available yet")]
     KeysUnavailable { issuer: String },
+    #[error(
+        "the token is not an access token ({0}); call with an access token issued for this API"
+    )]
+    NotAnAccessToken(&'static str),
+    #[error("the token's typ header is not one its issuer's token_types accepts")]
+    TokenTypeNotAllowed,
+    #[error("the token's iat lies in the future; check the issuer's clock")]
+    IssuedInFuture,
 }
 
 impl AuthError {
@@ -100,6 +160,9 @@ impl AuthError {
             Self::MissingClaim(_) => "missing_claim",
             Self::InvalidClaim(_) => "invalid_claim",
             Self::KeysUnavailable { .. } => "keys_unavailable",
+            Self::NotAnAccessToken(_) => "not_access_token",
+            Self::TokenTypeNotAllowed => "token_type_not_allowed",
+            Self::IssuedInFuture => "issued_in_future",
         }
     }
 }
@@ -198,6 +261,45 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthError> {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    fn kind(evidence: &AppOnlyEvidence, claims: serde_json::Value) -> CallerKind {
+        CallerKind::from_claims(evidence, claims.as_object().unwrap())
+    }
+
+    #[test]
+    fn app_only_needs_the_issuers_positive_evidence() {
+        use serde_json::json;
+        let entra = AppOnlyEvidence::Entra;
+        assert_eq!(kind(&entra, json!({ "idtyp": "app" })), CallerKind::App);
+        assert_eq!(
+            kind(&entra, json!({ "oid": "x", "sub": "x" })),
+            CallerKind::App
+        );
+        for user in [
+            json!({}),
+            json!({ "oid": "x", "sub": "y" }),
+            json!({ "oid": "", "sub": "" }),
+            json!({ "sub": "x", "scope": "openid" }),
+            json!({ "idtyp": "app", "scp": "a" }),
+            json!({ "idtyp": "user", "oid": "x", "sub": "x" }),
+            json!({ "idtyp": 1, "oid": "x", "sub": "x" }),
+        ] {
+            assert_eq!(kind(&entra, user.clone()), CallerKind::User, "{user}");
+        }
+        let never = AppOnlyEvidence::Never;
+        assert_eq!(kind(&never, json!({ "idtyp": "app" })), CallerKind::User);
+        let claim = AppOnlyEvidence::Claim {
+            name: "kind".into(),
+            value: "service".into(),
+        };
+        assert_eq!(kind(&claim, json!({ "kind": "service" })), CallerKind::App);
+        assert_eq!(
+            kind(&claim, json!({ "kind": ["a", "service"] })),
+            CallerKind::App
+        );
+        assert_eq!(kind(&claim, json!({ "kind": "Service" })), CallerKind::User);
+        assert_eq!(kind(&claim, json!({ "idtyp": "app" })), CallerKind::User);
+    }
 
     #[test]
     fn bearer_token_requires_one_bearer_header() {

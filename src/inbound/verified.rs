@@ -98,6 +98,8 @@ mod tests {
         let claims = serde_json::json!({"exp": exp, "oid": "x"});
         Caller {
             issuer: Arc::from("https://issuer"),
+            configured_issuer: Arc::from("https://issuer"),
+            kind: super::super::CallerKind::User,
             claims: Arc::new(claims.as_object().cloned().unwrap()),
         }
     }

@@ -107,6 +107,7 @@ impl RecordedRequest {
 pub struct Dataverse {
     registry: Option<S2sRegistry>,
     users: Vec<DirectoryUser>,
+    group_team_members: Vec<DirectoryUser>,
     record: bool,
 }
 
@@ -115,6 +116,7 @@ impl Default for Dataverse {
         Self {
             registry: None,
             users: Vec::new(),
+            group_team_members: Vec::new(),
             record: true,
         }
     }
@@ -135,6 +137,14 @@ impl Dataverse {
     /// Adds a systemuser.
     pub fn user(mut self, user: DirectoryUser) -> Self {
         self.users.push(user);
+        self
+    }
+
+    /// An Entra user who is a member of a group team but not (yet) a systemuser: as in
+    /// Dataverse, it becomes one just in time when looked up by the alternate key
+    /// `systemusers(azureactivedirectoryobjectid=<oid>)`, and a `$filter` does not find it.
+    pub fn group_team_member(mut self, user: DirectoryUser) -> Self {
+        self.group_team_members.push(user);
         self
     }
 
@@ -167,6 +177,7 @@ impl Dataverse {
             seen_tokens: Mutex::new(HashSet::new()),
             revoked: Mutex::new(HashSet::new()),
             users: Mutex::new(self.users),
+            group_team_members: Mutex::new(self.group_team_members),
             requests: Mutex::new(Vec::new()),
             record: self.record,
             systemuser_lookups: AtomicUsize::new(0),
@@ -236,6 +247,11 @@ impl DataverseHandle {
 
     pub fn add_user(&self, user: DirectoryUser) {
         lock(&self.state.users).push(user);
+    }
+
+    /// As [`Dataverse::group_team_member`], while running (a user added to a group team).
+    pub fn add_group_team_member(&self, user: DirectoryUser) {
+        lock(&self.state.group_team_members).push(user);
     }
 
     /// The next `n` requests (any path) get this canned response instead of normal
@@ -308,6 +324,8 @@ struct DvState {
     seen_tokens: Mutex<HashSet<String>>,
     revoked: Mutex<HashSet<String>>,
     users: Mutex<Vec<DirectoryUser>>,
+    /// Provisioned into `users` on their first alternate-key lookup.
+    group_team_members: Mutex<Vec<DirectoryUser>>,
     requests: Mutex<Vec<RecordedRequest>>,
     /// False: nothing is pushed to `requests` (bodies are still hashed for `echo`).
     record: bool,
@@ -664,6 +682,14 @@ fn cookie_encode(s: &str, upper: bool) -> String {
         }
     }
     out
+}
+
+/// The object id of `systemusers(azureactivedirectoryobjectid=<guid>)`.
+fn object_id_key(segment: &str) -> Option<String> {
+    let inner = segment
+        .strip_prefix("systemusers(azureactivedirectoryobjectid=")?
+        .strip_suffix(')')?;
+    is_guid_text(inner).then(|| inner.to_ascii_lowercase())
 }
 
 fn guid_in_parens(segment: &str) -> Option<(&str, String)> {
@@ -1172,6 +1198,9 @@ impl DvState {
             }
             (&Method::GET, seg, None) if seg.starts_with("systemusers(") => {
                 self.systemuser_lookups.fetch_add(1, Ordering::SeqCst);
+                if let Some(oid) = object_id_key(seg) {
+                    return self.systemuser_by_object_id(req, &oid);
+                }
                 match guid_in_parens(seg) {
                     Some((_, id)) => self.systemusers(req, Some(id)),
                     None => bad_key(seg),
@@ -1194,6 +1223,33 @@ impl DvState {
     }
 
     // -- systemusers -------------------------------------------------------------------
+
+    /// `systemusers(azureactivedirectoryobjectid=<oid>)`: the user with that object id,
+    /// provisioning a group-team member just in time; 404 when there is none.
+    fn systemuser_by_object_id(&self, req: &DvRequest, oid: &str) -> DvResponse {
+        let known = lock(&self.users)
+            .iter()
+            .find(|u| u.aad_object_id.eq_ignore_ascii_case(oid))
+            .map(|u| u.systemuserid.to_ascii_lowercase());
+        let systemuserid = known.or_else(|| {
+            let mut members = lock(&self.group_team_members);
+            let at = members
+                .iter()
+                .position(|u| u.aad_object_id.eq_ignore_ascii_case(oid))?;
+            let user = members.remove(at);
+            let id = user.systemuserid.to_ascii_lowercase();
+            lock(&self.users).push(user);
+            Some(id)
+        });
+        match systemuserid {
+            Some(id) => self.systemusers(req, Some(id)),
+            None => DvResponse::error(
+                StatusCode::NOT_FOUND,
+                "0x80040217",
+                &format!("systemuser With azureactivedirectoryobjectid = {oid} Does Not Exist"),
+            ),
+        }
+    }
 
     fn systemusers(&self, req: &DvRequest, single: Option<String>) -> DvResponse {
         let base = req.base(&self.url);

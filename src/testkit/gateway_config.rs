@@ -17,10 +17,11 @@ pub struct ConfigParts {
 }
 
 /// A complete config: `listen`/`admin_listen` are placeholders (callers pass listeners).
+/// The stand-in IdP mints Entra-shaped tokens, so its issuer takes Entra's app-only evidence.
 pub fn gateway_config_yaml(idp: &IdpHandle, dataverse_url: &str, parts: &ConfigParts) -> String {
     format!(
         "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n{server}\
-inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n{inbound}\
+inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n      app_only_evidence: entra\n{inbound}\
 {identity}\
 dynamics:\n  url: {dataverse_url}\n  tenant_id: {tenant}\n  client_id: {client_id}\n  client_secret: {secret}\n  token_url: {token_url}\n{dynamics}",
         server = parts.server,
