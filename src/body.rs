@@ -1,8 +1,16 @@
 //! The body type every response and forwarded request uses: a boxed stream of bytes, so
 //! upstream bodies pass through without being collected.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
+use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 /// Error type carried by streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,5 +70,124 @@ impl http_body::Body for PrefixedBody {
 
     fn is_end_stream(&self) -> bool {
         self.prefix.is_none() && self.rest.is_end_stream()
+    }
+}
+
+/// Why a request body stopped being read before its end.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum BodyTimeout {
+    #[error("no request body bytes arrived for {} (server.body_read_timeout); send the body without pausing", humantime::format_duration(*.0))]
+    Idle(Duration),
+    #[error("the request body was still arriving when the {} allowed for the whole request ran out (server.exchange_timeout)", humantime::format_duration(*.0))]
+    Deadline(Duration),
+}
+
+/// A caller's request body under two clocks: each wait for more bytes is bounded by
+/// `idle`, the whole body by `deadline`. Either expiring ends the body with a
+/// [`BodyTimeout`] error, which makes the upstream client abort the request rather than
+/// complete it. `ended` is dropped when the body ends, fails or is dropped, so whoever
+/// holds its receiver knows when the upload is over.
+pub struct TimedBody<B> {
+    inner: B,
+    idle: Duration,
+    deadline: Instant,
+    exchange_timeout: Duration,
+    /// Set when the body first has to wait; reset rather than reallocated afterwards.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` is counting the current wait.
+    waiting: bool,
+    ended: Option<oneshot::Sender<()>>,
+}
+
+impl<B> TimedBody<B> {
+    /// The body, and a receiver that completes once the body is over.
+    pub fn new(
+        inner: B,
+        idle: Duration,
+        exchange_timeout: Duration,
+        deadline: Instant,
+    ) -> (Self, oneshot::Receiver<()>) {
+        let (ended, over) = oneshot::channel();
+        let body = Self {
+            inner,
+            idle,
+            deadline,
+            exchange_timeout,
+            timer: None,
+            waiting: false,
+            ended: Some(ended),
+        };
+        (body, over)
+    }
+
+    fn fail(&mut self, timeout: BodyTimeout) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended = None;
+        Poll::Ready(Some(Err(Box::new(timeout))))
+    }
+}
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if Instant::now() >= this.deadline {
+                    return this.fail(BodyTimeout::Deadline(this.exchange_timeout));
+                }
+                if this.inner.is_end_stream() {
+                    this.ended = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ended = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.ended = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let at = (Instant::now() + this.idle).min(this.deadline);
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(at),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                let Some(timer) = &mut this.timer else {
+                    return Poll::Pending;
+                };
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let timeout = if Instant::now() >= this.deadline {
+                    BodyTimeout::Deadline(this.exchange_timeout)
+                } else {
+                    BodyTimeout::Idle(this.idle)
+                };
+                this.fail(timeout)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

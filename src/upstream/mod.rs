@@ -18,7 +18,7 @@ pub use client::DataverseClient;
 pub use forward::{ForwardContext, Forwarder};
 pub use token::{S2sToken, TokenError, TokenSource};
 
-use crate::body::BoxError;
+use crate::body::{BodyTimeout, BoxError};
 
 /// Why a request could not be sent to, or answered by, Dataverse.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,10 @@ pub enum UpstreamError {
     BodyTooLarge { limit: u64 },
     #[error("the request body could not be read from the caller")]
     RequestBody(#[source] BoxError),
+    #[error(transparent)]
+    BodyTimeout(#[from] BodyTimeout),
+    #[error("Dynamics had not answered when the {} allowed for the whole request ran out (server.exchange_timeout)", humantime::format_duration(*.0))]
+    ExchangeDeadline(Duration),
     #[error("the upstream request could not be built")]
     Build(#[source] BoxError),
 }
@@ -46,6 +50,9 @@ impl UpstreamError {
             Self::Unreachable(_) => "upstream_unreachable",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::RequestBody(_) => "request_body_failed",
+            Self::BodyTimeout(BodyTimeout::Idle(_)) => "body_read_timeout",
+            Self::BodyTimeout(BodyTimeout::Deadline(_)) => "exchange_timeout",
+            Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
         }
     }
