@@ -104,7 +104,9 @@ pub struct RawServer {
     /// Time a client has to send a request's headers (slowloris); also the deadline from
     /// accepting a connection to its first complete request head, HTTP/1 or HTTP/2.
     pub header_read_timeout: String,
-    /// A connection with no request in progress is closed after this long.
+    /// A connection with no request in progress is closed after this long. HTTP/1 waits
+    /// for its next request head at most `header_read_timeout` as well (hyper's head timer
+    /// starts when the previous response is done).
     pub idle_timeout: String,
     /// An HTTP/2 connection that sends nothing for this long is pinged.
     pub http2_keep_alive_interval: String,
@@ -1437,5 +1439,53 @@ dynamics:
             format!("{MINIMAL}identity:\n  mode: static\n  static:\n    alice: not-a-guid\n");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("identity.static.alice"), "{err}");
+    }
+
+    #[test]
+    fn connection_and_body_limits_have_documented_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.http2_keep_alive_interval, Duration::from_secs(30));
+        assert_eq!(c.server.http2_keep_alive_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.exchange_timeout, Duration::from_secs(600));
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(1000));
+    }
+
+    #[test]
+    fn per_peer_cap_defaults_to_a_tenth_zero_is_off_and_above_the_total_is_refused() {
+        let with = |extra: &str| format!("server:\n{extra}{MINIMAL}");
+        let c = load(&with("  max_connections: 5\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(1));
+        let c = load(&with("  max_connections_per_peer: 0\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, None);
+        let c = load(&with("  max_connections_per_peer: 7\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(7));
+        let err = load(&with(
+            "  max_connections: 10\n  max_connections_per_peer: 11\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("server.max_connections_per_peer:"), "{err}");
+    }
+
+    #[test]
+    fn connection_and_body_timeouts_must_be_positive_and_the_exchange_covers_the_answer() {
+        for key in [
+            "idle_timeout",
+            "http2_keep_alive_interval",
+            "http2_keep_alive_timeout",
+            "body_read_timeout",
+        ] {
+            let text = format!("server:\n  {key}: 0s\n{MINIMAL}");
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("server.{key}:")), "{err}");
+        }
+        let text = format!("server:\n  request_timeout: 2m\n  exchange_timeout: 1m\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("server.exchange_timeout:"), "{err}");
+        let text = format!("server:\n  body_read_timeout: \"30\"\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("server.body_read_timeout"), "{err}");
     }
 }

@@ -108,6 +108,7 @@ pub async fn serve<M, S, F, E>(
     // Cancelled when the grace is over: what is left is closed at once.
     let abort = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let mut refusal_log = RefusalLog::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -126,23 +127,15 @@ pub async fn serve<M, S, F, E>(
             Some(peers) => match peers.try_acquire(peer.ip()) {
                 Some(slot) => Some(slot),
                 None => {
-                    tokio::spawn(refuse(
-                        stream,
-                        peer,
-                        ConnectionRefused::TooManyFromPeer(peers.max),
-                        name,
-                    ));
+                    let refused = ConnectionRefused::TooManyFromPeer(peers.max);
+                    tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
                     continue;
                 }
             },
         };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(
-                stream,
-                peer,
-                ConnectionRefused::TooMany(limits.max_connections),
-                name,
-            ));
+            let refused = ConnectionRefused::TooMany(limits.max_connections);
+            tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -415,15 +408,107 @@ impl Drop for PeerSlot {
 }
 
 /// Tells a connection over a limit why it is closed, without reading its request.
-async fn refuse(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    refused: ConnectionRefused,
-    name: &'static str,
-) {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    tracing::warn!(listener = name, %peer, request_id, reason = %refused, "connection refused");
-    let response = refused.http1_response(&request_id);
+async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
     let _ = stream.shutdown().await;
+}
+
+/// Refused-connection warnings written per second at most; the rest are counted, so a
+/// flood of connections cannot fill the log.
+const REFUSAL_WARNINGS_PER_SECOND: u32 = 10;
+
+/// The accept loop's log of refused connections, rate-limited.
+struct RefusalLog {
+    window_started: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        Self {
+            window_started: Instant::now(),
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this refusal gets its own line; the count of those that did not is
+    /// reported with the first line of the next second.
+    fn admit(&mut self) -> (bool, u64) {
+        let mut reported = 0;
+        if self.window_started.elapsed() >= Duration::from_secs(1) {
+            reported = std::mem::take(&mut self.suppressed);
+            self.window_started = Instant::now();
+            self.written = 0;
+        }
+        if self.written >= REFUSAL_WARNINGS_PER_SECOND {
+            self.suppressed += 1;
+            return (false, reported);
+        }
+        self.written += 1;
+        (true, reported)
+    }
+
+    /// Logs the refusal (within the rate) and returns the response for the connection,
+    /// with a new request id the log line and the caller share.
+    fn record(
+        &mut self,
+        peer: SocketAddr,
+        refused: ConnectionRefused,
+        name: &'static str,
+    ) -> Vec<u8> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let (log, suppressed) = self.admit();
+        if suppressed > 0 {
+            tracing::warn!(
+                listener = name,
+                suppressed,
+                "refused-connection warnings suppressed in the last second"
+            );
+        }
+        if log {
+            tracing::warn!(listener = name, %peer, request_id, reason = %refused, "connection refused");
+        }
+        refused.http1_response(&request_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_warnings_are_capped_per_second_and_the_rest_counted() {
+        let mut log = RefusalLog::new();
+        let admitted = (0..100).filter(|_| log.admit().0).count();
+        assert_eq!(admitted, REFUSAL_WARNINGS_PER_SECOND as usize);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            log.admit(),
+            (true, 100 - u64::from(REFUSAL_WARNINGS_PER_SECOND))
+        );
+        assert_eq!(log.admit(), (true, 0));
+    }
+
+    #[test]
+    fn per_peer_slots_are_counted_per_address_and_released_on_drop() {
+        let peers = Arc::new(PeerConnections::new(2));
+        let a: IpAddr = "10.0.0.1"
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let mapped: IpAddr = "::ffff:10.0.0.1"
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let first = peers.try_acquire(a);
+        let second = peers.try_acquire(mapped);
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            peers.try_acquire(a).is_none(),
+            "the mapped form is the same peer"
+        );
+        assert!(peers.try_acquire("10.0.0.2".parse().unwrap()).is_some());
+        drop(first);
+        assert!(peers.try_acquire(a).is_some());
+    }
 }
