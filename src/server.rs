@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
@@ -70,13 +71,15 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// Serves connections from `listener` until `shutdown` is cancelled, then drains.
-/// `make_service` builds the per-connection service from the peer address.
+/// `make_service` builds the per-connection service from the peer address; `open`
+/// counts the connections being served.
 pub async fn serve<M, S, F, E>(
     listener: TcpListener,
     make_service: M,
     shutdown: CancellationToken,
     limits: ConnectionLimits,
     name: &'static str,
+    open: IntGauge,
 ) where
     M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>
@@ -148,8 +151,9 @@ pub async fn serve<M, S, F, E>(
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();
         let (drain, abort) = (drain.clone(), abort.clone());
+        let open = OpenConnection::new(open.clone());
         tasks.spawn(async move {
-            let _slots = (permit, peer_slot);
+            let _slots = (permit, peer_slot, open);
             let outcome = watch(connection, &activity, limits, &drain, &abort).await;
             tracing::debug!(listener = name, %peer, outcome, "connection closed");
         });
@@ -352,6 +356,22 @@ impl http_body::Body for TrackedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// One connection counted in the `open_connections` gauge while it lives.
+struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

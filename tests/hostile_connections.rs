@@ -129,6 +129,22 @@ fn error_of(response: &str) -> (String, String) {
     )
 }
 
+const OPEN_APP_CONNECTIONS: &str = "dynamics_gateway_open_connections{listener=\"app\"}";
+
+/// The gateway's count of open app connections once it has settled on `expected`
+/// (closing a socket and counting it down are not one step), or what it last was.
+async fn open_app_connections(env: &Env, expected: f64) -> f64 {
+    let mut last = f64::NAN;
+    for _ in 0..50 {
+        last = support::metric(&env.gateway, OPEN_APP_CONNECTIONS).await;
+        if last == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
 /// No request the stand-in received has a completely read body.
 fn assert_no_completed_request(env: &Env, case: &str) {
     for r in env.dataverse.requests() {
@@ -160,6 +176,7 @@ async fn silent_connections_are_closed_after_the_header_read_timeout_and_free_ev
         .await
         .expect("refused and closed");
     assert_eq!(status(&String::from_utf8_lossy(&refused)), 503);
+    assert_eq!(open_app_connections(&env, 4.0).await, 4.0);
     // ... and the gateway closes each of them, though they never sent a byte.
     for (n, stream) in silent.iter_mut().enumerate() {
         let sent = read_until_closed(stream)
@@ -167,6 +184,7 @@ async fn silent_connections_are_closed_after_the_header_read_timeout_and_free_ev
             .unwrap_or_else(|| panic!("silent connection {n} is still open"));
         assert!(sent.is_empty(), "nothing is answered to nothing: {sent:?}");
     }
+    assert_eq!(open_app_connections(&env, 0.0).await, 0.0);
     let mut fresh = TcpStream::connect(env.gateway.addr).await.unwrap();
     let response = exchange(&mut fresh, &get_head(&env), b"").await;
     assert_eq!(status(&response), 200, "{response}");
@@ -313,8 +331,14 @@ async fn connections_beyond_the_per_peer_cap_get_503_while_other_peers_are_serve
                 .to_string(),
         );
     }
+    ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 5, "each refusal has its own request id: {ids:?}");
+    assert_eq!(
+        open_app_connections(&env, 3.0).await,
+        3.0,
+        "the refused connections were never counted as open"
+    );
     // Another address is not affected by 127.0.0.1's connections.
     let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), gateway).await;
     let response = exchange(&mut other, &get_head(&env), b"").await;
