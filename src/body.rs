@@ -191,3 +191,94 @@ where
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// A body whose frames the test sends, ending when the sender is dropped.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn timed(
+        idle_ms: u64,
+        deadline_ms: u64,
+    ) -> (mpsc::Sender<Bytes>, TimedBody<Fed>, oneshot::Receiver<()>) {
+        let (tx, rx) = mpsc::channel(8);
+        let limit = Duration::from_millis(deadline_ms);
+        let (body, over) = TimedBody::new(
+            Fed(rx),
+            Duration::from_millis(idle_ms),
+            limit,
+            Instant::now() + limit,
+        );
+        (tx, body, over)
+    }
+
+    fn timeout_of(error: BoxError) -> BodyTimeout {
+        *error.downcast::<BodyTimeout>().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_the_idle_timeout_ends_the_body_with_idle() {
+        let (tx, mut body, mut over) = timed(100, 10_000);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(
+            matches!(timeout_of(error), BodyTimeout::Idle(d) if d == Duration::from_millis(100))
+        );
+        assert_eq!(
+            over.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the body is over once it failed"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_within_the_idle_timeout_keep_it_going_until_the_deadline() {
+        let (tx, mut body, _over) = timed(100, 350);
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                if tx.send(Bytes::from_static(b"a")).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut frames = 0;
+        let error = loop {
+            match body.frame().await.unwrap() {
+                Ok(_) => frames += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(frames >= 4, "{frames} frames before the deadline");
+        assert!(matches!(timeout_of(error), BodyTimeout::Deadline(_)));
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_body_is_signalled() {
+        let (tx, mut body, mut over) = timed(100, 10_000);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        assert_eq!(over.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        assert_eq!(over.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+}
