@@ -32,6 +32,9 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Longest connection or body timeout accepted.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -794,9 +797,14 @@ impl TryFrom<RawConfig> for Config {
                 server.http2_keep_alive_timeout,
             ),
             ("server.body_read_timeout", server.body_read_timeout),
+            ("server.exchange_timeout", server.exchange_timeout),
         ] {
             if value.is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
+            }
+            // Deadlines are computed as now + value; a day is far beyond any sane limit.
+            if value > MAX_CONNECTION_TIMEOUT {
+                return Err(invalid(key, "must be at most 24h"));
             }
         }
         if server.exchange_timeout < server.request_timeout {
@@ -1476,10 +1484,13 @@ dynamics:
             "http2_keep_alive_interval",
             "http2_keep_alive_timeout",
             "body_read_timeout",
+            "exchange_timeout",
         ] {
-            let text = format!("server:\n  {key}: 0s\n{MINIMAL}");
-            let err = load(&text).unwrap_err().to_string();
-            assert!(err.starts_with(&format!("server.{key}:")), "{err}");
+            for value in ["0s", "100years"] {
+                let text = format!("server:\n  {key}: {value}\n{MINIMAL}");
+                let err = load(&text).unwrap_err().to_string();
+                assert!(err.starts_with(&format!("server.{key}:")), "{err}");
+            }
         }
         let text = format!("server:\n  request_timeout: 2m\n  exchange_timeout: 1m\n{MINIMAL}");
         let err = load(&text).unwrap_err().to_string();
