@@ -107,9 +107,8 @@ pub struct RawServer {
     /// Time a client has to send a request's headers (slowloris); also the deadline from
     /// accepting a connection to its first complete request head, HTTP/1 or HTTP/2.
     pub header_read_timeout: String,
-    /// A connection with no request in progress is closed after this long. HTTP/1 waits
-    /// for its next request head at most `header_read_timeout` as well (hyper's head timer
-    /// starts when the previous response is done).
+    /// A connection with no request in progress is closed after this long; a request
+    /// head begun meanwhile has `header_read_timeout` from its first byte.
     pub idle_timeout: String,
     /// An HTTP/2 connection that sends nothing for this long is pinged.
     pub http2_keep_alive_interval: String,

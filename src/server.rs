@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,7 +37,8 @@ pub struct ConnectionLimits {
     /// Time a client has to send a request head (slowloris), and from accept to the
     /// first complete request head whatever the protocol.
     pub header_read_timeout: Duration,
-    /// A connection with no request in progress is closed after this long.
+    /// A connection with no request in progress is closed after this long (a request
+    /// head begun meanwhile has `header_read_timeout` from its first byte).
     pub idle_timeout: Duration,
     /// HTTP/2: ping a connection silent this long ...
     pub http2_keep_alive_interval: Duration,
@@ -92,7 +93,10 @@ pub async fn serve<M, S, F, E>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper starts this clock when the previous response is done, not at the first
+        // byte of the next head; the watcher enforces header_read_timeout from that byte
+        // and from accept, so hyper's is only a backstop.
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
@@ -147,8 +151,12 @@ pub async fn serve<M, S, F, E>(
             inner: make_service(peer),
             activity: activity.clone(),
         };
+        let io = WatchedIo {
+            stream,
+            activity: activity.clone(),
+        };
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
         let (drain, abort) = (drain.clone(), abort.clone());
         let open = OpenConnection::new(open.clone());
@@ -184,7 +192,6 @@ where
 {
     tokio::pin!(connection);
     let mut closing = false;
-    // When the state is next looked at: the first-request deadline, then idle deadlines.
     let mut check_at = activity.started + limits.header_read_timeout;
     loop {
         tokio::select! {
@@ -201,26 +208,21 @@ where
             _ = drain.cancelled(), if !closing => {
                 closing = true;
                 connection.as_mut().graceful();
+                check_at = Instant::now() + limits.shutdown_grace;
             }
-            () = activity.became_idle.notified(), if !closing => {
-                check_at = Instant::now() + limits.idle_timeout;
+            () = activity.changed.notified(), if !closing => {
+                check_at = Instant::now();
             }
             () = tokio::time::sleep_until(check_at) => {
                 if closing {
-                    // Closing gracefully did not end it within a head's time: close it now.
+                    // Closing gracefully did not end it in time: close it now.
                     return "closed when a graceful close did not finish";
                 }
-                if !activity.seen_request.load(Ordering::Acquire) {
+                match activity.next(limits, Instant::now()) {
+                    Next::CheckAt(at) => check_at = at,
                     // Nothing is in progress, so nothing is lost by dropping it.
-                    return "closed: no complete request head within header_read_timeout";
-                }
-                match activity.idle_since() {
-                    // `became_idle` re-arms the clock when the last request finishes.
-                    None => check_at = Instant::now() + limits.idle_timeout,
-                    Some(since) if since + limits.idle_timeout > Instant::now() => {
-                        check_at = since + limits.idle_timeout;
-                    }
-                    Some(_) => {
+                    Next::Close(reason) => return reason,
+                    Next::CloseGracefully => {
                         closing = true;
                         connection.as_mut().graceful();
                         check_at = Instant::now() + limits.header_read_timeout;
@@ -228,6 +230,64 @@ where
                 }
             }
         }
+    }
+}
+
+/// What the watcher does next with a connection.
+enum Next {
+    CheckAt(Instant),
+    Close(&'static str),
+    CloseGracefully,
+}
+
+/// The connection's socket, telling the watcher when bytes arrive.
+struct WatchedIo {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -255,12 +315,20 @@ struct Activity {
     started: Instant,
     /// Whether a complete request head has arrived (the service was called).
     seen_request: AtomicBool,
+    /// Whether the requests come over HTTP/2 (whose pings and window updates are not
+    /// the start of a request head).
+    http2: AtomicBool,
     /// Requests whose response has not been sent completely.
     in_progress: AtomicUsize,
     /// Milliseconds after `started` at which the last request finished.
     idle_since_ms: AtomicU64,
-    /// Signalled when the last request in progress finishes.
-    became_idle: Notify,
+    /// Set when the connection becomes idle; cleared by the first byte read after that,
+    /// which on HTTP/1 starts the next request head.
+    awaiting_head: AtomicBool,
+    /// Milliseconds after `started` of that first byte.
+    head_started_ms: AtomicU64,
+    /// Signalled when the connection becomes idle or the next head starts.
+    changed: Notify,
 }
 
 impl Activity {
@@ -269,16 +337,69 @@ impl Activity {
             started: Instant::now(),
             seen_request: AtomicBool::new(false),
             in_progress: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
-            became_idle: Notify::new(),
+            awaiting_head: AtomicBool::new(false),
+            head_started_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.started + Duration::from_millis(ms.load(Ordering::Acquire))
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes arrived from the peer.
+    fn on_read(&self) {
+        if self.awaiting_head.load(Ordering::Acquire) {
+            self.head_started_ms
+                .store(self.elapsed_ms(), Ordering::Release);
+            self.awaiting_head.store(false, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The connection's state against its deadlines: the first request head within
+    /// `header_read_timeout` of accept; an idle connection closed after `idle_timeout`;
+    /// on HTTP/1 a head started while idle complete within `header_read_timeout`.
+    fn next(&self, limits: ConnectionLimits, now: Instant) -> Next {
+        if !self.seen_request.load(Ordering::Acquire) {
+            let by = self.started + limits.header_read_timeout;
+            return if now >= by {
+                Next::Close("closed: no complete request head within header_read_timeout")
+            } else {
+                Next::CheckAt(by)
+            };
+        }
+        // In progress: the watcher is told when that changes.
+        let Some(since) = self.idle_since() else {
+            return Next::CheckAt(now + limits.idle_timeout);
+        };
+        let head_started =
+            !self.http2.load(Ordering::Acquire) && !self.awaiting_head.load(Ordering::Acquire);
+        if head_started {
+            let by = self.at(&self.head_started_ms) + limits.header_read_timeout;
+            return if now >= by {
+                Next::Close("closed: next request head not complete within header_read_timeout")
+            } else {
+                Next::CheckAt(by)
+            };
+        }
+        let by = since + limits.idle_timeout;
+        if now >= by {
+            Next::CloseGracefully
+        } else {
+            Next::CheckAt(by)
         }
     }
 
     /// When the connection last became idle, or `None` while a request is in progress.
     fn idle_since(&self) -> Option<Instant> {
-        (self.in_progress.load(Ordering::Acquire) == 0).then(|| {
-            self.started + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
-        })
+        (self.in_progress.load(Ordering::Acquire) == 0).then(|| self.at(&self.idle_since_ms))
     }
 }
 
@@ -286,7 +407,10 @@ impl Activity {
 struct InProgress(Arc<Activity>);
 
 impl InProgress {
-    fn start(activity: Arc<Activity>) -> Self {
+    fn start(activity: Arc<Activity>, version: Version) -> Self {
+        if version == Version::HTTP_2 {
+            activity.http2.store(true, Ordering::Release);
+        }
         activity.seen_request.store(true, Ordering::Release);
         activity.in_progress.fetch_add(1, Ordering::AcqRel);
         Self(activity)
@@ -295,10 +419,13 @@ impl InProgress {
 
 impl Drop for InProgress {
     fn drop(&mut self) {
-        let elapsed = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.idle_since_ms.fetch_max(elapsed, Ordering::AcqRel);
-        if self.0.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.became_idle.notify_one();
+        let activity = &self.0;
+        activity
+            .idle_since_ms
+            .fetch_max(activity.elapsed_ms(), Ordering::AcqRel);
+        if activity.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.awaiting_head.store(true, Ordering::Release);
+            activity.changed.notify_one();
         }
     }
 }
@@ -321,7 +448,7 @@ where
     type Future = TrackedFuture<E>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
-        let in_progress = InProgress::start(self.activity.clone());
+        let in_progress = InProgress::start(self.activity.clone(), request.version());
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;

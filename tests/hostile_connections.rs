@@ -227,6 +227,32 @@ async fn an_idle_http1_keep_alive_connection_is_closed_after_the_idle_timeout() 
 }
 
 #[tokio::test]
+async fn a_keep_alive_http1_connection_waits_idle_timeout_but_a_started_head_only_header_read_timeout(
+) {
+    let env = env()
+        .server("  header_read_timeout: 300ms\n  idle_timeout: 30s\n")
+        .start()
+        .await;
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    let first = exchange(&mut stream, &get_head(&env), b"").await;
+    assert_eq!(status(&first), 200, "{first}");
+    // Idle for several head timeouts, well within the idle timeout: still served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = exchange(&mut stream, &get_head(&env), b"").await;
+    assert_eq!(status(&second), 200, "{second}");
+    // A head begun and never finished is cut by the head timeout, not the idle one.
+    stream
+        .write_all(b"GET /api/data/v9.2/accounts HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut stream).await.is_some(),
+        "a started head has header_read_timeout to complete"
+    );
+    assert_eq!(env.dataverse.request_count(), 2);
+}
+
+#[tokio::test]
 async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     let env = env()
         .server("  header_read_timeout: 30s\n  idle_timeout: 300ms\n")
