@@ -297,7 +297,9 @@ pub async fn run_with_reloads(
         stop_app.clone(),
         limits,
         "app",
+        metrics.open_connections.with_label_values(&["app"]),
     ));
+    let admin_connections = metrics.open_connections.with_label_values(&["admin"]);
     let admin_state = current.clone();
     let stop_admin = CancellationToken::new();
     let admin_server = tokio::spawn(server::serve(
@@ -317,6 +319,7 @@ pub async fn run_with_reloads(
         stop_admin.clone(),
         limits,
         "admin",
+        admin_connections,
     ));
 
     tokio::pin!(shutdown);
