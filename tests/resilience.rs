@@ -384,3 +384,49 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn a_caller_hanging_up_before_the_answer_is_still_counted_and_releases_its_slot() {
+    let env = env().start().await;
+    env.dataverse.set_delay(Duration::from_secs(3));
+    let token = env.idp.token_for(ALICE_OID);
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Wait until the request is in flight upstream, then hang up.
+    for _ in 0..100 {
+        if env.dataverse.request_count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.dataverse.request_count(), 1);
+    assert_eq!(
+        metric(&env.gateway, "dynamics_gateway_in_flight_requests").await,
+        1.0
+    );
+    drop(stream);
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = metric(
+            &env.gateway,
+            "dynamics_gateway_requests_total{method=\"GET\",status=\"499\"}",
+        )
+        .await;
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1.0, "the hung-up request is counted as 499");
+    assert_eq!(
+        metric(&env.gateway, "dynamics_gateway_in_flight_requests").await,
+        0.0,
+        "and its in-flight slot is released"
+    );
+}
