@@ -30,6 +30,14 @@ impl Readiness {
         if self.draining.load(Ordering::Relaxed) {
             missing.push("shutting down".to_string());
         }
+        missing.extend(self.dependencies_missing());
+        missing
+    }
+
+    /// The keys and tokens not in hand yet, by name: what a reloaded configuration waits
+    /// for (draining is the process's state, not the configuration's).
+    pub fn dependencies_missing(&self) -> Vec<String> {
+        let mut missing = Vec::new();
         for cache in &self.issuers {
             if !cache.is_ready() {
                 missing.push(format!("signing keys of {}", cache.issuer()));

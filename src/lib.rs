@@ -223,6 +223,14 @@ impl Gateway {
     }
 }
 
+impl Drop for Gateway {
+    /// A gateway that is dropped without being retired (a reload abandoned at shutdown)
+    /// still stops its refreshers, so the shutdown that waits for them is not held up.
+    fn drop(&mut self) {
+        self.refreshers.cancel();
+    }
+}
+
 /// New configurations for a running gateway (SIGHUP in the binary).
 pub type Reloads = tokio::sync::mpsc::Receiver<Config>;
 
@@ -328,7 +336,12 @@ pub async fn run_with_reloads(
         tokio::select! {
             _ = &mut shutdown => break,
             next = reloads.recv(), if reloads_open => match next {
-                Some(new_config) => reload(&current, &config, new_config, &refreshers, &draining).await,
+                // A reload waits up to 30 s for its keys and token; SIGTERM meanwhile
+                // abandons it (the candidate is dropped, its refreshers stop) and shuts down.
+                Some(new_config) => tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = reload(&current, &config, new_config, &refreshers, &draining) => {}
+                },
                 None => reloads_open = false,
             },
         }
@@ -380,12 +393,7 @@ async fn reload(
     candidate.spawn_refreshers(tracker);
     let deadline = tokio::time::Instant::now() + RELOAD_READY_TIMEOUT;
     loop {
-        let missing: Vec<String> = candidate
-            .readiness
-            .missing()
-            .into_iter()
-            .filter(|m| m != "shutting down")
-            .collect();
+        let missing = candidate.readiness.dependencies_missing();
         if missing.is_empty() {
             break;
         }

@@ -183,7 +183,16 @@ fn reload_on_sighup(path: PathBuf) -> dynamics_gateway::Reloads {
             return;
         };
         while hangup.recv().await.is_some() {
-            match Config::load(&path) {
+            // File reads and certificate parsing block: off the runtime's threads.
+            let file = path.clone();
+            let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "SIGHUP: reading the configuration failed; the previous configuration stays in force");
+                    continue;
+                }
+            };
+            match loaded {
                 Ok(config) => {
                     tracing::info!(path = %path.display(), "SIGHUP: reloading configuration");
                     if tx.send(config).await.is_err() {

@@ -349,7 +349,12 @@ impl JwksCache {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
         loop {
-            let wait = match self.refresh().await {
+            // Raced against shutdown: a fetch must not hold the process past its grace.
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => return,
+                fetched = self.refresh() => fetched,
+            };
+            let wait = match fetched {
                 Ok(count) => {
                     tracing::debug!(issuer = %self.issuer, keys = count, "JWKS refreshed");
                     backoff.reset();

@@ -428,7 +428,12 @@ impl TokenSource {
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(60));
         loop {
-            let wake_at = match self.refresh().await {
+            // Raced against shutdown: a fetch must not hold the process past its grace.
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => return,
+                fetched = self.refresh() => fetched,
+            };
+            let wake_at = match fetched {
                 Ok(token) => {
                     backoff.reset();
                     tracing::info!(
