@@ -43,6 +43,8 @@ pub enum UpstreamError {
     Build(#[source] BoxError),
     #[error(transparent)]
     Batch(#[from] batch_parts::BatchRefusal),
+    #[error(transparent)]
+    ControlHeader(#[from] crate::access::ControlHeaderRefused),
 }
 
 impl UpstreamError {
@@ -58,6 +60,7 @@ impl UpstreamError {
             Self::UndecodableResponse => "undecodable_response",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
+            Self::ControlHeader(_) => "control_header_refused",
         }
     }
 }
