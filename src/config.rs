@@ -345,6 +345,12 @@ pub struct RawDynamics {
     /// Single-environment form: see `environments[].allow_guest_tenants`.
     #[serde(default)]
     pub allow_guest_tenants: bool,
+    /// Single-environment form: see `environments[].url_aliases`.
+    #[serde(default)]
+    pub url_aliases: Option<Vec<String>>,
+    /// Single-environment form: see `environments[].forward_cookies`.
+    #[serde(default)]
+    pub forward_cookies: bool,
     /// Several organisations or customer tenants, each with a name.
     #[serde(default)]
     pub environments: Option<Vec<RawEnvironment>>,
@@ -413,6 +419,18 @@ pub struct RawEnvironment {
     /// the organisation's own tenant's users are mapped to users.
     #[serde(default)]
     pub allow_guest_tenants: bool,
+    /// Other origins the organisation answers on, e.g. `https://contoso.api.crm.dynamics.com`
+    /// next to `url` `https://contoso.crm.dynamics.com`: absolute links Dataverse writes
+    /// with any of them (scheme and host in any case) are pointed at the gateway like
+    /// links naming `url`. Requests still go to `url` only. Default: none.
+    #[serde(default)]
+    pub url_aliases: Option<Vec<String>>,
+    /// Pass the caller's `Cookie` to Dataverse and Dataverse's `Set-Cookie` (its
+    /// server-affinity cookies) to the caller. Off by default: one gateway serves many
+    /// apps, and Microsoft advises against affinity for throughput. Turn on only for an
+    /// environment whose one app relies on affinity.
+    #[serde(default)]
+    pub forward_cookies: bool,
 }
 
 /// How a request chooses its environment.
@@ -605,6 +623,11 @@ pub struct EnvironmentConfig {
     pub tenants: Option<Vec<String>>,
     /// Callers of other tenants (or without `tid`) may be mapped to users here.
     pub allow_guest_tenants: bool,
+    /// The organisation's other origins (`scheme://host[:port]`, lowercase host): links
+    /// naming them are rewritten to the gateway like links naming `url`.
+    pub url_aliases: Vec<String>,
+    /// The caller's `Cookie` and Dataverse's `Set-Cookie` pass (off: both are removed).
+    pub forward_cookies: bool,
 }
 
 impl EnvironmentConfig {
@@ -792,6 +815,34 @@ fn parse_secure_url(key: &str, text: &str) -> Result<Url, ConfigError> {
         return Err(invalid(key, format!("\"{text}\" has no host")));
     }
     Ok(url)
+}
+
+/// The validated `url_aliases` of an environment: each an origin only (`https://`, or
+/// `http://` for loopback), none equal to `url` or to another alias.
+fn url_aliases(key: &str, url: &Url, raw: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    let mut aliases: Vec<String> = Vec::with_capacity(raw.len());
+    let primary = url.origin().ascii_serialization();
+    for (i, text) in raw.iter().enumerate() {
+        let alias_key = format!("{key}.url_aliases[{i}]");
+        let alias = parse_secure_url(&alias_key, text)?;
+        if alias.path() != "/" || alias.query().is_some() || alias.fragment().is_some() {
+            return Err(invalid(
+                alias_key,
+                format!(
+                    "\"{text}\" must be an origin only, e.g. https://contoso.api.crm.dynamics.com"
+                ),
+            ));
+        }
+        let origin = alias.origin().ascii_serialization();
+        if origin == primary || aliases.contains(&origin) {
+            return Err(invalid(
+                alias_key,
+                format!("\"{text}\" is already the environment's url or listed before"),
+            ));
+        }
+        aliases.push(origin);
+    }
+    Ok(aliases)
 }
 
 /// True for 127.0.0.0/8, ::1 and `localhost`.
@@ -1262,7 +1313,9 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         || d.token_url.is_some()
         || d.scope.is_some()
         || d.tenants.is_some()
-        || d.allow_guest_tenants;
+        || d.allow_guest_tenants
+        || d.url_aliases.is_some()
+        || d.forward_cookies;
     let (raw_envs, in_list) = match d.environments {
         Some(_) if single => {
             return Err(invalid(
@@ -1287,6 +1340,8 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
                 scope: d.scope,
                 tenants: d.tenants,
                 allow_guest_tenants: d.allow_guest_tenants,
+                url_aliases: d.url_aliases,
+                forward_cookies: d.forward_cookies,
             };
             (vec![env], false)
         }
@@ -1320,6 +1375,7 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         if e.tenant_id.trim().is_empty() {
             return Err(invalid(format!("{key}.tenant_id"), "is required"));
         }
+        let url_aliases = url_aliases(&key, &url, e.url_aliases.unwrap_or_default())?;
         let credential = credential(
             &key,
             e.client_secret,
@@ -1370,6 +1426,8 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
             token_url,
             tenants,
             allow_guest_tenants: e.allow_guest_tenants,
+            url_aliases,
+            forward_cookies: e.forward_cookies,
         });
     }
     let routing = match (d.routing, environments.len()) {

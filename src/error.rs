@@ -117,6 +117,11 @@ impl GatewayError {
             Self::Upstream(U::Batch(BatchRefusal::PartTooLarge { .. })) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "BatchPartTooLarge")
             }
+            // A control header is refused alike at top level and in a part: 403, as the
+            // caller is not allowed what it asked for (the body names header and part).
+            Self::Upstream(U::ControlHeader(_) | U::Batch(BatchRefusal::ControlHeader { .. })) => {
+                (StatusCode::FORBIDDEN, "ControlHeaderNotAllowed")
+            }
             Self::Upstream(U::Batch(_)) => (StatusCode::BAD_REQUEST, "BatchPartRefused"),
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),

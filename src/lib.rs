@@ -159,6 +159,7 @@ impl Gateway {
                     env_tokens.clone(),
                     &config.server,
                     &config.dynamics,
+                    env,
                     metrics.clone(),
                 );
                 environments.push(Arc::new(Environment {

@@ -169,43 +169,55 @@ async fn batch_is_allowed_only_by_a_rule_that_says_so() {
 
 #[tokio::test]
 async fn control_headers_pass_only_where_a_rule_allows_them() {
+    // Issue 10: a bypass header no rule grants is refused with 403 naming it (it used to
+    // be dropped silently); harmless control headers pass without a grant.
     let env = env().identity(POLICY).start().await;
-    let send_with_bypass = |t: String| {
+    let send_with = |t: String, headers: &'static [(&'static str, &'static str)]| {
         let url = format!("{}/api/data/v9.2/accounts", env.gateway.url());
         async move {
-            client()
-                .get(url)
-                .bearer_auth(t)
-                .header("MSCRM.BypassCustomPluginExecution", "true")
-                .header("MSCRM.BypassBusinessLogicExecution", "CustomSync")
-                .header("msCRM.SuppressCallbackRegistrationExpanderJob", "true")
-                .send()
-                .await
-                .unwrap()
+            let mut request = client().get(url).bearer_auth(t);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            request.send().await.unwrap()
         }
     };
+    const BYPASSES: &[(&str, &str)] = &[
+        ("MSCRM.BypassCustomPluginExecution", "true"),
+        ("MSCRM.BypassBusinessLogicExecution", "CustomSync"),
+        ("msCRM.SuppressCallbackRegistrationExpanderJob", "true"),
+    ];
     let reader = token(&env, json!({"roles": ["Sales.Read"]}));
-    assert_eq!(send_with_bypass(reader).await.status(), 200);
-    let seen = env.dataverse.requests().pop().unwrap();
-    assert!(
-        seen.headers
-            .keys()
-            .all(|k| !k.as_str().starts_with("mscrm.")),
-        "{:?}",
-        seen.headers
-    );
+    let (status, code, message) = error_body(send_with(reader.clone(), BYPASSES).await).await;
+    assert_eq!(status, 403);
+    assert_eq!(code, "DynamicsGateway.ControlHeaderNotAllowed");
+    assert!(message.contains("`mscrm."), "{message}");
+    assert!(message.contains("sales-app-reads"), "{message}");
+    assert_eq!(env.dataverse.request_count(), 0);
 
     let writer = token(&env, json!({"scp": "Dynamics.Write"}));
-    assert_eq!(send_with_bypass(writer).await.status(), 200);
+    let (status, _, message) = error_body(send_with(writer.clone(), BYPASSES).await).await;
+    assert_eq!(status, 403);
+    assert!(
+        message.contains("`mscrm.bypassbusinesslogicexecution`")
+            || message.contains("`mscrm.suppresscallbackregistrationexpanderjob`"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+
+    const GRANTED: &[(&str, &str)] = &[
+        ("MSCRM.BypassCustomPluginExecution", "true"),
+        ("MSCRM.SolutionUniqueName", "ContosoCore"),
+    ];
+    assert_eq!(send_with(writer, GRANTED).await.status(), 200);
     let seen = env.dataverse.requests().pop().unwrap();
     assert_eq!(
         seen.header("mscrm.bypasscustompluginexecution"),
         Some("true")
     );
-    assert!(seen.header("mscrm.bypassbusinesslogicexecution").is_none());
-    assert!(seen
-        .header("mscrm.suppresscallbackregistrationexpanderjob")
-        .is_none());
+    assert_eq!(seen.header("mscrm.solutionuniquename"), Some("ContosoCore"));
+    const HARMLESS: &[(&str, &str)] = &[("MSCRM.SolutionUniqueName", "ContosoCore")];
+    assert_eq!(send_with(reader, HARMLESS).await.status(), 200);
 }
 
 #[tokio::test]

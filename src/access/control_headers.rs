@@ -1,23 +1,38 @@
-//! Dataverse control headers as policy: every `MSCRM.*` request header changes how
-//! Dataverse runs the operation (`MSCRM.BypassCustomPluginExecution`,
-//! `MSCRM.BypassBusinessLogicExecution`, `MSCRM.BypassBusinessLogicExecutionStepIds`,
-//! `MSCRM.SuppressCallbackRegistrationExpanderJob`, `MSCRM.SuppressDuplicateDetection`,
-//! `MSCRM.SolutionUniqueName`, `MSCRM.MergeLabels`, `MSCRM.tag`, and whatever Microsoft adds
-//! next), so each is dropped unless the grant names it.
+//! Dataverse control headers as policy. Some `MSCRM.*` request headers only say how an
+//! operation should behave and change no security property: `MSCRM.SolutionUniqueName`
+//! (which solution new components land in), `MSCRM.SuppressDuplicateDetection` (`false`
+//! turns detection on), `MSCRM.MergeLabels` (labels merged rather than replaced) and
+//! `MSCRM.tag` (a value handed to plug-ins as a shared variable); Microsoft documents each
+//! as an optional parameter of the operation. Those pass by default: dropping them would
+//! make the call succeed while doing something else than asked. Every other control header
+//! (the bypass family `MSCRM.BypassCustomPluginExecution`, `MSCRM.BypassBusinessLogicExecution`,
+//! `MSCRM.BypassBusinessLogicExecutionStepIds`, `MSCRM.SuppressCallbackRegistrationExpanderJob`,
+//! and whatever Microsoft adds next) is refused unless the grant names it: the caller learns
+//! which header to remove instead of getting a call that silently ran differently.
 //!
 //! Matching is by prefix rather than a list of known names so that a header Dataverse
-//! introduces later is held back until someone decides to allow it. The `MSCRM_` and
-//! `MSCRM-` spellings are dropped too: no legitimate header uses them and some servers
-//! treat `_`, `-` and `.` alike. Impersonation headers (`MSCRMCallerID`, `CallerObjectId`)
-//! are not control headers: `upstream::headers` always removes those, whatever the grant.
+//! introduces later is refused until someone decides to allow it. The `MSCRM_` and
+//! `MSCRM-` spellings are control headers too (no legitimate header uses them and some
+//! servers treat `_`, `-` and `.` alike), never harmless: only the dotted names are.
+//! Impersonation headers (`MSCRMCallerID`, `CallerObjectId`) are not control headers:
+//! `upstream::headers` always removes those, whatever the grant.
 //!
 //! Headers inside `$batch` parts are decided by the same [`decide_control_header`], called
-//! by the `$batch` part checks in `upstream::odata_links`.
+//! by the `$batch` part checks in `upstream::batch_parts`.
 
 use http::header::HeaderName;
 use http::HeaderMap;
 
 use super::Grant;
+
+/// Control headers that change how an operation behaves but grant nothing (lowercase,
+/// dotted spelling only): they pass without a grant.
+pub const HARMLESS_CONTROL_HEADERS: [&str; 4] = [
+    "mscrm.solutionuniquename",
+    "mscrm.suppressduplicatedetection",
+    "mscrm.mergelabels",
+    "mscrm.tag",
+];
 
 /// True for a header whose name makes it a Dataverse control header (`mscrm.` and its
 /// `_`/`-` spellings, any case). `HeaderName`s are already lowercase.
@@ -29,34 +44,67 @@ pub fn is_control_header(name: &HeaderName) -> bool {
 /// What becomes of one request header under a grant, at top level and in `$batch` parts alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ControlHeaderDecision {
-    /// Not a control header, or one the grant allows: sent on.
+    /// Not a control header, a harmless one, or one the grant allows: sent on.
     Pass,
-    /// A control header the grant does not allow: not sent.
-    Drop,
+    /// A control header that is not harmless and that the grant does not allow: the
+    /// request is refused.
+    Refuse,
 }
 
-/// The one rule for control headers: those the grant names pass, all others are dropped.
+/// The one rule for control headers: harmless ones and those the grant names pass, all
+/// others are refused.
 pub fn decide_control_header(name: &HeaderName, grant: &Grant) -> ControlHeaderDecision {
-    if is_control_header(name) && !grant.control_headers.contains(name) {
-        ControlHeaderDecision::Drop
+    if is_control_header(name)
+        && !HARMLESS_CONTROL_HEADERS.contains(&name.as_str())
+        && !grant.control_headers.contains(name)
+    {
+        ControlHeaderDecision::Refuse
     } else {
         ControlHeaderDecision::Pass
     }
 }
 
-/// Removes every control header the grant does not allow; returns how many distinct header
-/// names were dropped (worth a log line: the caller asked for something it may not have).
-/// Other headers are untouched.
-pub fn strip_control_headers(headers: &mut HeaderMap, grant: &Grant) -> usize {
-    let dropped: Vec<HeaderName> = headers
+/// A request carried a control header its grant does not allow.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the header `{header}` changes how Dataverse enforces business logic and no access rule grants it to this caller (access rule `{rule}`); remove the header, or have the rule list it under control_headers")]
+pub struct ControlHeaderRefused {
+    /// The header's name as the gateway read it (lowercase).
+    pub header: String,
+    /// The rule whose grant was applied.
+    pub rule: String,
+}
+
+/// Refuses the request when any header is a control header the grant does not allow;
+/// names the first such header.
+pub fn check_control_headers(
+    headers: &HeaderMap,
+    grant: &Grant,
+) -> Result<(), ControlHeaderRefused> {
+    match headers
         .keys()
-        .filter(|name| decide_control_header(name, grant) == ControlHeaderDecision::Drop)
+        .find(|name| decide_control_header(name, grant) == ControlHeaderDecision::Refuse)
+    {
+        Some(name) => Err(ControlHeaderRefused {
+            header: name.as_str().to_owned(),
+            rule: grant.rule.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Removes every control header the grant refuses; returns how many distinct header
+/// names were removed. The gateway refuses such requests ([`check_control_headers`]);
+/// this is the same decision for code that has to clean a header map instead.
+pub fn strip_control_headers(headers: &mut HeaderMap, grant: &Grant) -> usize {
+    let refused: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| decide_control_header(name, grant) == ControlHeaderDecision::Refuse)
         .cloned()
         .collect();
-    for name in &dropped {
+    for name in &refused {
         headers.remove(name);
     }
-    dropped.len()
+    refused.len()
 }
 
 /// True when a name, read without punctuation and case, is one of Dataverse's
@@ -105,18 +153,37 @@ mod tests {
     }
 
     #[test]
-    fn control_headers_are_dropped_unless_allowed() {
-        let mut map = headers(&[
+    fn bypass_and_unknown_control_headers_are_refused_unless_allowed() {
+        for name in [
             "MSCRM.BypassCustomPluginExecution",
             "MSCRM.BypassBusinessLogicExecution",
+            "MSCRM.BypassBusinessLogicExecutionStepIds",
             "MSCRM.SuppressCallbackRegistrationExpanderJob",
-            "MSCRM.SuppressDuplicateDetection",
             "mscrm.somethingnew",
             "MSCRM_BypassCustomPluginExecution",
             "MSCRM-BypassCustomPluginExecution",
+            "MSCRM_SolutionUniqueName",
+            "MSCRM-tag",
+        ] {
+            let map = headers(&["Prefer", "MSCRM.SolutionUniqueName", name]);
+            let refused = check_control_headers(&map, &grant(&[])).unwrap_err();
+            assert_eq!(refused.header, name.to_ascii_lowercase());
+            assert!(refused.to_string().contains(&name.to_ascii_lowercase()));
+        }
+        let mut map = headers(&["MSCRM.BypassBusinessLogicExecution", "MSCRM.MergeLabels"]);
+        assert_eq!(strip_control_headers(&mut map, &grant(&[])), 1);
+        assert!(map.contains_key("mscrm.mergelabels"));
+    }
+
+    #[test]
+    fn harmless_control_headers_pass_without_a_grant() {
+        let map = headers(&[
+            "MSCRM.SolutionUniqueName",
+            "MSCRM.SuppressDuplicateDetection",
+            "mscrm.mergelabels",
+            "MSCRM.tag",
         ]);
-        assert_eq!(strip_control_headers(&mut map, &grant(&[])), 7);
-        assert!(map.is_empty());
+        assert_eq!(check_control_headers(&map, &grant(&[])), Ok(()));
     }
 
     #[test]
@@ -130,6 +197,10 @@ mod tests {
             "MSCRM.BypassCustomPluginExecution",
             "mscrm.suppressduplicatedetection",
         ]);
+        assert_eq!(
+            check_control_headers(&map, &grant).unwrap_err().header,
+            "mscrm.bypassbusinesslogicexecution"
+        );
         assert_eq!(strip_control_headers(&mut map, &grant), 1);
         assert!(map.contains_key("MSCRM.BypassCustomPluginExecution"));
         assert!(map.contains_key("MSCRM.SuppressDuplicateDetection"));
@@ -138,15 +209,14 @@ mod tests {
 
     #[test]
     fn allowing_the_dotted_name_does_not_allow_other_spellings() {
-        let mut map = headers(&["MSCRM_BypassCustomPluginExecution"]);
+        let map = headers(&["MSCRM_BypassCustomPluginExecution"]);
         let grant = grant(&["MSCRM.BypassCustomPluginExecution"]);
-        assert_eq!(strip_control_headers(&mut map, &grant), 1);
-        assert!(map.is_empty());
+        assert!(check_control_headers(&map, &grant).is_err());
     }
 
     #[test]
     fn repeated_values_go_with_their_name() {
-        let mut map = headers(&["MSCRM.tag", "MSCRM.tag"]);
+        let mut map = headers(&["MSCRM.Bypassnew", "MSCRM.Bypassnew"]);
         assert_eq!(strip_control_headers(&mut map, &grant(&[])), 1);
         assert!(map.is_empty());
     }
@@ -166,6 +236,7 @@ mod tests {
         ];
         let mut map = headers(&names);
         let before = map.clone();
+        assert_eq!(check_control_headers(&map, &grant(&[])), Ok(()));
         assert_eq!(strip_control_headers(&mut map, &grant(&[])), 0);
         assert_eq!(map, before);
     }

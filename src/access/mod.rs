@@ -1,6 +1,6 @@
 //! May this caller make this request? The access stage owns the rules (`access:` in the
 //! config), the reading of the request target as an entity set ([`target`]), and the
-//! Dataverse control headers a grant lets through ([`strip_control_headers`]). It runs after
+//! Dataverse control headers a grant lets through ([`check_control_headers`]). It runs after
 //! the caller is authenticated and before anything goes upstream, and hands the next stages
 //! a [`Grant`]: which rule allowed the request, whether to impersonate, which control
 //! headers may pass.
@@ -38,7 +38,8 @@ use crate::inbound::CallerKind;
 
 pub(crate) use control_headers::names_impersonation;
 pub use control_headers::{
-    decide_control_header, is_control_header, strip_control_headers, ControlHeaderDecision,
+    check_control_headers, decide_control_header, is_control_header, strip_control_headers,
+    ControlHeaderDecision, ControlHeaderRefused, HARMLESS_CONTROL_HEADERS,
 };
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
 pub use target::Target;
@@ -117,8 +118,8 @@ impl AccessPolicy {
     }
 
     /// The policy used when the config has no `access` section: everything is allowed,
-    /// `$batch` included, impersonating as the identity mode says, and no control headers
-    /// pass.
+    /// `$batch` included, impersonating as the identity mode says; only the harmless
+    /// control headers pass, any other is refused.
     pub fn allow_all() -> Self {
         Self::new(Vec::new(), DefaultDecision::Allow)
     }

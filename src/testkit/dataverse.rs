@@ -171,6 +171,8 @@ impl Dataverse {
                 url.trim_start_matches("http://").to_owned(),
                 format!("localhost:{}", addr.port()),
             ],
+            link_origin: Mutex::new(url.clone()),
+            affinity: format!("{:016x}", rand::random::<u64>()),
             url,
             addr,
             registry: self.registry,
@@ -229,6 +231,19 @@ impl DataverseHandle {
 
     pub fn addr(&self) -> SocketAddr {
         self.state.addr
+    }
+
+    /// This server under its other name, `http://localhost:{port}` (loopback still): as an
+    /// organisation's `org.api.crm.dynamics.com` next to `org.crm.dynamics.com`.
+    pub fn alias_url(&self) -> String {
+        format!("http://localhost:{}", self.state.addr.port())
+    }
+
+    /// Writes the absolute links of its responses (`@odata.*`, `Location`, `OData-EntityId`,
+    /// inside `$batch` too) with `origin` instead of [`DataverseHandle::url`], e.g. the
+    /// [`DataverseHandle::alias_url`] in any case; requests naming either are accepted.
+    pub fn set_link_origin(&self, origin: &str) {
+        *lock(&self.state.link_origin) = origin.trim_end_matches('/').to_owned();
     }
 
     /// Every request received, in order (including `systemusers` lookups).
@@ -317,6 +332,11 @@ struct Canned {
 
 struct DvState {
     url: String,
+    /// The origin written into the links of responses: `url`, or another of this server's
+    /// names (an organisation answers on `org.crm.dynamics.com` and `org.api.crm.dynamics.com`).
+    link_origin: Mutex<String>,
+    /// This server's `ARRAffinity` cookie value.
+    affinity: String,
     /// `host:port` forms that name this server in absolute URLs.
     authorities: Vec<String>,
     addr: SocketAddr,
@@ -867,6 +887,11 @@ impl DvState {
         }
     }
 
+    /// The origin links are written with (see [`DataverseHandle::set_link_origin`]).
+    fn link_origin(&self) -> String {
+        lock(&self.link_origin).clone()
+    }
+
     /// Adds the headers every Dataverse response carries, keeping any a canned response
     /// set itself (e.g. a rate-limit header counting down to 0).
     fn finalize(&self, mut resp: Response<RespBody>) -> Response<RespBody> {
@@ -889,6 +914,21 @@ impl DvState {
             "x-ms-ratelimit-time-remaining-xrm-requests",
             HeaderValue::from_static("1,200,000.00"),
         );
+        // The server-affinity cookies real Dataverse sets on every response.
+        if !headers.contains_key(http::header::SET_COOKIE) {
+            let cookies = [
+                format!("ARRAffinity={}; path=/; secure; HttpOnly", self.affinity),
+                format!(
+                    "ReqClientId={}; expires=Fri, 01-Jan-2100 00:00:00 GMT; path=/; secure; HttpOnly",
+                    uuid::Uuid::new_v4()
+                ),
+            ];
+            for cookie in cookies {
+                if let Ok(v) = HeaderValue::from_str(&cookie) {
+                    headers.append(http::header::SET_COOKIE, v);
+                }
+            }
+        }
         resp
     }
 
@@ -1186,7 +1226,7 @@ impl DvState {
             (&Method::GET, "WhoAmI" | "WhoAmI()", None) => DvResponse::json(
                 StatusCode::OK,
                 &json!({
-                    "@odata.context": format!("{}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", req.base(&self.url)),
+                    "@odata.context": format!("{}/$metadata#Microsoft.Dynamics.CRM.WhoAmIResponse", req.base(&self.link_origin())),
                     "BusinessUnitId": BUSINESS_UNIT_ID,
                     "UserId": user,
                     "OrganizationId": ORGANIZATION_ID,
@@ -1211,7 +1251,7 @@ impl DvState {
     }
 
     fn service_document(&self, req: &DvRequest) -> DvResponse {
-        let base = req.base(&self.url);
+        let base = req.base(&self.link_origin());
         let sets: Vec<Value> = ["accounts", "contacts", "systemusers"]
             .iter()
             .map(|s| json!({"name": s, "kind": "EntitySet", "url": s}))
@@ -1252,7 +1292,7 @@ impl DvState {
     }
 
     fn systemusers(&self, req: &DvRequest, single: Option<String>) -> DvResponse {
-        let base = req.base(&self.url);
+        let base = req.base(&self.link_origin());
         let pairs = query_pairs(req.raw_query.as_deref());
         let select = select_list(&pairs);
         let mut rows: Vec<Map<String, Value>> = vec![user_row(
@@ -1390,7 +1430,7 @@ impl DvState {
         let Some(set) = store.sets.get(set_name) else {
             return DvResponse::not_found_segment(set_name);
         };
-        let base = req.base(&self.url);
+        let base = req.base(&self.link_origin());
         let pairs = query_pairs(req.raw_query.as_deref());
         let select = select_list(&pairs);
         let filter = match parse_filter(&pairs, set.logical, &|_| Some(PropType::Any)) {
@@ -1507,7 +1547,7 @@ impl DvState {
         let select = select_list(&pairs);
         let mut body = row_json(set, row, select.as_deref());
         body["@odata.context"] = Value::String(entity_context(
-            &req.base(&self.url),
+            &req.base(&self.link_origin()),
             set_name,
             select.as_deref(),
         ));
@@ -1569,7 +1609,7 @@ impl DvState {
                 "0x80048d19",
                 &format!(
                     "The URI '{target}' is not valid because it is not based on '{}/'.",
-                    req.base(&self.url)
+                    req.base(&self.link_origin())
                 ),
             ))
         }
@@ -1634,7 +1674,7 @@ impl DvState {
         id: &str,
         rep_status: StatusCode,
     ) -> DvResponse {
-        let base = req.base(&self.url);
+        let base = req.base(&self.link_origin());
         let entity_id = format!("{base}/{set_name}({id})");
         let representation = req.prefer().iter().any(|p| p == "return=representation");
         let row = store
@@ -2013,7 +2053,7 @@ impl DvState {
                 "0x80060888",
                 &format!(
                     "The request URI '{url}' is not valid because it is not based on '{}/'.",
-                    batch.base(&self.url)
+                    batch.base(&self.link_origin())
                 ),
             )
         };

@@ -1,7 +1,7 @@
 //! The rules every `$batch` part meets on its way to Dataverse, so a part cannot do what a
 //! top-level request may not: choose whom it runs as or with which credential
-//! ([`caller_only_header`]), pass a control header its grant does not allow
-//! ([`decide_control_header`], the top-level rule), or name another host or a path outside
+//! ([`caller_only_header`]), carry a control header its grant does not allow
+//! ([`decide_control_header`], the top-level rule: the whole batch is refused), or name another host or a path outside
 //! `/api/data/` ([`PartRules::target`]). The streaming parser in `odata_links` calls these
 //! per line; parts that declare a `Content-Length` are held (bounded) so the length can be
 //! fixed after rewriting ([`Hold`]).
@@ -46,13 +46,9 @@ impl PartRules {
         self.max_held
     }
 
-    /// A part's (MIME or HTTP) header name: refused, dropped (a control header the grant
-    /// does not allow) or sent on.
-    pub(super) fn header(
-        &self,
-        name: &[u8],
-        part: &PartName,
-    ) -> Result<ControlHeaderDecision, BatchRefusal> {
+    /// A part's (MIME or HTTP) header name: refused (a caller-only header, or a control
+    /// header the grant does not allow) or sent on.
+    pub(super) fn header(&self, name: &[u8], part: &PartName) -> Result<(), BatchRefusal> {
         let text = String::from_utf8_lossy(name);
         if let Some(kind) = caller_only_header(&text) {
             return Err(BatchRefusal::CallerOnlyHeader {
@@ -67,7 +63,14 @@ impl PartRules {
                 what: "a header name that is not an HTTP token",
             });
         };
-        Ok(decide_control_header(&parsed, &self.grant))
+        match decide_control_header(&parsed, &self.grant) {
+            ControlHeaderDecision::Pass => Ok(()),
+            ControlHeaderDecision::Refuse => Err(BatchRefusal::ControlHeader {
+                part: part.clone(),
+                header: shown(name.trim_ascii()),
+                rule: self.grant.rule.to_string(),
+            }),
+        }
     }
 
     /// Checks a part's request target; returns the target to send when it changes (the
@@ -293,6 +296,12 @@ pub enum BatchRefusal {
         header: String,
         kind: CallerOnlyHeader,
     },
+    #[error("$batch {part} carries the header `{header}`, which changes how Dataverse enforces business logic, and no access rule grants it to this caller (access rule `{rule}`); remove it from the part, or have the rule list it under control_headers")]
+    ControlHeader {
+        part: PartName,
+        header: String,
+        rule: String,
+    },
     #[error("$batch {part} targets `{target}`, which is refused: {problem}; use this gateway's URLs under /api/data/")]
     Target {
         part: PartName,
@@ -327,6 +336,7 @@ impl BatchRefusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::PartTooLarge { .. } => "batch_part_too_large",
+            Self::ControlHeader { .. } => "control_header_refused",
             _ => "batch_refused",
         }
     }
@@ -555,18 +565,19 @@ mod tests {
         let e = r.header(b"MSCRM_CallerID", &p).unwrap_err();
         assert!(e.to_string().contains("part 2 (Content-ID 7)"), "{e}");
         assert!(e.to_string().contains("`MSCRM_CallerID`"), "{e}");
-        assert_eq!(
-            r.header(b"MSCRM.BypassCustomPluginExecution", &p).unwrap(),
-            ControlHeaderDecision::Drop
+        let e = r
+            .header(b"MSCRM.BypassCustomPluginExecution", &p)
+            .unwrap_err();
+        assert!(matches!(e, BatchRefusal::ControlHeader { .. }), "{e}");
+        assert!(e.to_string().contains("part 2 (Content-ID 7)"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("`MSCRM.BypassCustomPluginExecution`"),
+            "{e}"
         );
-        assert_eq!(
-            r.header(b"mscrm.suppressduplicatedetection", &p).unwrap(),
-            ControlHeaderDecision::Pass
-        );
-        assert_eq!(
-            r.header(b"Prefer", &p).unwrap(),
-            ControlHeaderDecision::Pass
-        );
+        assert_eq!(r.header(b"mscrm.suppressduplicatedetection", &p), Ok(()));
+        assert_eq!(r.header(b"MSCRM.SolutionUniqueName", &p), Ok(()));
+        assert_eq!(r.header(b"Prefer", &p), Ok(()));
         assert!(r.header(b"Bad Name", &p).is_err());
         assert_eq!(
             r.host(b" 127.0.0.1:8080 ", GW, DV, &p).unwrap(),

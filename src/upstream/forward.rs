@@ -25,7 +25,7 @@ use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewr
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
 use crate::body::{self, BodyTimeout, BoxError, GatewayBody, PrefixedBody, TimedBody};
-use crate::config::{DynamicsConfig, ServerConfig};
+use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
 
@@ -66,6 +66,10 @@ pub struct Forwarder {
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
     metrics: Metrics,
+    /// The organisation's other origins (`url_aliases`): links naming them are rewritten too.
+    url_aliases: Vec<String>,
+    /// `forward_cookies`: the caller's `Cookie` and Dataverse's `Set-Cookie` pass.
+    forward_cookies: bool,
     /// The link rewrites for the last public base seen: callers nearly always reach the
     /// gateway by one name, so the pair is built once rather than per request.
     links: ArcSwapOption<LinkPair>,
@@ -190,6 +194,7 @@ impl Forwarder {
         tokens: Arc<TokenSource>,
         server: &ServerConfig,
         dynamics: &DynamicsConfig,
+        environment: &EnvironmentConfig,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -204,6 +209,8 @@ impl Forwarder {
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
             metrics,
+            url_aliases: environment.url_aliases.clone(),
+            forward_cookies: environment.forward_cookies,
             links: ArcSwapOption::empty(),
         }
     }
@@ -215,7 +222,11 @@ impl Forwarder {
         let pair = Arc::new(LinkPair {
             base: public_base.to_string(),
             to_upstream: LinkRewrite::new(public_base, self.client.origin()),
-            to_gateway: LinkRewrite::new(self.client.origin(), public_base),
+            to_gateway: LinkRewrite::with_aliases(
+                self.client.origin(),
+                &self.url_aliases,
+                public_base,
+            ),
         });
         self.links.store(Some(pair.clone()));
         pair
@@ -233,6 +244,8 @@ impl Forwarder {
         ctx: ForwardContext<'_>,
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (parts, incoming) = request.into_parts();
+        // Before anything is read or sent: a refused control header ends the request here.
+        crate::access::check_control_headers(&parts.headers, ctx.grant)?;
         let deadline = Instant::now() + self.exchange_timeout;
         let (incoming, body_over) = TimedBody::new(
             incoming,
@@ -264,7 +277,9 @@ impl Forwarder {
             self.trust_forwarded,
             ctx.request_id,
         );
-        crate::access::strip_control_headers(&mut headers, ctx.grant);
+        if !self.forward_cookies {
+            headers::strip_cookies(&mut headers);
+        }
         headers.insert(ACCEPT_ENCODING, accepted.header_value());
         if dropped > 0 {
             tracing::warn!(request_id = ?ctx.request_id, dropped, "caller sent impersonation headers; stripped");
@@ -499,6 +514,9 @@ impl Forwarder {
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (mut parts, incoming) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
+        if !self.forward_cookies {
+            headers::strip_set_cookies(&mut parts.headers);
+        }
         for name in [LOCATION, ODATA_ENTITY_ID] {
             let rewritten = parts
                 .headers

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, FORWARDED, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, COOKIE, FORWARDED, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::HeaderMap;
 
@@ -161,8 +161,8 @@ pub enum CallerOnlyHeader {
 
 /// The rule a header name inside a `$batch` part falls under, if any: the same names the
 /// top-level stripping removes, in the same spellings (any case, `_` read as `-`), plus
-/// `Cookie`, which at top level is someone else's decision but inside a part would reach
-/// Dataverse unseen.
+/// `Cookie`, which at top level is removed unless the environment sets `forward_cookies`
+/// and inside a part is refused either way (no client needs a cookie per part).
 pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
     let dashed = dashed_lowercase(name);
     let squeezed: String = dashed.chars().filter(|c| *c != '-').collect();
@@ -179,6 +179,20 @@ pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
     } else {
         None
     }
+}
+
+/// Removes the caller's `Cookie` headers: one gateway serves many apps, and their cookies
+/// (sessions with the app itself, or an affinity cookie another app received) are not
+/// Dataverse's to read.
+pub fn strip_cookies(headers: &mut HeaderMap) {
+    headers.remove(COOKIE);
+}
+
+/// Removes Dataverse's `Set-Cookie` headers (its server-affinity cookies `ARRAffinity`,
+/// `ReqClientId`, ...): they would pin whichever app made the call to one Dataverse web
+/// server, which Microsoft advises against for throughput, and the gateway keeps no jar.
+pub fn strip_set_cookies(headers: &mut HeaderMap) {
+    headers.remove(SET_COOKIE);
 }
 
 /// Sets `X-Forwarded-For` to the caller's address (appended to the caller's own value
@@ -344,6 +358,29 @@ mod tests {
         h.insert(TE, HeaderValue::from_static("trailers"));
         h.insert("odata-version", HeaderValue::from_static("4.0"));
         strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("odata-version"));
+    }
+
+    #[test]
+    fn cookies_are_removed_in_both_directions() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("session=app"));
+        h.append(COOKIE, HeaderValue::from_static("ARRAffinity=abc"));
+        h.insert("prefer", HeaderValue::from_static("return=representation"));
+        strip_cookies(&mut h);
+        assert_eq!(h.len(), 1);
+        let mut h = HeaderMap::new();
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("ARRAffinity=a; path=/"),
+        );
+        h.append(
+            SET_COOKIE,
+            HeaderValue::from_static("ReqClientId=b; path=/"),
+        );
+        h.insert("odata-version", HeaderValue::from_static("4.0"));
+        strip_set_cookies(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("odata-version"));
     }

@@ -47,6 +47,8 @@ pub enum UpstreamError {
     Build(#[source] BoxError),
     #[error(transparent)]
     Batch(#[from] batch_parts::BatchRefusal),
+    #[error(transparent)]
+    ControlHeader(#[from] crate::access::ControlHeaderRefused),
 }
 
 impl UpstreamError {
@@ -65,6 +67,7 @@ impl UpstreamError {
             Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
+            Self::ControlHeader(_) => "control_header_refused",
         }
     }
 }

@@ -3,9 +3,13 @@
 //! streaming chunk by chunk with bounded carry-over state, so apps keep talking to the gateway
 //! and Dataverse only ever sees its own origin.
 //!
-//! Matching is exact and byte-wise (no case folding, no percent-decoding): a URL is rewritten
-//! only when it starts with `from` followed by `/`, `?`, `(` or its end. JSON property names
-//! containing escapes (e.g. `"@odata\u002enextLink"`) are treated as non-matching.
+//! A URL is rewritten only when it starts with one of the `from` prefixes followed by `/`,
+//! `?`, `(` or its end. The origin part of a prefix (`scheme://host[:port]`) is compared
+//! without ASCII case, as RFC 3986 makes scheme and host case-insensitive; a path after it
+//! (a gateway base with an environment prefix) is compared byte for byte. Nothing is
+//! percent-decoded. An organisation answers on several host names (`org.crm.dynamics.com`,
+//! `org.api.crm.dynamics.com`): each configured alias is one more `from`. JSON property
+//! names containing escapes (e.g. `"@odata\u002enextLink"`) are treated as non-matching.
 
 use std::sync::Arc;
 
@@ -14,24 +18,80 @@ use memchr::{memchr, memchr2, memrchr};
 use super::batch_parts::{
     multipart_mixed_boundary, BatchRefusal, Hold, LengthField, PartName, PartRules, Region,
 };
-use crate::access::ControlHeaderDecision;
 
-/// A pair of URL prefixes: `from` is replaced by `to` at the start of selected URL values.
-/// Cheap to clone: the prefixes are shared, so one pair serves every request to a base.
+/// URL prefixes: any of the `from` prefixes is replaced by `to` at the start of selected URL
+/// values. Cheap to clone: the prefixes are shared, so one value serves every request to a base.
 #[derive(Clone, Debug)]
 pub struct LinkRewrite(Arc<LinkPrefixes>);
 
 /// The prefixes of a [`LinkRewrite`] in each form they are matched in.
 #[derive(Debug)]
 pub struct LinkPrefixes {
+    /// The first `from`: the one `reversed` swaps with `to`.
     from: String,
+    /// Every `from` (the first included); empty ones are left out.
+    froms: Vec<FromPrefix>,
     to: String,
-    /// `from`/`to` as they appear inside a JSON string literal.
-    from_json: Vec<u8>,
+    /// `to` as it appears inside a JSON string literal.
     to_json: Vec<u8>,
     /// The same with every `/` written as `\/` (some serializers escape slashes).
-    from_json_slash: Vec<u8>,
     to_json_slash: Vec<u8>,
+}
+
+/// One prefix that is replaced, in the forms it is matched in, each with the length of its
+/// origin part (compared without case).
+#[derive(Debug)]
+struct FromPrefix {
+    raw: Cased,
+    json: Cased,
+    json_slash: Cased,
+}
+
+/// A prefix whose first `origin_len` bytes are compared without ASCII case.
+#[derive(Debug)]
+struct Cased {
+    bytes: Vec<u8>,
+    origin_len: usize,
+}
+
+impl Cased {
+    fn new(prefix: &str, escape: impl Fn(&str) -> Vec<u8>) -> Self {
+        let origin = origin_part(prefix);
+        Self {
+            bytes: escape(prefix),
+            origin_len: escape(origin).len(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// True when `candidate` (no longer than the prefix) agrees with the prefix's start.
+    fn agrees(&self, candidate: &[u8]) -> bool {
+        let n = candidate.len().min(self.bytes.len());
+        let cased = n.min(self.origin_len);
+        candidate[..cased].eq_ignore_ascii_case(&self.bytes[..cased])
+            && candidate[cased..n] == self.bytes[cased..n]
+    }
+
+    /// What follows the prefix in `value`, if `value` starts with it.
+    fn strip<'v>(&self, value: &'v [u8]) -> Option<&'v [u8]> {
+        (value.len() >= self.bytes.len() && self.agrees(&value[..self.bytes.len()]))
+            .then(|| &value[self.bytes.len()..])
+    }
+}
+
+/// `scheme://authority` at the start of `url` (all of it when there is no path).
+fn origin_part(url: &str) -> &str {
+    let Some(scheme_end) = url.find("://") else {
+        return "";
+    };
+    let after = scheme_end + 3;
+    let end = url[after..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after + i);
+    &url[..end]
 }
 
 /// Outcome of matching the (raw, still escaped) start of a JSON string against `from`.
@@ -54,19 +114,37 @@ impl LinkRewrite {
     /// "https://org.crm.dynamics.com" and "http://127.0.0.1:8080". An empty `from`
     /// disables rewriting (it would otherwise match every value).
     pub fn new(from: impl Into<String>, to: impl Into<String>) -> Self {
+        Self::with_aliases(from, std::iter::empty::<String>(), to)
+    }
+
+    /// As [`LinkRewrite::new`], with more prefixes that name the same place as `from` (the
+    /// organisation's other host names): each of them is replaced by `to` too.
+    pub fn with_aliases(
+        from: impl Into<String>,
+        aliases: impl IntoIterator<Item = impl Into<String>>,
+        to: impl Into<String>,
+    ) -> Self {
         let from = from.into();
         let to = to.into();
+        let froms = std::iter::once(from.clone())
+            .chain(aliases.into_iter().map(Into::into))
+            .filter(|f| !f.is_empty())
+            .map(|f| FromPrefix {
+                raw: Cased::new(&f, |s| s.as_bytes().to_vec()),
+                json: Cased::new(&f, |s| json_escape(s, false)),
+                json_slash: Cased::new(&f, |s| json_escape(s, true)),
+            })
+            .collect();
         Self(Arc::new(LinkPrefixes {
-            from_json: json_escape(&from, false),
             to_json: json_escape(&to, false),
-            from_json_slash: json_escape(&from, true),
             to_json_slash: json_escape(&to, true),
             from,
+            froms,
             to,
         }))
     }
 
-    /// The prefix that is replaced.
+    /// The (first) prefix that is replaced.
     pub fn from(&self) -> &str {
         &self.from
     }
@@ -76,49 +154,50 @@ impl LinkRewrite {
         &self.to
     }
 
-    /// The same pair with `from` and `to` swapped (gateway -> Dataverse for requests).
+    /// The first pair with `from` and `to` swapped (gateway -> Dataverse for requests).
     pub fn reversed(&self) -> Self {
         Self::new(self.to.clone(), self.from.clone())
     }
 
-    /// For a header value (Location, OData-EntityId): if it starts with `from` followed by
-    /// '/', '?', '(' or end, return the rewritten value; else None.
+    /// For a header value (Location, OData-EntityId): if it starts with a `from` followed
+    /// by '/', '?', '(' or end, return the rewritten value; else None.
     pub fn header_value(&self, value: &[u8]) -> Option<Vec<u8>> {
-        let from = self.from.as_bytes();
-        if from.is_empty() {
-            return None;
-        }
-        let rest = value.strip_prefix(from)?;
-        match rest.first() {
-            None | Some(b'/' | b'?' | b'(') => {
-                let mut v = Vec::with_capacity(self.to.len() + rest.len());
-                v.extend_from_slice(self.to.as_bytes());
-                v.extend_from_slice(rest);
-                Some(v)
-            }
-            Some(_) => None,
-        }
+        let rest = self.froms.iter().find_map(|f| {
+            f.raw
+                .strip(value)
+                .filter(|rest| matches!(rest.first(), None | Some(b'/' | b'?' | b'(')))
+        })?;
+        let mut v = Vec::with_capacity(self.to.len() + rest.len());
+        v.extend_from_slice(self.to.as_bytes());
+        v.extend_from_slice(rest);
+        Some(v)
     }
 
     /// Longest candidate prefix a JSON rewriter has to hold before deciding.
     fn max_hold(&self) -> usize {
-        self.from_json.len().max(self.from_json_slash.len()) + 2
+        self.froms
+            .iter()
+            .map(|f| f.json.len().max(f.json_slash.len()))
+            .max()
+            .unwrap_or(0)
+            + 2
     }
 
-    /// Decide whether the raw content `buf` of a JSON string starts with `from`
+    /// Decide whether the raw content `buf` of a JSON string starts with a `from`
     /// (plain or slash-escaped) followed by a URL delimiter or the string's end.
     /// Never returns `NeedMore` once `buf.len() >= max_hold()`.
     fn decide(&self, buf: &[u8], ended: bool) -> Decision {
-        if self.from.is_empty() {
-            return Decision::NoMatch;
-        }
         let mut need_more = false;
-        for (prefix, slash) in [(&self.from_json, false), (&self.from_json_slash, true)] {
+        let forms = self
+            .froms
+            .iter()
+            .flat_map(|f| [(&f.json, false), (&f.json_slash, true)]);
+        for (prefix, slash) in forms {
             if buf.len() < prefix.len() {
-                need_more |= !ended && prefix.starts_with(buf);
+                need_more |= !ended && prefix.agrees(buf);
                 continue;
             }
-            let Some(rest) = buf.strip_prefix(prefix.as_slice()) else {
+            let Some(rest) = prefix.strip(buf) else {
                 continue;
             };
             let delimited = match rest {
@@ -1094,8 +1173,8 @@ impl BatchLinkRewriter {
                     if let Some(h) = c.top() {
                         h.mime_length = Some(field);
                     }
-                } else if c.rules.header(name, &c.part)? == ControlHeaderDecision::Drop {
-                    return Ok(());
+                } else {
+                    c.rules.header(name, &c.part)?;
                 }
                 out.extend_from_slice(line);
             }
@@ -1187,8 +1266,8 @@ impl BatchLinkRewriter {
                     }
                 } else if name.eq_ignore_ascii_case(b"content-type") {
                     *json = contains_ignore_case(value, b"json");
-                } else if c.rules.header(name, &c.part)? == ControlHeaderDecision::Drop {
-                    return Ok(());
+                } else {
+                    c.rules.header(name, &c.part)?;
                 }
                 out.extend_from_slice(line);
             }
@@ -1630,6 +1709,43 @@ mod tests {
         assert_eq!(rw.reversed().from(), GW);
     }
 
+    #[test]
+    fn aliases_and_any_case_of_the_origin_are_rewritten_but_paths_stay_exact() {
+        let rw = LinkRewrite::with_aliases(ORG, ["https://contoso.api.crm.dynamics.com"], GW);
+        let h = |v: &str| {
+            rw.header_value(v.as_bytes())
+                .map(|v| String::from_utf8(v).unwrap())
+        };
+        for link in [
+            "https://contoso.crm.dynamics.com/api/data/v9.2/accounts(1)",
+            "HTTPS://CONTOSO.CRM.DYNAMICS.COM/api/data/v9.2/accounts(1)",
+            "https://contoso.api.crm.dynamics.com/api/data/v9.2/accounts(1)",
+            "https://Contoso.API.Crm.Dynamics.com/api/data/v9.2/accounts(1)",
+        ] {
+            assert_eq!(
+                h(link).as_deref(),
+                Some("http://localhost:8080/api/data/v9.2/accounts(1)"),
+                "{link}"
+            );
+        }
+        assert_eq!(h("https://contoso.api.crm.dynamics.com.evil.com/x"), None);
+        assert_eq!(h("https://other.api.crm.dynamics.com/x"), None);
+        let body = br#"{"@odata.context":"HTTPS:\/\/CONTOSO.API.crm.dynamics.com\/api\/data\/v9.2\/$metadata","@odata.id":"https://contoso.API.crm.dynamics.com/api/data/v9.2/a(1)","name":"https://contoso.api.crm.dynamics.com/x"}"#;
+        let out = String::from_utf8(rewrite_json(&rw, JsonKeys::ResponseLinks, body)).unwrap();
+        assert_eq!(
+            out,
+            r#"{"@odata.context":"http:\/\/localhost:8080\/api\/data\/v9.2\/$metadata","@odata.id":"http://localhost:8080/api/data/v9.2/a(1)","name":"https://contoso.api.crm.dynamics.com/x"}"#
+        );
+        // A gateway base with a path: the origin in any case, the path byte for byte.
+        let up = LinkRewrite::new("http://gw.example/Env1", ORG);
+        assert!(up
+            .header_value(b"HTTP://GW.EXAMPLE/Env1/api/data/v9.2/x")
+            .is_some());
+        assert!(up
+            .header_value(b"http://gw.example/env1/api/data/v9.2/x")
+            .is_none());
+    }
+
     /// Small deterministic PRNG so garbage tests need no extra dependency.
     struct XorShift(u64);
     impl XorShift {
@@ -1924,15 +2040,24 @@ mod tests {
             "MSCRM.BypassCustomPluginExecution: true\r\nMSCRM.SuppressDuplicateDetection: false\r\nPrefer: return=representation\r\n",
             "POST /api/data/v9.2/accounts HTTP/1.1",
         );
+        let refusing = PartRules::new(grant(&[]), BATCH.as_bytes().to_vec(), 1 << 20);
+        let e = rewrite_batch_request(&req(), &refusing, body.as_bytes()).unwrap_err();
+        assert!(
+            matches!(&e, BatchRefusal::ControlHeader { header, .. } if header == "MSCRM.BypassCustomPluginExecution"),
+            "{e}"
+        );
         let allowing = PartRules::new(
-            grant(&["MSCRM.SuppressDuplicateDetection"]),
+            grant(&["MSCRM.BypassCustomPluginExecution"]),
             BATCH.as_bytes().to_vec(),
             1 << 20,
         );
         let out =
             String::from_utf8(rewrite_batch_request(&req(), &allowing, body.as_bytes()).unwrap())
                 .unwrap();
-        assert!(!out.contains("BypassCustomPluginExecution"), "{out}");
+        assert!(
+            out.contains("MSCRM.BypassCustomPluginExecution: true\r\n"),
+            "{out}"
+        );
         assert!(
             out.contains("MSCRM.SuppressDuplicateDetection: false\r\n"),
             "{out}"
