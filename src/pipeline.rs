@@ -58,6 +58,10 @@ impl Pipeline {
         // One copy of the target (a reference count, not a string copy) serves routing,
         // forwarding and the audit line.
         let uri = request.uri().clone();
+        let client_certificate = request
+            .extensions()
+            .get::<crate::tls::ClientCertificate>()
+            .map(|c| c.0.clone());
         let mut outcome = Outcome::default();
         let (response, refusal) = match self
             .process(request, &uri, peer, &request_id, &mut outcome)
@@ -98,6 +102,7 @@ impl Pipeline {
                 subject: outcome.caller.as_ref().map(|c| c.subject()),
                 caller: outcome.caller_key.as_deref(),
                 impersonated: outcome.impersonated,
+                client_certificate: client_certificate.as_deref(),
             },
             refusal.as_ref(),
         );

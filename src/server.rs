@@ -57,6 +57,7 @@ pub async fn serve<M, S, F, E>(
     make_service: M,
     shutdown: CancellationToken,
     limits: ConnectionLimits,
+    tls: Option<crate::tls::TlsAcceptor>,
     name: &'static str,
 ) where
     M: Fn(SocketAddr) -> S,
@@ -99,7 +100,8 @@ pub async fn serve<M, S, F, E>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let service = make_service(peer);
+        let (stream, client_certificate) = crate::tls::accept(tls.as_ref(), stream);
+        let service = client_certificate.attach(make_service(peer));
         let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
