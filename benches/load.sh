@@ -268,6 +268,7 @@ gateway_config() { # listen admin_listen
 server:
   listen: $1
   admin_listen: $2
+  max_connections_per_peer: 0   # every wrk connection comes from 127.0.0.1
 inbound:
   issuers:
     - issuer: $ISSUER

@@ -1,8 +1,16 @@
 //! The body type every response and forwarded request uses: a boxed stream of bytes, so
 //! upstream bodies pass through without being collected.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
 use bytes::Bytes;
+use http_body::Frame;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, LengthLimitError, Limited};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 /// Error type carried by streamed bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -106,6 +114,125 @@ pub async fn read_response_capped(
     read_capped(http::Response::from(response).into_body(), limit).await
 }
 
+/// Why a request body stopped being read before its end.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum BodyTimeout {
+    #[error("no request body bytes arrived for {} (server.body_read_timeout); send the body without pausing", humantime::format_duration(*.0))]
+    Idle(Duration),
+    #[error("the request body was still arriving when the {} allowed for the whole request ran out (server.exchange_timeout)", humantime::format_duration(*.0))]
+    Deadline(Duration),
+}
+
+/// A caller's request body under two clocks: each wait for more bytes is bounded by
+/// `idle`, the whole body by `deadline`. Either expiring ends the body with a
+/// [`BodyTimeout`] error, which makes the upstream client abort the request rather than
+/// complete it. `ended` is dropped when the body ends, fails or is dropped, so whoever
+/// holds its receiver knows when the upload is over.
+pub struct TimedBody<B> {
+    inner: B,
+    idle: Duration,
+    deadline: Instant,
+    exchange_timeout: Duration,
+    /// Set when the body first has to wait; reset rather than reallocated afterwards.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` is counting the current wait.
+    waiting: bool,
+    ended: Option<oneshot::Sender<()>>,
+}
+
+impl<B> TimedBody<B> {
+    /// The body, and a receiver that completes once the body is over.
+    pub fn new(
+        inner: B,
+        idle: Duration,
+        exchange_timeout: Duration,
+        deadline: Instant,
+    ) -> (Self, oneshot::Receiver<()>) {
+        let (ended, over) = oneshot::channel();
+        let body = Self {
+            inner,
+            idle,
+            deadline,
+            exchange_timeout,
+            timer: None,
+            waiting: false,
+            ended: Some(ended),
+        };
+        (body, over)
+    }
+
+    fn fail(&mut self, timeout: BodyTimeout) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.ended = None;
+        Poll::Ready(Some(Err(Box::new(timeout))))
+    }
+}
+
+impl<B> http_body::Body for TimedBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.waiting = false;
+                if Instant::now() >= this.deadline {
+                    return this.fail(BodyTimeout::Deadline(this.exchange_timeout));
+                }
+                if this.inner.is_end_stream() {
+                    this.ended = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ended = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.ended = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if !this.waiting {
+                    this.waiting = true;
+                    let at = (Instant::now() + this.idle).min(this.deadline);
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(at),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                    }
+                }
+                let Some(timer) = &mut this.timer else {
+                    return Poll::Pending;
+                };
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let timeout = if Instant::now() >= this.deadline {
+                    BodyTimeout::Deadline(this.exchange_timeout)
+                } else {
+                    BodyTimeout::Idle(this.idle)
+                };
+                this.fail(timeout)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +276,92 @@ mod tests {
             Err(CappedReadError::TooLarge { limit: 95 })
         ));
         assert_eq!(endless.pulled, 10);
+    }
+
+    use tokio::sync::mpsc;
+
+    /// A body whose frames the test sends, ending when the sender is dropped.
+    struct Fed(mpsc::Receiver<Bytes>);
+
+    impl http_body::Body for Fed {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn timed(
+        idle_ms: u64,
+        deadline_ms: u64,
+    ) -> (mpsc::Sender<Bytes>, TimedBody<Fed>, oneshot::Receiver<()>) {
+        let (tx, rx) = mpsc::channel(8);
+        let limit = Duration::from_millis(deadline_ms);
+        let (body, over) = TimedBody::new(
+            Fed(rx),
+            Duration::from_millis(idle_ms),
+            limit,
+            Instant::now() + limit,
+        );
+        (tx, body, over)
+    }
+
+    fn timeout_of(error: BoxError) -> BodyTimeout {
+        *error.downcast::<BodyTimeout>().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_longer_than_the_idle_timeout_ends_the_body_with_idle() {
+        let (tx, mut body, mut over) = timed(100, 10_000);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(
+            matches!(timeout_of(error), BodyTimeout::Idle(d) if d == Duration::from_millis(100))
+        );
+        assert_eq!(
+            over.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "the body is over once it failed"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_within_the_idle_timeout_keep_it_going_until_the_deadline() {
+        let (tx, mut body, _over) = timed(100, 350);
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(60)).await;
+                if tx.send(Bytes::from_static(b"a")).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut frames = 0;
+        let error = loop {
+            match body.frame().await.unwrap() {
+                Ok(_) => frames += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(frames >= 4, "{frames} frames before the deadline");
+        assert!(matches!(timeout_of(error), BodyTimeout::Deadline(_)));
+        feeder.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_body_is_signalled() {
+        let (tx, mut body, mut over) = timed(100, 10_000);
+        tx.send(Bytes::from_static(b"a")).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        assert_eq!(over.try_recv(), Err(oneshot::error::TryRecvError::Empty));
+        drop(tx);
+        assert!(body.frame().await.is_none());
+        assert_eq!(over.try_recv(), Err(oneshot::error::TryRecvError::Closed));
     }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub enum ConfigError {
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
+
+/// Longest connection or body timeout accepted.
+const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -95,7 +99,8 @@ pub struct RawServer {
     pub public_url: Option<String>,
     /// Take X-Forwarded-For/-Host/-Proto from the caller (only behind a trusted proxy).
     pub trust_forwarded_headers: bool,
-    /// Time allowed for Dataverse to answer (its own limit is 2 minutes).
+    /// Time allowed for Dataverse to answer, counted from the end of the request body
+    /// (its own limit is 2 minutes).
     pub request_timeout: String,
     /// Largest request body accepted.
     pub max_request_body: String,
@@ -105,10 +110,25 @@ pub struct RawServer {
     /// Largest `$batch` part held to rewrite it and fix its `Content-Length` (parts that
     /// declare one; .NET clients do); a larger one is refused with 413.
     pub max_batch_part: String,
-    /// Time a client has to send a request's headers (slowloris).
+    /// Time a client has to send a request's headers (slowloris); also the deadline from
+    /// accepting a connection to its first complete request head, HTTP/1 or HTTP/2.
     pub header_read_timeout: String,
+    /// A connection with no request in progress is closed after this long; a request
+    /// head begun meanwhile has `header_read_timeout` from its first byte.
+    pub idle_timeout: String,
+    /// An HTTP/2 connection that sends nothing for this long is pinged.
+    pub http2_keep_alive_interval: String,
+    /// An HTTP/2 ping not answered within this closes the connection.
+    pub http2_keep_alive_timeout: String,
+    /// A request body that sends no bytes for this long is answered 408 and not forwarded.
+    pub body_read_timeout: String,
+    /// Longest one request may take from its head to Dataverse's answer, upload included.
+    pub exchange_timeout: String,
     /// Open connections beyond this are refused with 503.
     pub max_connections: usize,
+    /// Open connections from one peer address beyond this are refused with 503; default a
+    /// tenth of `max_connections` (at least 1); 0 turns the per-address cap off.
+    pub max_connections_per_peer: Option<usize>,
     /// Requests in flight beyond this are answered 503 + Retry-After at once.
     pub max_in_flight: usize,
     /// Longest wait for in-flight requests after SIGTERM.
@@ -150,7 +170,13 @@ impl Default for RawServer {
             max_decoded_response_body: "1GiB".into(),
             max_batch_part: "4MiB".into(),
             header_read_timeout: "10s".into(),
+            idle_timeout: "60s".into(),
+            http2_keep_alive_interval: "30s".into(),
+            http2_keep_alive_timeout: "10s".into(),
+            body_read_timeout: "30s".into(),
+            exchange_timeout: "10m".into(),
             max_connections: 10_000,
+            max_connections_per_peer: None,
             max_in_flight: 1024,
             shutdown_grace: "30s".into(),
             worker_threads: None,
@@ -449,7 +475,14 @@ pub struct ServerConfig {
     pub max_decoded_response_body: u64,
     pub max_batch_part: u64,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub http2_keep_alive_interval: Duration,
+    pub http2_keep_alive_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub exchange_timeout: Duration,
     pub max_connections: usize,
+    /// `None`: no per-address cap.
+    pub max_connections_per_peer: Option<NonZeroUsize>,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
     pub worker_threads: Option<usize>,
@@ -906,7 +939,31 @@ impl TryFrom<RawConfig> for Config {
                 "server.header_read_timeout",
                 &s.header_read_timeout,
             )?,
+            idle_timeout: parse_duration("server.idle_timeout", &s.idle_timeout)?,
+            http2_keep_alive_interval: parse_duration(
+                "server.http2_keep_alive_interval",
+                &s.http2_keep_alive_interval,
+            )?,
+            http2_keep_alive_timeout: parse_duration(
+                "server.http2_keep_alive_timeout",
+                &s.http2_keep_alive_timeout,
+            )?,
+            body_read_timeout: parse_duration("server.body_read_timeout", &s.body_read_timeout)?,
+            exchange_timeout: parse_duration("server.exchange_timeout", &s.exchange_timeout)?,
             max_connections: s.max_connections,
+            max_connections_per_peer: match s.max_connections_per_peer {
+                None => NonZeroUsize::new((s.max_connections / 10).max(1)),
+                Some(n) if n > s.max_connections => {
+                    return Err(invalid(
+                        "server.max_connections_per_peer",
+                        format!(
+                            "{n} is more than server.max_connections ({}); use 0 for no per-address cap",
+                            s.max_connections
+                        ),
+                    ))
+                }
+                Some(n) => NonZeroUsize::new(n),
+            },
             max_in_flight: s.max_in_flight,
             shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
             worker_threads: match s.worker_threads {
@@ -930,10 +987,32 @@ impl TryFrom<RawConfig> for Config {
                 "must be at least 64KiB (a part's headers and request line are held whole)",
             ));
         }
-        if server.header_read_timeout.is_zero() {
+        for (key, value) in [
+            ("server.header_read_timeout", server.header_read_timeout),
+            ("server.idle_timeout", server.idle_timeout),
+            (
+                "server.http2_keep_alive_interval",
+                server.http2_keep_alive_interval,
+            ),
+            (
+                "server.http2_keep_alive_timeout",
+                server.http2_keep_alive_timeout,
+            ),
+            ("server.body_read_timeout", server.body_read_timeout),
+            ("server.exchange_timeout", server.exchange_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(key, "must be more than 0s"));
+            }
+            // Deadlines are computed as now + value; a day is far beyond any sane limit.
+            if value > MAX_CONNECTION_TIMEOUT {
+                return Err(invalid(key, "must be at most 24h"));
+            }
+        }
+        if server.exchange_timeout < server.request_timeout {
             return Err(invalid(
-                "server.header_read_timeout",
-                "must be more than 0s",
+                "server.exchange_timeout",
+                "must be at least server.request_timeout, or Dataverse's answer would be cut short",
             ));
         }
         if server.listen == server.admin_listen {
@@ -1923,5 +2002,56 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
             .unwrap_err()
             .to_string();
         assert!(err.contains("dynamics.token_replace_interval"), "{err}");
+    }
+
+    #[test]
+    fn connection_and_body_limits_have_documented_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.http2_keep_alive_interval, Duration::from_secs(30));
+        assert_eq!(c.server.http2_keep_alive_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.exchange_timeout, Duration::from_secs(600));
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(1000));
+    }
+
+    #[test]
+    fn per_peer_cap_defaults_to_a_tenth_zero_is_off_and_above_the_total_is_refused() {
+        let with = |extra: &str| format!("server:\n{extra}{MINIMAL}");
+        let c = load(&with("  max_connections: 5\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(1));
+        let c = load(&with("  max_connections_per_peer: 0\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, None);
+        let c = load(&with("  max_connections_per_peer: 7\n")).unwrap();
+        assert_eq!(c.server.max_connections_per_peer, NonZeroUsize::new(7));
+        let err = load(&with(
+            "  max_connections: 10\n  max_connections_per_peer: 11\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("server.max_connections_per_peer:"), "{err}");
+    }
+
+    #[test]
+    fn connection_and_body_timeouts_must_be_positive_and_the_exchange_covers_the_answer() {
+        for key in [
+            "idle_timeout",
+            "http2_keep_alive_interval",
+            "http2_keep_alive_timeout",
+            "body_read_timeout",
+            "exchange_timeout",
+        ] {
+            for value in ["0s", "100years"] {
+                let text = format!("server:\n  {key}: {value}\n{MINIMAL}");
+                let err = load(&text).unwrap_err().to_string();
+                assert!(err.starts_with(&format!("server.{key}:")), "{err}");
+            }
+        }
+        let text = format!("server:\n  request_timeout: 2m\n  exchange_timeout: 1m\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.starts_with("server.exchange_timeout:"), "{err}");
+        let text = format!("server:\n  body_read_timeout: \"30\"\n{MINIMAL}");
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("server.body_read_timeout"), "{err}");
     }
 }

@@ -6,7 +6,7 @@
 //! error text, URL, host name or credential detail ever reaches a caller.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 
 use crate::access::AccessDenied;
@@ -104,6 +104,12 @@ impl GatewayError {
             Self::Upstream(U::UndecodableResponse) => {
                 (StatusCode::BAD_GATEWAY, "UndecodableResponse")
             }
+            Self::Upstream(U::BodyTimeout(_)) => {
+                (StatusCode::REQUEST_TIMEOUT, "RequestBodyTimeout")
+            }
+            Self::Upstream(U::ExchangeDeadline(_)) => {
+                (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout")
+            }
             Self::Upstream(U::NoToken(_)) => (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken"),
             Self::Upstream(U::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "UpstreamTimeout"),
             Self::Upstream(U::Unreachable(_)) => (StatusCode::BAD_GATEWAY, "UpstreamUnreachable"),
@@ -184,9 +190,42 @@ impl GatewayError {
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));
             }
+            // The rest of a stalled body is never read: the connection cannot carry another request.
+            Self::Upstream(UpstreamError::BodyTimeout(_)) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             _ => {}
         }
         response
+    }
+}
+
+/// Why a connection is refused before any request on it is read.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum ConnectionRefused {
+    #[error("the gateway has {0} open connections, its limit; retry shortly")]
+    TooMany(usize),
+    #[error("your address has {0} open connections to the gateway, the limit per address; reuse or close idle ones, or retry shortly")]
+    TooManyFromPeer(usize),
+}
+
+impl ConnectionRefused {
+    /// The complete HTTP/1.1 503 written to the refused connection, in the same error
+    /// shape as every other gateway error. It is written raw: no request is read, so a
+    /// flood of connections costs one small write each.
+    pub fn http1_response(&self, request_id: &str) -> Vec<u8> {
+        let json = serde_json::json!({
+            "error": {
+                "code": "DynamicsGateway.TooManyConnections",
+                "message": format!("{self} (request id {request_id})"),
+            }
+        })
+        .to_string();
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json; charset=utf-8\r\nx-request-id: {request_id}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+            json.len()
+        )
+        .into_bytes()
     }
 }
 

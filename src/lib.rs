@@ -309,7 +309,9 @@ pub async fn run_with_reloads(
         limits,
         tls,
         "app",
+        metrics.open_connections.with_label_values(&["app"]),
     ));
+    let admin_connections = metrics.open_connections.with_label_values(&["admin"]);
     let admin_state = current.clone();
     let stop_admin = CancellationToken::new();
     let admin_server = tokio::spawn(server::serve(
@@ -330,6 +332,7 @@ pub async fn run_with_reloads(
         limits,
         None,
         "admin",
+        admin_connections,
     ));
 
     tokio::pin!(shutdown);

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub identity_cache_requests_total: IntCounterVec,
     pub access_denied_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
+    /// Open connections, by listener (`app`, `admin`).
+    pub open_connections: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -68,6 +70,11 @@ impl Metrics {
             &["version"],
         )?;
         registry.register(Box::new(build_info.clone()))?;
+        let open_connections = IntGaugeVec::new(
+            Opts::new("open_connections", "Connections open now, by listener").namespace(PREFIX),
+            &["listener"],
+        )?;
+        registry.register(Box::new(open_connections.clone()))?;
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
@@ -127,6 +134,7 @@ impl Metrics {
                 &["rule"],
             )?,
             in_flight_requests,
+            open_connections,
             build_info,
             registry,
         })

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::HOST;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -44,6 +44,64 @@ struct Outcome {
     impersonated: Option<Impersonation>,
 }
 
+/// The status recorded for a request whose caller hung up before its answer's head
+/// (nginx's "client closed request").
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// One request's accounting, written exactly once when it is dropped: after the answer
+/// is built, or when the caller hangs up and the handler future is dropped mid-await. So
+/// the in-flight gauge, the request metrics and the audit line never miss a request.
+struct Accounting {
+    pipeline: Arc<Pipeline>,
+    started: Instant,
+    request_id: HeaderValue,
+    peer: SocketAddr,
+    method: Method,
+    uri: Uri,
+    /// Subject of the connection's client certificate (mutual TLS).
+    client_certificate: Option<Arc<str>>,
+    outcome: Outcome,
+    /// The answer's status; `None` until it is known.
+    status: Option<StatusCode>,
+    refusal: Option<GatewayError>,
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        let status = self.status.map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
+        let elapsed = self.started.elapsed();
+        let metrics = &self.pipeline.metrics;
+        let method_label = WebApiMethod::label(&self.method);
+        metrics.in_flight_requests.dec();
+        let mut code = itoa::Buffer::new();
+        metrics
+            .requests_total
+            .with_label_values(&[method_label, code.format(status)])
+            .inc();
+        metrics
+            .request_duration_seconds
+            .with_label_values(&[method_label])
+            .observe(elapsed.as_secs_f64());
+        let outcome = &self.outcome;
+        self.pipeline.audit.request(
+            &AuditRecord {
+                request_id: self.request_id.to_str().unwrap_or("-"),
+                peer: self.peer,
+                method: &self.method,
+                path_and_query: self.uri.path_and_query().map_or("", |p| p.as_str()),
+                status,
+                duration: elapsed,
+                issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
+                subject: outcome.caller.as_ref().map(|c| c.subject()),
+                caller: outcome.caller_key.as_deref(),
+                impersonated: outcome.impersonated,
+                client_certificate: self.client_certificate.as_deref(),
+            },
+            self.refusal.as_ref(),
+        );
+    }
+}
+
 impl Pipeline {
     /// Handles one request; never fails (errors are answered here).
     pub async fn handle(
@@ -51,23 +109,31 @@ impl Pipeline {
         request: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<GatewayBody> {
-        let started = Instant::now();
         self.metrics.in_flight_requests.inc();
-        let request_id = request_id(request.headers());
-        let method = request.method().clone();
-        // One copy of the target (a reference count, not a string copy) serves routing,
-        // forwarding and the audit line.
-        let uri = request.uri().clone();
-        let client_certificate = request
-            .extensions()
-            .get::<crate::tls::ClientCertificate>()
-            .map(|c| c.0.clone());
-        let mut outcome = Outcome::default();
-        let (response, refusal) = match self
-            .process(request, &uri, peer, &request_id, &mut outcome)
+        let mut accounting = Accounting {
+            pipeline: self.clone(),
+            started: Instant::now(),
+            request_id: request_id(request.headers()),
+            peer,
+            method: request.method().clone(),
+            // One copy of the target (a reference count, not a string copy) serves routing,
+            // forwarding and the audit line.
+            uri: request.uri().clone(),
+            client_certificate: request
+                .extensions()
+                .get::<crate::tls::ClientCertificate>()
+                .map(|c| c.0.clone()),
+            outcome: Outcome::default(),
+            status: None,
+            refusal: None,
+        };
+        let uri = accounting.uri.clone();
+        let request_id = accounting.request_id.clone();
+        let response = match self
+            .process(request, &uri, peer, &request_id, &mut accounting.outcome)
             .await
         {
-            Ok(response) => (response, None),
+            Ok(response) => response,
             Err(error) => {
                 if let GatewayError::Auth(e) = &error {
                     self.metrics
@@ -75,37 +141,12 @@ impl Pipeline {
                         .with_label_values(&[e.reason()])
                         .inc();
                 }
-                (error.into_response(&request_id), Some(error))
+                let response = error.into_response(&request_id);
+                accounting.refusal = Some(error);
+                response
             }
         };
-        let status = response.status();
-        let elapsed = started.elapsed();
-        let method_label = WebApiMethod::label(&method);
-        self.metrics.in_flight_requests.dec();
-        self.metrics
-            .requests_total
-            .with_label_values(&[method_label, status.as_str()])
-            .inc();
-        self.metrics
-            .request_duration_seconds
-            .with_label_values(&[method_label])
-            .observe(elapsed.as_secs_f64());
-        self.audit.request(
-            &AuditRecord {
-                request_id: request_id.to_str().unwrap_or("-"),
-                peer,
-                method: &method,
-                path_and_query: uri.path_and_query().map_or("", |p| p.as_str()),
-                status: status.as_u16(),
-                duration: elapsed,
-                issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
-                subject: outcome.caller.as_ref().map(|c| c.subject()),
-                caller: outcome.caller_key.as_deref(),
-                impersonated: outcome.impersonated,
-                client_certificate: client_certificate.as_deref(),
-            },
-            refusal.as_ref(),
-        );
+        accounting.status = Some(response.status());
         response
     }
 

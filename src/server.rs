@@ -1,43 +1,67 @@
 //! The accept loop shared by the app listener and the admin listener: HTTP/1.1 and h2c
-//! on each connection, and a graceful drain on shutdown (stop accepting, let in-flight
-//! requests finish within the grace period, then close what is left).
+//! on each connection, bounded in number (overall and per peer address) and in time
+//! (to the first request, between requests, HTTP/2 pings), and a graceful drain on
+//! shutdown (stop accepting, let in-flight requests finish within the grace period,
+//! then close what is left).
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
+use bytes::Bytes;
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use std::sync::Arc;
-
+use prometheus::IntGauge;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::body::GatewayBody;
+use crate::body::{BoxError, GatewayBody};
+use crate::error::ConnectionRefused;
 
 /// Limits applied to every inbound connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// Time a client has to send the request head (slowloris).
+    /// Time a client has to send a request head (slowloris), and from accept to the
+    /// first complete request head whatever the protocol.
     pub header_read_timeout: Duration,
+    /// A connection with no request in progress is closed after this long (a request
+    /// head begun meanwhile has `header_read_timeout` from its first byte).
+    pub idle_timeout: Duration,
+    /// HTTP/2: ping a connection silent this long ...
+    pub http2_keep_alive_interval: Duration,
+    /// ... and close it if the ping is not answered within this.
+    pub http2_keep_alive_timeout: Duration,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
     /// Open connections beyond this are answered 503 and closed.
     pub max_connections: usize,
+    /// Open connections from one peer address beyond this are answered 503 and closed.
+    pub max_connections_per_peer: Option<NonZeroUsize>,
 }
 
 impl ConnectionLimits {
     pub fn from_config(server: &crate::config::ServerConfig) -> Self {
         Self {
             header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            http2_keep_alive_interval: server.http2_keep_alive_interval,
+            http2_keep_alive_timeout: server.http2_keep_alive_timeout,
             shutdown_grace: server.shutdown_grace,
             max_connections: server.max_connections,
+            max_connections_per_peer: server.max_connections_per_peer,
         }
     }
 }
@@ -47,11 +71,9 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in one request head.
 const MAX_HEADERS: usize = 100;
 
-/// What a connection over the limit gets before it is closed.
-const OVER_CAPACITY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"error\":{\"code\":\"DynamicsGateway.TooManyConnections\",\"message\":\"too many open connections; retry\"}}";
-
 /// Serves connections from `listener` until `shutdown` is cancelled, then drains.
-/// `make_service` builds the per-connection service from the peer address.
+/// `make_service` builds the per-connection service from the peer address; `open`
+/// counts the connections being served.
 pub async fn serve<M, S, F, E>(
     listener: TcpListener,
     make_service: M,
@@ -59,28 +81,42 @@ pub async fn serve<M, S, F, E>(
     limits: ConnectionLimits,
     tls: Option<crate::tls::TlsAcceptor>,
     name: &'static str,
+    open: IntGauge,
 ) where
     M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>
         + Send
         + 'static,
     F: Future<Output = Result<Response<GatewayBody>, E>> + Send + 'static,
-    E: Into<crate::body::BoxError>,
+    E: Into<BoxError> + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // hyper starts this clock when the previous response is done, not at the first
+        // byte of the next head; the watcher enforces header_read_timeout from that byte
+        // and from accept, so hyper's is only a backstop.
+        .header_read_timeout(limits.header_read_timeout + limits.idle_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .max_headers(MAX_HEADERS)
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .keep_alive_interval(limits.http2_keep_alive_interval)
+        .keep_alive_timeout(limits.http2_keep_alive_timeout)
         .max_header_list_size(MAX_HEAD_BYTES as u32);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let peers = limits
+        .max_connections_per_peer
+        .map(|max| Arc::new(PeerConnections::new(max.get())));
+    // Cancelled at shutdown: every connection finishes its requests and closes.
+    let drain = CancellationToken::new();
+    // Cancelled when the grace is over: what is left is closed at once.
+    let abort = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let mut refusal_log = RefusalLog::new();
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -94,34 +130,537 @@ pub async fn serve<M, S, F, E>(
                 }
             },
         };
+        let peer_slot = match &peers {
+            None => None,
+            Some(peers) => match peers.try_acquire(peer.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    let refused = ConnectionRefused::TooManyFromPeer(peers.max);
+                    tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
+                    continue;
+                }
+            },
+        };
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(listener = name, %peer, max = limits.max_connections, "connection limit reached; refusing");
-            tokio::spawn(refuse(stream));
+            let refused = ConnectionRefused::TooMany(limits.max_connections);
+            tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (stream, client_certificate) = crate::tls::accept(tls.as_ref(), stream);
-        let service = client_certificate.attach(make_service(peer));
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = connection.await {
-                tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
-            }
+        let activity = Arc::new(Activity::new());
+        // On a TLS port the handshake runs inside the connection, under its deadlines.
+        let (io, client_certificate) = crate::tls::accept(
+            tls.as_ref(),
+            WatchedIo {
+                stream,
+                activity: activity.clone(),
+            },
+        );
+        let service = Tracked {
+            inner: client_certificate.attach(make_service(peer)),
+            activity: activity.clone(),
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let (drain, abort) = (drain.clone(), abort.clone());
+        let open = OpenConnection::new(open.clone());
+        tasks.spawn(async move {
+            let _slots = (permit, peer_slot, open);
+            let outcome = watch(connection, &activity, limits, &drain, &abort).await;
+            tracing::debug!(listener = name, %peer, outcome, "connection closed");
         });
     }
     drop(listener);
+    drain.cancel();
+    tasks.close();
     tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!(listener = name, "all connections drained"),
+        _ = tasks.wait() => tracing::debug!(listener = name, "all connections drained"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!(listener = name, grace = ?limits.shutdown_grace, "shutdown grace elapsed; closing remaining connections");
+            abort.cancel();
         }
     }
 }
 
-/// Tells a connection over the limit why it is closed, without reading its request.
-async fn refuse(mut stream: TcpStream) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVER_CAPACITY)).await;
+/// Runs one connection to its end under the time limits; says how it ended.
+async fn watch<C, E>(
+    connection: C,
+    activity: &Activity,
+    limits: ConnectionLimits,
+    drain: &CancellationToken,
+    abort: &CancellationToken,
+) -> &'static str
+where
+    C: Future<Output = Result<(), E>> + GracefulConnection,
+    E: std::fmt::Display,
+{
+    tokio::pin!(connection);
+    let mut closing = false;
+    let mut check_at = activity.started + limits.header_read_timeout;
+    loop {
+        tokio::select! {
+            result = &mut connection => {
+                return match result {
+                    Ok(()) => "ended",
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                        "failed"
+                    }
+                };
+            }
+            _ = abort.cancelled() => return "aborted at the end of the shutdown grace",
+            _ = drain.cancelled(), if !closing => {
+                closing = true;
+                connection.as_mut().graceful();
+                check_at = Instant::now() + limits.shutdown_grace;
+            }
+            () = activity.changed.notified(), if !closing => {
+                check_at = Instant::now();
+            }
+            () = tokio::time::sleep_until(check_at) => {
+                if closing {
+                    // Closing gracefully did not end it in time: close it now.
+                    return "closed when a graceful close did not finish";
+                }
+                match activity.next(limits, Instant::now()) {
+                    Next::CheckAt(at) => check_at = at,
+                    // Nothing is in progress, so nothing is lost by dropping it.
+                    Next::Close(reason) => return reason,
+                    Next::CloseGracefully => {
+                        closing = true;
+                        connection.as_mut().graceful();
+                        check_at = Instant::now() + limits.header_read_timeout;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What the watcher does next with a connection.
+enum Next {
+    CheckAt(Instant),
+    Close(&'static str),
+    CloseGracefully,
+}
+
+/// The connection's socket, telling the watcher when bytes arrive.
+struct WatchedIo {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// A connection that can be asked to finish its requests and close.
+trait GracefulConnection {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulConnection for auto::Connection<'static, I, S, E>
+where
+    S: hyper::service::HttpService<Incoming>,
+    S::Error: Into<BoxError>,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// What the connection's watcher needs to know about its requests.
+struct Activity {
+    started: Instant,
+    /// Whether a complete request head has arrived (the service was called).
+    seen_request: AtomicBool,
+    /// Whether the requests come over HTTP/2 (whose pings and window updates are not
+    /// the start of a request head).
+    http2: AtomicBool,
+    /// Requests whose response has not been sent completely.
+    in_progress: AtomicUsize,
+    /// Milliseconds after `started` at which the last request finished.
+    idle_since_ms: AtomicU64,
+    /// Set when the connection becomes idle; cleared by the first byte read after that,
+    /// which on HTTP/1 starts the next request head.
+    awaiting_head: AtomicBool,
+    /// Milliseconds after `started` of that first byte.
+    head_started_ms: AtomicU64,
+    /// Signalled when the connection becomes idle or the next head starts.
+    changed: Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            seen_request: AtomicBool::new(false),
+            in_progress: AtomicUsize::new(0),
+            http2: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+            awaiting_head: AtomicBool::new(false),
+            head_started_ms: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.started + Duration::from_millis(ms.load(Ordering::Acquire))
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Bytes arrived from the peer.
+    fn on_read(&self) {
+        if self.awaiting_head.load(Ordering::Acquire) {
+            self.head_started_ms
+                .store(self.elapsed_ms(), Ordering::Release);
+            self.awaiting_head.store(false, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The connection's state against its deadlines: the first request head within
+    /// `header_read_timeout` of accept; an idle connection closed after `idle_timeout`;
+    /// on HTTP/1 a head started while idle complete within `header_read_timeout`.
+    fn next(&self, limits: ConnectionLimits, now: Instant) -> Next {
+        if !self.seen_request.load(Ordering::Acquire) {
+            let by = self.started + limits.header_read_timeout;
+            return if now >= by {
+                Next::Close("closed: no complete request head within header_read_timeout")
+            } else {
+                Next::CheckAt(by)
+            };
+        }
+        // In progress: the watcher is told when that changes.
+        let Some(since) = self.idle_since() else {
+            return Next::CheckAt(now + limits.idle_timeout);
+        };
+        let head_started =
+            !self.http2.load(Ordering::Acquire) && !self.awaiting_head.load(Ordering::Acquire);
+        if head_started {
+            let by = self.at(&self.head_started_ms) + limits.header_read_timeout;
+            return if now >= by {
+                Next::Close("closed: next request head not complete within header_read_timeout")
+            } else {
+                Next::CheckAt(by)
+            };
+        }
+        let by = since + limits.idle_timeout;
+        if now >= by {
+            Next::CloseGracefully
+        } else {
+            Next::CheckAt(by)
+        }
+    }
+
+    /// When the connection last became idle, or `None` while a request is in progress.
+    fn idle_since(&self) -> Option<Instant> {
+        (self.in_progress.load(Ordering::Acquire) == 0).then(|| self.at(&self.idle_since_ms))
+    }
+}
+
+/// Counts a request as in progress until its response body is done with.
+struct InProgress(Arc<Activity>);
+
+impl InProgress {
+    fn start(activity: Arc<Activity>, version: Version) -> Self {
+        if version == Version::HTTP_2 {
+            activity.http2.store(true, Ordering::Release);
+        }
+        activity.seen_request.store(true, Ordering::Release);
+        activity.in_progress.fetch_add(1, Ordering::AcqRel);
+        Self(activity)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let activity = &self.0;
+        activity
+            .idle_since_ms
+            .fetch_max(activity.elapsed_ms(), Ordering::AcqRel);
+        if activity.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            activity.awaiting_head.store(true, Ordering::Release);
+            activity.changed.notify_one();
+        }
+    }
+}
+
+/// The per-connection service, marking each request in progress for the watcher.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+type TrackedFuture<E> = Pin<Box<dyn Future<Output = Result<Response<TrackedBody>, E>> + Send>>;
+
+impl<S, F, E> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>,
+    F: Future<Output = Result<Response<GatewayBody>, E>> + Send + 'static,
+{
+    type Response = Response<TrackedBody>;
+    type Error = E;
+    type Future = TrackedFuture<E>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let in_progress = InProgress::start(self.activity.clone(), request.version());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|inner| TrackedBody {
+                inner,
+                _in_progress: in_progress,
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request counted as in progress until it is dropped.
+pub struct TrackedBody {
+    inner: GatewayBody,
+    _in_progress: InProgress,
+}
+
+impl http_body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One connection counted in the `open_connections` gauge while it lives.
+struct OpenConnection(IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Open connections per peer address.
+struct PeerConnections {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection counted against its peer address; released on drop.
+struct PeerSlot {
+    peers: Arc<PeerConnections>,
+    ip: IpAddr,
+}
+
+impl PeerConnections {
+    fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<PeerSlot> {
+        // An IPv4 peer reached over a dual-stack socket is the same peer.
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .peers
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Tells a connection over a limit why it is closed, without reading its request.
+async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response)).await;
     let _ = stream.shutdown().await;
+}
+
+/// Refused-connection warnings written per second at most; the rest are counted, so a
+/// flood of connections cannot fill the log.
+const REFUSAL_WARNINGS_PER_SECOND: u32 = 10;
+
+/// The accept loop's log of refused connections, rate-limited.
+struct RefusalLog {
+    window_started: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new() -> Self {
+        Self {
+            window_started: Instant::now(),
+            written: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether this refusal gets its own line; the count of those that did not is
+    /// reported with the first line of the next second.
+    fn admit(&mut self) -> (bool, u64) {
+        let mut reported = 0;
+        if self.window_started.elapsed() >= Duration::from_secs(1) {
+            reported = std::mem::take(&mut self.suppressed);
+            self.window_started = Instant::now();
+            self.written = 0;
+        }
+        if self.written >= REFUSAL_WARNINGS_PER_SECOND {
+            self.suppressed += 1;
+            return (false, reported);
+        }
+        self.written += 1;
+        (true, reported)
+    }
+
+    /// Logs the refusal (within the rate) and returns the response for the connection,
+    /// with a new request id the log line and the caller share.
+    fn record(
+        &mut self,
+        peer: SocketAddr,
+        refused: ConnectionRefused,
+        name: &'static str,
+    ) -> Vec<u8> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let (log, suppressed) = self.admit();
+        if suppressed > 0 {
+            tracing::warn!(
+                listener = name,
+                suppressed,
+                "refused-connection warnings suppressed in the last second"
+            );
+        }
+        if log {
+            tracing::warn!(listener = name, %peer, request_id, reason = %refused, "connection refused");
+        }
+        refused.http1_response(&request_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_warnings_are_capped_per_second_and_the_rest_counted() {
+        let mut log = RefusalLog::new();
+        let admitted = (0..100).filter(|_| log.admit().0).count();
+        assert_eq!(admitted, REFUSAL_WARNINGS_PER_SECOND as usize);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            log.admit(),
+            (true, 100 - u64::from(REFUSAL_WARNINGS_PER_SECOND))
+        );
+        assert_eq!(log.admit(), (true, 0));
+    }
+
+    #[test]
+    fn per_peer_slots_are_counted_per_address_and_released_on_drop() {
+        let peers = Arc::new(PeerConnections::new(2));
+        let a: IpAddr = "10.0.0.1"
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let mapped: IpAddr = "::ffff:10.0.0.1"
+            .parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let first = peers.try_acquire(a);
+        let second = peers.try_acquire(mapped);
+        assert!(first.is_some() && second.is_some());
+        assert!(
+            peers.try_acquire(a).is_none(),
+            "the mapped form is the same peer"
+        );
+        assert!(peers.try_acquire("10.0.0.2".parse().unwrap()).is_some());
+        drop(first);
+        assert!(peers.try_acquire(a).is_some());
+    }
 }

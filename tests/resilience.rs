@@ -115,7 +115,11 @@ async fn too_many_and_oversized_headers_are_refused() {
 
 #[tokio::test]
 async fn connections_over_the_cap_get_503_and_close() {
-    let env = env().server("  max_connections: 2\n").start().await;
+    // The per-address cap (a tenth of 2, so 1) off: this is about the global cap.
+    let env = env()
+        .server("  max_connections: 2\n  max_connections_per_peer: 0\n")
+        .start()
+        .await;
     let first = TcpStream::connect(env.gateway.addr).await.unwrap();
     let second = TcpStream::connect(env.gateway.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -379,4 +383,50 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     env.gateway.wait_ready().await;
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_caller_hanging_up_before_the_answer_is_still_counted_and_releases_its_slot() {
+    let env = env().start().await;
+    env.dataverse.set_delay(Duration::from_secs(3));
+    let token = env.idp.token_for(ALICE_OID);
+    let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Wait until the request is in flight upstream, then hang up.
+    for _ in 0..100 {
+        if env.dataverse.request_count() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(env.dataverse.request_count(), 1);
+    assert_eq!(
+        metric(&env.gateway, "dynamics_gateway_in_flight_requests").await,
+        1.0
+    );
+    drop(stream);
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = metric(
+            &env.gateway,
+            "dynamics_gateway_requests_total{method=\"GET\",status=\"499\"}",
+        )
+        .await;
+        if counted > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, 1.0, "the hung-up request is counted as 499");
+    assert_eq!(
+        metric(&env.gateway, "dynamics_gateway_in_flight_requests").await,
+        0.0,
+        "and its in-flight slot is released"
+    );
 }

@@ -164,7 +164,7 @@ fn reader(
 fn into_body(read: Pin<Box<dyn AsyncRead + Send>>, limit: u64) -> GatewayBody {
     let mut total = 0u64;
     let pieces = ReaderStream::with_capacity(read, PIECE_BYTES).map(move |piece| {
-        let piece = piece.map_err(BoxError::from)?;
+        let piece = piece.map_err(inner_error)?;
         total = total.saturating_add(piece.len() as u64);
         if total > limit {
             return Err(Box::new(DecodedTooLarge { limit }) as BoxError);
@@ -172,6 +172,17 @@ fn into_body(read: Pin<Box<dyn AsyncRead + Send>>, limit: u64) -> GatewayBody {
         Ok(Frame::data(piece))
     });
     body::boxed(StreamBody::new(pieces))
+}
+
+/// The error a body stream failed with, out of the `io::Error` the codec wrapped it in, so
+/// the forwarder still tells a timeout or an over-long body from a broken connection.
+fn inner_error(error: io::Error) -> BoxError {
+    if error.get_ref().is_none() {
+        return Box::new(error);
+    }
+    error
+        .into_inner()
+        .unwrap_or_else(|| Box::new(io::Error::other("the body stream failed")))
 }
 
 /// `body` decoded from `coding`; an error once more than `limit` bytes come out.

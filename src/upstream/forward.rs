@@ -14,6 +14,7 @@ use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TY
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
@@ -23,7 +24,7 @@ use super::link_body::{ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
-use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
+use crate::body::{self, BodyTimeout, BoxError, GatewayBody, PrefixedBody, TimedBody};
 use crate::config::{DynamicsConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
@@ -51,7 +52,12 @@ pub struct ForwardContext<'a> {
 pub struct Forwarder {
     client: DataverseClient,
     tokens: Arc<TokenSource>,
+    /// Dataverse's time to answer, from the end of the request body.
     request_timeout: Duration,
+    /// Longest pause between request body bytes.
+    body_read_timeout: Duration,
+    /// Longest a whole request may take, upload and Dataverse's answer together.
+    exchange_timeout: Duration,
     max_request_body: u64,
     max_decoded_response_body: u64,
     /// Most bytes of one `$batch` part held to fix its Content-Length.
@@ -160,7 +166,7 @@ fn request_rewriter(
 /// `$batch`) is decoded and goes on as identity; the size limit then applies to the
 /// decoded bytes, so a small bomb cannot grow past it. Other bodies pass as sent.
 fn decoded_request(
-    incoming: Incoming,
+    incoming: TimedBody<Incoming>,
     headers: &mut HeaderMap,
 ) -> Result<GatewayBody, UpstreamError> {
     let body = body::boxed(incoming);
@@ -190,6 +196,8 @@ impl Forwarder {
             client,
             tokens,
             request_timeout: server.request_timeout,
+            body_read_timeout: server.body_read_timeout,
+            exchange_timeout: server.exchange_timeout,
             max_request_body: server.max_request_body,
             max_decoded_response_body: server.max_decoded_response_body,
             max_batch_part: usize::try_from(server.max_batch_part).unwrap_or(usize::MAX),
@@ -225,6 +233,14 @@ impl Forwarder {
         ctx: ForwardContext<'_>,
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (parts, incoming) = request.into_parts();
+        let deadline = Instant::now() + self.exchange_timeout;
+        let (incoming, body_over) = TimedBody::new(
+            incoming,
+            self.body_read_timeout,
+            self.exchange_timeout,
+            deadline,
+        );
+        let mut body_over = Some(body_over);
         let mut token = self.tokens.current_or_first().await?;
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
@@ -271,7 +287,9 @@ impl Forwarder {
             } else {
                 std::mem::take(&mut headers)
             };
-            let response = self.send(upstream, &parts.method).await?;
+            let response = self
+                .send(upstream, &parts.method, body_over.take(), deadline)
+                .await?;
             match replay {
                 Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
                     retried = true;
@@ -312,58 +330,85 @@ impl Forwarder {
         (waited.saturating_add(wait) <= max).then_some(wait)
     }
 
-    /// Sends with the request timeout covering everything up to the response headers.
+    /// Sends and waits for the response headers. `body_over` completes when the caller's
+    /// body has been read to its end: only from then does `request_timeout` run, so a
+    /// long upload is bounded by the body's own clocks, not by Dataverse's time to answer.
+    /// Nothing waits past `deadline`.
     async fn send(
         &self,
         request: Request<GatewayBody>,
         method: &Method,
+        body_over: Option<oneshot::Receiver<()>>,
+        deadline: Instant,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let started = Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, self.client.send(request)).await;
+        let result = self.send_within(request, body_over, deadline).await;
         self.metrics
             .upstream_duration_seconds
             .with_label_values(&[method.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(self.classify(e)),
+        result
+    }
+
+    async fn send_within(
+        &self,
+        request: Request<GatewayBody>,
+        body_over: Option<oneshot::Receiver<()>>,
+        deadline: Instant,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let send = self.client.send(request);
+        tokio::pin!(send);
+        if let Some(body_over) = body_over {
+            tokio::select! {
+                biased;
+                result = &mut send => return result.map_err(|e| self.classify(e)),
+                _ = body_over => {}
+                // Dataverse not reading the body leaves the body's own clocks unpolled.
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(UpstreamError::ExchangeDeadline(self.exchange_timeout))
+                }
+            }
+        }
+        let answer_by = Instant::now() + self.request_timeout;
+        match tokio::time::timeout_at(answer_by.min(deadline), send).await {
+            Err(_) if answer_by <= deadline => Err(UpstreamError::Timeout(self.request_timeout)),
+            Err(_) => Err(UpstreamError::ExchangeDeadline(self.exchange_timeout)),
+            Ok(result) => result.map_err(|e| self.classify(e)),
         }
     }
 
-    /// Tells a failure of the caller's body (too large, cut off) from a failure to reach Dataverse.
+    /// Tells a failure of the caller's body (too large, too slow, cut off) from a failure
+    /// to reach Dataverse. The whole cause chain is searched for the body's own errors
+    /// first: the client wraps them in a "user body" error that alone would read as "cut off".
     fn classify(&self, error: hyper_util::client::legacy::Error) -> UpstreamError {
-        // A part refused after the request started: the body was aborted unfinished. It
-        // sits below hyper's own "user body" error, so look through the whole chain first.
         let chain = || {
             std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
                 e.source()
             })
         };
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-        while let Some(e) = source {
+        for e in chain() {
+            // A part refused after the request started: the body was aborted unfinished.
             if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
                 return UpstreamError::Batch(refusal.clone());
             }
-            source = e.source();
-        }
-        // The limit is looked for in the whole chain too: hyper reports it as a user
-        // error of the body, which would otherwise read as a body cut off.
-        if chain().any(|e| e.downcast_ref::<LengthLimitError>().is_some()) {
-            return UpstreamError::BodyTooLarge {
-                limit: self.max_request_body,
-            };
-        }
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-        while let Some(e) = source {
-            if let Some(h) = e.downcast_ref::<hyper::Error>() {
-                if h.is_user() || h.is_incomplete_message() {
-                    return UpstreamError::RequestBody(Box::new(error));
-                }
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                return UpstreamError::BodyTooLarge {
+                    limit: self.max_request_body,
+                };
             }
-            source = e.source();
+            if let Some(timeout) = e.downcast_ref::<BodyTimeout>() {
+                return UpstreamError::BodyTimeout(*timeout);
+            }
         }
-        UpstreamError::Unreachable(Box::new(error))
+        let from_caller = chain().any(|e| {
+            e.downcast_ref::<hyper::Error>()
+                .is_some_and(|h| h.is_user() || h.is_incomplete_message())
+        });
+        if from_caller {
+            UpstreamError::RequestBody(Box::new(error))
+        } else {
+            UpstreamError::Unreachable(Box::new(error))
+        }
     }
 
     /// Applies the size limit and link rewriting to the caller's body; small bodies are
@@ -409,7 +454,10 @@ impl Forwarder {
                 Some(Err(e)) => {
                     return Err(match e.downcast::<LengthLimitError>() {
                         Ok(_) => too_large,
-                        Err(e) => UpstreamError::RequestBody(e),
+                        Err(e) => match e.downcast::<BodyTimeout>() {
+                            Ok(timeout) => UpstreamError::BodyTimeout(*timeout),
+                            Err(e) => UpstreamError::RequestBody(e),
+                        },
                     })
                 }
             }

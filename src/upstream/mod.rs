@@ -20,7 +20,7 @@ pub use client::DataverseClient;
 pub use forward::{ForwardContext, Forwarder};
 pub use token::{S2sToken, TokenError, TokenPolicy, TokenSource};
 
-use crate::body::BoxError;
+use crate::body::{BodyTimeout, BoxError};
 
 /// Why a request could not be sent to, or answered by, Dataverse.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +39,10 @@ pub enum UpstreamError {
     UnsupportedEncoding,
     #[error("Dynamics answered in a content coding the gateway cannot decode")]
     UndecodableResponse,
+    #[error(transparent)]
+    BodyTimeout(#[from] BodyTimeout),
+    #[error("Dynamics had not answered when the {} allowed for the whole request ran out (server.exchange_timeout)", humantime::format_duration(*.0))]
+    ExchangeDeadline(Duration),
     #[error("the upstream request could not be built")]
     Build(#[source] BoxError),
     #[error(transparent)]
@@ -56,6 +60,9 @@ impl UpstreamError {
             Self::RequestBody(_) => "request_body_failed",
             Self::UnsupportedEncoding => "unsupported_encoding",
             Self::UndecodableResponse => "undecodable_response",
+            Self::BodyTimeout(BodyTimeout::Idle(_)) => "body_read_timeout",
+            Self::BodyTimeout(BodyTimeout::Deadline(_)) => "exchange_timeout",
+            Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
         }
