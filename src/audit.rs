@@ -35,6 +35,8 @@ pub struct AuditRecord<'a> {
     /// The identity claim's value (e.g. `oid`).
     pub caller: Option<&'a str>,
     pub impersonated: Option<Impersonation>,
+    /// Subject of the client certificate the connection was verified with (mutual TLS).
+    pub client_certificate: Option<&'a str>,
 }
 
 /// A per-second budget of lines, counting what it turns away.
@@ -144,6 +146,7 @@ impl Audit {
             subject = r.subject.unwrap_or("-"),
             caller = r.caller.unwrap_or("-"),
             impersonated = %r.impersonated.map(|i| i.describe()).unwrap_or_else(|| "-".into()),
+            client_certificate = r.client_certificate.map(|c| bounded(c, MAX_LOGGED_PATH)).as_deref(),
             "request"
         );
     }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -136,6 +136,26 @@ pub struct RawServer {
     /// Threads serving requests; default: one per core. A sidecar limited to one CPU is
     /// fastest with 1 (no hand-offs between threads).
     pub worker_threads: Option<usize>,
+    /// Serve the app port over TLS (HTTPS, HTTP/2 by ALPN); default plain HTTP.
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// PEM file: the server certificate, then its intermediates.
+    pub certificate: String,
+    /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key: String,
+    /// PEM file of CA certificates; when set, clients must present a certificate they issued.
+    pub client_ca: Option<String>,
+    /// How often the files are checked for a new pair.
+    #[serde(default = "default_tls_reload_interval")]
+    pub reload_interval: String,
+}
+
+fn default_tls_reload_interval() -> String {
+    "5s".into()
 }
 
 impl Default for RawServer {
@@ -160,6 +180,7 @@ impl Default for RawServer {
             max_in_flight: 1024,
             shutdown_grace: "30s".into(),
             worker_threads: None,
+            tls: None,
         }
     }
 }
@@ -483,6 +504,17 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
     pub worker_threads: Option<usize>,
+    pub tls: Option<TlsConfig>,
+}
+
+/// `server.tls`: the files the app port's TLS is built from (read at start and every
+/// `reload_interval`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub reload_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -746,6 +778,32 @@ fn substitute_env(
 pub const TENANT_PLACEHOLDER: &str = "{tenantid}";
 
 /// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
+fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
+    let reload_interval = parse_duration("server.tls.reload_interval", &t.reload_interval)?;
+    if reload_interval.is_zero() {
+        return Err(invalid(
+            "server.tls.reload_interval",
+            "must be more than 0s",
+        ));
+    }
+    let path = |key: &str, text: String| {
+        if text.trim().is_empty() {
+            Err(invalid(key, "must name a PEM file"))
+        } else {
+            Ok(PathBuf::from(text))
+        }
+    };
+    Ok(TlsConfig {
+        certificate: path("server.tls.certificate", t.certificate)?,
+        private_key: path("server.tls.private_key", t.private_key)?,
+        client_ca: t
+            .client_ca
+            .map(|ca| path("server.tls.client_ca", ca))
+            .transpose()?,
+        reload_interval,
+    })
+}
+
 pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
     if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
@@ -962,6 +1020,10 @@ impl TryFrom<RawConfig> for Config {
             worker_threads: match s.worker_threads {
                 Some(0) => return Err(invalid("server.worker_threads", "must be at least 1")),
                 other => other,
+            },
+            tls: match s.tls {
+                None => None,
+                Some(t) => Some(tls_config(t)?),
             },
         };
         if server.max_connections == 0 {

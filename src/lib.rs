@@ -24,6 +24,7 @@ pub mod secret;
 pub mod server;
 pub mod supervisor;
 pub mod testkit;
+pub mod tls;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -71,6 +72,8 @@ pub enum StartError {
     Upstream(#[from] upstream::UpstreamError),
     #[error("identity: {0}")]
     Identity(&'static str),
+    #[error("TLS on the app port: {}", error::chain(.0))]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The assembled gateway for one configuration: the request pipeline, what readiness
@@ -271,6 +274,14 @@ pub async fn run_with_reloads(
     let app_state = current.clone();
     let overload_metrics = metrics.clone();
     let stop_app = CancellationToken::new();
+    let tls = match &config.server.tls {
+        None => None,
+        Some(tls) => Some(tls::TlsAcceptor::start(
+            tls,
+            config.server.header_read_timeout,
+            stop_app.clone(),
+        )?),
+    };
     let app = tokio::spawn(server::serve(
         listener,
         move |peer| {
@@ -305,6 +316,7 @@ pub async fn run_with_reloads(
         },
         stop_app.clone(),
         limits,
+        tls,
         "app",
         metrics.open_connections.with_label_values(&["app"]),
     ));
@@ -327,6 +339,7 @@ pub async fn run_with_reloads(
         },
         stop_admin.clone(),
         limits,
+        None,
         "admin",
         admin_connections,
     ));

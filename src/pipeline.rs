@@ -58,6 +58,8 @@ struct Accounting {
     peer: SocketAddr,
     method: Method,
     uri: Uri,
+    /// Subject of the connection's client certificate (mutual TLS).
+    client_certificate: Option<Arc<str>>,
     outcome: Outcome,
     /// The answer's status; `None` until it is known.
     status: Option<StatusCode>,
@@ -93,6 +95,7 @@ impl Drop for Accounting {
                 subject: outcome.caller.as_ref().map(|c| c.subject()),
                 caller: outcome.caller_key.as_deref(),
                 impersonated: outcome.impersonated,
+                client_certificate: self.client_certificate.as_deref(),
             },
             self.refusal.as_ref(),
         );
@@ -116,6 +119,10 @@ impl Pipeline {
             // One copy of the target (a reference count, not a string copy) serves routing,
             // forwarding and the audit line.
             uri: request.uri().clone(),
+            client_certificate: request
+                .extensions()
+                .get::<crate::tls::ClientCertificate>()
+                .map(|c| c.0.clone()),
             outcome: Outcome::default(),
             status: None,
             refusal: None,

@@ -79,6 +79,7 @@ pub async fn serve<M, S, F, E>(
     make_service: M,
     shutdown: CancellationToken,
     limits: ConnectionLimits,
+    tls: Option<crate::tls::TlsAcceptor>,
     name: &'static str,
     open: IntGauge,
 ) where
@@ -147,12 +148,16 @@ pub async fn serve<M, S, F, E>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
+        // On a TLS port the handshake runs inside the connection, under its deadlines.
+        let (io, client_certificate) = crate::tls::accept(
+            tls.as_ref(),
+            WatchedIo {
+                stream,
+                activity: activity.clone(),
+            },
+        );
         let service = Tracked {
-            inner: make_service(peer),
-            activity: activity.clone(),
-        };
-        let io = WatchedIo {
-            stream,
+            inner: client_certificate.attach(make_service(peer)),
             activity: activity.clone(),
         };
         let connection = builder
