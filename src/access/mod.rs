@@ -10,8 +10,15 @@
 //! not stop the search. If no rule grants, `default` decides (`deny` unless set).
 //!
 //! Decisions worth knowing when writing rules:
-//! - Only the first path segment counts: a grant on `accounts` also reaches what its
-//!   navigation properties lead to (see [`target`]).
+//! - A rule grants a request only if it grants every (operation, table) pair the request
+//!   touches ([`touches`]): navigation segments, `$expand` at any depth, navigation paths
+//!   in `$filter`/`$orderby`/`$select`/`$apply`, fetchXml entities, function parameters.
+//!   `methods` + `entity_sets` grant a pair when the method and the table are listed;
+//!   `tables` grants operations per table, `functions` the functions and actions by name.
+//!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
+//!   requests are refused 503 unless a rule grants every table (`"*"`).
+//! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
+//!   only a grant on every table covers them.
 //! - `$batch` is allowed only by a rule with `batch: true`. Its parts are checked for
 //!   identity, credential, cookie and method-override headers, other hosts and paths outside
 //!   `/api/data/`, and their control headers are decided by the same grant, but their entity

@@ -232,7 +232,12 @@ impl Touches<'_> {
             for (resource, via) in chain {
                 self.push(Operation::Read, resource, via);
             }
-            self.push(Operation::Execute, Resource::Function(name.clone()), None);
+            let via = via_text("bound to", first);
+            self.push(
+                Operation::Execute,
+                Resource::Function(name.clone()),
+                Some(via),
+            );
             self.parameters(&name, path, options);
             return None;
         }
