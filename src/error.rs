@@ -53,6 +53,7 @@ impl GatewayError {
             Self::Path(PathError::BadHost) => "bad_host",
             Self::Auth(e) => e.reason(),
             Self::Route(e) => e.reason(),
+            Self::Access(e) if e.metadata_unavailable => "metadata_unavailable",
             Self::Access(_) => "access_denied",
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
@@ -80,6 +81,9 @@ impl GatewayError {
                 (StatusCode::NOT_FOUND, "UnknownEnvironment")
             }
             Self::Route(_) => (StatusCode::FORBIDDEN, "EnvironmentNotAllowed"),
+            Self::Access(e) if e.metadata_unavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "MetadataUnavailable")
+            }
             Self::Access(_) => (StatusCode::FORBIDDEN, "AccessDenied"),
             Self::Identity(IdentityError::Lookup(LookupError::NoToken(_))) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken")

@@ -166,12 +166,18 @@ impl Pipeline {
             .insert(self.inbound.authenticate(request.headers()).await?);
         let environment = self.router.route(target.environment, caller)?;
         outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
+        // The path without the environment prefix.
+        let (path, query) = target
+            .path_and_query
+            .split_once('?')
+            .unwrap_or((target.path_and_query, ""));
         let grant = self
             .access
             .decide(&AccessRequest {
                 method: request.method(),
-                // The path without the environment prefix.
-                path: target.path_and_query.split('?').next().unwrap_or_default(),
+                path,
+                query,
+                metadata: None,
                 claims: &caller.claims,
                 issuer: &caller.issuer,
                 kind: caller.kind,

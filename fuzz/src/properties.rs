@@ -46,13 +46,51 @@ use serde_json::Value;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("jwt", fuzz_jwt),
     ("path", fuzz_path),
     ("filter", fuzz_filter),
     ("json_links", fuzz_json_links),
     ("batch_links", fuzz_batch_links),
+    ("query_options", fuzz_query_options),
 ];
+
+// ---------------------------------------------------------------------------------------
+// query_options
+
+/// The OData query-option parser the access rules read tables from: total on any input,
+/// nesting bounded, and every path it reports made of non-empty segments without `/`.
+pub fn fuzz_query_options(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let options = dynamics_gateway::access::odata::parse_query(&text);
+    check_options(&options, 0);
+    // The same text as a bare expression.
+    if let Some(paths) = dynamics_gateway::access::odata::expression_paths(&text) {
+        for path in paths {
+            assert!(
+                path.iter().all(|s| !s.is_empty() && !s.contains('/')),
+                "{path:?}"
+            );
+        }
+    }
+}
+
+fn check_options(options: &dynamics_gateway::access::odata::QueryOptions, depth: usize) {
+    assert!(
+        depth <= dynamics_gateway::access::odata::MAX_DEPTH,
+        "nested deeper than the bound"
+    );
+    for (_, path) in &options.paths {
+        assert!(!path.is_empty() && path.iter().all(|s| !s.is_empty() && !s.contains('/')));
+    }
+    for expand in &options.expand {
+        assert!(expand
+            .path
+            .iter()
+            .all(|s| !s.is_empty() && !s.contains('/')));
+        check_options(&expand.options, depth + 1);
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // jwt

@@ -10,8 +10,15 @@
 //! not stop the search. If no rule grants, `default` decides (`deny` unless set).
 //!
 //! Decisions worth knowing when writing rules:
-//! - Only the first path segment counts: a grant on `accounts` also reaches what its
-//!   navigation properties lead to (see [`target`]).
+//! - A rule grants a request only if it grants every (operation, table) pair the request
+//!   touches ([`touches`]): navigation segments, `$expand` at any depth, navigation paths
+//!   in `$filter`/`$orderby`/`$select`/`$apply`, fetchXml entities, function parameters.
+//!   `methods` + `entity_sets` grant a pair when the method and the table are listed;
+//!   `tables` grants operations per table, `functions` the functions and actions by name.
+//!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
+//!   requests are refused 503 unless a rule grants every table (`"*"`).
+//! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
+//!   only a grant on every table covers them.
 //! - `$batch` is allowed only by a rule with `batch: true`. Its parts are checked for
 //!   identity, credential, cookie and method-override headers, other hosts and paths outside
 //!   `/api/data/`, and their control headers are decided by the same grant, but their entity
@@ -24,9 +31,12 @@
 //!   applications ([`CallerKind::App`], on the issuer's positive evidence), never a user.
 
 mod control_headers;
+pub mod metadata;
+pub mod odata;
 mod raw;
 mod rule;
 pub mod target;
+pub mod touches;
 
 use std::sync::Arc;
 
@@ -41,8 +51,10 @@ pub use control_headers::{
     check_control_headers, decide_control_header, is_control_header, strip_control_headers,
     ControlHeaderDecision, ControlHeaderRefused, HARMLESS_CONTROL_HEADERS,
 };
+pub use metadata::{Metadata, MetadataError};
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
 pub use target::Target;
+pub use touches::{Operation, Resource, Touch};
 
 use rule::Rule;
 
@@ -56,6 +68,8 @@ pub struct AccessPolicy {
     default: DefaultDecision,
     /// What `default: allow` hands out, built once.
     default_grant: Grant,
+    /// From `access.metadata_file`: used for every environment.
+    metadata: Option<Arc<Metadata>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +84,10 @@ pub struct AccessRequest<'a> {
     pub method: &'a Method,
     /// The URL path, starting `/api/data/` (after any environment prefix is removed).
     pub path: &'a str,
+    /// The raw query string, without `?` (empty when there is none).
+    pub query: &'a str,
+    /// The environment's metadata, when in hand; `access.metadata_file` otherwise.
+    pub metadata: Option<&'a Metadata>,
     /// The caller's verified token claims.
     pub claims: &'a Map<String, Value>,
     /// The caller's verified issuer.
@@ -108,6 +126,9 @@ pub struct AccessDenied {
     pub rule: Arc<str>,
     /// Names the method and target, never the policy.
     pub message: String,
+    /// Refused because the pair's table is only known from metadata not yet in hand
+    /// (answered 503: retrying later may succeed).
+    pub metadata_unavailable: bool,
 }
 
 impl AccessPolicy {
@@ -133,33 +154,69 @@ impl AccessPolicy {
                 impersonation: ImpersonationPolicy::Required,
                 control_headers: Arc::from([]),
             },
+            metadata: None,
         }
     }
 
-    /// Grants or refuses one request.
+    /// The metadata from `access.metadata_file`, if one was given.
+    pub fn metadata(&self) -> Option<&Arc<Metadata>> {
+        self.metadata.as_ref()
+    }
+
+    /// Grants or refuses one request: a rule must grant every pair it touches.
     pub fn decide(&self, request: &AccessRequest<'_>) -> Result<Grant, AccessDenied> {
         let target = Target::from_path(request.path);
-        let mut closest: Option<&Arc<str>> = None;
+        let metadata = request.metadata.or(self.metadata.as_deref());
+        let touches = match target {
+            Target::Batch => Vec::new(),
+            _ => touches::touches(request.method, request.path, request.query, metadata),
+        };
+        // The first rule for this caller, and the first pair it did not grant.
+        let mut closest: Option<(&Arc<str>, Option<&Touch>)> = None;
         for rule in &self.rules {
             if !rule.is_for(request) {
                 continue;
             }
-            if rule.allow.covers(request.method, &target) {
-                return Ok(rule.grant.clone());
+            match rule.allow.covers(request.method, &target, &touches) {
+                Ok(()) => return Ok(rule.grant.clone()),
+                Err(i) => {
+                    closest.get_or_insert((&rule.grant.rule, touches.get(i)));
+                }
             }
-            closest.get_or_insert(&rule.grant.rule);
         }
-        match self.default {
-            DefaultDecision::Allow => Ok(self.default_grant.clone()),
-            DefaultDecision::Deny => Err(AccessDenied {
-                rule: closest.unwrap_or(&self.default_grant.rule).clone(),
-                message: format!(
-                    "no rule allows {} on {} for this caller",
-                    request.method,
-                    truncated(&target.to_string())
-                ),
-            }),
+        if self.default == DefaultDecision::Allow {
+            return Ok(self.default_grant.clone());
         }
+        let (rule, missing) = match closest {
+            Some((rule, missing)) => (rule, missing),
+            // No rule is for this caller: name the first pair that is not the addressed
+            // table's, if any, so the message says what was reached.
+            None => (
+                &self.default_grant.rule,
+                touches.iter().find(|t| t.via.is_some()),
+            ),
+        };
+        let metadata_unavailable =
+            metadata.is_none() && missing.is_some_and(|t| t.resource == Resource::Unresolved);
+        let message = match missing {
+            Some(touch) if metadata_unavailable => format!(
+                "the {} needs this environment's $metadata, which the gateway does not have yet; retry shortly",
+                touch.via.as_deref().unwrap_or("request")
+            ),
+            Some(touch) if touch.via.is_some() => {
+                format!("no rule allows {} for this caller", truncated(&touch.to_string()))
+            }
+            _ => format!(
+                "no rule allows {} on {} for this caller",
+                request.method,
+                truncated(&target.to_string())
+            ),
+        };
+        Err(AccessDenied {
+            rule: rule.clone(),
+            message,
+            metadata_unavailable,
+        })
     }
 }
 

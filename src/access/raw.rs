@@ -10,8 +10,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::control_headers::{is_control_header, names_impersonation};
-use super::rule::{Allow, Id, Rule, When};
+use super::metadata::Metadata;
+use super::rule::{Allow, Id, Rule, TableGrant, When};
 use super::target::{is_identifier, strip_prefix_ignore_case};
+use super::touches::Operation;
 use super::{AccessPolicy, DefaultDecision, Grant, ImpersonationPolicy, DEFAULT_RULE};
 
 /// Who may make which Web API requests.
@@ -25,6 +27,12 @@ pub struct RawAccess {
     /// the request grants it.
     #[serde(default)]
     pub rules: Vec<RawRule>,
+    /// A CSDL file (the environment's `$metadata`) naming navigation properties, tables
+    /// and operation parameters, used for every environment instead of fetching it: for
+    /// air-gapped use and tests. Without metadata, requests whose tables only it names
+    /// (`$expand`, navigation, fetchXml) are refused 503 unless a rule grants every table.
+    #[serde(default)]
+    pub metadata_file: Option<std::path::PathBuf>,
 }
 
 /// One access rule.
@@ -80,6 +88,15 @@ pub struct RawAllow {
     /// `methods` and `entity_sets` say.
     #[serde(default)]
     pub batch: bool,
+    /// Operations per table: `{contacts: [read], accounts: [read, create, associate]}`,
+    /// from read, create, update, delete, associate, execute, or `"*"` for all. The table
+    /// `"*"` is every table, including those the gateway cannot name.
+    #[serde(default)]
+    pub tables: BTreeMap<String, Vec<String>>,
+    /// Functions and actions that may be executed (`[WhoAmI, RetrievePrincipalAccess]`),
+    /// bound or unbound, or `["*"]`. The tables their parameters name need their own grant.
+    #[serde(default)]
+    pub functions: Vec<String>,
     /// `MSCRM.*` control headers passed on (e.g. `MSCRM.BypassCustomPluginExecution`);
     /// every other one is removed.
     #[serde(default)]
@@ -103,6 +120,17 @@ const METHODS: [Method; 6] = [
 ];
 
 pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invalid> {
+    let metadata = match &raw.metadata_file {
+        None => None,
+        Some(path) => Some(std::sync::Arc::new(Metadata::from_file(path).map_err(
+            |e| {
+                invalid(
+                    format!("{key}.metadata_file"),
+                    format!("{e}; give the environment's $metadata saved as a file"),
+                )
+            },
+        )?)),
+    };
     let default =
         match raw.default.as_deref() {
             Some("allow") => DefaultDecision::Allow,
@@ -133,7 +161,9 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
         }
         rules.push(rule);
     }
-    Ok(AccessPolicy::new(rules, default))
+    let mut policy = AccessPolicy::new(rules, default);
+    policy.metadata = metadata;
+    Ok(policy)
 }
 
 fn validate_rule(raw: RawRule, key: &str) -> Result<Rule, Invalid> {
@@ -170,12 +200,18 @@ fn validate_rule(raw: RawRule, key: &str) -> Result<Rule, Invalid> {
     let when = validate_when(raw.when, &format!("{key}.when"))?;
     let key = format!("{key}.allow");
     let control_headers = validate_control_headers(raw.allow.control_headers, &key)?;
-    let allow = validate_allow(
+    let tables = validate_tables(raw.allow.tables, &key)?;
+    let functions = validate_functions(raw.allow.functions, &key)?;
+    let grants_by_table = !tables.is_empty() || functions.as_ref().is_none_or(|f| !f.is_empty());
+    let mut allow = validate_allow(
         raw.allow.methods,
         raw.allow.entity_sets,
-        raw.allow.batch,
+        raw.allow.batch || grants_by_table,
         &key,
     )?;
+    allow.batch = raw.allow.batch;
+    allow.tables = tables;
+    allow.functions = functions;
     Ok(Rule {
         when,
         allow,
@@ -281,7 +317,7 @@ fn validate_allow(
     if methods.is_empty() && !batch {
         return Err(invalid(
             key,
-            "allows nothing: give methods and entity_sets, or batch: true",
+            "allows nothing: give methods and entity_sets, tables, functions, or batch: true",
         ));
     }
     let methods = star_or(methods, &format!("{key}.methods"), |m| {
@@ -313,7 +349,53 @@ fn validate_allow(
     Ok(Allow {
         methods,
         entity_sets,
+        tables: Vec::new(),
+        functions: Some(Vec::new()),
         batch,
+    })
+}
+
+fn validate_tables(
+    raw: BTreeMap<String, Vec<String>>,
+    key: &str,
+) -> Result<Vec<TableGrant>, Invalid> {
+    raw.into_iter()
+        .map(|(table, operations)| {
+            let key = format!("{key}.tables.{table}");
+            let name = match table.trim() {
+                "*" => None,
+                name if is_identifier(name) => Some(name.to_string()),
+                name => {
+                    return Err(invalid(
+                        key,
+                        format!("{name:?} is not an entity set name (letters, digits, '_') or \"*\""),
+                    ))
+                }
+            };
+            if operations.is_empty() {
+                return Err(invalid(key, "an empty list grants nothing; remove the table"));
+            }
+            let operations = star_or(operations, &key, |op| {
+                Operation::parse(op).ok_or_else(|| {
+                    format!("{op:?} is not an operation; use read, create, update, delete, associate, execute or \"*\"")
+                })
+            })?
+            .unwrap_or_else(|| Operation::ALL.to_vec());
+            Ok((name, operations))
+        })
+        .collect()
+}
+
+fn validate_functions(raw: Vec<String>, key: &str) -> Result<Option<Vec<String>>, Invalid> {
+    star_or(raw, &format!("{key}.functions"), |name| {
+        let bare = strip_prefix_ignore_case(name, "Microsoft.Dynamics.CRM.").unwrap_or(name);
+        if is_identifier(bare) {
+            Ok(bare.to_string())
+        } else {
+            Err(format!(
+                "{name:?} is not a function or action name (letters, digits, '_'; no parentheses)"
+            ))
+        }
     })
 }
 

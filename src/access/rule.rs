@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::target::Target;
+use super::touches::{Operation, Resource, Touch};
 use super::{AccessRequest, Grant, ImpersonationPolicy};
 use crate::inbound::CallerKind;
 
@@ -118,24 +119,56 @@ impl Id {
     }
 }
 
-/// What a rule lets its callers do.
+/// Operations on one table; a `None` name is `"*"`: every table, named or not.
+pub(super) type TableGrant = (Option<String>, Vec<Operation>);
+
+/// What a rule lets its callers do. A request is covered only if every (operation,
+/// table) pair it touches is: by `methods` + `entity_sets` (the request's method is listed
+/// and so is the table or function, whatever the operation), or by `tables` (the
+/// operation is listed for that table) or `functions` (execute).
 #[derive(Debug, Clone)]
 pub(super) struct Allow {
     /// `None`: every method.
     pub(super) methods: Option<Vec<Method>>,
     /// `None`: every target but `$batch`, including unknown ones.
     pub(super) entity_sets: Option<Vec<String>>,
+    pub(super) tables: Vec<TableGrant>,
+    /// Functions and actions that may be executed; `None`: all.
+    pub(super) functions: Option<Vec<String>>,
     pub(super) batch: bool,
 }
 
 impl Allow {
-    pub(super) fn covers(&self, method: &Method, target: &Target) -> bool {
-        match target {
+    /// `Err(i)`: `touches[i]` is the first pair this rule does not grant.
+    pub(super) fn covers(
+        &self,
+        method: &Method,
+        target: &Target,
+        touches: &[Touch],
+    ) -> Result<(), usize> {
+        if let Target::Batch = target {
             // The parts are not inspected, so neither `methods` nor `entity_sets` can limit
             // them: `batch: true` alone decides. A batch is always a POST.
-            Target::Batch => self.batch && method == Method::POST,
-            _ => self.covers_method(method) && self.covers_target(target),
+            return if self.batch && method == Method::POST {
+                Ok(())
+            } else {
+                Err(0)
+            };
         }
+        match touches.iter().position(|t| !self.covers_touch(method, t)) {
+            Some(i) => Err(i),
+            None => Ok(()),
+        }
+    }
+
+    fn covers_touch(&self, method: &Method, touch: &Touch) -> bool {
+        (self.has_method_grant() && self.covers_method(method) && self.covers_name(&touch.resource))
+            || self.covers_by_table(touch)
+    }
+
+    /// A rule written with `batch: true` or `tables` alone grants nothing by method.
+    fn has_method_grant(&self) -> bool {
+        self.methods.as_ref().is_none_or(|m| !m.is_empty())
     }
 
     fn covers_method(&self, method: &Method) -> bool {
@@ -144,11 +177,35 @@ impl Allow {
             .is_none_or(|methods| methods.contains(method))
     }
 
-    fn covers_target(&self, target: &Target) -> bool {
-        match (&self.entity_sets, target.rule_name()) {
-            (None, _) => true,
-            (Some(sets), Some(name)) => sets.iter().any(|set| set.eq_ignore_ascii_case(name)),
-            (Some(_), None) => false,
+    fn covers_name(&self, resource: &Resource) -> bool {
+        let Some(sets) = &self.entity_sets else {
+            return true;
+        };
+        let name = match resource {
+            Resource::Set(name) | Resource::Function(name) => name.as_str(),
+            Resource::Metadata => "$metadata",
+            Resource::Unknown | Resource::Unresolved => return false,
+        };
+        sets.iter().any(|set| set.eq_ignore_ascii_case(name))
+    }
+
+    fn covers_by_table(&self, touch: &Touch) -> bool {
+        match &touch.resource {
+            Resource::Function(name) if touch.operation == Operation::Execute => self
+                .functions
+                .as_ref()
+                .is_none_or(|listed| listed.iter().any(|f| f.eq_ignore_ascii_case(name))),
+            Resource::Set(name) => self.tables.iter().any(|(table, ops)| {
+                table
+                    .as_ref()
+                    .is_none_or(|table| table.eq_ignore_ascii_case(name))
+                    && ops.contains(&touch.operation)
+            }),
+            Resource::Unknown | Resource::Unresolved => self
+                .tables
+                .iter()
+                .any(|(table, ops)| table.is_none() && ops.contains(&touch.operation)),
+            Resource::Function(_) | Resource::Metadata => false,
         }
     }
 }

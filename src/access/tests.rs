@@ -47,9 +47,12 @@ fn decide_as(
     claims: &Map<String, Value>,
     issuer: &str,
 ) -> Result<Grant, AccessDenied> {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     policy.decide(&AccessRequest {
         method: &method,
         path,
+        query,
+        metadata: None,
         claims,
         issuer,
         kind: CallerKind::from_claims(&AppOnlyEvidence::Entra, claims),

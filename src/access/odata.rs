@@ -1,0 +1,473 @@
+//! The OData query options that can reach other tables, read once into types: `$expand`
+//! (nested, with its own options), the property paths in `$filter`, `$orderby`, `$select`
+//! and `$apply`, `fetchXml`, `savedQuery` / `userQuery`, and parameter aliases (`@p1=`)
+//! that carry entity references. Pure and total: any string maps to [`QueryOptions`], so
+//! it is fuzzed as is (`fuzz/fuzz_targets/query_options.rs`).
+//!
+//! Expressions are not evaluated, only scanned for paths: a path is identifiers joined by
+//! `/` (`primarycontactid/fullname`); a lambda `nav/any(c: c/x/y ...)` makes the paths
+//! starting with its variable continue `nav`. String literals are skipped, so a `/` inside
+//! quotes is no path. Over-reading is safe (the rules see one table too many and refuse);
+//! under-reading is the bypass this module exists to close, so when in doubt it keeps.
+
+use percent_encoding::percent_decode_str;
+
+/// Nesting deeper than this (`$expand` in `$expand`, parentheses in expressions) is not
+/// followed; the options record it so the request is refused rather than half-read.
+pub const MAX_DEPTH: usize = 16;
+
+/// A property path: the segments as written, without type casts.
+pub type Path = Vec<String>;
+
+/// What a request's query string asks for, as far as tables go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryOptions {
+    /// `$expand` items, each with the options written inside its parentheses.
+    pub expand: Vec<Expand>,
+    /// Multi-segment or lambda paths in `$filter`, `$orderby`, `$select` and `$apply`,
+    /// each with the option it came from.
+    pub paths: Vec<(OptionName, Path)>,
+    /// `fetchXml=`, decoded.
+    pub fetch_xml: Option<String>,
+    /// `savedQuery=` or `userQuery=` was given (the table is the stored query's).
+    pub stored_query: Option<OptionName>,
+    /// Entity sets named by `@odata.id` references in parameter aliases (`@p1=...`).
+    pub references: Vec<String>,
+    /// Nesting beyond [`MAX_DEPTH`], or unbalanced parentheses: not fully read.
+    pub unreadable: bool,
+}
+
+/// The option a path was found in, for the message naming what touched a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionName {
+    Expand,
+    Filter,
+    OrderBy,
+    Select,
+    Apply,
+    SavedQuery,
+    UserQuery,
+}
+
+impl OptionName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Expand => "$expand",
+            Self::Filter => "$filter",
+            Self::OrderBy => "$orderby",
+            Self::Select => "$select",
+            Self::Apply => "$apply",
+            Self::SavedQuery => "savedQuery",
+            Self::UserQuery => "userQuery",
+        }
+    }
+}
+
+/// One `$expand` item: `path($select=...;$expand=...)`, or `*` (every navigation property).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expand {
+    /// Empty for `*`.
+    pub path: Path,
+    pub options: QueryOptions,
+}
+
+impl QueryOptions {
+    /// True when nothing here reaches beyond the addressed table's own columns.
+    pub fn is_plain(&self) -> bool {
+        self.expand.is_empty()
+            && self.paths.is_empty()
+            && self.fetch_xml.is_none()
+            && self.stored_query.is_none()
+            && self.references.is_empty()
+            && !self.unreadable
+    }
+}
+
+/// Reads a raw query string (without the `?`). Option names compare ignoring case and the
+/// `$` is optional, as OData 4.01 allows; repeated options are all read.
+pub fn parse_query(query: &str) -> QueryOptions {
+    let mut options = QueryOptions::default();
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(name);
+        let value = decode(value);
+        let name = name.trim();
+        if name.starts_with('@') {
+            collect_references(&value, &mut options.references);
+            continue;
+        }
+        let bare = name.strip_prefix('$').unwrap_or(name).to_ascii_lowercase();
+        read_option(&bare, &value, &mut options, 0);
+    }
+    options
+}
+
+/// Percent-decoding as a query string is read (`+` is a space).
+fn decode(text: &str) -> String {
+    let spaced = text.replace('+', " ");
+    percent_decode_str(&spaced).decode_utf8_lossy().into_owned()
+}
+
+fn read_option(name: &str, value: &str, options: &mut QueryOptions, depth: usize) {
+    let option = match name {
+        "expand" => {
+            read_expand(value, options, depth);
+            return;
+        }
+        "fetchxml" => {
+            options.fetch_xml = Some(value.to_string());
+            return;
+        }
+        "savedquery" => {
+            options.stored_query = Some(OptionName::SavedQuery);
+            return;
+        }
+        "userquery" => {
+            options.stored_query = Some(OptionName::UserQuery);
+            return;
+        }
+        "filter" => OptionName::Filter,
+        "orderby" => OptionName::OrderBy,
+        "select" => OptionName::Select,
+        "apply" => OptionName::Apply,
+        _ => return,
+    };
+    match expression_paths(value) {
+        Some(paths) => options
+            .paths
+            .extend(paths.into_iter().map(|path| (option, path))),
+        None => options.unreadable = true,
+    }
+}
+
+/// `a($select=x;$expand=b($expand=c)),d/$ref,*`
+fn read_expand(value: &str, options: &mut QueryOptions, depth: usize) {
+    if depth >= MAX_DEPTH {
+        options.unreadable = true;
+        return;
+    }
+    let Some(items) = split_top_level(value, b',') else {
+        options.unreadable = true;
+        return;
+    };
+    for item in items {
+        let item = item.trim();
+        if item.is_empty() {
+            continue;
+        }
+        let (path_text, inner) = match item.find('(') {
+            Some(open) => {
+                let Some(inner) = item[open + 1..].strip_suffix(')') else {
+                    options.unreadable = true;
+                    continue;
+                };
+                (&item[..open], Some(inner))
+            }
+            None => (item, None),
+        };
+        let mut nested = QueryOptions::default();
+        if let Some(inner) = inner {
+            let Some(parts) = split_top_level(inner, b';') else {
+                options.unreadable = true;
+                continue;
+            };
+            for part in parts {
+                let (name, value) = part.split_once('=').unwrap_or((part, ""));
+                let name = name.trim();
+                let bare = name.strip_prefix('$').unwrap_or(name).to_ascii_lowercase();
+                read_option(&bare, value, &mut nested, depth + 1);
+            }
+        }
+        let path = if path_text.trim() == "*" {
+            Vec::new()
+        } else {
+            segments(path_text)
+        };
+        options.unreadable |= nested.unreadable;
+        options.expand.push(Expand {
+            path,
+            options: nested,
+        });
+    }
+}
+
+/// Path segments, without `$ref`/`$count` and type casts (`Microsoft.Dynamics.CRM.x`).
+fn segments(text: &str) -> Path {
+    text.split('/')
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && !s.starts_with('$') && !s.contains('.'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Splits at `separator` outside parentheses and quotes; `None` when they do not balance.
+fn split_top_level(text: &str, separator: u8) -> Option<Vec<&str>> {
+    let bytes = text.as_bytes();
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'\'' => in_string = !in_string,
+            _ if in_string => {}
+            b'(' => depth += 1,
+            b')' => depth = depth.checked_sub(1)?,
+            _ if b == separator && depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 || in_string {
+        return None;
+    }
+    parts.push(&text[start..]);
+    Some(parts)
+}
+
+/// The paths in an expression that can reach another table: those of two or more
+/// segments, and any path inside a lambda. `None` when parentheses do not balance or nest
+/// deeper than [`MAX_DEPTH`].
+pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
+    let bytes = text.as_bytes();
+    let mut paths = Vec::new();
+    // Lambda variables in scope: (name, the path they range over, paren depth they close at).
+    let mut lambdas: Vec<(String, Path, usize)> = Vec::new();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'\'' {
+            // A string literal; `''` is an escaped quote inside it.
+            i += 1;
+            loop {
+                match bytes.get(i) {
+                    None => return None,
+                    Some(b'\'') if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                    Some(b'\'') => break,
+                    Some(_) => i += 1,
+                }
+            }
+            i += 1;
+            continue;
+        }
+        if b == b'(' {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        if b == b')' {
+            depth = depth.checked_sub(1)?;
+            while lambdas.last().is_some_and(|(_, _, at)| *at > depth) {
+                lambdas.pop();
+            }
+            i += 1;
+            continue;
+        }
+        if !(b.is_ascii_alphabetic() || b == b'_' || b == b'@') {
+            i += 1;
+            continue;
+        }
+        // A path: identifiers (possibly namespace-qualified) joined by '/'.
+        let start = i;
+        while i < bytes.len()
+            && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.' | b'/' | b'@'))
+        {
+            i += 1;
+        }
+        let word = &text[start..i];
+        // Digits then letters (`3f2504e0-...`) were skipped as one token by the loop above
+        // only if they started with a letter; a GUID starting with a letter reads as a
+        // one-segment path, which reaches nothing.
+        let mut path: Path = word
+            .split('/')
+            .filter(|s| !s.is_empty() && !s.contains('.') && !s.starts_with('@'))
+            .map(str::to_string)
+            .collect();
+        let opens_call = bytes.get(i) == Some(&b'(');
+        if opens_call {
+            let last = word.rsplit('/').next().unwrap_or_default();
+            let is_lambda = last.eq_ignore_ascii_case("any") || last.eq_ignore_ascii_case("all");
+            if is_lambda {
+                path.pop();
+                let path = continue_lambda(path, &lambdas);
+                // `nav/any(v: ...)`: the variable name runs to the ':'.
+                let inner = &text[i + 1..];
+                if let Some((var, _)) = inner.split_once(':') {
+                    let var = var.trim();
+                    if !var.is_empty()
+                        && var.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                    {
+                        lambdas.push((var.to_string(), path.clone(), depth + 1));
+                    }
+                }
+                paths.push(path);
+                continue;
+            }
+            // A function call (`contains(...)`, `Microsoft.Dynamics.CRM.Under(...)`):
+            // the name is no path; a path before it (`a/b/fn(`) still is.
+            path.pop();
+            if path.len() >= 2 || !lambdas.is_empty() {
+                paths.push(continue_lambda(path, &lambdas));
+            }
+            continue;
+        }
+        let in_lambda = path
+            .first()
+            .is_some_and(|first| lambdas.iter().any(|(var, _, _)| var == first));
+        if in_lambda {
+            // The variable alone (`c: ...`) adds nothing beyond the lambda's own path.
+            if path.len() >= 2 {
+                paths.push(continue_lambda(path, &lambdas));
+            }
+        } else if path.len() >= 2 {
+            paths.push(path);
+        }
+    }
+    if depth != 0 {
+        return None;
+    }
+    paths.retain(|p| !p.is_empty());
+    Some(paths)
+}
+
+/// A path starting with a lambda variable continues the path the variable ranges over.
+fn continue_lambda(path: Path, lambdas: &[(String, Path, usize)]) -> Path {
+    let Some(first) = path.first() else {
+        return path;
+    };
+    match lambdas.iter().rev().find(|(var, _, _)| var == first) {
+        Some((_, over, _)) => over
+            .iter()
+            .cloned()
+            .chain(path.into_iter().skip(1))
+            .collect(),
+        None => path,
+    }
+}
+
+/// Entity sets named by `@odata.id` values in `text`: `{'@odata.id':'contacts(<id>)'}`,
+/// absolute or relative, single or double quoted.
+pub fn collect_references(text: &str, into: &mut Vec<String>) {
+    let lower = text.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(found) = lower[from..].find("@odata.id") {
+        let after = from + found + "@odata.id".len();
+        from = after;
+        let rest = text[after..].trim_start_matches(['\'', '"', ' ', ':']);
+        let Some(end) = rest.find(['\'', '"']) else {
+            continue;
+        };
+        if let Some(set) = reference_set(&rest[..end]) {
+            into.push(set);
+        }
+    }
+}
+
+/// `contacts(<id>)`, `/contacts(<id>)`, `https://org/api/data/v9.2/contacts(<id>)` ->
+/// `contacts`.
+pub fn reference_set(reference: &str) -> Option<String> {
+    let before_key = reference.split('(').next().unwrap_or_default();
+    let name = before_key.rsplit('/').next().unwrap_or_default().trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(text: &str) -> Path {
+        text.split('/').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn nested_expand_keeps_its_options() {
+        let q = parse_query(
+            "$select=name&$expand=contact_customer_accounts($select=fullname;$expand=owninguser($select=fullname)),primarycontactid",
+        );
+        assert_eq!(q.expand.len(), 2);
+        assert_eq!(q.expand[0].path, path("contact_customer_accounts"));
+        assert_eq!(q.expand[0].options.expand[0].path, path("owninguser"));
+        assert_eq!(q.expand[1].path, path("primarycontactid"));
+        assert!(q.paths.is_empty());
+        assert!(!q.is_plain());
+    }
+
+    #[test]
+    fn expand_spellings() {
+        let q = parse_query(
+            "expand=primarycontactid/$ref,*&%24EXPAND=a%28%24filter%3Db%2Fc%20eq%201%29",
+        );
+        assert_eq!(q.expand[0].path, path("primarycontactid"));
+        assert!(q.expand[1].path.is_empty());
+        assert_eq!(q.expand[2].path, path("a"));
+        assert_eq!(
+            q.expand[2].options.paths,
+            vec![(OptionName::Filter, path("b/c"))]
+        );
+    }
+
+    #[test]
+    fn filter_paths_lambdas_and_literals() {
+        let q = parse_query(
+            "$filter=primarycontactid/fullname eq 'a/b' and contact_customer_accounts/any(c: c/parentcustomerid_account/name eq 'x') and contains(name,'y')",
+        );
+        assert_eq!(
+            q.paths,
+            vec![
+                (OptionName::Filter, path("primarycontactid/fullname")),
+                (OptionName::Filter, path("contact_customer_accounts")),
+                (
+                    OptionName::Filter,
+                    path("contact_customer_accounts/parentcustomerid_account/name")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn apply_orderby_select() {
+        let q = parse_query(
+            "$apply=groupby((primarycontactid/fullname))&$orderby=parentaccountid/name desc&$select=name,accountid",
+        );
+        assert_eq!(
+            q.paths,
+            vec![
+                (OptionName::Apply, path("primarycontactid/fullname")),
+                (OptionName::OrderBy, path("parentaccountid/name")),
+            ]
+        );
+    }
+
+    #[test]
+    fn plain_select_and_simple_filter_are_plain() {
+        let q = parse_query("$select=name,revenue&$filter=name eq 'x/y' and revenue gt 5&$top=3");
+        assert!(q.is_plain(), "{q:?}");
+    }
+
+    #[test]
+    fn stored_queries_fetch_xml_and_references() {
+        let q = parse_query("savedQuery=00000000-0000-0000-0000-000000000001");
+        assert_eq!(q.stored_query, Some(OptionName::SavedQuery));
+        let q = parse_query("userQuery=x");
+        assert_eq!(q.stored_query, Some(OptionName::UserQuery));
+        let q = parse_query("fetchXml=%3Cfetch%3E%3C%2Ffetch%3E");
+        assert_eq!(q.fetch_xml.as_deref(), Some("<fetch></fetch>"));
+        let q = parse_query("@tid={'@odata.id':'contacts(00000000-0000-0000-0000-000000000001)'}");
+        assert_eq!(q.references, vec!["contacts".to_string()]);
+    }
+
+    #[test]
+    fn unbalanced_or_too_deep_is_unreadable() {
+        assert!(parse_query("$filter=(a/b").unreadable);
+        assert!(parse_query("$expand=a($select=x").unreadable);
+        let deep = format!("$expand={}", "a($expand=".repeat(40) + &")".repeat(40));
+        assert!(parse_query(&deep).unreadable);
+        assert!(parse_query("$filter=name eq 'open").unreadable);
+    }
+}
