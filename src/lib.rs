@@ -55,6 +55,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::routing::{Environment, Router};
 use crate::server::ConnectionLimits;
+use crate::upstream::budget::Gate;
 use crate::upstream::{DataverseClient, Forwarder, TokenPolicy, TokenSource};
 
 /// Longest any one request to the identity provider or token endpoint may take.
@@ -159,6 +160,7 @@ impl Gateway {
                     env_tokens.clone(),
                     &config.server,
                     &config.dynamics,
+                    Gate::new(&env.budget, &env.name, &metrics),
                     metrics.clone(),
                 );
                 environments.push(Arc::new(Environment {

@@ -17,13 +17,14 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
+use super::budget::{self, BucketKey, Gate, Permit};
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
-use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
+use crate::body::{self, GatewayBody, PrefixedBody};
 use crate::config::{DynamicsConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
@@ -59,6 +60,8 @@ pub struct Forwarder {
     trust_forwarded: bool,
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
+    /// This environment's service-protection budget: every send waits on it.
+    budget: Gate,
     metrics: Metrics,
     /// The link rewrites for the last public base seen: callers nearly always reach the
     /// gateway by one name, so the pair is built once rather than per request.
@@ -184,6 +187,7 @@ impl Forwarder {
         tokens: Arc<TokenSource>,
         server: &ServerConfig,
         dynamics: &DynamicsConfig,
+        budget: Gate,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -195,6 +199,7 @@ impl Forwarder {
             max_batch_part: usize::try_from(server.max_batch_part).unwrap_or(usize::MAX),
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
+            budget,
             metrics,
             links: ArcSwapOption::empty(),
         }
@@ -256,7 +261,8 @@ impl Forwarder {
 
         let mut retried = false;
         let mut throttled_for = Duration::ZERO;
-        let response = loop {
+        let bucket = self.budget.bucket_for(ctx.impersonation);
+        let (response, permit) = loop {
             let (body_now, replay) = match body {
                 RequestBody::Held(bytes) => (body::full(bytes.clone()), Some(bytes)),
                 RequestBody::Streaming(stream) => (stream, None),
@@ -271,13 +277,13 @@ impl Forwarder {
             } else {
                 std::mem::take(&mut headers)
             };
-            let response = self.send(upstream, &parts.method).await?;
+            let (response, permit) = self.send(upstream, &parts.method, bucket).await?;
             match replay {
                 Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
                     retried = true;
                     // `None`: replaced moments ago by another 401; this one is passed on.
                     let Some(replacement) = self.tokens.replace_rejected(&token).await? else {
-                        break response;
+                        break (response, permit);
                     };
                     tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; retrying once with a replacement");
                     token = replacement;
@@ -292,16 +298,19 @@ impl Forwarder {
                         Some(wait) => {
                             tracing::info!(request_id = ?ctx.request_id, wait = ?wait, "Dynamics throttled the request; waiting out Retry-After");
                             throttled_for += wait;
-                            tokio::time::sleep(wait).await;
+                            // The slot goes back while waiting; the retry queues for one again.
+                            drop(permit);
+                            self.budget.wait_open(bucket, wait).await;
                             body = RequestBody::Held(bytes);
                         }
-                        None => break response,
+                        None => break (response, permit),
                     }
                 }
-                _ => break response,
+                _ => break (response, permit),
             }
         };
-        self.response(response, &parts.method, &links.to_gateway, ctx)
+        let response = self.response(response, &parts.method, &links.to_gateway, ctx)?;
+        Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
     /// How long to wait before retrying a 429, if retries are on and the total wait stays
@@ -312,12 +321,15 @@ impl Forwarder {
         (waited.saturating_add(wait) <= max).then_some(wait)
     }
 
-    /// Sends with the request timeout covering everything up to the response headers.
+    /// Sends once a budget slot is free, with the request timeout covering everything up
+    /// to the response headers; the slot is held until the caller drops the permit.
     async fn send(
         &self,
         request: Request<GatewayBody>,
         method: &Method,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        bucket: BucketKey,
+    ) -> Result<(Response<GatewayBody>, Permit), UpstreamError> {
+        let permit = self.budget.acquire(bucket).await?;
         let started = Instant::now();
         let result = tokio::time::timeout(self.request_timeout, self.client.send(request)).await;
         self.metrics
@@ -326,7 +338,16 @@ impl Forwarder {
             .observe(started.elapsed().as_secs_f64());
         match result {
             Err(_) => Err(UpstreamError::Timeout(self.request_timeout)),
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(response)) => {
+                let (response, code) = budget::read_throttle_code(response).await;
+                self.budget.observe(
+                    bucket,
+                    response.status(),
+                    response.headers(),
+                    code.as_deref(),
+                );
+                Ok((response, permit))
+            }
             Ok(Err(e)) => Err(self.classify(e)),
         }
     }
@@ -444,7 +465,7 @@ impl Forwarder {
     /// pointed at the gateway (in compressed bodies too), body streamed.
     fn response(
         &self,
-        response: Response<Incoming>,
+        response: Response<GatewayBody>,
         method: &Method,
         to_gateway: &LinkRewrite,
         ctx: ForwardContext<'_>,
@@ -465,7 +486,6 @@ impl Forwarder {
         let has_body = *method != Method::HEAD
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
-        let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
         let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
