@@ -88,6 +88,37 @@ fn default_retry_max_wait() -> String {
     "10s".into()
 }
 
+/// Dataverse's service-protection budget as the gateway keeps it: how many requests may be
+/// in flight to one environment at once, and what waits when they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBudget {
+    /// Most requests in flight to Dataverse per bucket (Dataverse allows 52 per user);
+    /// `x-ms-dop-hint` may lower it, never raise it.
+    pub max_concurrency: usize,
+    /// Most requests waiting for a slot per environment; more are answered 503 at once.
+    pub max_queue: usize,
+    /// Longest a request waits for a slot before it is answered 503 with `Retry-After`.
+    pub queue_timeout: String,
+    /// Longest a Dataverse 429's `Retry-After` closes a bucket (larger values are clamped).
+    pub max_retry_after: String,
+    /// Whose budget a request spends: `application` (the application user, default) or
+    /// `impersonated_user` (one bucket per impersonated Dynamics user).
+    pub bucket: String,
+}
+
+impl Default for RawBudget {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 52,
+            max_queue: 1024,
+            queue_timeout: "10s".into(),
+            max_retry_after: "5m".into(),
+            bucket: "application".into(),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawServer {
@@ -381,6 +412,9 @@ pub struct RawDynamics {
     /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
     #[serde(default)]
     pub retry_throttled: Option<RawRetryThrottled>,
+    /// The service-protection budget of each environment (`environments[].budget` overrides it).
+    #[serde(default)]
+    pub budget: RawBudget,
     /// Least time between two S2S token replacements caused by Dataverse answering 401
     /// (per token); 401s within it are passed on instead of requesting another token.
     #[serde(default = "default_token_replace_interval")]
@@ -452,6 +486,9 @@ pub struct RawEnvironment {
     /// environment whose one app relies on affinity.
     #[serde(default)]
     pub forward_cookies: bool,
+    /// This environment's budget, instead of `dynamics.budget`.
+    #[serde(default)]
+    pub budget: Option<RawBudget>,
 }
 
 /// How a request chooses its environment.
@@ -660,6 +697,65 @@ pub struct EnvironmentConfig {
     pub url_aliases: Vec<String>,
     /// The caller's `Cookie` and Dataverse's `Set-Cookie` pass (off: both are removed).
     pub forward_cookies: bool,
+    /// The service-protection budget the gateway keeps for this environment.
+    pub budget: BudgetConfig,
+}
+
+/// Whose service-protection budget a request spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetBucket {
+    /// One bucket per environment: every request counts against the application user.
+    Application,
+    /// One bucket per impersonated Dynamics user (app-only requests share the application's).
+    ImpersonatedUser,
+}
+
+/// The validated `dynamics.budget`.
+#[derive(Debug, Clone)]
+pub struct BudgetConfig {
+    pub max_concurrency: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    pub max_retry_after: Duration,
+    pub bucket: BudgetBucket,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: 52,
+            max_queue: 1024,
+            queue_timeout: Duration::from_secs(10),
+            max_retry_after: Duration::from_secs(300),
+            bucket: BudgetBucket::Application,
+        }
+    }
+}
+
+fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
+    if raw.max_concurrency == 0 {
+        return Err(invalid(
+            format!("{key}.max_concurrency"),
+            "must be at least 1 (Dataverse allows 52 concurrent requests per user)",
+        ));
+    }
+    let bucket = match raw.bucket.as_str() {
+        "application" => BudgetBucket::Application,
+        "impersonated_user" => BudgetBucket::ImpersonatedUser,
+        other => {
+            return Err(invalid(
+                format!("{key}.bucket"),
+                format!("\"{other}\" is not a bucket; use application or impersonated_user"),
+            ))
+        }
+    };
+    Ok(BudgetConfig {
+        max_concurrency: raw.max_concurrency,
+        max_queue: raw.max_queue,
+        queue_timeout: parse_duration(&format!("{key}.queue_timeout"), &raw.queue_timeout)?,
+        max_retry_after: parse_duration(&format!("{key}.max_retry_after"), &raw.max_retry_after)?,
+        bucket,
+    })
 }
 
 impl EnvironmentConfig {
@@ -1404,6 +1500,7 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
                 allow_guest_tenants: d.allow_guest_tenants,
                 url_aliases: d.url_aliases,
                 forward_cookies: d.forward_cookies,
+                budget: None,
             };
             (vec![env], false)
         }
@@ -1478,7 +1575,12 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
             Some(list) if list.iter().any(|t| t == "*") => None,
             Some(list) => Some(list),
         };
+        let budget = match e.budget {
+            Some(raw) => budget(&format!("{key}.budget"), raw)?,
+            None => budget("dynamics.budget", d.budget.clone())?,
+        };
         environments.push(EnvironmentConfig {
+            budget,
             name: e.name,
             scope: e.scope.unwrap_or_else(|| format!("{origin}/.default")),
             url,

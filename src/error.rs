@@ -16,6 +16,7 @@ use crate::inbound::AuthError;
 use crate::method::{self, MethodNotAllowed};
 use crate::routing::RouteError;
 use crate::upstream::batch_parts::BatchRefusal;
+use crate::upstream::budget::{self, BudgetError, ThrottleCode};
 use crate::upstream::headers::X_REQUEST_ID;
 use crate::upstream::path::PathError;
 use crate::upstream::UpstreamError;
@@ -127,6 +128,15 @@ impl GatewayError {
                 (StatusCode::FORBIDDEN, "ControlHeaderNotAllowed")
             }
             Self::Upstream(U::Batch(_)) => (StatusCode::BAD_REQUEST, "BatchPartRefused"),
+            Self::Upstream(U::Budget(BudgetError::Throttled { .. })) => {
+                (StatusCode::TOO_MANY_REQUESTS, "Throttled")
+            }
+            Self::Upstream(U::Budget(BudgetError::QueueTimeout { .. })) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "BudgetQueueTimeout")
+            }
+            Self::Upstream(U::Budget(BudgetError::QueueFull(_))) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "BudgetQueueFull")
+            }
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         }
@@ -165,9 +175,19 @@ impl GatewayError {
     pub fn into_response(&self, request_id: &HeaderValue) -> Response<GatewayBody> {
         let (status, code) = self.status_and_code();
         let id = request_id.to_str().unwrap_or("-");
+        // A closed budget answers with the code Dataverse throttled with, so clients that
+        // retry on Dataverse's codes treat the gateway's 429 exactly like Dataverse's.
+        let code = match self {
+            Self::Upstream(UpstreamError::Budget(BudgetError::Throttled { code, .. }))
+                if *code != ThrottleCode::Other =>
+            {
+                code.as_str().to_string()
+            }
+            _ => format!("DynamicsGateway.{code}"),
+        };
         let json = serde_json::json!({
             "error": {
-                "code": format!("DynamicsGateway.{code}"),
+                "code": code,
                 "message": format!("{} (request id {id})", self.caller_message()),
             }
         });
@@ -195,6 +215,12 @@ impl GatewayError {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(WWW_AUTHENTICATE, v);
                 }
+            }
+            Self::Upstream(UpstreamError::Budget(BudgetError::Throttled {
+                retry_after, ..
+            })) => {
+                let secs = budget::retry_after_secs(*retry_after).max(1);
+                headers.insert(RETRY_AFTER, HeaderValue::from(secs));
             }
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("5"));

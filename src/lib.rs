@@ -56,6 +56,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::routing::{Environment, Router};
 use crate::server::ConnectionLimits;
+use crate::upstream::budget::Gate;
 use crate::upstream::{DataverseClient, Forwarder, TokenPolicy, TokenSource};
 
 /// Longest any one request to the identity provider or token endpoint may take.
@@ -163,6 +164,7 @@ impl Gateway {
                     &config.server,
                     &config.dynamics,
                     env,
+                    Gate::new(&env.budget, &env.name, &metrics),
                     metrics.clone(),
                 );
                 environments.push(Arc::new(Environment {

@@ -2,8 +2,8 @@
 //! low-cardinality by construction: no caller id, path or token ever becomes a label.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 const PREFIX: &str = "dynamics_gateway";
@@ -25,6 +25,27 @@ pub struct Metrics {
     /// Open connections, by listener (`app`, `admin`).
     pub open_connections: IntGaugeVec,
     pub build_info: IntGaugeVec,
+    /// The service-protection budget (src/upstream/budget.rs); `bucket` is `application`
+    /// or `users` (all per-user buckets summed, never a user id).
+    pub budget_in_flight: IntGaugeVec,
+    pub budget_limit: IntGaugeVec,
+    pub budget_queue_depth: IntGaugeVec,
+    pub budget_wait_seconds: HistogramVec,
+    pub budget_refused_total: IntCounterVec,
+    pub upstream_throttled_total: IntCounterVec,
+    pub dataverse_burst_remaining_requests: IntGaugeVec,
+    pub dataverse_time_remaining_ms: GaugeVec,
+}
+
+fn gauge(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, prometheus::Error> {
+    let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 fn counter(
@@ -133,6 +154,60 @@ impl Metrics {
                 "Requests refused by the access rules, by the rule that decided",
                 &["rule"],
             )?,
+            budget_in_flight: gauge(
+                &registry,
+                "budget_in_flight",
+                "Requests in flight to Dataverse, by environment and bucket (application or users)",
+                &["environment", "bucket"],
+            )?,
+            budget_limit: gauge(
+                &registry,
+                "budget_limit",
+                "Concurrent requests allowed now, by environment and bucket (users: the ceiling each user bucket gets)",
+                &["environment", "bucket"],
+            )?,
+            budget_queue_depth: gauge(
+                &registry,
+                "budget_queue_depth",
+                "Requests waiting for a slot to Dataverse, by environment",
+                &["environment"],
+            )?,
+            budget_wait_seconds: histogram(
+                &registry,
+                "budget_wait_seconds",
+                "Time requests waited in the queue for a slot to Dataverse",
+                &["environment"],
+            )?,
+            budget_refused_total: counter(
+                &registry,
+                "budget_refused_total",
+                "Requests answered by the gateway without being sent, by reason (throttled, queue_timeout, queue_full)",
+                &["environment", "reason"],
+            )?,
+            upstream_throttled_total: counter(
+                &registry,
+                "upstream_throttled_total",
+                "429s from Dataverse, by its error code (0x80072322, 0x80072321, 0x80072326 or other)",
+                &["environment", "code"],
+            )?,
+            dataverse_burst_remaining_requests: gauge(
+                &registry,
+                "dataverse_burst_remaining_requests",
+                "Last x-ms-ratelimit-burst-remaining-xrm-requests Dataverse sent",
+                &["environment"],
+            )?,
+            dataverse_time_remaining_ms: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "dataverse_time_remaining_ms",
+                        "Last x-ms-ratelimit-time-remaining-xrm-requests Dataverse sent (milliseconds)",
+                    )
+                    .namespace(PREFIX),
+                    &["environment"],
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
             in_flight_requests,
             open_connections,
             build_info,

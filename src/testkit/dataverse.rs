@@ -109,6 +109,20 @@ pub struct Dataverse {
     users: Vec<DirectoryUser>,
     group_team_members: Vec<DirectoryUser>,
     record: bool,
+    throttling: Throttling,
+}
+
+/// Dataverse's service protection, as far as the stand-in plays it; all off by default.
+#[derive(Clone, Debug, Default)]
+pub struct Throttling {
+    /// More requests than this at once are answered 429 `0x80072326`.
+    pub max_concurrent: Option<usize>,
+    /// More than `.0` requests within `.1` are answered 429 `0x80072322`.
+    pub max_requests: Option<(usize, Duration)>,
+    /// `Retry-After` of the concurrency 429.
+    pub concurrency_retry_after: Duration,
+    /// Sent as `x-ms-dop-hint` on every answer.
+    pub dop_hint: Option<u32>,
 }
 
 impl Default for Dataverse {
@@ -118,6 +132,7 @@ impl Default for Dataverse {
             users: Vec::new(),
             group_team_members: Vec::new(),
             record: true,
+            throttling: Throttling::default(),
         }
     }
 }
@@ -156,6 +171,12 @@ impl Dataverse {
         self
     }
 
+    /// Throttles like Dataverse's service protection (see [`Throttling`]).
+    pub fn throttling(mut self, throttling: Throttling) -> Self {
+        self.throttling = throttling;
+        self
+    }
+
     /// Starts on `127.0.0.1:0`.
     pub async fn start(self) -> std::io::Result<DataverseHandle> {
         let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
@@ -187,11 +208,16 @@ impl Dataverse {
             delay: Mutex::new(Duration::ZERO),
             store: Mutex::new(Store::seeded()),
             skiptokens: Mutex::new(HashMap::new()),
+            throttling: self.throttling,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: AtomicUsize::new(0),
+            window: Mutex::new(VecDeque::new()),
+            throttled: AtomicUsize::new(0),
         });
         let handler_state = state.clone();
         let server = server::spawn(listener, move |req| {
             let state = handler_state.clone();
-            async move { state.handle(req).await }
+            async move { state.handle_protected(req).await }
         });
         tracing::debug!(url = %state.url, "testkit Dataverse started");
         Ok(DataverseHandle {
@@ -317,6 +343,16 @@ impl DataverseHandle {
         })
     }
 
+    /// The most requests it was handling at once (429s it answered included).
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Requests it answered 429 by its own [`Throttling`] (not canned ones); unrecorded.
+    pub fn throttled_count(&self) -> usize {
+        self.state.throttled.load(Ordering::SeqCst)
+    }
+
     /// Stops serving now (clones included); open connections are closed.
     pub fn stop(&self) {
         self.server.stop();
@@ -355,6 +391,21 @@ struct DvState {
     store: Mutex<Store>,
     /// Issued `$skiptoken` values, exactly as they appear in nextLinks → row offset.
     skiptokens: Mutex<HashMap<String, usize>>,
+    throttling: Throttling,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: AtomicUsize,
+    /// Arrival times of the requests within `max_requests`' window.
+    window: Mutex<VecDeque<tokio::time::Instant>>,
+    throttled: AtomicUsize,
+}
+
+/// Counts a request in flight until its handler returns or is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -928,6 +979,68 @@ impl DvState {
                     headers.append(http::header::SET_COOKIE, v);
                 }
             }
+        }
+        resp
+    }
+
+    /// Service protection in front of [`Self::handle`]: concurrency and request-count
+    /// limits answered 429 with `Retry-After`, and the dop hint on every answer.
+    async fn handle_protected(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _counted = InFlight(self.in_flight.clone());
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        let t = &self.throttling;
+        let refused = if t.max_concurrent.is_some_and(|max| now > max) {
+            Some(
+                DvResponse::error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "0x80072326",
+                    "Number of concurrent requests exceeded the limit of 52.",
+                )
+                .header(
+                    "Retry-After",
+                    t.concurrency_retry_after.as_secs().max(1).to_string(),
+                ),
+            )
+        } else if let Some((max, window)) = t.max_requests {
+            let at = tokio::time::Instant::now();
+            let mut seen = lock(&self.window);
+            while seen
+                .front()
+                .is_some_and(|first| at.duration_since(*first) >= window)
+            {
+                seen.pop_front();
+            }
+            if seen.len() >= max {
+                let wait = seen.front().map_or(window, |first| {
+                    window.saturating_sub(at.duration_since(*first))
+                });
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                Some(
+                    DvResponse::error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "0x80072322",
+                        "Number of requests exceeded the limit of 6000 over time window of 300 seconds.",
+                    )
+                    .header("Retry-After", secs.max(1).to_string()),
+                )
+            } else {
+                seen.push_back(at);
+                None
+            }
+        } else {
+            None
+        };
+        let mut resp = match refused {
+            Some(r) => {
+                self.throttled.fetch_add(1, Ordering::SeqCst);
+                self.finalize(r.into_http())
+            }
+            None => self.clone().handle(req).await,
+        };
+        if let Some(hint) = self.throttling.dop_hint {
+            resp.headers_mut()
+                .insert("x-ms-dop-hint", HeaderValue::from(hint));
         }
         resp
     }

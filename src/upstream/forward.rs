@@ -18,13 +18,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
+use super::budget::{self, BucketKey, Gate, Permit};
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::Grant;
-use crate::body::{self, BodyTimeout, BoxError, GatewayBody, PrefixedBody, TimedBody};
+use crate::body::{self, BodyTimeout, GatewayBody, PrefixedBody, TimedBody};
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
@@ -65,6 +66,8 @@ pub struct Forwarder {
     trust_forwarded: bool,
     /// Longest 429 `Retry-After` waited out for idempotent requests, when enabled.
     retry_throttled: Option<Duration>,
+    /// This environment's service-protection budget: every send waits on it.
+    budget: Gate,
     metrics: Metrics,
     /// The organisation's other origins (`url_aliases`): links naming them are rewritten too.
     url_aliases: Vec<String>,
@@ -195,6 +198,7 @@ impl Forwarder {
         server: &ServerConfig,
         dynamics: &DynamicsConfig,
         environment: &EnvironmentConfig,
+        budget: Gate,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -208,6 +212,7 @@ impl Forwarder {
             max_batch_part: usize::try_from(server.max_batch_part).unwrap_or(usize::MAX),
             trust_forwarded: server.trust_forwarded_headers,
             retry_throttled: dynamics.retry_throttled,
+            budget,
             metrics,
             url_aliases: environment.url_aliases.clone(),
             forward_cookies: environment.forward_cookies,
@@ -287,7 +292,8 @@ impl Forwarder {
 
         let mut retried = false;
         let mut throttled_for = Duration::ZERO;
-        let response = loop {
+        let bucket = self.budget.bucket_for(ctx.impersonation);
+        let (response, permit) = loop {
             let (body_now, replay) = match body {
                 RequestBody::Held(bytes) => (body::full(bytes.clone()), Some(bytes)),
                 RequestBody::Streaming(stream) => (stream, None),
@@ -302,15 +308,15 @@ impl Forwarder {
             } else {
                 std::mem::take(&mut headers)
             };
-            let response = self
-                .send(upstream, &parts.method, body_over.take(), deadline)
+            let (response, permit) = self
+                .send(upstream, &parts.method, bucket, body_over.take(), deadline)
                 .await?;
             match replay {
                 Some(bytes) if response.status() == StatusCode::UNAUTHORIZED && !retried => {
                     retried = true;
                     // `None`: replaced moments ago by another 401; this one is passed on.
                     let Some(replacement) = self.tokens.replace_rejected(&token).await? else {
-                        break response;
+                        break (response, permit);
                     };
                     tracing::info!(request_id = ?ctx.request_id, "Dynamics rejected the S2S token; retrying once with a replacement");
                     token = replacement;
@@ -325,16 +331,19 @@ impl Forwarder {
                         Some(wait) => {
                             tracing::info!(request_id = ?ctx.request_id, wait = ?wait, "Dynamics throttled the request; waiting out Retry-After");
                             throttled_for += wait;
-                            tokio::time::sleep(wait).await;
+                            // The slot goes back while waiting; the retry queues for one again.
+                            drop(permit);
+                            self.budget.wait_open(bucket, wait).await;
                             body = RequestBody::Held(bytes);
                         }
-                        None => break response,
+                        None => break (response, permit),
                     }
                 }
-                _ => break response,
+                _ => break (response, permit),
             }
         };
-        self.response(response, &parts.method, &links.to_gateway, ctx)
+        let response = self.response(response, &parts.method, &links.to_gateway, ctx)?;
+        Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
     /// How long to wait before retrying a 429, if retries are on and the total wait stays
@@ -345,7 +354,8 @@ impl Forwarder {
         (waited.saturating_add(wait) <= max).then_some(wait)
     }
 
-    /// Sends and waits for the response headers. `body_over` completes when the caller's
+    /// Sends once a budget slot is free and waits for the response headers; the slot is
+    /// held until the caller drops the permit. `body_over` completes when the caller's
     /// body has been read to its end: only from then does `request_timeout` run, so a
     /// long upload is bounded by the body's own clocks, not by Dataverse's time to answer.
     /// Nothing waits past `deadline`.
@@ -353,16 +363,26 @@ impl Forwarder {
         &self,
         request: Request<GatewayBody>,
         method: &Method,
+        bucket: BucketKey,
         body_over: Option<oneshot::Receiver<()>>,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<(Response<GatewayBody>, Permit), UpstreamError> {
+        let permit = self.budget.acquire(bucket).await?;
         let started = Instant::now();
         let result = self.send_within(request, body_over, deadline).await;
         self.metrics
             .upstream_duration_seconds
             .with_label_values(&[method.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        result
+        let response = result?;
+        let (response, code) = budget::read_throttle_code(response).await;
+        self.budget.observe(
+            bucket,
+            response.status(),
+            response.headers(),
+            code.as_deref(),
+        );
+        Ok((response, permit))
     }
 
     async fn send_within(
@@ -507,7 +527,7 @@ impl Forwarder {
     /// pointed at the gateway (in compressed bodies too), body streamed.
     fn response(
         &self,
-        response: Response<Incoming>,
+        response: Response<GatewayBody>,
         method: &Method,
         to_gateway: &LinkRewrite,
         ctx: ForwardContext<'_>,
@@ -531,7 +551,6 @@ impl Forwarder {
         let has_body = *method != Method::HEAD
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
-        let incoming: GatewayBody = body::boxed(incoming.map_err(|e| -> BoxError { Box::new(e) }));
         let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);

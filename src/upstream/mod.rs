@@ -1,9 +1,11 @@
 //! Upstream: everything about the hop to Dataverse. `token` holds the S2S token,
 //! `headers` strips and sets headers, `path` decides which paths may go, `forward`
 //! streams the request and response, `odata_links` and `link_body` rewrite absolute
-//! URLs between Dataverse and the gateway, `encoding` decides and applies compression, `client` is the pooled connection to Dataverse.
+//! URLs between Dataverse and the gateway, `encoding` decides and applies compression, `client` is the pooled connection to Dataverse,
+//! `budget` keeps Dataverse's service-protection budget (the concurrency and 429 gate).
 
 pub mod batch_parts;
+pub mod budget;
 pub mod client;
 pub mod credential;
 pub mod encoding;
@@ -49,6 +51,8 @@ pub enum UpstreamError {
     Batch(#[from] batch_parts::BatchRefusal),
     #[error(transparent)]
     ControlHeader(#[from] crate::access::ControlHeaderRefused),
+    #[error(transparent)]
+    Budget(#[from] budget::BudgetError),
 }
 
 impl UpstreamError {
@@ -68,6 +72,7 @@ impl UpstreamError {
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
             Self::ControlHeader(_) => "control_header_refused",
+            Self::Budget(e) => e.reason(),
         }
     }
 }
