@@ -37,8 +37,14 @@ pub const HARMLESS_CONTROL_HEADERS: [&str; 4] = [
 /// True for a header whose name makes it a Dataverse control header (`mscrm.` and its
 /// `_`/`-` spellings, any case). `HeaderName`s are already lowercase.
 pub fn is_control_header(name: &HeaderName) -> bool {
-    let name = name.as_str().as_bytes();
-    name.len() > 6 && name.starts_with(b"mscrm") && matches!(name[5], b'.' | b'_' | b'-')
+    // `MSCRM-CallerID` and the like are impersonation headers, not control headers: the
+    // identity stage removes them and puts its own in their place.
+    let text = name.as_str();
+    let bytes = text.as_bytes();
+    bytes.len() > 6
+        && bytes.starts_with(b"mscrm")
+        && matches!(bytes[5], b'.' | b'_' | b'-')
+        && !names_impersonation(text)
 }
 
 /// What becomes of one request header under a grant, at top level and in `$batch` parts alike.
