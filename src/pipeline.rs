@@ -73,10 +73,17 @@ impl Drop for Accounting {
         let metrics = &self.pipeline.metrics;
         let method_label = WebApiMethod::label(&self.method);
         metrics.in_flight_requests.dec();
+        // Statuses come from Dataverse too: only registered ones (and 499) become labels.
         let mut code = itoa::Buffer::new();
+        let status_label = match StatusCode::from_u16(status) {
+            Ok(s) if s.canonical_reason().is_some() || status == CLIENT_CLOSED_REQUEST => {
+                code.format(status)
+            }
+            _ => "other",
+        };
         metrics
             .requests_total
-            .with_label_values(&[method_label, code.format(status)])
+            .with_label_values(&[method_label, status_label])
             .inc();
         metrics
             .request_duration_seconds

@@ -1476,3 +1476,32 @@ async fn invented_methods_never_become_metric_series() {
         after.len()
     );
 }
+
+#[tokio::test]
+async fn statuses_dataverse_invents_do_not_become_metric_series() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    for status in [299u16, 477, 599, 799, 999] {
+        env.dataverse.respond_next(1, status, vec![], "{}");
+        let answer = get(&env, ACCOUNTS, &token).await;
+        assert_eq!(answer.status, status, "the status itself passes through");
+    }
+    let text = client()
+        .get(format!("{}/metrics", env.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for status in ["299", "477", "599", "799", "999"] {
+        assert!(
+            !text.contains(&format!("status=\"{status}\"")),
+            "{status} is not a label"
+        );
+    }
+    assert!(
+        text.contains("dynamics_gateway_requests_total{method=\"GET\",status=\"other\"} 5"),
+        "{text}"
+    );
+}

@@ -114,6 +114,8 @@ async fn a_part_with_identity_credentials_cookies_or_overrides_refuses_the_whole
         "X-HTTP-Method: DELETE".to_string(),
         "X-HTTP-Method-Override: DELETE".to_string(),
         "X_Method_Override: DELETE".to_string(),
+        "X-Original-URL: /api/data/v9.2/systemusers".to_string(),
+        "x_rewrite_url: /api/data/v9.2/systemusers".to_string(),
     ];
     for header in &headers {
         let name = header.split(':').next().unwrap();

@@ -328,6 +328,7 @@ fn kind_text(kind: &CallerOnlyHeader) -> &'static str {
         CallerOnlyHeader::Credential => "credentials",
         CallerOnlyHeader::Cookie => "cookies",
         CallerOnlyHeader::MethodOverride => "a method override",
+        CallerOnlyHeader::PathOverride => "a path override",
     }
 }
 

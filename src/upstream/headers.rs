@@ -157,6 +157,8 @@ pub enum CallerOnlyHeader {
     Cookie,
     /// `X-HTTP-Method`, `X-HTTP-Method-Override`, `X-Method-Override`.
     MethodOverride,
+    /// `X-Original-URL`, `X-Rewrite-URL`.
+    PathOverride,
 }
 
 /// The rule a header name inside a `$batch` part falls under, if any: the same names the
@@ -176,6 +178,8 @@ pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
         Some(CallerOnlyHeader::Cookie)
     } else if METHOD_OVERRIDE_HEADERS.contains(&dashed.as_str()) {
         Some(CallerOnlyHeader::MethodOverride)
+    } else if PATH_OVERRIDE_HEADERS.contains(&dashed.as_str()) {
+        Some(CallerOnlyHeader::PathOverride)
     } else {
         None
     }
@@ -333,6 +337,8 @@ mod tests {
             ("X-HTTP-Method", C::MethodOverride),
             ("X_HTTP_Method_Override", C::MethodOverride),
             ("x-method-override", C::MethodOverride),
+            ("X-Original-URL", C::PathOverride),
+            ("x_rewrite_url", C::PathOverride),
         ] {
             assert_eq!(caller_only_header(name), Some(want), "{name}");
         }
