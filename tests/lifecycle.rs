@@ -3,132 +3,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/binary.rs"]
+mod binary;
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use dynamics_gateway::testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
-use support::{client, config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};
-use tokio::process::{Child, Command};
+use binary::{binary_config, free_port, standins, start_binary};
+use support::{client, ALICE_OID, ALICE_SYSTEMUSERID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
-
-struct Binary {
-    child: Child,
-    url: String,
-    admin_url: String,
-    config: PathBuf,
-    log: PathBuf,
-    dir: PathBuf,
-}
-
-impl Binary {
-    fn signal(&self, name: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-s", name, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn standins() -> (IdpHandle, DataverseHandle) {
-    let idp = Idp::builder().start().await.unwrap();
-    let alice = DirectoryUser {
-        systemuserid: ALICE_SYSTEMUSERID.into(),
-        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
-    };
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
-    (idp, dataverse)
-}
-
-/// The gateway config for the binary, on fresh ports.
-fn binary_config(
-    idp: &IdpHandle,
-    dataverse: &DataverseHandle,
-    identity: &str,
-    ports: (u16, u16),
-) -> String {
-    config_yaml(
-        idp,
-        &dataverse.url(),
-        identity,
-        "  shutdown_grace: 10s\n",
-        "",
-    )
-    .replace(
-        "listen: 127.0.0.1:1",
-        &format!("listen: 127.0.0.1:{}", ports.0),
-    )
-    .replace(
-        "admin_listen: 127.0.0.1:2",
-        &format!("admin_listen: 127.0.0.1:{}", ports.1),
-    )
-}
-
-async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
-    let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
-    let log = dir.join("stderr.log");
-    std::fs::write(&config, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let binary = Binary {
-        child,
-        url: format!("http://127.0.0.1:{}", ports.0),
-        admin_url: format!("http://127.0.0.1:{}", ports.1),
-        config,
-        log,
-        dir,
-    };
-    for _ in 0..200 {
-        if let Ok(r) = client()
-            .get(format!("{}/readyz", binary.admin_url))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return binary;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("binary not ready: {}", binary.log());
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_the_in_flight_request_then_exits_zero() {

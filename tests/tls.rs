@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/binary.rs"]
+mod binary;
 #[path = "support/pki.rs"]
 mod pki;
 mod support;
@@ -14,16 +16,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamics_gateway::testkit::{Dataverse, DirectoryUser, Idp};
+use binary::{binary_config_with_server, free_port, standins, start_binary};
+use dynamics_gateway::testkit::Idp;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use pki::{Pair, Pki};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};
+use support::{config_yaml, ALICE_OID, ALICE_SYSTEMUSERID};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 
@@ -396,90 +398,20 @@ dynamics:\n  url: https://org.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n
     assert!(error.contains("server.tls.reload_interval"), "{error}");
 }
 
-/// The gateway binary, for its log.
-struct Binary {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Binary {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_refuses_clients_without_a_trusted_certificate_and_audits_the_subject() {
     let pki = Pki::new("mtls");
     pki.install(&pki.server("gateway"));
-    let idp = Idp::builder().start().await.unwrap();
-    let alice = DirectoryUser {
-        systemuserid: ALICE_SYSTEMUSERID.into(),
-        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
-    };
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = standins().await;
     let ports = (free_port(), free_port());
-    let yaml = config_yaml(
+    let yaml = binary_config_with_server(
         &idp,
-        &dataverse.url(),
+        &dataverse,
         "identity:\n  mode: caller_object_id\n",
         &pki.server_yaml(true, "5s"),
-        "",
-    )
-    .replace(
-        "listen: 127.0.0.1:1",
-        &format!("listen: 127.0.0.1:{}", ports.0),
-    )
-    .replace(
-        "admin_listen: 127.0.0.1:2",
-        &format!("admin_listen: 127.0.0.1:{}", ports.1),
+        ports,
     );
-    std::fs::write(pki.path("config.yaml"), yaml).unwrap();
-    let log = pki.path("stderr.log");
-    let gateway = Binary {
-        child: Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
-            .arg("--config")
-            .arg(pki.path("config.yaml"))
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap(),
-        log,
-    };
-    let mut ready = false;
-    for _ in 0..200 {
-        let admin = support::client()
-            .get(format!("http://127.0.0.1:{}/readyz", ports.1))
-            .send()
-            .await;
-        if admin.is_ok_and(|r| r.status() == 200) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "gateway not ready: {}", gateway.log());
+    let gateway = start_binary(&yaml, ports).await;
     let url = format!("https://127.0.0.1:{}{WHOAMI}", ports.0);
     let token = idp.token_for(ALICE_OID);
 
