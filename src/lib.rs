@@ -187,6 +187,7 @@ impl Gateway {
             audit: Audit::new(config.audit.redact_query),
             public_url: config.server.public_url.clone(),
             trust_forwarded_headers: config.server.trust_forwarded_headers,
+            serves_tls: config.server.tls.is_some(),
         });
         Ok(Self {
             pipeline,

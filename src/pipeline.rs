@@ -34,6 +34,8 @@ pub struct Pipeline {
     /// `server.public_url`, without trailing slash.
     pub public_url: Option<String>,
     pub trust_forwarded_headers: bool,
+    /// The app port serves TLS (`server.tls`): links handed back say `https`.
+    pub serves_tls: bool,
 }
 
 /// Who the request turned out to be, for the audit line.
@@ -218,7 +220,8 @@ impl Pipeline {
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured
-    /// `public_url`, else `http://<Host>` (or the forwarded host and scheme when trusted).
+    /// `public_url`, else `<scheme>://<Host>` with the app port's own scheme (or the
+    /// forwarded host and scheme when trusted).
     fn public_base(&self, request: &Request<Incoming>) -> Result<String, GatewayError> {
         if let Some(url) = &self.public_url {
             return Ok(url.clone());
@@ -246,7 +249,9 @@ impl Pipeline {
         }
         let scheme = match forwarded(X_FORWARDED_PROTO) {
             Some(p) if p.eq_ignore_ascii_case("https") => "https",
-            _ => "http",
+            Some(_) => "http",
+            None if self.serves_tls => "https",
+            None => "http",
         };
         Ok(format!("{scheme}://{authority}"))
     }

@@ -9,12 +9,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/client_script.rs"]
+mod client_script;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use client_script::{install, run_summary};
 use serde_json::Value;
 use support::{env, ALICE_OID};
 use tokio::process::Command;
@@ -26,22 +28,6 @@ const NPM_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn e2e_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e-node")
-}
-
-/// Proxy variables are removed: the client honours lowercase `http_proxy` even for
-/// 127.0.0.1 (it ignores `NO_PROXY`), which would send the caller's token elsewhere.
-fn without_proxies(cmd: &mut Command) -> &mut Command {
-    for var in [
-        "http_proxy",
-        "HTTP_PROXY",
-        "https_proxy",
-        "HTTPS_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
 }
 
 async fn require_node() {
@@ -69,56 +55,21 @@ async fn ensure_node_modules(dir: &Path) {
         return;
     }
     let mut cmd = Command::new("npm");
-    cmd.args(["ci", "--no-audit", "--no-fund"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(NPM_TIMEOUT, cmd.output())
-        .await
-        .expect("npm ci finished in time")
-        .unwrap_or_else(|e| panic!("could not run `npm ci` in {}: {e}", dir.display()));
-    assert!(
-        out.status.success(),
-        "`npm ci` in {} failed ({}):\n{}\n{}",
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cmd.args(["ci", "--no-audit", "--no-fund"]).current_dir(dir);
+    install(cmd, &format!("`npm ci` in {}", dir.display()), NPM_TIMEOUT).await;
 }
 
-/// Runs client.mjs and returns its JSON summary line. Output is shown on failure with the
-/// caller's token masked, in case anything ever echoes it.
+/// Runs client.mjs and returns its JSON summary line.
 async fn run_client(gateway_url: &str, caller_token: &str) -> Value {
     let dir = e2e_dir();
     require_node().await;
     ensure_node_modules(&dir).await;
     let mut cmd = Command::new("node");
-    without_proxies(&mut cmd)
-        .arg("client.mjs")
+    cmd.arg("client.mjs")
         .current_dir(&dir)
         .env("GATEWAY_URL", gateway_url)
-        .env("CALLER_TOKEN", caller_token)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(SCRIPT_TIMEOUT, cmd.output())
-        .await
-        .expect("client.mjs finished in time")
-        .expect("node runs client.mjs");
-    let mask =
-        |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(caller_token, "<caller token>");
-    let (stdout, stderr) = (mask(&out.stdout), mask(&out.stderr));
-    assert!(
-        out.status.success(),
-        "client.mjs failed ({}):\nstderr:\n{stderr}\nstdout:\n{stdout}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| panic!("client.mjs printed no JSON summary:\n{stdout}"));
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("summary is not JSON ({e}): {line}"))
+        .env("CALLER_TOKEN", caller_token);
+    run_summary(cmd, "client.mjs", caller_token, SCRIPT_TIMEOUT).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -165,6 +165,10 @@ async fn https_is_served_over_http1_and_over_http2_by_alpn() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    let context = body["@odata.context"].as_str().unwrap();
+    let expected = https_url(env.gateway.addr, "/api/data/v9.2/$metadata#accounts");
+    assert!(context.starts_with(&expected), "{context}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

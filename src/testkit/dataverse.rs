@@ -22,6 +22,8 @@ use percent_encoding::percent_decode_str;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
+mod file_columns;
+
 use super::idp::S2sRegistry;
 use super::odata_filter::{self, is_guid_text, PropType};
 use super::server::{self, full, lock, BoxError, RespBody, ServerTask};
@@ -267,7 +269,8 @@ impl DataverseHandle {
 
     /// Writes the absolute links of its responses (`@odata.*`, `Location`, `OData-EntityId`,
     /// inside `$batch` too) with `origin` instead of [`DataverseHandle::url`], e.g. the
-    /// [`DataverseHandle::alias_url`] in any case; requests naming either are accepted.
+    /// [`DataverseHandle::alias_url`] in any case; requests naming either, or `origin`'s
+    /// host (a TLS front in front of the stand-in), are accepted.
     pub fn set_link_origin(&self, origin: &str) {
         *lock(&self.state.link_origin) = origin.trim_end_matches('/').to_owned();
     }
@@ -432,6 +435,10 @@ struct EntitySet {
     logical: &'static str,
     /// Primary key attribute (`accountid`).
     key: &'static str,
+    /// Primary name attribute (`name`), as `EntityDefinitions` reports it.
+    primary_name: &'static str,
+    /// The table's `MetadataId`: stable, as in a real organisation.
+    metadata_id: &'static str,
     rows: Vec<Row>,
 }
 
@@ -439,6 +446,7 @@ struct EntitySet {
 struct Store {
     next_version: u64,
     sets: HashMap<String, EntitySet>,
+    files: file_columns::Files,
 }
 
 impl Store {
@@ -447,16 +455,31 @@ impl Store {
             // Real row versions are large numbers; start there so ETags look familiar.
             next_version: 468_000,
             sets: HashMap::new(),
+            files: file_columns::Files::default(),
         };
-        for (set, logical, key) in [
-            ("accounts", "account", "accountid"),
-            ("contacts", "contact", "contactid"),
+        for (set, logical, key, primary_name, metadata_id) in [
+            (
+                "accounts",
+                "account",
+                "accountid",
+                "name",
+                "70816501-edb9-4740-a16c-6a5efbc05d84",
+            ),
+            (
+                "contacts",
+                "contact",
+                "contactid",
+                "fullname",
+                "608861bc-50a4-4c5f-a02c-21fe1943e2cf",
+            ),
         ] {
             store.sets.insert(
                 set.to_owned(),
                 EntitySet {
                     logical,
                     key,
+                    primary_name,
+                    metadata_id,
                     rows: Vec::new(),
                 },
             );
@@ -520,6 +543,7 @@ impl Store {
 /// A write body split into plain attributes and `@odata.bind` values.
 type Payload = (Map<String, Value>, Map<String, Value>);
 
+#[derive(Clone)]
 struct DvRequest {
     method: Method,
     api_version: String,
@@ -1359,8 +1383,110 @@ impl DvState {
                     None => bad_key(seg),
                 }
             }
+            (&Method::GET, "EntityDefinitions", None) => self.entity_definitions(req),
+            (&Method::GET, seg, Some(attributes))
+                if seg.starts_with("EntityDefinitions(")
+                    && attributes.starts_with("Attributes") =>
+            {
+                self.attribute_definitions(req, seg, attributes)
+            }
             _ => self.entities(req, first, rest),
         }
+    }
+
+    /// `EntityDefinitions(<MetadataId or LogicalName='x'>)/Attributes[/<type cast>]`: the
+    /// stand-in's tables declare only their file columns (no option sets), so a cast to
+    /// any other attribute type is an empty list.
+    fn attribute_definitions(&self, req: &DvRequest, entity: &str, attributes: &str) -> DvResponse {
+        let key = entity
+            .trim_start_matches("EntityDefinitions(")
+            .trim_end_matches(')');
+        let logical = key
+            .strip_prefix("LogicalName='")
+            .map(|k| k.trim_end_matches('\''));
+        let pairs = query_pairs(req.raw_query.as_deref());
+        let filter = match parse_filter(&pairs, "AttributeMetadata", &|_| Some(PropType::Any)) {
+            Ok(f) => f,
+            Err(resp) => return resp,
+        };
+        let store = lock(&self.store);
+        let value: Vec<Value> = store
+            .sets
+            .iter()
+            .filter(|(_, set)| logical.map_or(set.metadata_id == key, |l| set.logical == l))
+            .flat_map(|(set_name, _)| {
+                file_columns::FILE_COLUMNS
+                    .iter()
+                    .filter(move |(s, _)| s == set_name)
+            })
+            .filter(|_| attributes == "Attributes" || attributes.ends_with("FileAttributeMetadata"))
+            .filter_map(|(_, column)| {
+                let mut row = Map::new();
+                row.insert(
+                    "@odata.type".into(),
+                    json!("#Microsoft.Dynamics.CRM.FileAttributeMetadata"),
+                );
+                row.insert("LogicalName".into(), json!(column));
+                row.insert("SchemaName".into(), json!(column));
+                row.insert("AttributeType".into(), json!("Virtual"));
+                row.insert(
+                    "MetadataId".into(),
+                    json!("5c4e0f42-1a39-4c3e-9f3a-000000000001"),
+                );
+                filter
+                    .as_ref()
+                    .is_none_or(|f| f.matches(&row))
+                    .then_some(Value::Object(row))
+            })
+            .collect();
+        let base = req.base(&self.link_origin());
+        DvResponse::json(
+            StatusCode::OK,
+            &json!({"@odata.context": format!("{base}/$metadata#EntityDefinitions/Attributes"), "value": value}),
+        )
+    }
+
+    /// `EntityDefinitions` with `$filter` / `$select`, as SDKs query it to map a table's
+    /// logical name to its entity set and primary key.
+    fn entity_definitions(&self, req: &DvRequest) -> DvResponse {
+        let pairs = query_pairs(req.raw_query.as_deref());
+        let filter = match parse_filter(&pairs, "EntityMetadata", &|_| Some(PropType::Any)) {
+            Ok(f) => f,
+            Err(resp) => return resp,
+        };
+        let select = select_list(&pairs);
+        let store = lock(&self.store);
+        let mut names: Vec<&String> = store.sets.keys().collect();
+        names.sort();
+        let value: Vec<Value> = names
+            .into_iter()
+            .filter_map(|set_name| {
+                let set = &store.sets[set_name];
+                let mut row = Map::new();
+                for (k, v) in [
+                    ("LogicalName", set.logical.to_owned()),
+                    ("SchemaName", set.logical.to_owned()),
+                    ("EntitySetName", set_name.clone()),
+                    ("PrimaryIdAttribute", set.key.to_owned()),
+                    ("PrimaryNameAttribute", set.primary_name.to_owned()),
+                    ("MetadataId", set.metadata_id.to_owned()),
+                ] {
+                    row.insert(k.to_owned(), Value::String(v));
+                }
+                if !filter.as_ref().is_none_or(|f| f.matches(&row)) {
+                    return None;
+                }
+                if let Some(select) = &select {
+                    row.retain(|k, _| select.iter().any(|s| s == k) || k == "MetadataId");
+                }
+                Some(Value::Object(row))
+            })
+            .collect();
+        let base = req.base(&self.link_origin());
+        DvResponse::json(
+            StatusCode::OK,
+            &json!({"@odata.context": format!("{base}/$metadata#EntityDefinitions"), "value": value}),
+        )
     }
 
     fn service_document(&self, req: &DvRequest) -> DvResponse {
@@ -1519,9 +1645,19 @@ impl DvState {
                     .with_body(count.to_string())
             }
             (&Method::POST, None, None) => self.create(req, &mut store, &set_name, None),
+            (&Method::POST, None, Some("Microsoft.Dynamics.CRM.CreateMultiple")) => {
+                self.create_multiple(req, &mut store, &set_name)
+            }
             (&Method::GET, Some(id), None) => self.retrieve(req, &store, &set_name, &id),
             (&Method::PATCH, Some(id), None) => self.update(req, &mut store, &set_name, &id),
             (&Method::DELETE, Some(id), None) => self.delete(req, &mut store, &set_name, &id),
+            (_, Some(id), Some(column))
+                if file_columns::is_file_column(&set_name, column.trim_end_matches("/$value")) =>
+            {
+                let value = column.ends_with("/$value");
+                let column = column.trim_end_matches("/$value");
+                self.file_column(req, &mut store, &set_name, &id, column, value)
+            }
             (&Method::POST | &Method::PUT | &Method::DELETE, Some(id), Some(nav))
                 if nav.ends_with("/$ref") =>
             {
@@ -1737,10 +1873,14 @@ impl DvState {
             Some(i) => rest.split_at(i),
             None => (rest, "/"),
         };
-        self.authorities
+        let origin = self.link_origin();
+        let link_authority = origin.split_once("://").map_or("", |(_, a)| a);
+        (self
+            .authorities
             .iter()
             .any(|a| a.eq_ignore_ascii_case(authority))
-            .then_some(path)
+            || link_authority.eq_ignore_ascii_case(authority))
+        .then_some(path)
     }
 
     fn create(
@@ -1775,6 +1915,48 @@ impl DvState {
         }
         store.insert(set_name, id.clone(), fields, binds);
         self.written(req, store, set_name, &id, StatusCode::CREATED)
+    }
+
+    /// The collection-bound `CreateMultiple` action: `{"Targets": [...]}` in, `{"Ids": [...]}`
+    /// out; one bad target creates none (Dataverse runs it as one transaction).
+    fn create_multiple(&self, req: &DvRequest, store: &mut Store, set_name: &str) -> DvResponse {
+        let targets = serde_json::from_slice::<Value>(&req.body)
+            .ok()
+            .and_then(|body| body.get("Targets").and_then(Value::as_array).cloned());
+        let Some(targets) = targets else {
+            return DvResponse::error(
+                StatusCode::BAD_REQUEST,
+                "0x80048d19",
+                "CreateMultiple expects a body with a Targets array.",
+            );
+        };
+        let mut created = Vec::new();
+        for target in targets {
+            let one = DvRequest {
+                body: Bytes::from(target.to_string()),
+                ..req.clone()
+            };
+            let Some(set) = store.sets.get(set_name) else {
+                return DvResponse::not_found_segment(set_name);
+            };
+            let (fields, binds) = match self.payload(&one, set) {
+                Ok(p) => p,
+                Err(resp) => return resp,
+            };
+            created.push((uuid::Uuid::new_v4().to_string(), fields, binds));
+        }
+        let ids: Vec<String> = created.iter().map(|(id, _, _)| id.clone()).collect();
+        for (id, fields, binds) in created {
+            store.insert(set_name, id, fields, binds);
+        }
+        let base = req.base(&self.link_origin());
+        DvResponse::json(
+            StatusCode::OK,
+            &json!({
+                "@odata.context": format!("{base}/$metadata#Microsoft.Dynamics.CRM.CreateMultipleResponse"),
+                "Ids": ids,
+            }),
+        )
     }
 
     /// The answer to a successful create or update: 204 + `OData-EntityId`, or the record
