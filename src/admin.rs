@@ -183,7 +183,7 @@ dynamics:
         let metrics = Metrics::new().unwrap();
         let tokens = Arc::new(TokenSource::new(
             &config.dynamics.environments[0],
-            "contoso".into(),
+            vec!["contoso".into()],
             reqwest::Client::new(),
             TokenPolicy {
                 replace_interval: Duration::from_secs(5),

@@ -8,6 +8,11 @@ use prometheus::{
 
 const PREFIX: &str = "dynamics_gateway";
 
+/// The `environment` label of a request refused before it was routed (bad path, no valid
+/// token, unknown environment, overload): the caller's path never names a label value.
+/// Config refuses an environment of this name.
+pub const NO_ENVIRONMENT: &str = "none";
+
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -103,26 +108,26 @@ impl Metrics {
             requests_total: counter(
                 &registry,
                 "requests_total",
-                "Requests answered, by method and status",
-                &["method", "status"],
+                "Requests answered, by environment (none before routing), method and status",
+                &["environment", "method", "status"],
             )?,
             request_duration_seconds: histogram(
                 &registry,
                 "request_duration_seconds",
-                "Time from request to response headers",
-                &["method"],
+                "Time from request to response headers, by environment (none before routing) and method",
+                &["environment", "method"],
             )?,
             upstream_duration_seconds: histogram(
                 &registry,
                 "upstream_duration_seconds",
-                "Time Dataverse took to answer with headers",
-                &["method"],
+                "Time Dataverse took to answer with headers, by environment and method",
+                &["environment", "method"],
             )?,
             token_requests_total: counter(
                 &registry,
                 "token_requests_total",
-                "S2S token requests, by result",
-                &["result"],
+                "S2S token requests, by environment (a token shared by environments counts in each) and result",
+                &["environment", "result"],
             )?,
             jwks_refresh_total: counter(
                 &registry,
