@@ -120,11 +120,15 @@ impl Admin {
                     )
                 }
             }
-            (&Method::GET, "/metrics") => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(),
-            ),
+            (&Method::GET, "/metrics") => {
+                let ready = self.readiness.missing().is_empty();
+                self.metrics.ready.set(i64::from(ready));
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )
+            }
             (_, "/healthz" | "/readyz" | "/metrics") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",

@@ -6,6 +6,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::supervisor::Refresher;
+
 const PREFIX: &str = "dynamics_gateway";
 
 /// The `environment` label of a request refused before it was routed (bad path, no valid
@@ -27,6 +29,9 @@ pub struct Metrics {
     pub identity_cache_requests_total: IntCounterVec,
     pub access_denied_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
+    /// 1 when `/readyz` would answer 200, else 0; set at each scrape, so alerts need not
+    /// probe `/readyz` themselves.
+    pub ready: IntGauge,
     /// Open connections, by listener (`app`, `admin`).
     pub open_connections: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -91,6 +96,14 @@ impl Metrics {
             Opts::new("in_flight_requests", "Requests being handled now").namespace(PREFIX),
         )?;
         registry.register(Box::new(in_flight_requests.clone()))?;
+        let ready = IntGauge::with_opts(
+            Opts::new(
+                "ready",
+                "1 when /readyz answers 200 (keys and an S2S token in hand, not draining), else 0",
+            )
+            .namespace(PREFIX),
+        )?;
+        registry.register(Box::new(ready.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; labels carry the version").namespace(PREFIX),
             &["version"],
@@ -104,7 +117,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        Ok(Self {
+        let metrics = Self {
             requests_total: counter(
                 &registry,
                 "requests_total",
@@ -214,10 +227,22 @@ impl Metrics {
                 g
             },
             in_flight_requests,
+            ready,
             open_connections,
             build_info,
             registry,
-        })
+        };
+        // Failure counters exist at 0 from the start: a series first seen at 1 gives
+        // `increase()` nothing, so the first failure would escape the alerts.
+        for result in ["success", "failure"] {
+            metrics.jwks_refresh_total.with_label_values(&[result]);
+        }
+        for refresher in [Refresher::Jwks, Refresher::Token] {
+            metrics
+                .refresher_restarts_total
+                .with_label_values(&[refresher.label()]);
+        }
+        Ok(metrics)
     }
 
     /// The Prometheus text exposition of every metric.

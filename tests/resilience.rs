@@ -217,6 +217,11 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         }
         let ready = env.gateway.readyz().await;
         assert_eq!(ready.status(), 503, "{mode:?}");
+        assert_eq!(
+            metric(&env.gateway, "dynamics_gateway_ready").await,
+            0.0,
+            "{mode:?}: the gauge agrees with /readyz"
+        );
         let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
         let (status, _, message) = error_body(response).await;
         assert_eq!(status, 503, "{mode:?}: {message}");
@@ -231,6 +236,7 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         );
         env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
         env.gateway.wait_ready().await;
+        assert_eq!(metric(&env.gateway, "dynamics_gateway_ready").await, 1.0);
     }
 }
 

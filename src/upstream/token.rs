@@ -241,6 +241,14 @@ impl TokenSource {
         policy: TokenPolicy,
         metrics: Metrics,
     ) -> Self {
+        // At 0 from the start, so the first failure is an increase the alerts see.
+        for environment in &environments {
+            for result in ["success", "failure"] {
+                metrics
+                    .token_requests_total
+                    .with_label_values(&[environment, result]);
+            }
+        }
         Self {
             label: environments.join(", "),
             environments,
