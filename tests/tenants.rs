@@ -266,6 +266,52 @@ async fn each_environment_counts_its_requests_upstream_calls_and_tokens_under_it
 }
 
 #[tokio::test]
+async fn a_token_shared_by_two_environments_is_fetched_once_and_counted_under_each() {
+    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let org = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(DirectoryUser::new(ALICE_OID, "alice@a.example"))
+        .start()
+        .await
+        .unwrap();
+    // Two names for one organisation and app registration: one token serves both.
+    let env = |name: &str| {
+        format!(
+            "    - name: {name}\n      url: {}\n      tenant_id: {TENANT_A}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
+            org.url(),
+            idp.client_id(),
+            idp.client_secret(),
+            idp.token_url()
+        )
+    };
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
+inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}]\n  jwks_refetch_interval: 0s\n\
+dynamics:\n  routing: {{ by: path_prefix }}\n  environments:\n{a}{b}",
+        issuer = idp.issuer(),
+        aud = idp.audience(),
+        a = env("sales"),
+        b = env("service"),
+    );
+    let gateway = start_gateway(&yaml).await;
+    gateway.wait_ready().await;
+    let token = idp.token_for(ALICE_OID);
+    for name in ["sales", "service"] {
+        let status = support::get(&gateway, &format!("/{name}{WHOAMI}"), &token)
+            .await
+            .status();
+        assert_eq!(status, 200, "{name}");
+    }
+    assert_eq!(idp.token_requests(), 1, "one token for both");
+    for name in ["sales", "service"] {
+        let series = format!(
+            "dynamics_gateway_token_requests_total{{environment=\"{name}\",result=\"success\"}}"
+        );
+        assert_eq!(metric(&gateway, &series).await, 1.0, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn template_issuer_accepts_only_listed_tenants_and_matching_iss() {
     let t = tenants("tenant", "", false).await;
     // Correctly signed, from a tenant that is not on the list.
