@@ -179,17 +179,17 @@ fn benches(c: &mut Criterion) {
             pipeline
                 .metrics
                 .requests_total
-                .with_label_values(&["GET", "200"])
+                .with_label_values(&["default", "GET", "200"])
                 .inc();
             pipeline
                 .metrics
                 .request_duration_seconds
-                .with_label_values(&["GET"])
+                .with_label_values(&["default", "GET"])
                 .observe(0.001);
             pipeline
                 .metrics
                 .upstream_duration_seconds
-                .with_label_values(&["GET"])
+                .with_label_values(&["default", "GET"])
                 .observe(0.001);
             black_box((who, to_upstream, upstream_uri, sent, answer, body))
         })
@@ -235,12 +235,12 @@ fn benches(c: &mut Criterion) {
             pipeline
                 .metrics
                 .requests_total
-                .with_label_values(&["GET", "200"])
+                .with_label_values(&["default", "GET", "200"])
                 .inc();
             pipeline
                 .metrics
                 .request_duration_seconds
-                .with_label_values(&["GET"])
+                .with_label_values(&["default", "GET"])
                 .observe(0.001);
         })
     });

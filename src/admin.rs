@@ -120,11 +120,15 @@ impl Admin {
                     )
                 }
             }
-            (&Method::GET, "/metrics") => text(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.metrics.render(),
-            ),
+            (&Method::GET, "/metrics") => {
+                let ready = self.readiness.missing().is_empty();
+                self.metrics.ready.set(i64::from(ready));
+                text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.metrics.render(),
+                )
+            }
             (_, "/healthz" | "/readyz" | "/metrics") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
@@ -183,7 +187,7 @@ dynamics:
         let metrics = Metrics::new().unwrap();
         let tokens = Arc::new(TokenSource::new(
             &config.dynamics.environments[0],
-            "contoso".into(),
+            vec!["contoso".into()],
             reqwest::Client::new(),
             TokenPolicy {
                 replace_interval: Duration::from_secs(5),

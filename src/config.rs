@@ -1450,7 +1450,8 @@ fn credential(
     }
 }
 
-/// Environment names appear in URLs and metric labels: keep them plain.
+/// Environment names appear in URLs and metric labels: keep them plain, and clear of the
+/// label value of requests refused before routing.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -1458,6 +1459,7 @@ fn is_plain_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && name != "api"
+        && name != crate::metrics::NO_ENVIRONMENT
 }
 
 fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
@@ -1515,7 +1517,7 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         if !is_plain_name(&e.name) {
             return Err(invalid(
                 format!("{key}.name"),
-                format!("\"{}\" is not a valid name; use lowercase letters, digits, - and _ (not \"api\")", e.name),
+                format!("\"{}\" is not a valid name; use lowercase letters, digits, - and _ (not \"api\" or \"none\")", e.name),
             ));
         }
         if environments.iter().any(|x| x.name == e.name) {
@@ -1944,6 +1946,13 @@ dynamics:
         );
         let dup = envs("  routing: { by: path_prefix }").replace("name: fabrikam", "name: contoso");
         assert!(load(&dup).unwrap_err().to_string().contains("listed twice"));
+        // "none" is the metrics' environment of requests refused before routing.
+        for reserved in ["api", crate::metrics::NO_ENVIRONMENT] {
+            let named = envs("  routing: { by: path_prefix }")
+                .replace("name: fabrikam", &format!("name: {reserved}"));
+            let err = load(&named).unwrap_err().to_string();
+            assert!(err.contains("is not a valid name"), "{reserved}: {err}");
+        }
         let both = envs("  url: https://x.crm.dynamics.com\n  routing: { by: tenant }");
         assert!(load(&both).unwrap_err().to_string().contains("not both"));
     }

@@ -121,14 +121,9 @@ impl Gateway {
             let Some(first) = group.first() else {
                 continue;
             };
-            let label = group
-                .iter()
-                .map(|e| e.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
             let env_tokens = Arc::new(TokenSource::new(
                 first,
-                label,
+                group.iter().map(|e| e.name.clone()).collect(),
                 http.clone(),
                 TokenPolicy {
                     replace_interval: config.dynamics.token_replace_interval,
@@ -429,7 +424,7 @@ async fn reload(
 fn overloaded(metrics: &Metrics, limit: usize) -> http::Response<body::GatewayBody> {
     metrics
         .requests_total
-        .with_label_values(&["-", "503"])
+        .with_label_values(&[crate::metrics::NO_ENVIRONMENT, "-", "503"])
         .inc();
     let id = http::HeaderValue::from_static("-");
     let mut response = error::GatewayError::Overloaded(limit).into_response(&id);

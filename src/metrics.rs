@@ -6,7 +6,14 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::supervisor::Refresher;
+
 const PREFIX: &str = "dynamics_gateway";
+
+/// The `environment` label of a request refused before it was routed (bad path, no valid
+/// token, unknown environment, overload): the caller's path never names a label value.
+/// Config refuses an environment of this name.
+pub const NO_ENVIRONMENT: &str = "none";
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -22,6 +29,9 @@ pub struct Metrics {
     pub identity_cache_requests_total: IntCounterVec,
     pub access_denied_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
+    /// 1 when `/readyz` would answer 200, else 0; set at each scrape, so alerts need not
+    /// probe `/readyz` themselves.
+    pub ready: IntGauge,
     /// Open connections, by listener (`app`, `admin`).
     pub open_connections: IntGaugeVec,
     pub build_info: IntGaugeVec,
@@ -86,6 +96,14 @@ impl Metrics {
             Opts::new("in_flight_requests", "Requests being handled now").namespace(PREFIX),
         )?;
         registry.register(Box::new(in_flight_requests.clone()))?;
+        let ready = IntGauge::with_opts(
+            Opts::new(
+                "ready",
+                "1 when /readyz answers 200 (keys and an S2S token in hand, not draining), else 0",
+            )
+            .namespace(PREFIX),
+        )?;
+        registry.register(Box::new(ready.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; labels carry the version").namespace(PREFIX),
             &["version"],
@@ -99,30 +117,30 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        Ok(Self {
+        let metrics = Self {
             requests_total: counter(
                 &registry,
                 "requests_total",
-                "Requests answered, by method and status",
-                &["method", "status"],
+                "Requests answered, by environment (none before routing), method and status",
+                &["environment", "method", "status"],
             )?,
             request_duration_seconds: histogram(
                 &registry,
                 "request_duration_seconds",
-                "Time from request to response headers",
-                &["method"],
+                "Time from request to response headers, by environment (none before routing) and method",
+                &["environment", "method"],
             )?,
             upstream_duration_seconds: histogram(
                 &registry,
                 "upstream_duration_seconds",
-                "Time Dataverse took to answer with headers",
-                &["method"],
+                "Time Dataverse took to answer with headers, by environment and method",
+                &["environment", "method"],
             )?,
             token_requests_total: counter(
                 &registry,
                 "token_requests_total",
-                "S2S token requests, by result",
-                &["result"],
+                "S2S token requests, by environment (a token shared by environments counts in each) and result",
+                &["environment", "result"],
             )?,
             jwks_refresh_total: counter(
                 &registry,
@@ -209,10 +227,22 @@ impl Metrics {
                 g
             },
             in_flight_requests,
+            ready,
             open_connections,
             build_info,
             registry,
-        })
+        };
+        // Failure counters exist at 0 from the start: a series first seen at 1 gives
+        // `increase()` nothing, so the first failure would escape the alerts.
+        for result in ["success", "failure"] {
+            metrics.jwks_refresh_total.with_label_values(&[result]);
+        }
+        for refresher in [Refresher::Jwks, Refresher::Token] {
+            metrics
+                .refresher_restarts_total
+                .with_label_values(&[refresher.label()]);
+        }
+        Ok(metrics)
     }
 
     /// The Prometheus text exposition of every metric.

@@ -18,8 +18,8 @@ use crate::error::GatewayError;
 use crate::identity::Impersonation;
 use crate::inbound::{Authenticator, Caller};
 use crate::method::WebApiMethod;
-use crate::metrics::Metrics;
-use crate::routing::Router;
+use crate::metrics::{Metrics, NO_ENVIRONMENT};
+use crate::routing::{Environment, Router};
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::upstream::path::{request_target, PathError};
 use crate::upstream::ForwardContext;
@@ -38,9 +38,11 @@ pub struct Pipeline {
     pub serves_tls: bool,
 }
 
-/// Who the request turned out to be, for the audit line.
+/// Who the request turned out to be and where it went, for the audit line and metrics.
 #[derive(Default)]
 struct Outcome {
+    /// The environment the request was routed to; `None` when refused before routing.
+    environment: Option<Arc<Environment>>,
     caller: Option<Caller>,
     caller_key: Option<String>,
     impersonated: Option<Impersonation>,
@@ -73,6 +75,11 @@ impl Drop for Accounting {
         let status = self.status.map_or(CLIENT_CLOSED_REQUEST, |s| s.as_u16());
         let elapsed = self.started.elapsed();
         let metrics = &self.pipeline.metrics;
+        let environment_label = self
+            .outcome
+            .environment
+            .as_ref()
+            .map_or(NO_ENVIRONMENT, |e| e.name());
         let method_label = WebApiMethod::label(&self.method);
         metrics.in_flight_requests.dec();
         // Statuses come from Dataverse too: only registered ones (and 499) become labels.
@@ -85,11 +92,11 @@ impl Drop for Accounting {
         };
         metrics
             .requests_total
-            .with_label_values(&[method_label, status_label])
+            .with_label_values(&[environment_label, method_label, status_label])
             .inc();
         metrics
             .request_duration_seconds
-            .with_label_values(&[method_label])
+            .with_label_values(&[environment_label, method_label])
             .observe(elapsed.as_secs_f64());
         let outcome = &self.outcome;
         self.pipeline.audit.request(
@@ -174,6 +181,7 @@ impl Pipeline {
             .caller
             .insert(self.inbound.authenticate(request.headers()).await?);
         let environment = self.router.route(target.environment, caller)?;
+        outcome.environment = Some(environment.clone());
         outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
         // The path without the environment prefix.
         let (path, query) = target

@@ -1430,31 +1430,36 @@ async fn invented_methods_never_become_metric_series() {
         format!("BREW0 {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
+    // A request with a valid token whose path names an environment of the caller's choosing.
+    let token = env.idp.token_for(ALICE_OID);
+    let invented_environment = |i: usize| {
+        format!(
+            "GET /tenant{i}{ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let _ = raw_request(env.gateway.addr, invented_environment(0).as_bytes()).await;
     let before = scrape().await;
     let long = "M".repeat(4000);
     let tasks: Vec<_> = (0..300)
         .map(|i| {
             let addr = env.gateway.addr;
-            let method = if i % 10 == 0 {
-                format!("{long}{i}")
+            let request = if i % 3 == 0 {
+                invented_environment(i)
             } else {
-                format!("BREW{i}")
+                let method = if i % 10 == 1 {
+                    format!("{long}{i}")
+                } else {
+                    format!("BREW{i}")
+                };
+                format!("{method} {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
             };
-            tokio::spawn(async move {
-                raw_request(
-                    addr,
-                    format!(
-                        "{method} {ACCOUNTS} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-                    )
-                    .as_bytes(),
-                )
-                .await
-            })
+            tokio::spawn(async move { (i, raw_request(addr, request.as_bytes()).await) })
         })
         .collect();
     for task in tasks {
-        let raw = task.await.unwrap();
-        assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
+        let (i, raw) = task.await.unwrap();
+        let expected = if i % 3 == 0 { "404" } else { "405" };
+        assert!(raw.starts_with(&format!("HTTP/1.1 {expected}")), "{raw}");
     }
     let after = scrape().await;
     for name in [
@@ -1469,6 +1474,24 @@ async fn invented_methods_never_become_metric_series() {
     }
     assert!(after.contains("method=\"other\""), "{after}");
     assert!(!after.contains("BREW"), "no method text becomes a label");
+    assert!(!after.contains("tenant1"), "no path text becomes a label");
+    // Every environment label is the configured one, or `none` for requests refused before routing.
+    let environments: std::collections::BTreeSet<&str> = after
+        .split("environment=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(
+        environments,
+        ["default", "none"].into_iter().collect(),
+        "{after}"
+    );
+    assert!(
+        after.contains(
+            "dynamics_gateway_requests_total{environment=\"none\",method=\"GET\",status=\"404\"} 101"
+        ),
+        "{after}"
+    );
     assert!(
         after.len() < before.len() + 1024,
         "the scrape did not grow: {} -> {} bytes",
@@ -1501,7 +1524,9 @@ async fn statuses_dataverse_invents_do_not_become_metric_series() {
         );
     }
     assert!(
-        text.contains("dynamics_gateway_requests_total{method=\"GET\",status=\"other\"} 5"),
+        text.contains(
+            "dynamics_gateway_requests_total{environment=\"default\",method=\"GET\",status=\"other\"} 5"
+        ),
         "{text}"
     );
 }

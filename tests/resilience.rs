@@ -217,6 +217,11 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         }
         let ready = env.gateway.readyz().await;
         assert_eq!(ready.status(), 503, "{mode:?}");
+        assert_eq!(
+            metric(&env.gateway, "dynamics_gateway_ready").await,
+            0.0,
+            "{mode:?}: the gauge agrees with /readyz"
+        );
         let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
         let (status, _, message) = error_body(response).await;
         assert_eq!(status, 503, "{mode:?}: {message}");
@@ -224,13 +229,14 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         assert!(
             metric(
                 &env.gateway,
-                "dynamics_gateway_token_requests_total{result=\"failure\"}"
+                "dynamics_gateway_token_requests_total{environment=\"default\",result=\"failure\"}"
             )
             .await
                 >= 2.0
         );
         env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
         env.gateway.wait_ready().await;
+        assert_eq!(metric(&env.gateway, "dynamics_gateway_ready").await, 1.0);
     }
 }
 
@@ -363,7 +369,7 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     for _ in 0..300 {
         if metric(
             &env.gateway,
-            "dynamics_gateway_token_requests_total{result=\"success\"}",
+            "dynamics_gateway_token_requests_total{environment=\"default\",result=\"success\"}",
         )
         .await
             >= 1.0
@@ -375,7 +381,7 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     assert!(
         metric(
             &env.gateway,
-            "dynamics_gateway_token_requests_total{result=\"failure\"}"
+            "dynamics_gateway_token_requests_total{environment=\"default\",result=\"failure\"}"
         )
         .await
             >= 1.0
@@ -415,7 +421,7 @@ async fn a_caller_hanging_up_before_the_answer_is_still_counted_and_releases_its
     for _ in 0..100 {
         counted = metric(
             &env.gateway,
-            "dynamics_gateway_requests_total{method=\"GET\",status=\"499\"}",
+            "dynamics_gateway_requests_total{environment=\"default\",method=\"GET\",status=\"499\"}",
         )
         .await;
         if counted > 0.0 {

@@ -10,7 +10,7 @@ use dynamics_gateway::testkit::{
     Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode,
 };
 use serde_json::json;
-use support::{client, error_body, start_gateway, GatewayHandle, ALICE_OID};
+use support::{client, error_body, metric, start_gateway, GatewayHandle, ALICE_OID};
 
 const TENANT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
 const TENANT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";
@@ -185,6 +185,133 @@ async fn a_caller_of_tenant_a_never_reaches_b_by_path_or_header() {
 }
 
 #[tokio::test]
+async fn each_environment_counts_its_requests_upstream_calls_and_tokens_under_its_name() {
+    let t = tenants("path_prefix", "", false).await;
+    let alice = t.token(ALICE_OID, TENANT_A);
+    let bob = t.token(BOB_IN_B, TENANT_B);
+    for _ in 0..2 {
+        assert_eq!(
+            t.get(&format!("/contoso{WHOAMI}"), &alice).await.status(),
+            200
+        );
+    }
+    assert_eq!(
+        t.get(&format!("/fabrikam{WHOAMI}"), &bob).await.status(),
+        200
+    );
+    // Refused at routing: an invented environment, and one that does not serve the caller.
+    for name in ["nowhere", "contoso-2", "fabrikam"] {
+        let status = t.get(&format!("/{name}{WHOAMI}"), &alice).await.status();
+        assert!(status == 404 || status == 403, "{name}: {status}");
+    }
+    let series = |name: &str, labels: &str| format!("dynamics_gateway_{name}{{{labels}}}");
+    for (environment, answered) in [("contoso", 2.0), ("fabrikam", 1.0)] {
+        let labels = format!("environment=\"{environment}\",method=\"GET\"");
+        assert_eq!(
+            metric(
+                &t.gateway,
+                &series("requests_total", &format!("{labels},status=\"200\""))
+            )
+            .await,
+            answered,
+            "{environment}"
+        );
+        assert_eq!(
+            metric(
+                &t.gateway,
+                &series("request_duration_seconds_count", &labels)
+            )
+            .await,
+            answered,
+            "{environment}"
+        );
+        assert_eq!(
+            metric(
+                &t.gateway,
+                &series("upstream_duration_seconds_count", &labels)
+            )
+            .await,
+            answered,
+            "{environment}: each request reached its own organisation once"
+        );
+        let token = format!("environment=\"{environment}\",result=\"success\"");
+        assert!(
+            metric(&t.gateway, &series("token_requests_total", &token)).await >= 1.0,
+            "{environment} fetched its own token"
+        );
+    }
+    let refused = |status: &str| {
+        series(
+            "requests_total",
+            &format!("environment=\"none\",method=\"GET\",status=\"{status}\""),
+        )
+    };
+    assert_eq!(
+        metric(&t.gateway, &refused("404")).await + metric(&t.gateway, &refused("403")).await,
+        3.0,
+        "requests refused at routing are counted under none"
+    );
+    let text = client()
+        .get(format!("{}/metrics", t.gateway.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !text.contains("nowhere") && !text.contains("contoso-2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_shared_by_two_environments_is_fetched_once_and_counted_under_each() {
+    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let org = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(DirectoryUser::new(ALICE_OID, "alice@a.example"))
+        .start()
+        .await
+        .unwrap();
+    // Two names for one organisation and app registration: one token serves both.
+    let env = |name: &str| {
+        format!(
+            "    - name: {name}\n      url: {}\n      tenant_id: {TENANT_A}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
+            org.url(),
+            idp.client_id(),
+            idp.client_secret(),
+            idp.token_url()
+        )
+    };
+    let yaml = format!(
+        "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
+inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}]\n  jwks_refetch_interval: 0s\n\
+dynamics:\n  routing: {{ by: path_prefix }}\n  environments:\n{a}{b}",
+        issuer = idp.issuer(),
+        aud = idp.audience(),
+        a = env("sales"),
+        b = env("service"),
+    );
+    let gateway = start_gateway(&yaml).await;
+    gateway.wait_ready().await;
+    let token = idp.token_for(ALICE_OID);
+    for name in ["sales", "service"] {
+        let status = support::get(&gateway, &format!("/{name}{WHOAMI}"), &token)
+            .await
+            .status();
+        assert_eq!(status, 200, "{name}");
+    }
+    assert_eq!(idp.token_requests(), 1, "one token for both");
+    for name in ["sales", "service"] {
+        let series = format!(
+            "dynamics_gateway_token_requests_total{{environment=\"{name}\",result=\"success\"}}"
+        );
+        assert_eq!(metric(&gateway, &series).await, 1.0, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn template_issuer_accepts_only_listed_tenants_and_matching_iss() {
     let t = tenants("tenant", "", false).await;
     // Correctly signed, from a tenant that is not on the list.
@@ -260,6 +387,15 @@ async fn one_tenants_token_endpoint_down_leaves_the_other_serving() {
     // The cause is for the log, not the caller (issue 9, point 12).
     assert!(!message.contains("AADSTS"), "{message}");
     assert_eq!(t.org_b.request_count(), 0);
+    // Each environment's token series tells which one is failing.
+    let tokens = |environment: &str, result: &str| {
+        format!(
+            "dynamics_gateway_token_requests_total{{environment=\"{environment}\",result=\"{result}\"}}"
+        )
+    };
+    assert!(metric(&t.gateway, &tokens("fabrikam", "failure")).await >= 1.0);
+    assert_eq!(metric(&t.gateway, &tokens("contoso", "failure")).await, 0.0);
+    assert!(metric(&t.gateway, &tokens("contoso", "success")).await >= 1.0);
 
     t.idp_b.set_token_endpoint_mode(TokenEndpointMode::Ok);
     let mut status = 0;

@@ -69,6 +69,8 @@ pub struct Forwarder {
     /// This environment's service-protection budget: every send waits on it.
     budget: Gate,
     metrics: Metrics,
+    /// This environment's name (from config): the `environment` label of its metrics.
+    environment: String,
     /// The organisation's other origins (`url_aliases`): links naming them are rewritten too.
     url_aliases: Vec<String>,
     /// `forward_cookies`: the caller's `Cookie` and Dataverse's `Set-Cookie` pass.
@@ -214,6 +216,7 @@ impl Forwarder {
             retry_throttled: dynamics.retry_throttled,
             budget,
             metrics,
+            environment: environment.name.clone(),
             url_aliases: environment.url_aliases.clone(),
             forward_cookies: environment.forward_cookies,
             links: ArcSwapOption::empty(),
@@ -372,7 +375,7 @@ impl Forwarder {
         let result = self.send_within(request, body_over, deadline).await;
         self.metrics
             .upstream_duration_seconds
-            .with_label_values(&[method.as_str()])
+            .with_label_values(&[&self.environment, method.as_str()])
             .observe(started.elapsed().as_secs_f64());
         let response = result?;
         let (response, code) = budget::read_throttle_code(response).await;

@@ -212,8 +212,11 @@ fn bounded_text(text: &str) -> String {
 
 /// Holds and refreshes the S2S token.
 pub struct TokenSource {
-    /// Environment names served by this token (one token per tenant, client and resource).
+    /// Environment names served by this token (one token per tenant, client and resource),
+    /// joined for logs and readiness.
     label: String,
+    /// The same names, each a value of the token metric's `environment` label.
+    environments: Vec<String>,
     config: EnvironmentConfig,
     http: reqwest::Client,
     current: ArcSwapOption<S2sToken>,
@@ -229,16 +232,26 @@ pub struct TokenSource {
 }
 
 impl TokenSource {
-    /// `label` names the environments this token serves, for logs and readiness.
+    /// `environments` names the environments this token serves (from config), for logs,
+    /// readiness and metrics.
     pub fn new(
         config: &EnvironmentConfig,
-        label: String,
+        environments: Vec<String>,
         http: reqwest::Client,
         policy: TokenPolicy,
         metrics: Metrics,
     ) -> Self {
+        // At 0 from the start, so the first failure is an increase the alerts see.
+        for environment in &environments {
+            for result in ["success", "failure"] {
+                metrics
+                    .token_requests_total
+                    .with_label_values(&[environment, result]);
+            }
+        }
         Self {
-            label,
+            label: environments.join(", "),
+            environments,
             config: config.clone(),
             http,
             current: ArcSwapOption::empty(),
@@ -332,10 +345,14 @@ impl TokenSource {
         let _first_attempt_done = FirstAttemptDone(&self.first_attempt_done);
         let result = self.fetch().await;
         let label = if result.is_ok() { "success" } else { "failure" };
-        self.metrics
-            .token_requests_total
-            .with_label_values(&[label])
-            .inc();
+        // Counted for every environment it serves, so each environment's series (and its
+        // alert) tells whether that environment has a token.
+        for environment in &self.environments {
+            self.metrics
+                .token_requests_total
+                .with_label_values(&[environment, label])
+                .inc();
+        }
         match result {
             Ok(token) => {
                 let token = Arc::new(token);
