@@ -23,6 +23,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod supervisor;
+pub mod telemetry;
 pub mod testkit;
 pub mod tls;
 pub mod upstream;

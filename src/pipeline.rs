@@ -10,6 +10,7 @@ use http::header::HOST;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::access::{AccessPolicy, AccessRequest, ImpersonationPolicy};
 use crate::audit::{Audit, AuditRecord};
@@ -20,6 +21,7 @@ use crate::inbound::{Authenticator, Caller};
 use crate::method::WebApiMethod;
 use crate::metrics::{Metrics, NO_ENVIRONMENT};
 use crate::routing::{Environment, Router};
+use crate::telemetry::{self, SPAN_TARGET};
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::upstream::path::{request_target, PathError};
 use crate::upstream::ForwardContext;
@@ -64,6 +66,7 @@ struct Accounting {
     uri: Uri,
     /// Subject of the connection's client certificate (mutual TLS).
     client_certificate: Option<Arc<str>>,
+    trace_id: Option<String>,
     outcome: Outcome,
     /// The answer's status; `None` until it is known.
     status: Option<StatusCode>,
@@ -112,6 +115,7 @@ impl Drop for Accounting {
                 caller: outcome.caller_key.as_deref(),
                 impersonated: outcome.impersonated,
                 client_certificate: self.client_certificate.as_deref(),
+                trace_id: self.trace_id.as_deref(),
             },
             self.refusal.as_ref(),
         );
@@ -126,6 +130,13 @@ impl Pipeline {
         peer: SocketAddr,
     ) -> Response<GatewayBody> {
         self.metrics.in_flight_requests.inc();
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "request",
+            http.request.method = WebApiMethod::label(request.method()),
+            http.response.status_code = tracing::field::Empty,
+        );
+        telemetry::continue_callers_trace(&span, request.headers());
         let mut accounting = Accounting {
             pipeline: self.clone(),
             started: Instant::now(),
@@ -139,6 +150,7 @@ impl Pipeline {
                 .extensions()
                 .get::<crate::tls::ClientCertificate>()
                 .map(|c| c.0.clone()),
+            trace_id: telemetry::trace_id(&span, request.headers()),
             outcome: Outcome::default(),
             status: None,
             refusal: None,
@@ -147,6 +159,7 @@ impl Pipeline {
         let request_id = accounting.request_id.clone();
         let response = match self
             .process(request, &uri, peer, &request_id, &mut accounting.outcome)
+            .instrument(span.clone())
             .await
         {
             Ok(response) => response,
@@ -163,6 +176,7 @@ impl Pipeline {
             }
         };
         accounting.status = Some(response.status());
+        span.record("http.response.status_code", response.status().as_u16());
         response
     }
 
@@ -177,9 +191,13 @@ impl Pipeline {
         // Cheap checks first: a method or path that is never forwarded costs no key lookup.
         WebApiMethod::from_http(request.method())?;
         let target = request_target(uri, self.router.uses_path_prefix())?;
-        let caller: &Caller = outcome
-            .caller
-            .insert(self.inbound.authenticate(request.headers()).await?);
+        let caller: &Caller = outcome.caller.insert(
+            self.inbound
+                .authenticate(request.headers())
+                .instrument(tracing::info_span!(target: SPAN_TARGET, "inbound.validate"))
+                .await?,
+        );
+        let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access").entered();
         let environment = self.router.route(target.environment, caller)?;
         outcome.environment = Some(environment.clone());
         outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
@@ -205,9 +223,16 @@ impl Pipeline {
                     .with_label_values(&[&denied.rule])
                     .inc();
             })?;
+        deciding.exit();
         let impersonation = match grant.impersonation {
             ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
-            ImpersonationPolicy::Required => environment.identity.resolve(caller).await?,
+            ImpersonationPolicy::Required => {
+                environment
+                    .identity
+                    .resolve(caller)
+                    .instrument(tracing::info_span!(target: SPAN_TARGET, "identity.resolve"))
+                    .await?
+            }
         };
         outcome.impersonated = Some(impersonation);
         // Links handed back keep the environment prefix, so apps stay on the same route.
@@ -224,7 +249,11 @@ impl Pipeline {
             public_base: &public_base,
             path_and_query: target.path_and_query,
         };
-        Ok(environment.upstream.forward(request, ctx).await?)
+        Ok(environment
+            .upstream
+            .forward(request, ctx)
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "upstream"))
+            .await?)
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured

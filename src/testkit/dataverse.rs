@@ -301,10 +301,21 @@ impl DataverseHandle {
     /// The next `n` requests (any path) get this canned response instead of normal
     /// handling; they are still recorded. Calls queue up behind each other.
     pub fn respond_next(&self, n: usize, status: u16, headers: Vec<(String, String)>, body: &str) {
+        self.respond_next_bytes(n, status, headers, Bytes::copy_from_slice(body.as_bytes()));
+    }
+
+    /// As [`DataverseHandle::respond_next`], with a body of any bytes (e.g. compressed).
+    pub fn respond_next_bytes(
+        &self,
+        n: usize,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    ) {
         let canned = Canned {
             status,
             headers,
-            body: Bytes::copy_from_slice(body.as_bytes()),
+            body,
         };
         let mut queue = lock(&self.state.canned);
         for _ in 0..n {

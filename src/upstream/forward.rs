@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::budget::{self, BucketKey, Gate, Permit};
@@ -29,6 +30,7 @@ use crate::body::{self, BodyTimeout, GatewayBody, PrefixedBody, TimedBody};
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
+use crate::telemetry::{self, SPAN_TARGET};
 
 const ODATA_ENTITY_ID: HeaderName = HeaderName::from_static("odata-entityid");
 
@@ -262,7 +264,11 @@ impl Forwarder {
             deadline,
         );
         let mut body_over = Some(body_over);
-        let mut token = self.tokens.current_or_first().await?;
+        let mut token = self
+            .tokens
+            .current_or_first()
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "s2s_token"))
+            .await?;
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
@@ -345,7 +351,7 @@ impl Forwarder {
                 _ => break (response, permit),
             }
         };
-        let response = self.response(response, &parts.method, &links.to_gateway, ctx)?;
+        let response = self.response(response, &parts.method, &links.to_gateway, accepted, ctx)?;
         Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
@@ -370,9 +376,23 @@ impl Forwarder {
         body_over: Option<oneshot::Receiver<()>>,
         deadline: Instant,
     ) -> Result<(Response<GatewayBody>, Permit), UpstreamError> {
-        let permit = self.budget.acquire(bucket).await?;
+        let permit = self
+            .budget
+            .acquire(bucket)
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "budget.wait"))
+            .await?;
         let started = Instant::now();
-        let result = self.send_within(request, body_over, deadline).await;
+        let call = tracing::info_span!(
+            target: SPAN_TARGET,
+            "dataverse.call",
+            http.request.method = method.as_str(),
+        );
+        let mut request = request;
+        call.in_scope(|| telemetry::hand_on(request.headers_mut()));
+        let result = self
+            .send_within(request, body_over, deadline)
+            .instrument(call)
+            .await;
         self.metrics
             .upstream_duration_seconds
             .with_label_values(&[&self.environment, method.as_str()])
@@ -527,12 +547,14 @@ impl Forwarder {
     }
 
     /// Dataverse's response for the caller: hop-by-hop headers dropped, absolute links
-    /// pointed at the gateway (in compressed bodies too), body streamed.
+    /// pointed at the gateway (in compressed bodies too), body streamed, in a coding the
+    /// caller accepts.
     fn response(
         &self,
         response: Response<GatewayBody>,
         method: &Method,
         to_gateway: &LinkRewrite,
+        accepted: Accepted,
         ctx: ForwardContext<'_>,
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (mut parts, incoming) = response.into_parts();
@@ -554,23 +576,47 @@ impl Forwarder {
         let has_body = *method != Method::HEAD
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
+        let coding = BodyCoding::of(&parts.headers);
+        // Dataverse was offered only codings the caller accepts; one that answers in another
+        // anyway is decoded for the caller rather than passed on unreadable.
+        let unaccepted = matches!(coding, BodyCoding::Known(c) if !accepted.contains(c));
         let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
-                match BodyCoding::of(&parts.headers) {
+                match coding {
                     BodyCoding::Identity => body::boxed(LinkRewritingBody::new(incoming, r)),
-                    // Encoded again in Dataverse's coding: the caller accepts it, since
-                    // Dataverse was offered only codings the caller accepts.
                     BodyCoding::Known(coding) => {
                         let decoded =
                             encoding::decode(incoming, coding, self.max_decoded_response_body);
-                        encoding::encode(body::boxed(LinkRewritingBody::new(decoded, r)), coding)
+                        let rewritten = body::boxed(LinkRewritingBody::new(decoded, r));
+                        if unaccepted {
+                            parts.headers.remove(CONTENT_ENCODING);
+                            rewritten
+                        } else {
+                            encoding::encode(rewritten, coding)
+                        }
                     }
                     BodyCoding::Unknown => return Err(UpstreamError::UndecodableResponse),
                 }
             }
+            // Not rewritten: streamed through decoding only, so no size bound applies.
+            _ if has_body && unaccepted => {
+                parts.headers.remove(CONTENT_LENGTH);
+                parts.headers.remove(CONTENT_ENCODING);
+                match coding {
+                    BodyCoding::Known(coding) => encoding::decode(incoming, coding, u64::MAX),
+                    _ => incoming,
+                }
+            }
             _ => incoming,
         };
+        if !matches!(coding, BodyCoding::Identity) {
+            // What the caller gets depends on its Accept-Encoding: caches must key on it.
+            parts.headers.append(
+                http::header::VARY,
+                HeaderValue::from_static("accept-encoding"),
+            );
+        }
         Ok(Response::from_parts(parts, body))
     }
 }
