@@ -178,23 +178,22 @@ impl Pipeline {
             .path_and_query
             .split_once('?')
             .unwrap_or((target.path_and_query, ""));
-        let grant = self
-            .access
-            .decide(&AccessRequest {
-                method: request.method(),
-                path,
-                query,
-                metadata: None,
-                claims: &caller.claims,
-                issuer: &caller.issuer,
-                kind: caller.kind,
-            })
-            .inspect_err(|denied| {
-                self.metrics
-                    .access_denied_total
-                    .with_label_values(&[&denied.rule])
-                    .inc();
-            })?;
+        let access_request = AccessRequest {
+            method: request.method(),
+            path,
+            query,
+            metadata: None,
+            claims: &caller.claims,
+            issuer: &caller.issuer,
+            kind: caller.kind,
+        };
+        let grant = self.access.decide(&access_request).inspect_err(|denied| {
+            self.metrics
+                .access_denied_total
+                .with_label_values(&[&denied.rule])
+                .inc();
+        })?;
+        let body_access = self.access.body_access(&access_request, &grant);
         let impersonation = match grant.impersonation {
             ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
             ImpersonationPolicy::Required => environment.identity.resolve(caller).await?,
@@ -211,6 +210,7 @@ impl Pipeline {
             request_id,
             impersonation: &impersonation,
             grant: &grant,
+            body_access: body_access.as_ref(),
             public_base: &public_base,
             path_and_query: target.path_and_query,
         };

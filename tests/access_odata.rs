@@ -38,6 +38,10 @@ access:
       allow:
         tables: {{ accounts: [read], contacts: [read] }}
         functions: [RetrievePrincipalAccess]
+    - name: deep-creators
+      when: {{ roles: [DeepCreate] }}
+      allow:
+        tables: {{ accounts: [create], contacts: [create] }}
 "
     )
 }
@@ -56,6 +60,18 @@ enum Expect {
 use Expect::{Forwarded, Refused};
 
 async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expect: Expect) {
+    check_as(env, role, method, path, body, "application/json", expect).await;
+}
+
+async fn check_as(
+    env: &Env,
+    role: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    content_type: &str,
+    expect: Expect,
+) {
     let token = token(env, role);
     let before = env.dataverse.request_count();
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
@@ -67,7 +83,7 @@ async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expe
         .bearer_auth(&token);
     if !body.is_empty() {
         request = request
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(body.to_string());
     }
     let response = request.send().await.unwrap();
@@ -105,51 +121,118 @@ async fn every_table_a_request_touches_needs_a_grant() {
     let ref_body = format!(r#"{{"@odata.id":"contacts({ID})"}}"#);
     let r = "Accounts.Read";
     let c = "Accounts.Create";
-    let cases: Vec<(&str, &str, String, &str, Expect)> = vec![
+    let bind = |key: &str, url: &str| format!(r#"{{"name":"x","{key}":"{url}"}}"#);
+    let contact = format!("contacts({ID})");
+    let gateway_contact = format!("{}/api/data/v9.2/contacts({ID})", env.gateway.url());
+    let cases: Vec<(&str, &str, String, String, Expect)> = vec![
         // Plain reads keep today's meaning.
-        (r, "GET", "accounts".into(), "", Forwarded),
-        (r, "GET", format!("accounts({ID})?$select=name,revenue"), "", Forwarded),
-        (r, "GET", "accounts?$filter=name eq 'a/b'&$orderby=name".into(), "", Forwarded),
-        (r, "GET", "accounts?$expand=parentaccountid($select=name)".into(), "", Forwarded),
+        (r, "GET", "accounts".into(), String::new(), Forwarded),
+        (r, "GET", format!("accounts({ID})?$select=name,revenue"), String::new(), Forwarded),
+        (r, "GET", "accounts?$filter=name eq 'a/b'&$orderby=name".into(), String::new(), Forwarded),
+        (r, "GET", "accounts?$expand=parentaccountid($select=name)".into(), String::new(), Forwarded),
         // The GET-accounts-only bypasses of issue 11.
-        (r, "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), "",
+        (r, "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), String::new(),
             Refused("no rule allows read on contacts (via $expand=contact_customer_accounts)")),
-        (r, "GET", "accounts?$expand=parentaccountid($expand=primarycontactid)".into(), "",
+        (r, "GET", "accounts?$expand=parentaccountid($expand=primarycontactid)".into(), String::new(),
             Refused("read on contacts (via $expand=parentaccountid/primarycontactid)")),
-        (r, "GET", "accounts?$expand=*".into(), "", Refused("(via $expand=*)")),
-        (r, "GET", format!("accounts({ID})/contact_customer_accounts"), "",
+        (r, "GET", "accounts?$expand=*".into(), String::new(), Refused("(via $expand=*)")),
+        (r, "GET", format!("accounts({ID})/contact_customer_accounts"), String::new(),
             Refused("read on contacts (via path segment contact_customer_accounts)")),
-        (r, "GET", format!("accounts?fetchXml={fetch}"), "",
+        (r, "GET", format!("accounts?fetchXml={fetch}"), String::new(),
             Refused("read on contacts (via fetchXml link-entity contact)")),
-        (r, "GET", "accounts?$apply=groupby((primarycontactid/fullname))".into(), "",
+        (r, "GET", "accounts?$apply=groupby((primarycontactid/fullname))".into(), String::new(),
             Refused("read on contacts (via $apply=primarycontactid/fullname)")),
-        (r, "GET", "accounts?$filter=contact_customer_accounts/any(c:c/fullname eq 'x')".into(), "",
+        (r, "GET", "accounts?$filter=contact_customer_accounts/any(c:c/fullname eq 'x')".into(), String::new(),
             Refused("read on contacts (via $filter=contact_customer_accounts")),
-        (r, "GET", format!("accounts?savedQuery={ID}"), "", Refused("(via savedQuery)")),
-        (r, "GET", format!("accounts?userQuery={ID}"), "", Refused("(via userQuery)")),
-        (r, "GET", format!("accounts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), "",
+        (r, "GET", format!("accounts?savedQuery={ID}"), String::new(), Refused("(via savedQuery)")),
+        (r, "GET", format!("accounts?userQuery={ID}"), String::new(), Refused("(via userQuery)")),
+        (r, "GET", format!("accounts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), String::new(),
             Refused("execute on RetrievePrincipalAccess")),
-        (r, "GET", "new_projects?$expand=new_accountid".into(), "", Refused("GET on new_projects")),
+        (r, "GET", "new_projects?$expand=new_accountid".into(), String::new(), Refused("GET on new_projects")),
         // The POST-accounts-only bypasses that the path shows.
-        (c, "POST", "accounts".into(), r#"{"name":"x"}"#, Forwarded),
-        (c, "POST", format!("accounts({ID})/contact_customer_accounts"), r#"{"lastname":"x"}"#,
+        (c, "POST", "accounts".into(), r#"{"name":"x"}"#.into(), Forwarded),
+        (c, "POST", format!("accounts({ID})/contact_customer_accounts"), r#"{"lastname":"x"}"#.into(),
             Refused("create on contacts (via path segment contact_customer_accounts)")),
-        (c, "POST", format!("accounts({ID})/contact_customer_accounts/$ref"), &ref_body,
+        (c, "POST", format!("accounts({ID})/contact_customer_accounts/$ref"), ref_body.clone(),
             Refused("associate on contacts")),
-        (c, "POST", format!("accounts({ID})/Microsoft.Dynamics.CRM.Merge"), "{}",
+        (c, "POST", format!("accounts({ID})/Microsoft.Dynamics.CRM.Merge"), "{}".into(),
             Refused("execute on Merge")),
-        (c, "POST", "Merge".into(), "{}", Refused("POST on Merge")),
+        (c, "POST", "Merge".into(), "{}".into(), Refused("POST on Merge")),
         // Operations per table and functions by name; parameters' tables need grants.
-        ("PerTable", "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), "", Forwarded),
-        ("PerTable", "GET", "accounts?$expand=owninguser".into(), "",
+        ("PerTable", "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), String::new(), Forwarded),
+        ("PerTable", "GET", "accounts?$expand=owninguser".into(), String::new(),
             Refused("read on systemusers (via $expand=owninguser)")),
-        ("PerTable", "POST", "accounts".into(), r#"{"name":"x"}"#, Refused("POST on accounts")),
-        ("PerTable", "GET", format!("contacts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), "",
+        ("PerTable", "POST", "accounts".into(), r#"{"name":"x"}"#.into(), Refused("POST on accounts")),
+        ("PerTable", "GET", format!("contacts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), String::new(),
             Refused("read on systemusers (via parameter entityset)")),
+        // The POST-accounts-only bypasses in the body: deep inserts, binds, $ref bodies.
+        (c, "POST", "accounts".into(), r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#.into(),
+            Refused("no rule allows create on contacts (via deep insert primarycontactid)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#.into(),
+            Refused("no rule allows create on contacts (via deep insert contact_customer_accounts)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","parentaccountid":{"name":"p","contact_customer_accounts":[{"lastname":"y"}]}}"#.into(),
+            Refused("create on contacts (via deep insert contact_customer_accounts)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","parentaccountid":{"name":"p"},"account_parent_account":[]}"#.into(), Forwarded),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &format!("/{contact}")),
+            Refused("no rule allows associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &gateway_contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid\\u0040odata.bind", &contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &format!("\\/{contact}")),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), format!(r#"{{"contact_customer_accounts@odata.bind":["accounts({ID})","{contact}"]}}"#),
+            Refused("associate on contacts (via contact_customer_accounts@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("parentaccountid@odata.bind", &format!("accounts({ID})")), Forwarded),
+        (c, "POST", format!("accounts({ID})/parentaccountid/$ref"), ref_body.clone(),
+            Refused("no rule allows associate on contacts (via @odata.id)")),
+        (c, "POST", format!("accounts({ID})/parentaccountid/$ref"), format!(r#"{{"@odata.id":"accounts({ID})"}}"#), Forwarded),
+        (c, "POST", "accounts".into(), format!(r#"{{"name":"{}"}}"#, "[{".repeat(70)), Forwarded),
+        (c, "POST", "accounts".into(), format!(r#"{{"a":{}{}}}"#, "[".repeat(70), "]".repeat(70)),
+            Refused("(via a body nested deeper than 64 levels)")),
+        // Operations per table: a deep insert needs create on its table, a bind associate.
+        ("DeepCreate", "POST", "accounts".into(), r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#.into(), Forwarded),
+        ("DeepCreate", "POST", "accounts".into(), r#"{"name":"x","new_account_new_project":[{"new_name":"y"}]}"#.into(),
+            Refused("create on new_projects (via deep insert new_account_new_project)")),
+        ("DeepCreate", "POST", "accounts".into(), bind("primarycontactid@odata.bind", &contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
     ];
     for (role, method, path, body, expect) in cases {
-        check(&env, role, method, &path, body, expect).await;
+        check(&env, role, method, &path, &body, expect).await;
     }
+}
+
+#[tokio::test]
+async fn a_body_is_read_as_dataverse_reads_it_whatever_its_declared_type() {
+    let env = env().identity(&policy(true)).start().await;
+    let deep = r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#;
+    for content_type in [
+        "text/plain",
+        "application/octet-stream",
+        "application/json;odata.metadata=minimal",
+    ] {
+        check_as(
+            &env,
+            "Accounts.Create",
+            "POST",
+            "accounts",
+            deep,
+            content_type,
+            Refused("create on contacts (via deep insert primarycontactid)"),
+        )
+        .await;
+    }
+    // A column's value is not read as a record.
+    check_as(
+        &env,
+        "Accounts.Create",
+        "POST",
+        "accounts",
+        r#"{"name":"x"}"#,
+        "text/plain",
+        Forwarded,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -188,6 +271,37 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
     assert_ne!(plain.status(), 403);
     let (status, _, _) = error_body(get("contacts?$select=fullname".into()).await.unwrap()).await;
     assert_eq!(status, 403);
+    // A body whose records only the metadata can place is refused the same way.
+    let creator = self::token(&env, "Accounts.Create");
+    let post = |body: &'static str| {
+        client()
+            .post(format!("{}/api/data/v9.2/accounts", env.gateway.url()))
+            .bearer_auth(&creator)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let (status, code, message) = error_body(
+        post(r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "DynamicsGateway.MetadataUnavailable"),
+        "{message}"
+    );
+    assert!(
+        message.contains("deep insert primarycontactid"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.request_count(), 1);
+    let plain = post(r#"{"name":"x","parentaccountid@odata.bind":"accounts(1)"}"#)
+        .await
+        .unwrap();
+    assert_ne!(plain.status(), 503);
+    assert_ne!(plain.status(), 403);
 }
 
 #[tokio::test]

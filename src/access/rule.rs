@@ -161,7 +161,7 @@ impl Allow {
         }
     }
 
-    fn covers_touch(&self, method: &Method, touch: &Touch) -> bool {
+    pub(super) fn covers_touch(&self, method: &Method, touch: &Touch) -> bool {
         (self.has_method_grant() && self.covers_method(method) && self.covers_name(&touch.resource))
             || self.covers_by_table(touch)
     }
