@@ -19,12 +19,16 @@
 //!   requests are refused 503 unless a rule grants every table (`"*"`).
 //! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
 //!   only a grant on every table covers them.
-//! - `$batch` is allowed only by a rule with `batch: true`. Its parts are checked for
-//!   identity, credential, cookie and method-override headers, other hosts and paths outside
-//!   `/api/data/`, and their control headers are decided by the same grant, but their entity
-//!   sets are not matched against rules, so a batch grant is effectively "anything this
-//!   identity may do in Dataverse". Long GETs from some clients (dynamics-web-api) arrive as
-//!   batches.
+//! - Request bodies ([`body`]): deep inserts, `@odata.bind` and `@odata.id` values are
+//!   pairs too, found as the body streams through the link rewriter; the rule that grants
+//!   must grant them as well (a later rule for the caller acting the same way may).
+//! - `$batch` is allowed only by a rule with `batch: true`, which permits the envelope only.
+//!   Each part, change sets included, is decided as a request of its own (its method, URL
+//!   and body) by the rules for the caller that act as the envelope's grant does; one
+//!   refused part refuses the batch, naming the part. Parts are also checked for identity,
+//!   credential, cookie and method-override headers, other hosts and paths outside
+//!   `/api/data/`, and their control headers are decided by the envelope's grant. Long GETs
+//!   from some clients (dynamics-web-api) arrive as batches.
 //! - An empty `when: {}` is allowed and matches every authenticated caller; `when` itself
 //!   must be written, so "everyone" is always a visible choice.
 //! - `impersonation: app_only` rules match only callers the inbound stage found to be
@@ -235,9 +239,10 @@ impl AccessPolicy {
     }
 }
 
-/// Why no rule among `for_caller` grants a request: the first pair the first of them does
-/// not grant, or, when none is for this caller, the first pair that is not the addressed
-/// table's, so the message says what was reached.
+/// Why no rule among `for_caller` grants a request, counted under the first of them: the
+/// first pair none of them grants, else the first pair the first of them does not grant;
+/// when none is for this caller, the first pair that is not the addressed table's, so the
+/// message says what was reached.
 fn refusal(
     rules: &[Rule],
     for_caller: &[usize],
@@ -249,11 +254,17 @@ fn refusal(
     let (rule, missing) = match for_caller.first() {
         Some(&i) => {
             let rule = &rules[i];
-            let missing = rule.allow.covers(method, target, touches).err();
-            (
-                rule.grant.rule.clone(),
-                missing.and_then(|m| touches.get(m)),
-            )
+            let ungranted = touches.iter().find(|touch| {
+                !for_caller.iter().any(|&j| {
+                    let one = std::slice::from_ref(*touch);
+                    rules[j].allow.covers(method, target, one).is_ok()
+                })
+            });
+            let missing = ungranted.or_else(|| {
+                let missing = rule.allow.covers(method, target, touches).err();
+                missing.and_then(|m| touches.get(m))
+            });
+            (rule.grant.rule.clone(), missing)
         }
         None => (
             Arc::from(DEFAULT_RULE),

@@ -147,8 +147,8 @@ impl Allow {
         touches: &[Touch],
     ) -> Result<(), usize> {
         if let Target::Batch = target {
-            // The parts are not inspected, so neither `methods` nor `entity_sets` can limit
-            // them: `batch: true` alone decides. A batch is always a POST.
+            // The envelope: `batch: true` alone decides; each part is decided on its own
+            // as the body streams (`body::BatchPart`). A batch is always a POST.
             return if self.batch && method == Method::POST {
                 Ok(())
             } else {

@@ -57,7 +57,7 @@ const DECODE_ROUNDS: usize = 4;
 pub enum Target {
     /// An entity set (`accounts`), with any key, navigation or bound operation after it.
     EntitySet(String),
-    /// `$batch`: its parts are not inspected.
+    /// `$batch`: the envelope; its parts are decided one by one as the body streams.
     Batch,
     /// An unbound function or action, by its name without namespace (`WhoAmI`).
     Function(String),
