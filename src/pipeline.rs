@@ -20,9 +20,10 @@ use crate::inbound::{Authenticator, Caller};
 use crate::method::WebApiMethod;
 use crate::metrics::Metrics;
 use crate::routing::Router;
+use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::upstream::path::{request_target, PathError};
-use crate::upstream::ForwardContext;
+use crate::upstream::{ForwardContext, UpstreamError};
 
 /// The three stages and what they share.
 pub struct Pipeline {
@@ -214,7 +215,19 @@ impl Pipeline {
             public_base: &public_base,
             path_and_query: target.path_and_query,
         };
-        Ok(environment.upstream.forward(request, ctx).await?)
+        let response = environment.upstream.forward(request, ctx).await;
+        // A pair of the body or a `$batch` part refused: counted as a refusal at the line is.
+        if let Err(
+            UpstreamError::Access(denied)
+            | UpstreamError::Batch(BatchRefusal::PartAccess { denied, .. }),
+        ) = &response
+        {
+            self.metrics
+                .access_denied_total
+                .with_label_values(&[&denied.rule])
+                .inc();
+        }
+        Ok(response?)
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured

@@ -435,6 +435,17 @@ async fn each_batch_part_is_decided_as_a_request_and_one_refused_part_refuses_th
         assert!(message.contains(message_part), "{message}\n{body}");
         assert_eq!(env.dataverse.request_count(), 0, "{body}");
     }
+    // Counted under the first rule for the caller, or, for a pair of a part's body, under
+    // the rule that granted the part's line.
+    let series = |rule: &str| format!("dynamics_gateway_access_denied_total{{rule=\"{rule}\"}}");
+    assert_eq!(
+        support::metric(&env.gateway, &series("batch-envelope")).await,
+        5.0
+    );
+    assert_eq!(
+        support::metric(&env.gateway, &series("batch-accounts")).await,
+        2.0
+    );
     // Parts every one of which a rule grants go through, Content-ID references included.
     let allowed = batch(&[
         accounts,
