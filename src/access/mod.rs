@@ -165,6 +165,39 @@ impl AccessPolicy {
         }
     }
 
+    /// How the policy is read, one line each, for `dynamics-gateway check`.
+    pub fn describe(&self) -> Vec<String> {
+        let default = match self.default {
+            DefaultDecision::Allow => "allow",
+            DefaultDecision::Deny => "deny",
+        };
+        let metadata = match &self.metadata {
+            Some(m) => format!("navigation and table names from access.metadata_file ({} entity sets)", m.set_count()),
+            None => "no metadata: requests whose tables only $metadata names are refused 503 unless a rule grants every table".to_string(),
+        };
+        if self.rules.is_empty() {
+            return vec![format!(
+                "access:        no rules: every verified caller {} any Web API request",
+                if default == "allow" {
+                    "may make"
+                } else {
+                    "is refused"
+                }
+            )];
+        }
+        let mut lines = vec![
+            format!("access:        {} rules, first that grants every pair a request touches wins; else {default}", self.rules.len()),
+            format!("  {metadata}"),
+        ];
+        lines.extend(
+            self.rules
+                .iter()
+                .flat_map(|rule| rule.describe())
+                .map(|l| format!("  {l}")),
+        );
+        lines
+    }
+
     /// The metadata from `access.metadata_file`, if one was given.
     pub fn metadata(&self) -> Option<&Arc<Metadata>> {
         self.metadata.as_ref()
