@@ -343,11 +343,10 @@ impl BodyInspector {
             b'{' | b'[' if self.stack.len() >= MAX_DEPTH => {
                 self.too_deep += 1;
                 if self.too_deep == 1 {
-                    self.touch(
-                        Operation::Create,
-                        Resource::Unknown,
-                        format!("a body nested deeper than {MAX_DEPTH} levels"),
-                    );
+                    // What is deeper is not read: it may create or bind anything.
+                    let via = format!("a body nested deeper than {MAX_DEPTH} levels");
+                    self.touch(Operation::Create, Resource::Unknown, via.clone());
+                    self.touch(Operation::Associate, Resource::Unknown, via);
                 }
             }
             b'}' | b']' if self.too_deep > 0 => self.too_deep -= 1,
@@ -451,7 +450,13 @@ impl BodyInspector {
 
     fn array_kind(&mut self) -> ArrayKind {
         match self.stack.last().cloned() {
-            None => ArrayKind::Other(Operation::Read),
+            // A list where a record is expected: each object in it is read as one.
+            None => match &self.root {
+                BodyRoot::Record(table) => {
+                    ArrayKind::Records(table.clone(), "a body that is a list".into())
+                }
+                _ => ArrayKind::Other(Operation::Read),
+            },
             Some(Frame::Object {
                 kind: ObjectKind::Record(table),
                 key,
@@ -530,11 +535,12 @@ impl BodyInspector {
             ObjectKind::Other(op) if is_id => op,
             ObjectKind::Other(Operation::Read) if name.eq_ignore_ascii_case("@odata.type") => {
                 let table = self.typed_table(text.as_deref());
-                self.touch(
-                    Operation::Read,
-                    table,
-                    via_text("parameter of type", text.as_deref().unwrap_or("?")),
-                );
+                let via = via_text("parameter of type", text.as_deref().unwrap_or("?"));
+                self.touch(Operation::Read, table.clone(), via);
+                // A typed record: what is nested in it from here on is read as in a record.
+                if let Some(Frame::Object { kind, .. }) = self.stack.last_mut() {
+                    *kind = ObjectKind::Record(table);
+                }
                 return;
             }
             _ => return,

@@ -2344,6 +2344,9 @@ rules:
   - name: merge
     when: { roles: [Merge] }
     allow: { tables: { accounts: [read] }, functions: [Merge] }
+  - name: multi
+    when: { roles: [Multi] }
+    allow: { tables: { accounts: [read, create] }, functions: [CreateMultiple] }
 ";
 
         /// Feeds `body` in chunks of `size` bytes; the output and the refusal, if any.
@@ -2400,6 +2403,16 @@ rules:
         }
 
         #[test]
+        fn a_list_where_a_record_is_expected_is_read_as_records() {
+            let body = r#"[{"name":"x"},{"primarycontactid":{"lastname":"y"}}]"#;
+            let refused = run("x", "/api/data/v9.2/accounts", body, 4).1.unwrap();
+            assert!(
+                refused.contains("create on contacts (via deep insert primarycontactid)"),
+                "{refused}"
+            );
+        }
+
+        #[test]
         fn a_later_rule_that_grants_the_whole_request_allows_it() {
             // `creators` grants the request line but not the contact; `deep` grants both.
             let body = r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#;
@@ -2422,6 +2435,17 @@ rules:
             );
             let accounts_only = body.replace(".contact\"", ".account\"");
             assert_eq!(run("Merge", merge, &accounts_only, 4).1, None);
+            // Records typed by `@odata.type` are read as records from there on.
+            let multi = "/api/data/v9.2/accounts/Microsoft.Dynamics.CRM.CreateMultiple";
+            let body = r#"{"Targets":[{"@odata.type":"Microsoft.Dynamics.CRM.account","name":"x","primarycontactid":{"lastname":"y"}}]}"#;
+            let refused = run("Multi", multi, body, 3).1.unwrap();
+            assert!(
+                refused.contains("create on contacts (via deep insert primarycontactid)"),
+                "{refused}"
+            );
+            let plain =
+                r#"{"Targets":[{"@odata.type":"Microsoft.Dynamics.CRM.account","name":"x"}]}"#;
+            assert_eq!(run("Multi", multi, plain, 3).1, None);
             let reference = r#"{"Subordinate":{"@odata.id":"contacts(2)"}}"#;
             let refused = run("Merge", merge, reference, 4).1.unwrap();
             assert!(
