@@ -179,6 +179,10 @@ impl Pipeline {
             .path_and_query
             .split_once('?')
             .unwrap_or((target.path_and_query, ""));
+        let stored_query_table = match self.access.reads_stored_queries() {
+            true => environment.stored_queries.table_of(query).await,
+            false => None,
+        };
         let access_request = AccessRequest {
             method: request.method(),
             path,
@@ -187,6 +191,7 @@ impl Pipeline {
             claims: &caller.claims,
             issuer: &caller.issuer,
             kind: caller.kind,
+            stored_query_table: stored_query_table.as_deref(),
         };
         let grant = self.access.decide(&access_request).inspect_err(|denied| {
             self.metrics

@@ -58,6 +58,20 @@ fn token(env: &Env, role: &str) -> String {
     env.idp.sign(claims)
 }
 
+/// Requests the stand-in received other than the gateway's own stored-query lookups.
+fn forwarded(env: &Env) -> usize {
+    env.dataverse
+        .requests()
+        .iter()
+        .filter(|r| !is_view_lookup(&r.path_and_query))
+        .count()
+}
+
+fn is_view_lookup(path: &str) -> bool {
+    path.starts_with("/api/data/v9.2/savedqueries(")
+        || path.starts_with("/api/data/v9.2/userqueries(")
+}
+
 enum Expect {
     Forwarded,
     /// Refused 403; the message contains this.
@@ -79,7 +93,7 @@ async fn check_as(
     expect: Expect,
 ) {
     let token = token(env, role);
-    let before = env.dataverse.request_count();
+    let before = forwarded(env);
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let mut request = client()
         .request(
@@ -98,7 +112,7 @@ async fn check_as(
             assert_ne!(response.status(), 403, "{role} {method} {path}");
             assert_ne!(response.status(), 503, "{role} {method} {path}");
             assert_eq!(
-                env.dataverse.request_count(),
+                forwarded(env),
                 before + 1,
                 "{role} {method} {path} was not forwarded"
             );
@@ -112,7 +126,7 @@ async fn check_as(
             );
             assert!(message.contains(pair), "{role} {method} {path}: {message}");
             assert_eq!(
-                env.dataverse.request_count(),
+                forwarded(env),
                 before,
                 "{role} {method} {path} reached Dataverse"
             );
@@ -494,4 +508,88 @@ async fn a_refused_part_after_the_held_head_aborts_the_batch_unrun() {
     );
     assert_eq!(env.dataverse.records("accounts").len(), accounts);
     assert_eq!(env.dataverse.records("contacts").len(), contacts);
+}
+
+#[tokio::test]
+async fn a_stored_query_is_decided_on_the_table_it_reads() {
+    let env = env().identity(&policy(true)).start().await;
+    let account_view = env.dataverse.add_stored_query("savedqueries", "account");
+    let contact_view = env.dataverse.add_stored_query("savedqueries", "contact");
+    let personal_contacts = env.dataverse.add_stored_query("userqueries", "contact");
+    let r = "Accounts.Read";
+    let lookups = || {
+        env.dataverse
+            .requests()
+            .iter()
+            .filter(|q| is_view_lookup(&q.path_and_query))
+            .count()
+    };
+    // The view's table is looked up once, with the gateway's own token, and remembered.
+    for _ in 0..2 {
+        check(
+            &env,
+            r,
+            "GET",
+            &format!("accounts?savedQuery={account_view}"),
+            "",
+            Forwarded,
+        )
+        .await;
+    }
+    assert_eq!(lookups(), 1);
+    let lookup = env
+        .dataverse
+        .requests()
+        .into_iter()
+        .find(|q| is_view_lookup(&q.path_and_query))
+        .unwrap();
+    assert_eq!(
+        lookup.path_and_query,
+        format!("/api/data/v9.2/savedqueries({account_view})?$select=returnedtypecode")
+    );
+    assert!(lookup.header("callerobjectid").is_none());
+    // A view of contacts read through accounts is a read of contacts.
+    check(
+        &env,
+        r,
+        "GET",
+        &format!("accounts?savedQuery={contact_view}"),
+        "",
+        Refused("no rule allows read on contacts (via savedQuery)"),
+    )
+    .await;
+    check(
+        &env,
+        r,
+        "GET",
+        &format!("accounts?userQuery={personal_contacts}"),
+        "",
+        Refused("no rule allows read on contacts (via userQuery)"),
+    )
+    .await;
+    check(
+        &env,
+        "PerTable",
+        "GET",
+        &format!("accounts?userQuery={personal_contacts}"),
+        "",
+        Forwarded,
+    )
+    .await;
+    // A view that is not there, an id that is no GUID, or two views name no table.
+    for query in [
+        format!("savedQuery={ID}"),
+        "savedQuery=all-accounts".to_string(),
+        format!("savedQuery={account_view}&userQuery={account_view}"),
+    ] {
+        check(
+            &env,
+            r,
+            "GET",
+            &format!("accounts?{query}"),
+            "",
+            Refused("read on a table the gateway cannot name (via "),
+        )
+        .await;
+    }
 }

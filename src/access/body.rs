@@ -22,7 +22,7 @@ use super::metadata::Metadata;
 use super::rule::Rule;
 use super::target::{is_identifier, strip_prefix_ignore_case, Target};
 use super::touches::{self, via_text, BodyRoot, Operation, Resource, Touch};
-use super::{denied_pair, refusal, AccessDenied};
+use super::{denied_pair, refusal, AccessDenied, AccessRequest};
 
 /// Deepest nesting of a body followed; deeper structure needs a grant on every table.
 const MAX_DEPTH: usize = 64;
@@ -80,13 +80,16 @@ pub struct BodyAccess {
 }
 
 impl BodyAccess {
-    pub(super) fn new(shared: Arc<Shared>, method: &Method, path: &str, query: &str) -> Self {
+    pub(super) fn new(shared: Arc<Shared>, request: &AccessRequest<'_>) -> Self {
+        let (method, path) = (request.method, request.path);
         let target = Target::from_path(path);
         let batch = target == Target::Batch;
         let (touches, root) = if batch {
             (Vec::new(), BodyRoot::Opaque)
         } else {
-            touches::request_pairs(method, path, query, shared.metadata.as_deref())
+            let metadata = shared.metadata.as_deref();
+            let stored = request.stored_query_table;
+            touches::request_pairs(method, path, request.query, metadata, stored)
         };
         let candidates = shared
             .for_caller
@@ -161,7 +164,8 @@ impl BatchPart {
         let (path, query) = self.resolve(target);
         let metadata = self.shared.metadata.as_deref();
         let target = Target::from_path(&path);
-        let (touches, root) = touches::request_pairs(&method, &path, &query, metadata);
+        // A part's stored query is not looked up: it needs a grant on every table.
+        let (touches, root) = touches::request_pairs(&method, &path, &query, metadata, None);
         let rules = &self.shared.rules;
         let candidates: Vec<usize> = self
             .shared

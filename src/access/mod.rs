@@ -18,7 +18,8 @@
 //!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
 //!   requests are refused 503 unless a rule grants every table (`"*"`).
 //! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
-//!   only a grant on every table covers them.
+//!   the pipeline looks it up ([`StoredQueryLookup`]) and passes it in
+//!   [`AccessRequest::stored_query_table`]; without it only a grant on every table covers them.
 //! - Request bodies ([`body`]): deep inserts, `@odata.bind` and `@odata.id` values are
 //!   pairs too, found as the body streams through the link rewriter; the rule that grants
 //!   must grant them as well (a later rule for the caller acting the same way may).
@@ -40,6 +41,7 @@ pub mod metadata;
 pub mod odata;
 mod raw;
 mod rule;
+mod stored_query;
 pub mod target;
 pub mod touches;
 
@@ -59,6 +61,7 @@ pub use control_headers::{
 };
 pub use metadata::{Metadata, MetadataError};
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
+pub use stored_query::StoredQueryLookup;
 pub use target::Target;
 pub use touches::{Operation, Resource, Touch};
 
@@ -101,6 +104,10 @@ pub struct AccessRequest<'a> {
     pub issuer: &'a str,
     /// User or application, as the inbound stage decided.
     pub kind: CallerKind,
+    /// The logical name of the table the request's `savedQuery` / `userQuery` reads, when
+    /// it was looked up ([`StoredQueryLookup`]); without it a stored query needs a grant on
+    /// every table.
+    pub stored_query_table: Option<&'a str>,
 }
 
 /// Permission for one request.
@@ -198,6 +205,11 @@ impl AccessPolicy {
         lines
     }
 
+    /// Whether a stored query's table is worth looking up: only rules can refuse it.
+    pub fn reads_stored_queries(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     /// The metadata from `access.metadata_file`, if one was given.
     pub fn metadata(&self) -> Option<&Arc<Metadata>> {
         self.metadata.as_ref()
@@ -209,7 +221,16 @@ impl AccessPolicy {
         let metadata = request.metadata.or(self.metadata.as_ref()).map(|m| &**m);
         let touches = match target {
             Target::Batch => Vec::new(),
-            _ => touches::touches(request.method, request.path, request.query, metadata),
+            _ => {
+                touches::request_pairs(
+                    request.method,
+                    request.path,
+                    request.query,
+                    metadata,
+                    request.stored_query_table,
+                )
+                .0
+            }
         };
         let for_caller = self.rules_for(request, None);
         let granted = for_caller.iter().find(|&&i| {
@@ -247,12 +268,7 @@ impl AccessPolicy {
             metadata: request.metadata.or(self.metadata.as_ref()).cloned(),
             grant_rule: grant.rule.clone(),
         });
-        Some(BodyAccess::new(
-            shared,
-            request.method,
-            request.path,
-            request.query,
-        ))
+        Some(BodyAccess::new(shared, request))
     }
 
     /// The rules for this caller, in order; with `impersonation`, only those acting as it.

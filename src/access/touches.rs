@@ -138,18 +138,22 @@ pub fn touches(
     query: &str,
     metadata: Option<&Metadata>,
 ) -> Vec<Touch> {
-    request_pairs(method, path, query, metadata).0
+    request_pairs(method, path, query, metadata, None).0
 }
 
-/// [`touches`], and what the request's body is read as.
+/// [`touches`], and what the request's body is read as. `stored_table`: the logical name
+/// of the table the request's `savedQuery` / `userQuery` reads (its `returnedtypecode`),
+/// when it was looked up.
 pub fn request_pairs(
     method: &Method,
     path: &str,
     query: &str,
     metadata: Option<&Metadata>,
+    stored_table: Option<&str>,
 ) -> (Vec<Touch>, BodyRoot) {
     let mut out = Touches {
         metadata,
+        stored_table,
         list: Vec::new(),
     };
     let options = odata::parse_query(query);
@@ -203,6 +207,7 @@ enum PathEnd {
 
 struct Touches<'m> {
     metadata: Option<&'m Metadata>,
+    stored_table: Option<&'m str>,
     list: Vec<Touch>,
 }
 
@@ -384,12 +389,19 @@ impl Touches<'_> {
             self.fetch_xml(xml);
         }
         if let Some(stored) = options.stored_query {
-            // The table a stored query reads is in the query record, not in the request.
-            self.push(
-                Operation::Read,
-                Resource::Unknown,
-                Some(stored.as_str().to_string()),
-            );
+            // The table a stored query reads is in the query record, not in the request:
+            // named only when it was looked up (for the request's own options).
+            let resource = match (
+                self.stored_table.filter(|_| prefix.is_none()),
+                self.metadata,
+            ) {
+                (None, _) => Resource::Unknown,
+                (Some(_), None) => Resource::Unresolved,
+                (Some(logical), Some(metadata)) => metadata
+                    .set_of_logical_name(logical)
+                    .map_or(Resource::Unknown, |set| Resource::Set(set.to_string())),
+            };
+            self.push(Operation::Read, resource, Some(stored.as_str().to_string()));
         }
         for reference in &options.references {
             let via = via_text("parameter", reference);

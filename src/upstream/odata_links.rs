@@ -2367,6 +2367,7 @@ rules:
                 claims: &claims,
                 issuer: "i",
                 kind: CallerKind::User,
+                stored_query_table: None,
             };
             let grant = policy.decide(&request).unwrap();
             let access = policy.body_access(&request, &grant).unwrap();
