@@ -285,6 +285,8 @@ type Key = Option<String>;
 #[derive(Debug, Clone)]
 pub struct BodyInspector {
     check: PairCheck,
+    /// The rules in the running before the body: restored by [`BodyInspector::reset`].
+    initial: Vec<usize>,
     root: BodyRoot,
     content_ids: Vec<(String, Resource)>,
     stack: Vec<Frame>,
@@ -298,6 +300,7 @@ pub struct BodyInspector {
 impl BodyInspector {
     fn new(check: PairCheck, root: BodyRoot, content_ids: Vec<(String, Resource)>) -> Self {
         Self {
+            initial: check.candidates.clone(),
             check,
             root,
             content_ids,
@@ -307,6 +310,16 @@ impl BodyInspector {
             string_too_long: false,
             failed: None,
         }
+    }
+
+    /// Back to before the body, for another body of the same request line.
+    pub fn reset(&mut self) {
+        self.check.candidates.clone_from(&self.initial);
+        self.stack.clear();
+        self.too_deep = 0;
+        self.string.clear();
+        self.string_too_long = false;
+        self.failed = None;
     }
 
     /// The first refusal, once a pair no remaining rule grants was seen.

@@ -257,7 +257,10 @@ impl AccessPolicy {
     /// deep inserts, `@odata.bind` and `@odata.id` values, and each `$batch` part. `None`
     /// for requests without a body the rules read.
     pub fn body_access(&self, request: &AccessRequest<'_>, grant: &Grant) -> Option<BodyAccess> {
-        if !matches!(*request.method, Method::POST | Method::PATCH | Method::PUT) {
+        // Without rules the default decides everything: there is nothing to read for.
+        if self.rules.is_empty()
+            || !matches!(*request.method, Method::POST | Method::PATCH | Method::PUT)
+        {
             return None;
         }
         let for_caller = self.rules_for(request, Some(grant.impersonation));

@@ -370,7 +370,10 @@ impl JsonLinkRewriter {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         // An unterminated candidate was never proven to be a complete URL: leave it alone.
         out.extend_from_slice(&self.cand);
-        let inspector = self.inspector.take();
+        let mut inspector = self.inspector.take();
+        if let Some(inspector) = &mut inspector {
+            inspector.reset();
+        }
         *self = Self::new(self.rewrite.clone(), self.keys);
         self.inspector = inspector;
     }
