@@ -294,6 +294,8 @@ pub struct BodyInspector {
     too_deep: usize,
     string: Vec<u8>,
     string_too_long: bool,
+    /// The current string is kept in `string`.
+    capturing: bool,
     failed: Option<AccessDenied>,
 }
 
@@ -308,6 +310,7 @@ impl BodyInspector {
             too_deep: 0,
             string: Vec::new(),
             string_too_long: false,
+            capturing: false,
             failed: None,
         }
     }
@@ -319,6 +322,7 @@ impl BodyInspector {
         self.too_deep = 0;
         self.string.clear();
         self.string_too_long = false;
+        self.capturing = false;
         self.failed = None;
     }
 
@@ -327,8 +331,34 @@ impl BodyInspector {
         self.failed.as_ref()
     }
 
+    /// A string begins: only keys and the values the checks read are kept.
+    pub fn string_start(&mut self) {
+        self.capturing = self.failed.is_none() && self.too_deep == 0 && self.wants_string();
+    }
+
+    fn wants_string(&self) -> bool {
+        match self.stack.last() {
+            Some(Frame::Object {
+                expect_key: true, ..
+            }) => true,
+            Some(Frame::Object {
+                key: Some(Some(name)),
+                ..
+            }) => {
+                ends_with_ignore_case(name, "@odata.bind")
+                    || name.eq_ignore_ascii_case("@odata.id")
+                    || name.eq_ignore_ascii_case("@odata.type")
+            }
+            Some(Frame::Array(ArrayKind::Binds(_))) => true,
+            _ => false,
+        }
+    }
+
     /// Bytes of the current string's content, as written (escapes undecoded).
     pub fn string_bytes(&mut self, bytes: &[u8]) {
+        if !self.capturing {
+            return;
+        }
         let room = MAX_STRING.saturating_sub(self.string.len());
         if bytes.len() > room {
             self.string_too_long = true;
@@ -339,11 +369,13 @@ impl BodyInspector {
 
     /// The current string ended.
     pub fn string_end(&mut self) {
-        let text = if self.string_too_long {
+        // A string not kept is a value no check reads: `None` is never looked at.
+        let text = if self.string_too_long || !self.capturing {
             None
         } else {
             decode_json_string(&self.string)
         };
+        self.capturing = false;
         self.string.clear();
         self.string_too_long = false;
         if self.failed.is_none() && self.too_deep == 0 {

@@ -525,6 +525,9 @@ impl JsonLinkRewriter {
         self.key_has_escape = false;
         self.after_string = None;
         self.value_pending = false;
+        if let Some(inspector) = &mut self.inspector {
+            inspector.string_start();
+        }
     }
 
     fn inspect_string(&mut self, bytes: &[u8]) {
