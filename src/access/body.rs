@@ -127,7 +127,7 @@ impl BodyAccess {
     /// (`$batch` bodies are read part by part: [`BodyAccess::batch`]).
     pub fn inspector(&self) -> Option<BodyInspector> {
         (!self.batch && self.reads_json())
-            .then(|| BodyInspector::new(self.check.clone(), self.root.clone(), Vec::new()))
+            .then(|| BodyInspector::new(self.check.clone(), self.root.clone(), Arc::default()))
     }
 
     /// The part decisions of a `$batch` body.
@@ -135,7 +135,7 @@ impl BodyAccess {
         self.batch.then(|| BatchPart {
             shared: self.check.shared.clone(),
             api_base: self.api_base.clone(),
-            content_ids: Vec::new(),
+            content_ids: Arc::default(),
         })
     }
 }
@@ -146,8 +146,9 @@ pub struct BatchPart {
     shared: Arc<Shared>,
     api_base: String,
     /// Content-IDs of earlier parts and the table each addresses, for `$1/...` URLs and
-    /// `"$1"` binds.
-    content_ids: Vec<(String, Resource)>,
+    /// `"$1"` binds. Shared with the part being read; by the next part's request line that
+    /// part's reader is gone, so adding to it copies nothing.
+    content_ids: ContentIds,
 }
 
 impl BatchPart {
@@ -189,7 +190,7 @@ impl BatchPart {
                 BodyRoot::Record(resource) => resource.clone(),
                 _ => Resource::Unknown,
             };
-            self.content_ids.push((id.to_string(), table));
+            Arc::make_mut(&mut self.content_ids).push((id.to_string(), table));
         }
         if root == BodyRoot::Opaque {
             return Ok(None);
@@ -247,6 +248,9 @@ fn split_origin(url: &str) -> Option<&str> {
     Some(after.find('/').map_or("", |i| &after[i..]))
 }
 
+/// `$batch` Content-IDs and the tables of their parts.
+type ContentIds = Arc<Vec<(String, Resource)>>;
+
 /// What an open object or array of the body is.
 #[derive(Debug, Clone)]
 enum Frame {
@@ -288,7 +292,7 @@ pub struct BodyInspector {
     /// The rules in the running before the body: restored by [`BodyInspector::reset`].
     initial: Vec<usize>,
     root: BodyRoot,
-    content_ids: Vec<(String, Resource)>,
+    content_ids: ContentIds,
     stack: Vec<Frame>,
     /// Levels opened beyond [`MAX_DEPTH`].
     too_deep: usize,
@@ -300,7 +304,7 @@ pub struct BodyInspector {
 }
 
 impl BodyInspector {
-    fn new(check: PairCheck, root: BodyRoot, content_ids: Vec<(String, Resource)>) -> Self {
+    fn new(check: PairCheck, root: BodyRoot, content_ids: ContentIds) -> Self {
         Self {
             initial: check.candidates.clone(),
             check,
