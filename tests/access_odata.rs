@@ -593,3 +593,34 @@ async fn a_stored_query_is_decided_on_the_table_it_reads() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
+    let env = env().identity(&policy(true)).start().await;
+    let padding = "x".repeat(80 * 1024);
+    let body = format!(
+        r#"{{"name":"a","description":"{padding}","primarycontactid":{{"lastname":"c"}}}}"#
+    );
+    let accounts = env.dataverse.records("accounts").len();
+    let contacts = env.dataverse.records("contacts").len();
+    let response = client()
+        .post(format!("{}/api/data/v9.2/accounts", env.gateway.url()))
+        .bearer_auth(token(&env, "Accounts.Create"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DynamicsGateway.AccessDenied"),
+        "{message}"
+    );
+    assert!(
+        message.contains("no rule allows create on contacts (via deep insert primarycontactid)"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.records("accounts").len(), accounts);
+    assert_eq!(env.dataverse.records("contacts").len(), contacts);
+}
