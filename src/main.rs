@@ -324,6 +324,10 @@ fn check(path: &std::path::Path) -> ExitCode {
             env.credential.describe()
         ));
     }
+    for line in config.access.describe() {
+        out.push_str(&line);
+        out.push('\n');
+    }
     use std::io::Write;
     let _ = std::io::stdout().write_all(out.as_bytes());
     ExitCode::SUCCESS

@@ -22,9 +22,10 @@ use crate::method::WebApiMethod;
 use crate::metrics::{Metrics, NO_ENVIRONMENT};
 use crate::routing::{Environment, Router};
 use crate::telemetry::{self, SPAN_TARGET};
+use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::upstream::path::{request_target, PathError};
-use crate::upstream::ForwardContext;
+use crate::upstream::{ForwardContext, UpstreamError};
 
 /// The three stages and what they share.
 pub struct Pipeline {
@@ -197,8 +198,8 @@ impl Pipeline {
                 .instrument(tracing::info_span!(target: SPAN_TARGET, "inbound.validate"))
                 .await?,
         );
-        let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access").entered();
-        let environment = self.router.route(target.environment, caller)?;
+        let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access");
+        let environment = deciding.in_scope(|| self.router.route(target.environment, caller))?;
         outcome.environment = Some(environment.clone());
         outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
         // The path without the environment prefix.
@@ -206,24 +207,35 @@ impl Pipeline {
             .path_and_query
             .split_once('?')
             .unwrap_or((target.path_and_query, ""));
-        let grant = self
-            .access
-            .decide(&AccessRequest {
-                method: request.method(),
-                path,
-                query,
-                metadata: None,
-                claims: &caller.claims,
-                issuer: &caller.issuer,
-                kind: caller.kind,
-            })
+        let stored_query_table = match self.access.reads_stored_queries() {
+            true => {
+                environment
+                    .stored_queries
+                    .table_of(query)
+                    .instrument(deciding.clone())
+                    .await
+            }
+            false => None,
+        };
+        let access_request = AccessRequest {
+            method: request.method(),
+            path,
+            query,
+            metadata: None,
+            claims: &caller.claims,
+            issuer: &caller.issuer,
+            kind: caller.kind,
+            stored_query_table: stored_query_table.as_deref(),
+        };
+        let grant = deciding
+            .in_scope(|| self.access.decide(&access_request))
             .inspect_err(|denied| {
                 self.metrics
                     .access_denied_total
                     .with_label_values(&[&denied.rule])
                     .inc();
             })?;
-        deciding.exit();
+        let body_access = self.access.body_access(&access_request, &grant);
         let impersonation = match grant.impersonation {
             ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
             ImpersonationPolicy::Required => {
@@ -246,14 +258,27 @@ impl Pipeline {
             request_id,
             impersonation: &impersonation,
             grant: &grant,
+            body_access: body_access.as_ref(),
             public_base: &public_base,
             path_and_query: target.path_and_query,
         };
-        Ok(environment
+        let response = environment
             .upstream
             .forward(request, ctx)
             .instrument(tracing::info_span!(target: SPAN_TARGET, "upstream"))
-            .await?)
+            .await;
+        // A pair of the body or a `$batch` part refused: counted as a refusal at the line is.
+        if let Err(
+            UpstreamError::Access(denied)
+            | UpstreamError::Batch(BatchRefusal::PartAccess { denied, .. }),
+        ) = &response
+        {
+            self.metrics
+                .access_denied_total
+                .with_label_values(&[&denied.rule])
+                .inc();
+        }
+        Ok(response?)
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured

@@ -22,10 +22,10 @@ use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::budget::{self, BucketKey, Gate, Permit};
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
-use super::link_body::{ChunkRewriter, LinkRewritingBody};
+use super::link_body::{BodyRefusal, ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
-use crate::access::Grant;
+use crate::access::{BodyAccess, Grant};
 use crate::body::{self, BodyTimeout, GatewayBody, PrefixedBody, TimedBody};
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
@@ -45,6 +45,8 @@ pub struct ForwardContext<'a> {
     pub impersonation: &'a Impersonation,
     /// What the access rules granted: which Dataverse control headers may pass.
     pub grant: &'a Grant,
+    /// What the body's pairs and `$batch` parts are checked against, when it has them.
+    pub body_access: Option<&'a BodyAccess>,
     /// The gateway's base URL as the caller sees it, without trailing slash.
     pub public_base: &'a str,
     /// The validated path and query to request upstream.
@@ -111,6 +113,15 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// [`link_bearing`] of a request: a body the access rules read is read as JSON whatever
+/// its declared type, as Dataverse reads it.
+fn request_link_bearing(headers: &HeaderMap, access: Option<&BodyAccess>) -> LinkBearing {
+    match link_bearing(headers) {
+        LinkBearing::None if access.is_some_and(BodyAccess::reads_json) => LinkBearing::Json,
+        kind => kind,
+    }
+}
+
 fn link_bearing(headers: &HeaderMap) -> LinkBearing {
     let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return LinkBearing::None;
@@ -144,6 +155,7 @@ fn request_rewriter(
     path_and_query: &str,
     rewrite: LinkRewrite,
     grant: &Grant,
+    access: Option<&BodyAccess>,
     max_batch_part: usize,
 ) -> Result<Option<ChunkRewriter>, BatchRefusal> {
     let path = path_and_query.split('?').next().unwrap_or_default();
@@ -151,10 +163,17 @@ fn request_rewriter(
         .rsplit('/')
         .next()
         .is_some_and(|last| last.eq_ignore_ascii_case("$batch"));
-    let kind = link_bearing(headers);
+    let kind = request_link_bearing(headers, access);
     if kind != LinkBearing::Batch && !batch_path {
-        return Ok((kind == LinkBearing::Json)
-            .then(|| ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds))));
+        if kind != LinkBearing::Json {
+            return Ok(None);
+        }
+        return Ok(Some(ChunkRewriter::Json(
+            match access.and_then(BodyAccess::inspector) {
+                Some(inspector) => JsonLinkRewriter::inspected(rewrite, inspector),
+                None => JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds),
+            },
+        )));
     }
     let encoded = headers
         .get_all(http::header::CONTENT_ENCODING)
@@ -167,7 +186,8 @@ fn request_rewriter(
     match boundary {
         Some(boundary) if !encoded => Ok(Some(ChunkRewriter::Batch(BatchLinkRewriter::request(
             rewrite,
-            PartRules::new(grant.clone(), boundary, max_batch_part),
+            PartRules::new(grant.clone(), boundary, max_batch_part)
+                .with_access(access.and_then(BodyAccess::batch)),
         )))),
         _ => Err(BatchRefusal::NotMultipart),
     }
@@ -179,9 +199,10 @@ fn request_rewriter(
 fn decoded_request(
     incoming: TimedBody<Incoming>,
     headers: &mut HeaderMap,
+    access: Option<&BodyAccess>,
 ) -> Result<GatewayBody, UpstreamError> {
     let body = body::boxed(incoming);
-    if link_bearing(headers) == LinkBearing::None {
+    if request_link_bearing(headers, access) == LinkBearing::None {
         return Ok(body);
     }
     match BodyCoding::of(headers) {
@@ -273,12 +294,13 @@ impl Forwarder {
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
         let accepted = Accepted::from_caller(&headers);
-        let incoming = decoded_request(incoming, &mut headers)?;
+        let incoming = decoded_request(incoming, &mut headers, ctx.body_access)?;
         let rewriter = request_rewriter(
             &headers,
             ctx.path_and_query,
             links.to_upstream.clone(),
             ctx.grant,
+            ctx.body_access,
             self.max_batch_part,
         )?;
         let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
@@ -445,9 +467,10 @@ impl Forwarder {
             })
         };
         for e in chain() {
-            // A part refused after the request started: the body was aborted unfinished.
-            if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
-                return UpstreamError::Batch(refusal.clone());
+            // A part or pair refused after the request started: the body was aborted
+            // unfinished.
+            if let Some(refusal) = e.downcast_ref::<BodyRefusal>() {
+                return refusal.clone().into();
             }
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 return UpstreamError::BodyTooLarge {
