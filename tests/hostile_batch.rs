@@ -276,6 +276,43 @@ async fn parts_naming_another_host_or_a_path_outside_api_data_are_refused() {
     assert!(batches(&env).is_empty());
 }
 
+/// Two readings of one Content-Type: `boundary` and `boundary*` (RFC 2231), or a quoted
+/// boundary with a backslash that one reader unescapes and another keeps. A part hidden
+/// under the other reading (impersonating, naming another host) would go unchecked, so
+/// such a batch is refused whole.
+#[tokio::test]
+async fn a_boundary_another_reader_could_read_differently_refuses_the_batch() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    // Under the gateway's reading these parts are preamble; under the other, the batch.
+    let hidden = |boundary: &str| {
+        format!(
+            "--{boundary}\r\nContent-Type: application/http\r\n\r\nGET https://evil.example/api/data/v9.2/WhoAmI HTTP/1.1\r\nCallerObjectId: {VICTIM_OID}\r\n\r\n\r\n--{boundary}--\r\n"
+        )
+    };
+    for (content_type, body) in [
+        (
+            format!("multipart/mixed; boundary={BOUNDARY}; boundary*=utf-8''Q"),
+            format!("{}{}", hidden("Q"), whoami_batch("")),
+        ),
+        (
+            "multipart/mixed; boundary=\"batch\\_7d2f\"".to_string(),
+            format!("{}{}", hidden("batch\\_7d2f"), whoami_batch("")),
+        ),
+    ] {
+        let response = client()
+            .post(format!("{}/api/data/v9.2/$batch", env.gateway.url()))
+            .bearer_auth(&token)
+            .header("content-type", &content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{content_type}");
+    }
+    assert!(batches(&env).is_empty(), "nothing reached Dataverse");
+}
+
 /// A batch as .NET's `MultipartContent` + `HttpMessageContent` write it: `Content-Length`
 /// on every MIME part (the change set too) and on every inner body, absolute URLs.
 fn dotnet_batch(base: &str, host: &str) -> String {

@@ -242,10 +242,9 @@ pub fn multipart_mixed_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
             loop {
                 match quoted.get(i)? {
                     b'"' => break,
-                    b'\\' => {
-                        value.push(*quoted.get(i + 1)?);
-                        i += 2;
-                    }
+                    // A boundary never needs a quoted-pair (RFC 2046 5.1.1): one that has
+                    // one could be unescaped differently by the next reader.
+                    b'\\' => return None,
                     &b => {
                         value.push(b);
                         i += 1;
@@ -267,6 +266,12 @@ pub fn multipart_mixed_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
         if let Some(after) = rest.strip_prefix(b";") {
             rest = after;
         } else if !rest.is_empty() {
+            return None;
+        }
+        // `boundary*` (RFC 2231) is a second way to name the boundary: a reader that
+        // prefers it would split the body differently.
+        let extended = name.len() > 8 && name[..9].eq_ignore_ascii_case(b"boundary*");
+        if extended {
             return None;
         }
         if name.eq_ignore_ascii_case(b"boundary") {
@@ -352,7 +357,7 @@ pub enum BatchRefusal {
     },
     #[error("the $batch body is malformed at {part}: {what}")]
     Malformed { part: PartName, what: &'static str },
-    #[error("the $batch request needs a Content-Type of multipart/mixed with one boundary and no Content-Encoding, so the gateway can check its parts")]
+    #[error("the $batch request needs a Content-Type of multipart/mixed with one plain boundary parameter (no boundary*, no backslash) and no Content-Encoding, so the gateway can check its parts")]
     NotMultipart,
 }
 
@@ -656,6 +661,10 @@ mod tests {
         assert_eq!(b("multipart/mixed; boundary="), None);
         assert_eq!(b("multipart/related; boundary=a"), None);
         assert_eq!(b("multipart/mixed; boundary=\"open"), None);
+        // Spellings another reader could take for a different boundary.
+        assert_eq!(b("multipart/mixed; boundary=X; boundary*=utf-8''Q"), None);
+        assert_eq!(b("multipart/mixed; BOUNDARY*0=Q; boundary=X"), None);
+        assert_eq!(b("multipart/mixed; boundary=\"batch\\_X\""), None);
     }
 
     #[test]
