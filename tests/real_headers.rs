@@ -426,6 +426,60 @@ async fn alias_links_are_left_alone_without_url_aliases_and_requests_still_name_
 }
 
 #[tokio::test]
+async fn batch_parts_naming_an_alias_host_reach_dynamics_naming_the_configured_origin() {
+    let setup = start(alias_config).await;
+    let alias = setup.dataverse.alias_url();
+    let dataverse_api = format!("{}/api/data/v9.2", setup.dataverse.url());
+    let last_batch = |setup: &Setup| {
+        setup
+            .dataverse
+            .requests()
+            .into_iter()
+            .rev()
+            .find(|r| r.path_and_query.ends_with("$batch"))
+            .map(|r| r.body_text())
+            .unwrap_or_default()
+    };
+
+    // Absolute part URLs naming the alias, in any case.
+    for origin in [alias.clone(), alias.replace("localhost", "LocalHost")] {
+        let response =
+            post_batch(&setup, batch_body(&format!("{origin}/api/data/v9.2")), None).await;
+        assert_eq!(response.status(), 200, "{origin}");
+        let body = last_batch(&setup);
+        assert!(
+            body.contains(&format!("GET {dataverse_api}/accounts?$top=1")),
+            "{body}"
+        );
+        assert!(!body.to_ascii_lowercase().contains("localhost"), "{body}");
+    }
+
+    // A relative part URL with a Host naming the alias.
+    let host = alias.trim_start_matches("http://").to_owned();
+    let body = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nGET /api/data/v9.2/accounts?$top=1 HTTP/1.1\r\nHost: {host}\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+    );
+    assert_eq!(post_batch(&setup, body, None).await.status(), 200);
+    let seen = last_batch(&setup);
+    let dataverse_host = setup
+        .dataverse
+        .url()
+        .trim_start_matches("http://")
+        .to_owned();
+    assert!(seen.contains(&format!("Host: {dataverse_host}")), "{seen}");
+
+    // Without url_aliases the alias is just another host.
+    let plain = start(|_| String::new()).await;
+    let response = post_batch(
+        &plain,
+        batch_body(&format!("{}/api/data/v9.2", plain.dataverse.alias_url())),
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), 400);
+}
+
+#[tokio::test]
 async fn url_aliases_must_be_origins() {
     let idp = dynamics_gateway::testkit::Idp::builder()
         .start()

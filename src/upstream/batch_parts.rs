@@ -31,6 +31,8 @@ pub struct PartRules {
     max_held: usize,
     /// Each part decided by the access rules as a request of its own.
     access: Option<BatchPart>,
+    /// The organisation's other origins (`url_aliases`): parts may name them too.
+    aliases: Vec<String>,
 }
 
 impl PartRules {
@@ -40,7 +42,19 @@ impl PartRules {
             boundary,
             max_held,
             access: None,
+            aliases: Vec::new(),
         }
+    }
+
+    /// Accepts part URLs and `Host` values naming the organisation's other origins; they
+    /// reach Dataverse naming its configured origin.
+    pub fn with_aliases(mut self, aliases: &[String]) -> Self {
+        self.aliases = aliases.to_vec();
+        self
+    }
+
+    fn is_alias(&self, origin: &str) -> bool {
+        self.aliases.iter().any(|a| a.eq_ignore_ascii_case(origin))
     }
 
     /// Has every part's method, URL and body decided by the access rules.
@@ -131,6 +145,8 @@ impl PartRules {
                 )
             } else if origin.eq_ignore_ascii_case(dataverse_origin) {
                 (None, rest)
+            } else if self.is_alias(origin) {
+                (Some(format!("{dataverse_origin}{rest}").into_bytes()), rest)
             } else {
                 return Err(refused(TargetProblem::OtherHost));
             }
@@ -168,7 +184,13 @@ impl PartRules {
                 .map(|(_, a)| a.to_owned())
         };
         let dataverse = authority(dataverse_origin).unwrap_or_default();
-        if authority(gateway_base).is_some_and(|a| value.eq_ignore_ascii_case(a.as_bytes())) {
+        let alias = self
+            .aliases
+            .iter()
+            .any(|a| authority(a).is_some_and(|a| value.eq_ignore_ascii_case(a.as_bytes())));
+        if alias
+            || authority(gateway_base).is_some_and(|a| value.eq_ignore_ascii_case(a.as_bytes()))
+        {
             Ok(Some(dataverse.into_bytes()))
         } else if value.eq_ignore_ascii_case(dataverse.as_bytes()) {
             Ok(None)

@@ -157,6 +157,7 @@ fn request_rewriter(
     grant: &Grant,
     access: Option<&BodyAccess>,
     max_batch_part: usize,
+    url_aliases: &[String],
 ) -> Result<Option<ChunkRewriter>, BatchRefusal> {
     let path = path_and_query.split('?').next().unwrap_or_default();
     let batch_path = path
@@ -187,7 +188,8 @@ fn request_rewriter(
         Some(boundary) if !encoded => Ok(Some(ChunkRewriter::Batch(BatchLinkRewriter::request(
             rewrite,
             PartRules::new(grant.clone(), boundary, max_batch_part)
-                .with_access(access.and_then(BodyAccess::batch)),
+                .with_access(access.and_then(BodyAccess::batch))
+                .with_aliases(url_aliases),
         )))),
         _ => Err(BatchRefusal::NotMultipart),
     }
@@ -302,6 +304,7 @@ impl Forwarder {
             ctx.grant,
             ctx.body_access,
             self.max_batch_part,
+            &self.url_aliases,
         )?;
         let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
         let dropped = headers::prepare_upstream_request(
