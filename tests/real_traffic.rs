@@ -197,6 +197,35 @@ async fn a_coding_the_caller_does_not_accept_is_decoded_for_it() {
     }
 }
 
+/// An answer labelled gzip whose bytes are not gzip is refused before its head: 502 in the
+/// gateway's error shape, not a 200 whose body breaks off.
+#[tokio::test]
+async fn an_answer_that_does_not_decode_is_a_502_not_a_broken_200() {
+    let env = env().start().await;
+    let not_gzip = b"\x1b\x03\x00this is not a gzip stream at all".to_vec();
+    for accept in ["gzip", "identity"] {
+        env.dataverse.respond_next_bytes(
+            1,
+            200,
+            vec![
+                ("Content-Type".into(), "application/json".into()),
+                ("Content-Encoding".into(), "gzip".into()),
+            ],
+            not_gzip.clone().into(),
+        );
+        let response = client()
+            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+            .bearer_auth(env.idp.token_for(ALICE_OID))
+            .header("Accept-Encoding", accept)
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = error_body(response).await;
+        assert_eq!(status, 502, "{accept}: {message}");
+        assert!(code.starts_with("DynamicsGateway."), "{code}");
+    }
+}
+
 #[tokio::test]
 async fn a_gzipped_request_body_is_decoded_for_the_bind_rewrite() {
     let env = env().start().await;
@@ -293,11 +322,14 @@ async fn a_compressed_answer_that_inflates_past_the_cap_is_cut_off_not_held() {
         .header("Accept-Encoding", "gzip")
         .send()
         .await;
-    // The answer breaks off (before or after its head reached the caller): never complete.
+    // Never a complete 200: a 502 when the cap is passed before the head goes out, else
+    // the body breaks off.
     if let Ok(response) = response {
+        let status = response.status();
+        let body = response.bytes().await;
         assert!(
-            response.bytes().await.is_err(),
-            "the body stream ends with an error past the cap"
+            status == 502 || body.is_err(),
+            "{status}: the answer ends with an error past the cap"
         );
     }
     // Uncompressed answers are not decoded, so the cap does not apply to them.

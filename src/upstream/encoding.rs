@@ -201,6 +201,23 @@ pub fn decode(body: GatewayBody, coding: Coding, limit: u64) -> GatewayBody {
 }
 
 /// `body` encoded in `coding`, at a fast level: the gateway re-encodes what it rewrote.
+/// Reads the first frame of a decoding body before the answer's head goes out, and gives
+/// the body back whole; an error there means the body does not decode from its start.
+pub async fn decodes_at_start(mut body: GatewayBody) -> Result<GatewayBody, BoxError> {
+    use http_body_util::BodyExt as _;
+    match body.frame().await {
+        None => Ok(crate::body::empty()),
+        Some(Err(e)) => Err(e),
+        Some(Ok(frame)) => match frame.into_data() {
+            Ok(data) => Ok(crate::body::boxed(crate::body::PrefixedBody::new(
+                data, body,
+            ))),
+            // Trailers first: nothing was decoded, so nothing is lost by ending here.
+            Err(_) => Ok(crate::body::empty()),
+        },
+    }
+}
+
 pub fn encode(body: GatewayBody, coding: Coding) -> GatewayBody {
     let input = reader(body);
     let read: Pin<Box<dyn AsyncRead + Send>> = match coding {

@@ -376,7 +376,19 @@ impl Forwarder {
                 _ => break (response, permit),
             }
         };
-        let response = self.response(response, &parts.method, &links.to_gateway, accepted, ctx)?;
+        let (response, decoded) =
+            self.response(response, &parts.method, &links.to_gateway, accepted, ctx)?;
+        let response = if decoded {
+            // A body that does not decode from its first bytes is a 502 now, not a 200 whose
+            // body breaks off.
+            let (parts, body) = response.into_parts();
+            let body = encoding::decodes_at_start(body)
+                .await
+                .map_err(|_| UpstreamError::UndecodableResponse)?;
+            Response::from_parts(parts, body)
+        } else {
+            response
+        };
         Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
@@ -582,7 +594,7 @@ impl Forwarder {
         to_gateway: &LinkRewrite,
         accepted: Accepted,
         ctx: ForwardContext<'_>,
-    ) -> Result<Response<GatewayBody>, UpstreamError> {
+    ) -> Result<(Response<GatewayBody>, bool), UpstreamError> {
         let (mut parts, incoming) = response.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers);
         if !self.forward_cookies {
@@ -606,15 +618,17 @@ impl Forwarder {
         // Dataverse was offered only codings the caller accepts; one that answers in another
         // anyway is decoded for the caller rather than passed on unreadable.
         let unaccepted = matches!(coding, BodyCoding::Known(c) if !accepted.contains(c));
+        let mut decoded = false;
         let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
                 match coding {
                     BodyCoding::Identity => body::boxed(LinkRewritingBody::new(incoming, r)),
                     BodyCoding::Known(coding) => {
-                        let decoded =
+                        decoded = true;
+                        let plain =
                             encoding::decode(incoming, coding, self.max_decoded_response_body);
-                        let rewritten = body::boxed(LinkRewritingBody::new(decoded, r));
+                        let rewritten = body::boxed(LinkRewritingBody::new(plain, r));
                         if unaccepted {
                             parts.headers.remove(CONTENT_ENCODING);
                             rewritten
@@ -630,7 +644,10 @@ impl Forwarder {
                 parts.headers.remove(CONTENT_LENGTH);
                 parts.headers.remove(CONTENT_ENCODING);
                 match coding {
-                    BodyCoding::Known(coding) => encoding::decode(incoming, coding, u64::MAX),
+                    BodyCoding::Known(coding) => {
+                        decoded = true;
+                        encoding::decode(incoming, coding, u64::MAX)
+                    }
                     _ => incoming,
                 }
             }
@@ -643,6 +660,6 @@ impl Forwarder {
                 HeaderValue::from_static("accept-encoding"),
             );
         }
-        Ok(Response::from_parts(parts, body))
+        Ok((Response::from_parts(parts, body), decoded))
     }
 }
