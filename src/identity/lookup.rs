@@ -191,6 +191,8 @@ impl UserLookup {
         }
     }
 
+    // The target is `telemetry::SPAN_TARGET` (the attribute takes a literal).
+    #[tracing::instrument(target = "dynamics_gateway::span", name = "identity.lookup", skip_all)]
     async fn fetch(&self, query: Query) -> Result<Outcome, LookupError> {
         let response = s2s_get(&self.client, &self.tokens, query.path(), self.timeout).await?;
         if matches!(query, Query::AlternateKey(_)) && response.status() == StatusCode::NOT_FOUND {

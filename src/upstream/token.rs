@@ -371,6 +371,8 @@ impl TokenSource {
         }
     }
 
+    // The target is `telemetry::SPAN_TARGET` (the attribute takes a literal).
+    #[tracing::instrument(target = "dynamics_gateway::span", name = "s2s_token.fetch", skip_all)]
     async fn fetch(&self) -> Result<S2sToken, TokenError> {
         let url = self.config.token_url.clone();
         let sent_at = Instant::now();
