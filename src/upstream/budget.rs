@@ -144,7 +144,7 @@ struct Bucket {
     answers: usize,
     closed_until: Option<Instant>,
     closed_code: ThrottleCode,
-    waiters: VecDeque<(u64, oneshot::Sender<bool>)>,
+    waiters: VecDeque<(u64, oneshot::Sender<Handed>)>,
 }
 
 impl Bucket {
@@ -164,6 +164,16 @@ impl Bucket {
             .filter(|until| *until > now)
             .map(|until| until - now)
     }
+}
+
+/// What a waiter in the queue is told.
+enum Handed {
+    /// A slot; with the lease of the request that just ended, when the store granted it
+    /// one, so the slot changes hands without the store seeing it free (and another
+    /// replica taking it in between).
+    Slot(Option<Lease>),
+    /// Dataverse closed the bucket.
+    Closed,
 }
 
 struct State {
@@ -283,13 +293,14 @@ pub struct Gate {
 pub struct Permit {
     inner: Arc<Inner>,
     key: BucketKey,
-    /// The slot in the shared store, when it granted one; dropped after the local slot.
-    _lease: Option<Lease>,
+    /// The slot in the shared store, when it granted one: handed to the next waiter here
+    /// with the local slot, or given back to the store.
+    lease: Option<Lease>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.inner.release(self.key);
+        self.inner.release(self.key, self.lease.take());
     }
 }
 
@@ -299,7 +310,7 @@ struct Waiter {
     inner: Arc<Inner>,
     key: BucketKey,
     id: u64,
-    rx: oneshot::Receiver<bool>,
+    rx: oneshot::Receiver<Handed>,
     settled: bool,
 }
 
@@ -321,10 +332,17 @@ impl Drop for Waiter {
                 *queued -= 1;
                 self.inner.metrics.queue.set(*queued as i64);
             }
-            left.is_none() && matches!(self.rx.try_recv(), Ok(true))
+            if left.is_none() {
+                match self.rx.try_recv() {
+                    Ok(Handed::Slot(lease)) => Some(lease),
+                    _ => None,
+                }
+            } else {
+                None
+            }
         };
-        if granted {
-            self.inner.release(self.key);
+        if let Some(lease) = granted {
+            self.inner.release(self.key, lease);
         }
     }
 }
@@ -341,7 +359,7 @@ impl Inner {
         lock(&self.state)
     }
 
-    fn release(&self, key: BucketKey) {
+    fn release(&self, key: BucketKey, mut lease: Option<Lease>) {
         let mut state = self.lock();
         self.follow_store(&mut state);
         let max = self.config.max_concurrency;
@@ -359,7 +377,7 @@ impl Inner {
         bucket.in_flight = bucket.in_flight.saturating_sub(1);
         in_flight_by_label[key.label()] -= 1;
         let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
-        let granted = grant(bucket, limit, queued);
+        let granted = grant(bucket, limit, queued, &mut lease);
         in_flight_by_label[key.label()] += granted as i64;
         let idle = bucket.in_flight == 0
             && bucket.waiters.is_empty()
@@ -399,7 +417,7 @@ impl Inner {
             } = &mut *state;
             for (key, bucket) in buckets.iter_mut() {
                 let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
-                in_flight_by_label[key.label()] += grant(bucket, limit, queued) as i64;
+                in_flight_by_label[key.label()] += grant(bucket, limit, queued, &mut None) as i64;
             }
         }
         self.publish(state);
@@ -420,7 +438,7 @@ impl Inner {
         }
         for (_, tx) in bucket.waiters.drain(..) {
             *queued -= 1;
-            let _ = tx.send(false);
+            let _ = tx.send(Handed::Closed);
         }
     }
 
@@ -439,8 +457,14 @@ impl Inner {
     }
 }
 
-/// Hands free slots to waiters in arrival order; returns how many were handed.
-fn grant(bucket: &mut Bucket, limit: usize, queued: &mut usize) -> usize {
+/// Hands free slots to waiters in arrival order, the first with `lease` if there is one;
+/// returns how many were handed.
+fn grant(
+    bucket: &mut Bucket,
+    limit: usize,
+    queued: &mut usize,
+    lease: &mut Option<Lease>,
+) -> usize {
     let mut granted = 0;
     while bucket.in_flight < limit {
         let Some((_, tx)) = bucket.waiters.pop_front() else {
@@ -448,9 +472,13 @@ fn grant(bucket: &mut Bucket, limit: usize, queued: &mut usize) -> usize {
         };
         *queued -= 1;
         // A waiter in the queue is alive (it leaves under this lock when dropped).
-        if tx.send(true).is_ok() {
-            bucket.in_flight += 1;
-            granted += 1;
+        match tx.send(Handed::Slot(lease.take())) {
+            Ok(()) => {
+                bucket.in_flight += 1;
+                granted += 1;
+            }
+            Err(Handed::Slot(back)) => *lease = back,
+            Err(Handed::Closed) => {}
         }
     }
     granted
@@ -540,6 +568,11 @@ impl Gate {
             return Ok(permit);
         }
         let bucket = shared.bucket_key(key);
+        // A lease handed on with the local slot is taken over (and the bucket's closing
+        // checked) in the same one round trip: no other replica can take the slot between
+        // two requests of this one. Unless another replica is waiting: then it goes back,
+        // and this request asks like any other, so no replica starves the others.
+        let mut handed = permit.lease.take();
         loop {
             let limit = {
                 let state = self.inner.lock();
@@ -548,21 +581,27 @@ impl Gate {
                     .get(&key)
                     .map_or(1, |b| effective_limit(b.aimd_limit, state.ceiling, 1))
             };
-            match shared.store.acquire(&bucket, limit).await {
+            let answer = match handed.take() {
+                Some(lease) => shared.store.adopt(&bucket, lease).await,
+                None => shared.store.acquire(&bucket, limit).await,
+            };
+            match answer {
                 Ok(Acquired::Granted(lease)) => {
-                    permit._lease = Some(lease);
+                    permit.lease = Some(lease);
                     return Ok(permit);
                 }
                 Ok(Acquired::Closed(retry_after, code)) => {
-                    drop(permit);
+                    // Closed here first: the slot given back below goes to no waiter.
                     let mut state = self.inner.lock();
                     self.inner.close(&mut state, key, retry_after, code);
                     self.inner.publish(&state);
                     drop(state);
+                    drop(permit);
                     let e = BudgetError::Throttled { retry_after, code };
                     self.inner.metrics.refused(&e);
                     return Err(e);
                 }
+                Ok(Acquired::Lost) => {}
                 Ok(Acquired::Full) => {
                     let waited = started.elapsed();
                     if waited >= self.inner.config.queue_timeout {
@@ -633,15 +672,15 @@ impl Gate {
             .wait
             .observe(started.elapsed().as_secs_f64());
         let result = match outcome {
-            Ok(Ok(true)) => {
+            Ok(Ok(Handed::Slot(lease))) => {
                 waiter.settled = true;
                 Ok(Permit {
                     inner: self.inner.clone(),
                     key,
-                    _lease: None,
+                    lease,
                 })
             }
-            Ok(Ok(false)) => {
+            Ok(Ok(Handed::Closed)) => {
                 waiter.settled = true;
                 let state = self.inner.lock();
                 let bucket = state.buckets.get(&key);
@@ -691,7 +730,7 @@ impl Gate {
             return Ok(Some(Permit {
                 inner: self.inner.clone(),
                 key,
-                _lease: None,
+                lease: None,
             }));
         }
         Ok(None)
@@ -770,7 +809,8 @@ impl Gate {
                         bucket.answers = 0;
                     }
                     let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
-                    in_flight_by_label[key.label()] += grant(bucket, limit, queued) as i64;
+                    in_flight_by_label[key.label()] +=
+                        grant(bucket, limit, queued, &mut None) as i64;
                 }
             }
         }

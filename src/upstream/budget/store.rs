@@ -1,9 +1,11 @@
 //! The budget shared by every replica, in Valkey (or Redis): a bucket's slots are leases
 //! in a sorted set scored by their expiry, granted by one script (one round trip) that
 //! also answers whether another replica saw a 429 that closed the bucket. A lease is
-//! renewed while its request runs and removed when it ends; a replica that dies stops
-//! renewing, and its leases expire after `lease_ttl`. Expiry is the server's clock, so
-//! the replicas' clocks never have to agree.
+//! renewed while its request runs and removed when it ends (or handed, with one round trip
+//! that checks the bucket again, to the next request queued in the same replica, unless
+//! another replica marked the bucket wanted); a replica that dies stops renewing, and its
+//! leases expire after `lease_ttl`. Expiry is the server's clock, so the replicas' clocks
+//! never have to agree.
 //!
 //! The store is a helper, never a dependency: when it does not answer, each replica keeps
 //! `limit / replicas` locally (see `Gate`), and a probe switches back once it answers.
@@ -25,8 +27,13 @@ use crate::metrics::Metrics;
 /// How often the store is probed (and its way back noticed) while the gate runs locally.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Grants a lease if the bucket is open and has room. KEYS: leases, closed. ARGV: limit,
-/// ttl in ms, lease id. Answers `{1}` granted, `{0}` full, `{2, pttl, code}` closed.
+/// How long a replica's "I am waiting for a slot" mark lasts: a few of its asks.
+const WANTED_MS: u64 = 100;
+
+/// Grants a lease if the bucket is open and has room; when it is full, marks the bucket
+/// wanted by this replica, so that others give their leases back instead of handing them
+/// on. KEYS: leases, closed, wanted. ARGV: limit, ttl in ms, lease id, replica, wanted ms.
+/// Answers `{1}` granted, `{0}` full, `{2, pttl, code}` closed.
 const ACQUIRE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -41,7 +48,35 @@ if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
   redis.call('PEXPIRE', KEYS[1], ttl)
   return {1, 0, ''}
 end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 return {0, 0, ''}
+";
+
+/// Takes over a lease handed from a request that ended to the next one in the same replica:
+/// renewed if still live, the bucket open and no other replica waiting; else removed.
+/// KEYS: leases, closed, wanted. ARGV: ttl in ms, lease id, replica. Answers as `ACQUIRE`,
+/// `{0}` full (given back to a waiting replica), `{3}` expired (ask anew).
+const ADOPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local closed = redis.call('PTTL', KEYS[2])
+if closed > 0 then
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  return {2, closed, redis.call('GET', KEYS[2]) or ''}
+end
+local wanted = redis.call('GET', KEYS[3])
+if wanted and wanted ~= ARGV[3] then
+  redis.call('ZREM', KEYS[1], ARGV[2])
+  return {0, 0, ''}
+end
+local ttl = tonumber(ARGV[1])
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if expiry and tonumber(expiry) > now then
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  return {1, 0, ''}
+end
+return {3, 0, ''}
 ";
 
 /// Pushes a live lease's expiry out again; a lease already expired stays gone (its slot may
@@ -82,12 +117,27 @@ impl From<redis::RedisError> for StoreError {
     }
 }
 
+/// The scripts' `{answer, pttl, code}` as an [`Acquired`]; `lease` only when granted.
+fn answered((answer, pttl, code): (i64, i64, String), lease: impl FnOnce() -> Lease) -> Acquired {
+    match answer {
+        1 => Acquired::Granted(lease()),
+        2 => Acquired::Closed(
+            Duration::from_millis(pttl.max(1) as u64),
+            ThrottleCode::from_code(Some(&code)),
+        ),
+        3 => Acquired::Lost,
+        _ => Acquired::Full,
+    }
+}
+
 /// What the store answered to a request for a slot.
 pub enum Acquired {
     Granted(Lease),
     Full,
     /// Another replica (or this one) saw a 429: closed for this long, with this code.
     Closed(Duration, ThrottleCode),
+    /// The lease handed on had expired: ask for a new one at once.
+    Lost,
 }
 
 const UNKNOWN: u8 = 0;
@@ -102,6 +152,7 @@ struct Inner {
     replica: String,
     next_lease: AtomicU64,
     acquire: Script,
+    adopt: Script,
     renew: Script,
     close: Script,
     degraded: IntGauge,
@@ -119,6 +170,7 @@ pub struct Store {
 /// that never arrives).
 pub struct Lease {
     _held: oneshot::Sender<()>,
+    id: String,
 }
 
 impl Store {
@@ -144,6 +196,7 @@ impl Store {
                 replica: uuid::Uuid::new_v4().simple().to_string(),
                 next_lease: AtomicU64::new(0),
                 acquire: Script::new(ACQUIRE),
+                adopt: Script::new(ADOPT),
                 renew: Script::new(RENEW),
                 close: Script::new(CLOSE),
                 degraded: metrics.budget_store_degraded.clone(),
@@ -225,32 +278,50 @@ impl Store {
         );
         let leases = format!("{bucket}:leases");
         let mut connection = self.inner.connection.clone();
-        let (answer, pttl, code): (i64, i64, String) = self
+        let answer = self
             .run(
                 self.inner
                     .acquire
                     .key(&leases)
                     .key(format!("{bucket}:closed"))
+                    .key(format!("{bucket}:wanted"))
                     .arg(limit)
                     .arg(ttl_ms)
                     .arg(&id)
+                    .arg(&self.inner.replica)
+                    .arg(WANTED_MS)
                     .invoke_async(&mut connection),
             )
             .await?;
-        Ok(match answer {
-            1 => Acquired::Granted(self.hold(leases, id)),
-            2 => Acquired::Closed(
-                Duration::from_millis(pttl.max(1) as u64),
-                ThrottleCode::from_code(Some(&code)),
-            ),
-            _ => Acquired::Full,
-        })
+        Ok(answered(answer, || self.hold(leases, id)))
+    }
+
+    /// One round trip: `lease`, handed on by a request that ended, for the next one.
+    pub async fn adopt(&self, bucket: &str, lease: Lease) -> Result<Acquired, StoreError> {
+        let ttl_ms = self.inner.config.lease_ttl.as_millis() as u64;
+        let mut connection = self.inner.connection.clone();
+        let answer = self
+            .run(
+                self.inner
+                    .adopt
+                    .key(format!("{bucket}:leases"))
+                    .key(format!("{bucket}:closed"))
+                    .key(format!("{bucket}:wanted"))
+                    .arg(ttl_ms)
+                    .arg(&lease.id)
+                    .arg(&self.inner.replica)
+                    .invoke_async(&mut connection),
+            )
+            .await?;
+        // Not granted: dropping the lease removes what is left of it.
+        Ok(answered(answer, || lease))
     }
 
     /// Renews the lease every third of its time to live until it is dropped, then removes it.
     fn hold(&self, leases: String, id: String) -> Lease {
         let (held, mut released) = oneshot::channel::<()>();
         let store = self.clone();
+        let lease_id = id.clone();
         tokio::spawn(async move {
             let every = store.inner.config.lease_ttl / 3;
             let ttl_ms = store.inner.config.lease_ttl.as_millis() as u64;
@@ -261,17 +332,17 @@ impl Store {
                     _ = renewals.tick() => {
                         let mut connection = store.inner.connection.clone();
                         let mut renew = store.inner.renew.key(&leases);
-                        renew.arg(ttl_ms).arg(&id);
+                        renew.arg(ttl_ms).arg(&lease_id);
                         let _ = store.run(renew.invoke_async::<i64>(&mut connection)).await;
                     }
                 }
             }
             let mut connection = store.inner.connection.clone();
             let mut remove = redis::cmd("ZREM");
-            remove.arg(&leases).arg(&id);
+            remove.arg(&leases).arg(&lease_id);
             let _ = store.run(remove.query_async::<i64>(&mut connection)).await;
         });
-        Lease { _held: held }
+        Lease { _held: held, id }
     }
 
     /// Closes `bucket` for every replica for `retry_after`.
