@@ -12,10 +12,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use binary::{free_port, start_binary, Binary};
+use dynamics_gateway::config::BudgetStoreConfig;
+use dynamics_gateway::metrics::Metrics;
+use dynamics_gateway::secret::Secret;
 use dynamics_gateway::testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
     Throttling,
 };
+use dynamics_gateway::upstream::budget::store::{Acquired, Store as SharedStore};
+use dynamics_gateway::upstream::budget::ThrottleCode;
 use support::{client, ALICE_OID};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -131,13 +136,17 @@ impl Store {
 
     /// Waits until no lease is left (each is removed just after its request ends).
     async fn until_no_leases(&self) {
+        self.until_leases(LEASES, 0).await;
+    }
+
+    async fn until_leases(&self, key: &str, n: i64) {
         for _ in 0..200 {
-            if self.integer(&["ZCARD", LEASES]).await == 0 {
+            if self.integer(&["ZCARD", key]).await == n {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("leases left: {}", self.integer(&["ZCARD", LEASES]).await);
+        panic!("leases: {}", self.integer(&["ZCARD", key]).await);
     }
 }
 
@@ -448,4 +457,76 @@ async fn a_replica_killed_with_leases_held_frees_them_within_the_lease_ttl() {
     assert_eq!(served.status(), 200);
     assert_eq!(r.dataverse.request_count(), 3);
     store.until_no_leases().await;
+}
+
+#[tokio::test]
+async fn the_store_grants_up_to_the_limit_hands_leases_on_gives_them_back_and_closes() {
+    let server = Store::start().await;
+    let metrics = Metrics::new().unwrap();
+    let config = BudgetStoreConfig {
+        url: Secret::new(server.url()),
+        replicas: 2,
+        lease_ttl: Duration::from_secs(30),
+        command_timeout: Duration::from_millis(500),
+        key_prefix: "t".into(),
+    };
+    // Two replicas: each store connection has its own replica id.
+    let a = SharedStore::new(&config, &metrics).unwrap();
+    let b = SharedStore::new(&config, &metrics).unwrap();
+    let bucket = "t:budget:x:application";
+    let leases = "t:budget:x:application:leases";
+    let granted = |answer: Acquired| match answer {
+        Acquired::Granted(lease) => lease,
+        _ => panic!("not granted"),
+    };
+    let first = granted(a.acquire(bucket, 2).await.unwrap());
+    let second = granted(a.acquire(bucket, 2).await.unwrap());
+    assert!(matches!(
+        b.acquire(bucket, 2).await.unwrap(),
+        Acquired::Full
+    ));
+    assert_eq!(server.integer(&["ZCARD", leases]).await, 2);
+    // b is waiting: a's lease goes back to the store instead of to a's next request...
+    assert!(matches!(
+        a.adopt(bucket, first).await.unwrap(),
+        Acquired::Full
+    ));
+    assert_eq!(server.integer(&["ZCARD", leases]).await, 1);
+    let for_b = granted(b.acquire(bucket, 2).await.unwrap());
+    // ...while a's own mark (a asked and found it full) does not stop a from handing on.
+    assert!(matches!(
+        a.acquire(bucket, 2).await.unwrap(),
+        Acquired::Full
+    ));
+    let second = granted(a.adopt(bucket, second).await.unwrap());
+    assert_eq!(server.integer(&["ZCARD", leases]).await, 2);
+
+    a.close(bucket, Duration::from_secs(5), ThrottleCode::Requests)
+        .await
+        .unwrap();
+    match b.acquire(bucket, 2).await.unwrap() {
+        Acquired::Closed(retry_after, code) => {
+            assert!(retry_after <= Duration::from_secs(5), "{retry_after:?}");
+            assert_eq!(code, ThrottleCode::Requests);
+        }
+        _ => panic!("the bucket is not closed for the other replica"),
+    }
+    // A shorter closing does not shorten it.
+    b.close(bucket, Duration::from_millis(10), ThrottleCode::Other)
+        .await
+        .unwrap();
+    assert!(
+        server
+            .integer(&["PTTL", "t:budget:x:application:closed"])
+            .await
+            > 1000
+    );
+    // A lease handed on into a closed bucket is removed, not renewed.
+    assert!(matches!(
+        a.adopt(bucket, second).await.unwrap(),
+        Acquired::Closed(_, ThrottleCode::Requests)
+    ));
+    assert_eq!(server.integer(&["ZCARD", leases]).await, 1);
+    drop(for_b);
+    server.until_leases(leases, 0).await;
 }
