@@ -37,6 +37,8 @@ pub struct AuditRecord<'a> {
     pub impersonated: Option<Impersonation>,
     /// Subject of the client certificate the connection was verified with (mutual TLS).
     pub client_certificate: Option<&'a str>,
+    /// The W3C trace the request belongs to (32 hex digits).
+    pub trace_id: Option<&'a str>,
 }
 
 /// A per-second budget of lines, counting what it turns away.
@@ -147,6 +149,7 @@ impl Audit {
             caller = r.caller.unwrap_or("-"),
             impersonated = %r.impersonated.map(|i| i.describe()).unwrap_or_else(|| "-".into()),
             client_certificate = r.client_certificate.map(|c| bounded(c, MAX_LOGGED_PATH)).as_deref(),
+            trace_id = r.trace_id,
             "request"
         );
     }

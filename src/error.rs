@@ -86,6 +86,15 @@ impl GatewayError {
                 (StatusCode::SERVICE_UNAVAILABLE, "MetadataUnavailable")
             }
             Self::Access(_) => (StatusCode::FORBIDDEN, "AccessDenied"),
+            // Pairs of the body, and `$batch` parts, are refused as the request line is.
+            Self::Upstream(U::Access(e) | U::Batch(BatchRefusal::PartAccess { denied: e, .. }))
+                if e.metadata_unavailable =>
+            {
+                (StatusCode::SERVICE_UNAVAILABLE, "MetadataUnavailable")
+            }
+            Self::Upstream(U::Access(_) | U::Batch(BatchRefusal::PartAccess { .. })) => {
+                (StatusCode::FORBIDDEN, "AccessDenied")
+            }
             Self::Identity(IdentityError::Lookup(LookupError::NoToken(_))) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "NoUpstreamToken")
             }

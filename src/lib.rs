@@ -23,6 +23,7 @@ pub mod routing;
 pub mod secret;
 pub mod server;
 pub mod supervisor;
+pub mod telemetry;
 pub mod testkit;
 pub mod tls;
 pub mod upstream;
@@ -47,6 +48,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
+use crate::access::StoredQueryLookup;
 use crate::admin::{Admin, Readiness};
 use crate::audit::Audit;
 use crate::config::{Config, EnvironmentConfig, IdentityMode};
@@ -164,6 +166,11 @@ impl Gateway {
                     env.allow_guest_tenants,
                 )
                 .map_err(StartError::Identity)?;
+                let stored_queries = StoredQueryLookup::new(
+                    client.clone(),
+                    env_tokens.clone(),
+                    config.server.request_timeout,
+                );
                 let upstream = Forwarder::new(
                     client,
                     env_tokens.clone(),
@@ -182,6 +189,7 @@ impl Gateway {
                     config: env.clone(),
                     identity,
                     upstream,
+                    stored_queries,
                 }));
             }
         }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use dynamics_gateway::config::{Config, IdentityMode};
+use dynamics_gateway::telemetry::{Telemetry, TelemetryError, SPAN_TARGET};
 
 #[derive(Parser)]
 #[command(
@@ -73,7 +74,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let telemetry = match init_tracing(cli.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("error: {}", dynamics_gateway::error::chain(&e));
+            return ExitCode::from(2);
+        }
+    };
     let command = cli.command.unwrap_or(Command::Run);
     // `run` reads its config first: the runtime's thread count is part of it.
     let config = match command {
@@ -94,7 +101,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match (command, config) {
             (Command::Run, Some(config)) => run(&cli.config, config).await,
             (Command::Run, None) => ExitCode::from(2),
@@ -109,22 +116,44 @@ fn main() -> ExitCode {
                 _,
             ) => consent_url(&cli.config, environment.as_deref(), redirect_uri.as_deref()),
         }
-    })
+    });
+    // After the runtime: the exporter's last batch goes out on its own thread.
+    drop(runtime);
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    code
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// The log on stderr, and span export when `OTEL_EXPORTER_OTLP_ENDPOINT` asks for it.
+fn init_tracing(format: LogFormat) -> Result<Option<Telemetry>, TelemetryError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hyper=warn,reqwest=warn"));
+    // The stage spans are for export only, whatever RUST_LOG says.
+    if let Ok(off) = format!("{SPAN_TARGET}=off").parse() {
+        filter = filter.add_directive(off);
+    }
     // Colours only for a terminal: log files and collectors get plain text.
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let log = match format {
+        LogFormat::Text => log.with_filter(filter).boxed(),
+        LogFormat::Json => log.json().flatten_event(true).with_filter(filter).boxed(),
+    };
+    let telemetry = Telemetry::from_env()?;
+    // Without export no layer listens to the stage spans, so they are never built (an
+    // `Option` layer would count as listening).
+    let registry = tracing_subscriber::registry().with(log);
+    match &telemetry {
+        Some(telemetry) => registry.with(telemetry.layer()).init(),
+        None => registry.init(),
     }
+    Ok(telemetry)
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {
@@ -294,6 +323,10 @@ fn check(path: &std::path::Path) -> ExitCode {
             env.scope,
             env.credential.describe()
         ));
+    }
+    for line in config.access.describe() {
+        out.push_str(&line);
+        out.push('\n');
     }
     use std::io::Write;
     let _ = std::io::stdout().write_all(out.as_bytes());

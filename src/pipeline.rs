@@ -10,6 +10,7 @@ use http::header::HOST;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::access::{AccessPolicy, AccessRequest, ImpersonationPolicy};
 use crate::audit::{Audit, AuditRecord};
@@ -20,9 +21,11 @@ use crate::inbound::{Authenticator, Caller};
 use crate::method::WebApiMethod;
 use crate::metrics::{Metrics, NO_ENVIRONMENT};
 use crate::routing::{Environment, Router};
+use crate::telemetry::{self, SPAN_TARGET};
+use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
 use crate::upstream::path::{request_target, PathError};
-use crate::upstream::ForwardContext;
+use crate::upstream::{ForwardContext, UpstreamError};
 
 /// The three stages and what they share.
 pub struct Pipeline {
@@ -64,6 +67,7 @@ struct Accounting {
     uri: Uri,
     /// Subject of the connection's client certificate (mutual TLS).
     client_certificate: Option<Arc<str>>,
+    trace_id: Option<String>,
     outcome: Outcome,
     /// The answer's status; `None` until it is known.
     status: Option<StatusCode>,
@@ -112,6 +116,7 @@ impl Drop for Accounting {
                 caller: outcome.caller_key.as_deref(),
                 impersonated: outcome.impersonated,
                 client_certificate: self.client_certificate.as_deref(),
+                trace_id: self.trace_id.as_deref(),
             },
             self.refusal.as_ref(),
         );
@@ -126,6 +131,13 @@ impl Pipeline {
         peer: SocketAddr,
     ) -> Response<GatewayBody> {
         self.metrics.in_flight_requests.inc();
+        let span = tracing::info_span!(
+            target: SPAN_TARGET,
+            "request",
+            http.request.method = WebApiMethod::label(request.method()),
+            http.response.status_code = tracing::field::Empty,
+        );
+        telemetry::continue_callers_trace(&span, request.headers());
         let mut accounting = Accounting {
             pipeline: self.clone(),
             started: Instant::now(),
@@ -139,6 +151,7 @@ impl Pipeline {
                 .extensions()
                 .get::<crate::tls::ClientCertificate>()
                 .map(|c| c.0.clone()),
+            trace_id: telemetry::trace_id(&span, request.headers()),
             outcome: Outcome::default(),
             status: None,
             refusal: None,
@@ -147,6 +160,7 @@ impl Pipeline {
         let request_id = accounting.request_id.clone();
         let response = match self
             .process(request, &uri, peer, &request_id, &mut accounting.outcome)
+            .instrument(span.clone())
             .await
         {
             Ok(response) => response,
@@ -163,6 +177,7 @@ impl Pipeline {
             }
         };
         accounting.status = Some(response.status());
+        span.record("http.response.status_code", response.status().as_u16());
         response
     }
 
@@ -177,10 +192,14 @@ impl Pipeline {
         // Cheap checks first: a method or path that is never forwarded costs no key lookup.
         WebApiMethod::from_http(request.method())?;
         let target = request_target(uri, self.router.uses_path_prefix())?;
-        let caller: &Caller = outcome
-            .caller
-            .insert(self.inbound.authenticate(request.headers()).await?);
-        let environment = self.router.route(target.environment, caller)?;
+        let caller: &Caller = outcome.caller.insert(
+            self.inbound
+                .authenticate(request.headers())
+                .instrument(tracing::info_span!(target: SPAN_TARGET, "inbound.validate"))
+                .await?,
+        );
+        let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access");
+        let environment = deciding.in_scope(|| self.router.route(target.environment, caller))?;
         outcome.environment = Some(environment.clone());
         outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
         // The path without the environment prefix.
@@ -188,26 +207,44 @@ impl Pipeline {
             .path_and_query
             .split_once('?')
             .unwrap_or((target.path_and_query, ""));
-        let grant = self
-            .access
-            .decide(&AccessRequest {
-                method: request.method(),
-                path,
-                query,
-                metadata: None,
-                claims: &caller.claims,
-                issuer: &caller.issuer,
-                kind: caller.kind,
-            })
+        let stored_query_table = match self.access.reads_stored_queries() {
+            true => {
+                environment
+                    .stored_queries
+                    .table_of(query)
+                    .instrument(deciding.clone())
+                    .await
+            }
+            false => None,
+        };
+        let access_request = AccessRequest {
+            method: request.method(),
+            path,
+            query,
+            metadata: None,
+            claims: &caller.claims,
+            issuer: &caller.issuer,
+            kind: caller.kind,
+            stored_query_table: stored_query_table.as_deref(),
+        };
+        let grant = deciding
+            .in_scope(|| self.access.decide(&access_request))
             .inspect_err(|denied| {
                 self.metrics
                     .access_denied_total
                     .with_label_values(&[&denied.rule])
                     .inc();
             })?;
+        let body_access = self.access.body_access(&access_request, &grant);
         let impersonation = match grant.impersonation {
             ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
-            ImpersonationPolicy::Required => environment.identity.resolve(caller).await?,
+            ImpersonationPolicy::Required => {
+                environment
+                    .identity
+                    .resolve(caller)
+                    .instrument(tracing::info_span!(target: SPAN_TARGET, "identity.resolve"))
+                    .await?
+            }
         };
         outcome.impersonated = Some(impersonation);
         // Links handed back keep the environment prefix, so apps stay on the same route.
@@ -221,10 +258,27 @@ impl Pipeline {
             request_id,
             impersonation: &impersonation,
             grant: &grant,
+            body_access: body_access.as_ref(),
             public_base: &public_base,
             path_and_query: target.path_and_query,
         };
-        Ok(environment.upstream.forward(request, ctx).await?)
+        let response = environment
+            .upstream
+            .forward(request, ctx)
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "upstream"))
+            .await;
+        // A pair of the body or a `$batch` part refused: counted as a refusal at the line is.
+        if let Err(
+            UpstreamError::Access(denied)
+            | UpstreamError::Batch(BatchRefusal::PartAccess { denied, .. }),
+        ) = &response
+        {
+            self.metrics
+                .access_denied_total
+                .with_label_values(&[&denied.rule])
+                .inc();
+        }
+        Ok(response?)
     }
 
     /// The base URL the caller reached the gateway at, for rewriting links: the configured

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::access::StoredQueryLookup;
 use crate::config::{EnvironmentConfig, Routing};
 use crate::identity::IdentityResolver;
 use crate::inbound::Caller;
@@ -16,6 +17,8 @@ pub struct Environment {
     pub config: EnvironmentConfig,
     pub identity: IdentityResolver,
     pub upstream: Forwarder,
+    /// The tables of its stored queries, for the access rules.
+    pub stored_queries: StoredQueryLookup,
 }
 
 impl Environment {

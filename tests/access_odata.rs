@@ -38,6 +38,16 @@ access:
       allow:
         tables: {{ accounts: [read], contacts: [read] }}
         functions: [RetrievePrincipalAccess]
+    - name: deep-creators
+      when: {{ roles: [DeepCreate] }}
+      allow:
+        tables: {{ accounts: [create], contacts: [create] }}
+    - name: batch-envelope
+      when: {{ roles: [Batcher, BatchOnly] }}
+      allow: {{ batch: true }}
+    - name: batch-accounts
+      when: {{ roles: [Batcher] }}
+      allow: {{ methods: [GET, POST], entity_sets: [accounts] }}
 "
     )
 }
@@ -48,6 +58,20 @@ fn token(env: &Env, role: &str) -> String {
     env.idp.sign(claims)
 }
 
+/// Requests the stand-in received other than the gateway's own stored-query lookups.
+fn forwarded(env: &Env) -> usize {
+    env.dataverse
+        .requests()
+        .iter()
+        .filter(|r| !is_view_lookup(&r.path_and_query))
+        .count()
+}
+
+fn is_view_lookup(path: &str) -> bool {
+    path.starts_with("/api/data/v9.2/savedqueries(")
+        || path.starts_with("/api/data/v9.2/userqueries(")
+}
+
 enum Expect {
     Forwarded,
     /// Refused 403; the message contains this.
@@ -56,8 +80,20 @@ enum Expect {
 use Expect::{Forwarded, Refused};
 
 async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expect: Expect) {
+    check_as(env, role, method, path, body, "application/json", expect).await;
+}
+
+async fn check_as(
+    env: &Env,
+    role: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    content_type: &str,
+    expect: Expect,
+) {
     let token = token(env, role);
-    let before = env.dataverse.request_count();
+    let before = forwarded(env);
     let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
     let mut request = client()
         .request(
@@ -67,7 +103,7 @@ async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expe
         .bearer_auth(&token);
     if !body.is_empty() {
         request = request
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(body.to_string());
     }
     let response = request.send().await.unwrap();
@@ -76,7 +112,7 @@ async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expe
             assert_ne!(response.status(), 403, "{role} {method} {path}");
             assert_ne!(response.status(), 503, "{role} {method} {path}");
             assert_eq!(
-                env.dataverse.request_count(),
+                forwarded(env),
                 before + 1,
                 "{role} {method} {path} was not forwarded"
             );
@@ -90,7 +126,7 @@ async fn check(env: &Env, role: &str, method: &str, path: &str, body: &str, expe
             );
             assert!(message.contains(pair), "{role} {method} {path}: {message}");
             assert_eq!(
-                env.dataverse.request_count(),
+                forwarded(env),
                 before,
                 "{role} {method} {path} reached Dataverse"
             );
@@ -105,51 +141,118 @@ async fn every_table_a_request_touches_needs_a_grant() {
     let ref_body = format!(r#"{{"@odata.id":"contacts({ID})"}}"#);
     let r = "Accounts.Read";
     let c = "Accounts.Create";
-    let cases: Vec<(&str, &str, String, &str, Expect)> = vec![
+    let bind = |key: &str, url: &str| format!(r#"{{"name":"x","{key}":"{url}"}}"#);
+    let contact = format!("contacts({ID})");
+    let gateway_contact = format!("{}/api/data/v9.2/contacts({ID})", env.gateway.url());
+    let cases: Vec<(&str, &str, String, String, Expect)> = vec![
         // Plain reads keep today's meaning.
-        (r, "GET", "accounts".into(), "", Forwarded),
-        (r, "GET", format!("accounts({ID})?$select=name,revenue"), "", Forwarded),
-        (r, "GET", "accounts?$filter=name eq 'a/b'&$orderby=name".into(), "", Forwarded),
-        (r, "GET", "accounts?$expand=parentaccountid($select=name)".into(), "", Forwarded),
+        (r, "GET", "accounts".into(), String::new(), Forwarded),
+        (r, "GET", format!("accounts({ID})?$select=name,revenue"), String::new(), Forwarded),
+        (r, "GET", "accounts?$filter=name eq 'a/b'&$orderby=name".into(), String::new(), Forwarded),
+        (r, "GET", "accounts?$expand=parentaccountid($select=name)".into(), String::new(), Forwarded),
         // The GET-accounts-only bypasses of issue 11.
-        (r, "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), "",
+        (r, "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), String::new(),
             Refused("no rule allows read on contacts (via $expand=contact_customer_accounts)")),
-        (r, "GET", "accounts?$expand=parentaccountid($expand=primarycontactid)".into(), "",
+        (r, "GET", "accounts?$expand=parentaccountid($expand=primarycontactid)".into(), String::new(),
             Refused("read on contacts (via $expand=parentaccountid/primarycontactid)")),
-        (r, "GET", "accounts?$expand=*".into(), "", Refused("(via $expand=*)")),
-        (r, "GET", format!("accounts({ID})/contact_customer_accounts"), "",
+        (r, "GET", "accounts?$expand=*".into(), String::new(), Refused("(via $expand=*)")),
+        (r, "GET", format!("accounts({ID})/contact_customer_accounts"), String::new(),
             Refused("read on contacts (via path segment contact_customer_accounts)")),
-        (r, "GET", format!("accounts?fetchXml={fetch}"), "",
+        (r, "GET", format!("accounts?fetchXml={fetch}"), String::new(),
             Refused("read on contacts (via fetchXml link-entity contact)")),
-        (r, "GET", "accounts?$apply=groupby((primarycontactid/fullname))".into(), "",
+        (r, "GET", "accounts?$apply=groupby((primarycontactid/fullname))".into(), String::new(),
             Refused("read on contacts (via $apply=primarycontactid/fullname)")),
-        (r, "GET", "accounts?$filter=contact_customer_accounts/any(c:c/fullname eq 'x')".into(), "",
+        (r, "GET", "accounts?$filter=contact_customer_accounts/any(c:c/fullname eq 'x')".into(), String::new(),
             Refused("read on contacts (via $filter=contact_customer_accounts")),
-        (r, "GET", format!("accounts?savedQuery={ID}"), "", Refused("(via savedQuery)")),
-        (r, "GET", format!("accounts?userQuery={ID}"), "", Refused("(via userQuery)")),
-        (r, "GET", format!("accounts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), "",
+        (r, "GET", format!("accounts?savedQuery={ID}"), String::new(), Refused("(via savedQuery)")),
+        (r, "GET", format!("accounts?userQuery={ID}"), String::new(), Refused("(via userQuery)")),
+        (r, "GET", format!("accounts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), String::new(),
             Refused("execute on RetrievePrincipalAccess")),
-        (r, "GET", "new_projects?$expand=new_accountid".into(), "", Refused("GET on new_projects")),
+        (r, "GET", "new_projects?$expand=new_accountid".into(), String::new(), Refused("GET on new_projects")),
         // The POST-accounts-only bypasses that the path shows.
-        (c, "POST", "accounts".into(), r#"{"name":"x"}"#, Forwarded),
-        (c, "POST", format!("accounts({ID})/contact_customer_accounts"), r#"{"lastname":"x"}"#,
+        (c, "POST", "accounts".into(), r#"{"name":"x"}"#.into(), Forwarded),
+        (c, "POST", format!("accounts({ID})/contact_customer_accounts"), r#"{"lastname":"x"}"#.into(),
             Refused("create on contacts (via path segment contact_customer_accounts)")),
-        (c, "POST", format!("accounts({ID})/contact_customer_accounts/$ref"), &ref_body,
+        (c, "POST", format!("accounts({ID})/contact_customer_accounts/$ref"), ref_body.clone(),
             Refused("associate on contacts")),
-        (c, "POST", format!("accounts({ID})/Microsoft.Dynamics.CRM.Merge"), "{}",
+        (c, "POST", format!("accounts({ID})/Microsoft.Dynamics.CRM.Merge"), "{}".into(),
             Refused("execute on Merge")),
-        (c, "POST", "Merge".into(), "{}", Refused("POST on Merge")),
+        (c, "POST", "Merge".into(), "{}".into(), Refused("POST on Merge")),
         // Operations per table and functions by name; parameters' tables need grants.
-        ("PerTable", "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), "", Forwarded),
-        ("PerTable", "GET", "accounts?$expand=owninguser".into(), "",
+        ("PerTable", "GET", "accounts?$expand=contact_customer_accounts($select=fullname)".into(), String::new(), Forwarded),
+        ("PerTable", "GET", "accounts?$expand=owninguser".into(), String::new(),
             Refused("read on systemusers (via $expand=owninguser)")),
-        ("PerTable", "POST", "accounts".into(), r#"{"name":"x"}"#, Refused("POST on accounts")),
-        ("PerTable", "GET", format!("contacts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), "",
+        ("PerTable", "POST", "accounts".into(), r#"{"name":"x"}"#.into(), Refused("POST on accounts")),
+        ("PerTable", "GET", format!("contacts({ID})/Microsoft.Dynamics.CRM.RetrievePrincipalAccess(Target=@t)?@t={{'@odata.id':'contacts({ID})'}}"), String::new(),
             Refused("read on systemusers (via parameter entityset)")),
+        // The POST-accounts-only bypasses in the body: deep inserts, binds, $ref bodies.
+        (c, "POST", "accounts".into(), r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#.into(),
+            Refused("no rule allows create on contacts (via deep insert primarycontactid)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#.into(),
+            Refused("no rule allows create on contacts (via deep insert contact_customer_accounts)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","parentaccountid":{"name":"p","contact_customer_accounts":[{"lastname":"y"}]}}"#.into(),
+            Refused("create on contacts (via deep insert contact_customer_accounts)")),
+        (c, "POST", "accounts".into(), r#"{"name":"x","parentaccountid":{"name":"p"},"account_parent_account":[]}"#.into(), Forwarded),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &format!("/{contact}")),
+            Refused("no rule allows associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &gateway_contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid\\u0040odata.bind", &contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("primarycontactid@odata.bind", &format!("\\/{contact}")),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
+        (c, "POST", "accounts".into(), format!(r#"{{"contact_customer_accounts@odata.bind":["accounts({ID})","{contact}"]}}"#),
+            Refused("associate on contacts (via contact_customer_accounts@odata.bind)")),
+        (c, "POST", "accounts".into(), bind("parentaccountid@odata.bind", &format!("accounts({ID})")), Forwarded),
+        (c, "POST", format!("accounts({ID})/parentaccountid/$ref"), ref_body.clone(),
+            Refused("no rule allows associate on contacts (via @odata.id)")),
+        (c, "POST", format!("accounts({ID})/parentaccountid/$ref"), format!(r#"{{"@odata.id":"accounts({ID})"}}"#), Forwarded),
+        (c, "POST", "accounts".into(), format!(r#"{{"name":"{}"}}"#, "[{".repeat(70)), Forwarded),
+        (c, "POST", "accounts".into(), format!(r#"{{"a":{}{}}}"#, "[".repeat(70), "]".repeat(70)),
+            Refused("(via a body nested deeper than 64 levels)")),
+        // Operations per table: a deep insert needs create on its table, a bind associate.
+        ("DeepCreate", "POST", "accounts".into(), r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#.into(), Forwarded),
+        ("DeepCreate", "POST", "accounts".into(), r#"{"name":"x","new_account_new_project":[{"new_name":"y"}]}"#.into(),
+            Refused("create on new_projects (via deep insert new_account_new_project)")),
+        ("DeepCreate", "POST", "accounts".into(), bind("primarycontactid@odata.bind", &contact),
+            Refused("associate on contacts (via primarycontactid@odata.bind)")),
     ];
     for (role, method, path, body, expect) in cases {
-        check(&env, role, method, &path, body, expect).await;
+        check(&env, role, method, &path, &body, expect).await;
     }
+}
+
+#[tokio::test]
+async fn a_body_is_read_as_dataverse_reads_it_whatever_its_declared_type() {
+    let env = env().identity(&policy(true)).start().await;
+    let deep = r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#;
+    for content_type in [
+        "text/plain",
+        "application/octet-stream",
+        "application/json;odata.metadata=minimal",
+    ] {
+        check_as(
+            &env,
+            "Accounts.Create",
+            "POST",
+            "accounts",
+            deep,
+            content_type,
+            Refused("create on contacts (via deep insert primarycontactid)"),
+        )
+        .await;
+    }
+    // A column's value is not read as a record.
+    check_as(
+        &env,
+        "Accounts.Create",
+        "POST",
+        "accounts",
+        r#"{"name":"x"}"#,
+        "text/plain",
+        Forwarded,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -188,6 +291,37 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
     assert_ne!(plain.status(), 403);
     let (status, _, _) = error_body(get("contacts?$select=fullname".into()).await.unwrap()).await;
     assert_eq!(status, 403);
+    // A body whose records only the metadata can place is refused the same way.
+    let creator = self::token(&env, "Accounts.Create");
+    let post = |body: &'static str| {
+        client()
+            .post(format!("{}/api/data/v9.2/accounts", env.gateway.url()))
+            .bearer_auth(&creator)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let (status, code, message) = error_body(
+        post(r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#)
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (503, "DynamicsGateway.MetadataUnavailable"),
+        "{message}"
+    );
+    assert!(
+        message.contains("deep insert primarycontactid"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.request_count(), 1);
+    let plain = post(r#"{"name":"x","parentaccountid@odata.bind":"accounts(1)"}"#)
+        .await
+        .unwrap();
+    assert_ne!(plain.status(), 503);
+    assert_ne!(plain.status(), 403);
 }
 
 #[tokio::test]
@@ -205,4 +339,288 @@ async fn an_unreadable_metadata_file_is_a_config_error_naming_the_key() {
         dynamics_gateway::access::AccessPolicy::from_raw(raw, "access").unwrap_err();
     assert_eq!(key, "access.metadata_file");
     assert!(message.contains("no-such-file.xml"), "{message}");
+}
+
+const BOUNDARY: &str = "batch_a11";
+
+/// One `application/http` part: its MIME headers, request line, headers and body.
+fn part(content_id: Option<&str>, method: &str, url: &str, body: &str) -> String {
+    let id = content_id.map_or(String::new(), |id| format!("Content-ID: {id}\r\n"));
+    let (headers, body) = if body.is_empty() {
+        ("Accept: application/json\r\n", String::new())
+    } else {
+        ("Content-Type: application/json\r\n", format!("{body}\r\n"))
+    };
+    format!(
+        "Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n{id}\r\n{method} {url} HTTP/1.1\r\n{headers}\r\n{body}"
+    )
+}
+
+/// A batch of top-level parts.
+fn batch(parts: &[String]) -> String {
+    let mut body = String::new();
+    for p in parts {
+        body.push_str(&format!("--{BOUNDARY}\r\n{p}"));
+    }
+    body.push_str(&format!("--{BOUNDARY}--\r\n"));
+    body
+}
+
+/// One change set holding `parts`, as a top-level part.
+fn change_set(parts: &[String]) -> String {
+    let mut body = "Content-Type: multipart/mixed; boundary=cs_a11\r\n\r\n".to_string();
+    for p in parts {
+        body.push_str(&format!("--cs_a11\r\n{p}"));
+    }
+    body.push_str("--cs_a11--\r\n");
+    body
+}
+
+async fn post_batch(env: &Env, role: &str, body: String) -> reqwest::Response {
+    client()
+        .post(format!("{}/api/data/v9.2/$batch", env.gateway.url()))
+        .bearer_auth(token(env, role))
+        .header(
+            "content-type",
+            format!("multipart/mixed; boundary={BOUNDARY}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn each_batch_part_is_decided_as_a_request_and_one_refused_part_refuses_the_batch() {
+    let env = env().identity(&policy(true)).start().await;
+    let gw = env.gateway.url();
+    let accounts = part(Some("1"), "GET", "/api/data/v9.2/accounts?$select=name", "");
+    let create = |id: &str, url: &str, body: &str| part(Some(id), "POST", url, body);
+    let refused: Vec<(&str, String, &str)> = vec![
+        (
+            "Batcher",
+            batch(&[accounts.clone(), part(Some("7"), "GET", "/api/data/v9.2/contacts", "")]),
+            "$batch part 2 (Content-ID 7): no rule allows GET on contacts",
+        ),
+        (
+            "Batcher",
+            batch(&[accounts.clone(), part(None, "GET", &format!("{gw}/api/data/v9.2/accounts({ID})/contact_customer_accounts"), "")]),
+            "$batch part 2: no rule allows read on contacts (via path segment contact_customer_accounts)",
+        ),
+        (
+            "Batcher",
+            batch(&[part(None, "GET", "accounts?$expand=primarycontactid", "")]),
+            "$batch part 1: no rule allows read on contacts (via $expand=primarycontactid)",
+        ),
+        (
+            "Batcher",
+            batch(&[change_set(&[
+                create("1", "/api/data/v9.2/accounts", r#"{"name":"a"}"#),
+                create("2", "$1/contact_customer_accounts", r#"{"lastname":"c"}"#),
+            ])]),
+            "(Content-ID 2): no rule allows create on contacts (via path segment contact_customer_accounts)",
+        ),
+        (
+            "Batcher",
+            batch(&[change_set(&[
+                create("1", "/api/data/v9.2/accounts", r#"{"name":"a"}"#),
+                create("2", "/api/data/v9.2/accounts", r#"{"name":"b","primarycontactid":{"lastname":"c"}}"#),
+            ])]),
+            "(Content-ID 2): no rule allows create on contacts (via deep insert primarycontactid)",
+        ),
+        (
+            "Batcher",
+            batch(&[create("1", "accounts", &format!(r#"{{"primarycontactid@odata.bind":"contacts({ID})"}}"#))]),
+            "(Content-ID 1): no rule allows associate on contacts (via primarycontactid@odata.bind)",
+        ),
+        (
+            "BatchOnly",
+            batch(std::slice::from_ref(&accounts)),
+            "$batch part 1 (Content-ID 1): no rule allows GET on accounts",
+        ),
+    ];
+    for (role, body, message_part) in refused {
+        let (status, code, message) = error_body(post_batch(&env, role, body.clone()).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (403, "DynamicsGateway.AccessDenied"),
+            "{message}\n{body}"
+        );
+        assert!(message.contains(message_part), "{message}\n{body}");
+        assert_eq!(env.dataverse.request_count(), 0, "{body}");
+    }
+    // Counted under the first rule for the caller, or, for a pair of a part's body, under
+    // the rule that granted the part's line.
+    let series = |rule: &str| format!("dynamics_gateway_access_denied_total{{rule=\"{rule}\"}}");
+    assert_eq!(
+        support::metric(&env.gateway, &series("batch-envelope")).await,
+        5.0
+    );
+    assert_eq!(
+        support::metric(&env.gateway, &series("batch-accounts")).await,
+        2.0
+    );
+    // Parts every one of which a rule grants go through, Content-ID references included.
+    let allowed = batch(&[
+        accounts,
+        change_set(&[
+            create("2", "/api/data/v9.2/accounts", r#"{"name":"a"}"#),
+            create(
+                "3",
+                "accounts",
+                r#"{"name":"b","parentaccountid@odata.bind":"$2"}"#,
+            ),
+        ]),
+    ]);
+    let before = env.dataverse.records("accounts").len();
+    let response = post_batch(&env, "Batcher", allowed).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(env.dataverse.request_count(), 1);
+    assert_eq!(env.dataverse.records("accounts").len(), before + 2);
+}
+
+#[tokio::test]
+async fn a_refused_part_after_the_held_head_aborts_the_batch_unrun() {
+    let env = env().identity(&policy(true)).start().await;
+    // Past the 64 KiB the gateway decides before connecting: the batch streams.
+    let padding = "x".repeat(80 * 1024);
+    let body = batch(&[
+        part(
+            Some("1"),
+            "POST",
+            "/api/data/v9.2/accounts",
+            &format!(r#"{{"name":"a","description":"{padding}"}}"#),
+        ),
+        part(
+            Some("2"),
+            "POST",
+            "/api/data/v9.2/contacts",
+            r#"{"lastname":"c"}"#,
+        ),
+    ]);
+    let accounts = env.dataverse.records("accounts").len();
+    let contacts = env.dataverse.records("contacts").len();
+    let (status, _, message) = error_body(post_batch(&env, "Batcher", body).await).await;
+    assert_eq!(status, 403, "{message}");
+    assert!(
+        message.contains("(Content-ID 2): no rule allows POST on contacts"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.records("accounts").len(), accounts);
+    assert_eq!(env.dataverse.records("contacts").len(), contacts);
+}
+
+#[tokio::test]
+async fn a_stored_query_is_decided_on_the_table_it_reads() {
+    let env = env().identity(&policy(true)).start().await;
+    let account_view = env.dataverse.add_stored_query("savedqueries", "account");
+    let contact_view = env.dataverse.add_stored_query("savedqueries", "contact");
+    let personal_contacts = env.dataverse.add_stored_query("userqueries", "contact");
+    let r = "Accounts.Read";
+    let lookups = || {
+        env.dataverse
+            .requests()
+            .iter()
+            .filter(|q| is_view_lookup(&q.path_and_query))
+            .count()
+    };
+    // The view's table is looked up once, with the gateway's own token, and remembered.
+    for _ in 0..2 {
+        check(
+            &env,
+            r,
+            "GET",
+            &format!("accounts?savedQuery={account_view}"),
+            "",
+            Forwarded,
+        )
+        .await;
+    }
+    assert_eq!(lookups(), 1);
+    let lookup = env
+        .dataverse
+        .requests()
+        .into_iter()
+        .find(|q| is_view_lookup(&q.path_and_query))
+        .unwrap();
+    assert_eq!(
+        lookup.path_and_query,
+        format!("/api/data/v9.2/savedqueries({account_view})?$select=returnedtypecode")
+    );
+    assert!(lookup.header("callerobjectid").is_none());
+    // A view of contacts read through accounts is a read of contacts.
+    check(
+        &env,
+        r,
+        "GET",
+        &format!("accounts?savedQuery={contact_view}"),
+        "",
+        Refused("no rule allows read on contacts (via savedQuery)"),
+    )
+    .await;
+    check(
+        &env,
+        r,
+        "GET",
+        &format!("accounts?userQuery={personal_contacts}"),
+        "",
+        Refused("no rule allows read on contacts (via userQuery)"),
+    )
+    .await;
+    check(
+        &env,
+        "PerTable",
+        "GET",
+        &format!("accounts?userQuery={personal_contacts}"),
+        "",
+        Forwarded,
+    )
+    .await;
+    // A view that is not there, an id that is no GUID, or two views name no table.
+    for query in [
+        format!("savedQuery={ID}"),
+        "savedQuery=all-accounts".to_string(),
+        format!("savedQuery={account_view}&userQuery={account_view}"),
+    ] {
+        check(
+            &env,
+            r,
+            "GET",
+            &format!("accounts?{query}"),
+            "",
+            Refused("read on a table the gateway cannot name (via "),
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
+    let env = env().identity(&policy(true)).start().await;
+    let padding = "x".repeat(80 * 1024);
+    let body = format!(
+        r#"{{"name":"a","description":"{padding}","primarycontactid":{{"lastname":"c"}}}}"#
+    );
+    let accounts = env.dataverse.records("accounts").len();
+    let contacts = env.dataverse.records("contacts").len();
+    let response = client()
+        .post(format!("{}/api/data/v9.2/accounts", env.gateway.url()))
+        .bearer_auth(token(&env, "Accounts.Create"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, code, message) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DynamicsGateway.AccessDenied"),
+        "{message}"
+    );
+    assert!(
+        message.contains("no rule allows create on contacts (via deep insert primarycontactid)"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.records("accounts").len(), accounts);
+    assert_eq!(env.dataverse.records("contacts").len(), contacts);
 }

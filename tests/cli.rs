@@ -66,6 +66,57 @@ fn check_prints_the_plan_without_the_secret() {
 }
 
 #[test]
+fn check_prints_how_each_access_rule_is_read() {
+    let yaml = format!(
+        "{GOOD}access:
+  default: deny
+  metadata_file: {}/tests/fixtures/csdl.xml
+  rules:
+    - name: readers
+      when: {{ roles: [Sales.Read] }}
+      allow: {{ methods: [GET], entity_sets: [accounts], tables: {{ contacts: [read, associate] }}, functions: [WhoAmI] }}
+    - name: batches
+      when: {{ scp: [Dynamics.Write] }}
+      allow: {{ batch: true }}
+    - name: sync
+      when: {{}}
+      allow: {{ tables: {{ \"*\": [read] }} }}
+      impersonation: app_only
+",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = check(&yaml, &[("TEST_DGW_SECRET", "s")]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "access:        3 rules, first that grants every pair a request touches wins; else deny",
+        "(5 entity sets)",
+        "  rule readers: for callers with roles Sales.Read; as the caller's Dynamics user",
+        "    GET requests: any operation on accounts (other tables they touch need their own grant)",
+        "    read, associate: contacts",
+        "    execute: WhoAmI",
+        "  rule batches: for callers with scp Dynamics.Write;",
+        "    $batch: the envelope only; each part is decided as a request of its own",
+        "  rule sync: for every authenticated caller; as the application user, for app-only callers",
+        "    read: every table, named or not",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    let none = check(GOOD, &[("TEST_DGW_SECRET", "s")]);
+    let stdout = String::from_utf8(none.stdout).unwrap();
+    assert!(
+        stdout.contains(
+            "access:        no rules: every verified caller may make any Web API request"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_names_the_bad_key_and_exits_non_zero() {
     let cases = [
         (GOOD.replace("  client_id:", "  clientid:"), "clientid"),

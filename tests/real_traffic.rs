@@ -145,6 +145,58 @@ async fn bodies_the_gateway_does_not_rewrite_pass_compressed_and_untouched() {
     assert_eq!(response.bytes().await.unwrap(), opaque.as_bytes());
 }
 
+/// Dataverse answering gzip to a caller that accepts only identity (as if it ignored the
+/// `Accept-Encoding` the gateway sent): the caller gets identity, links rewritten, and a
+/// `Vary` for caches.
+#[tokio::test]
+async fn a_coding_the_caller_does_not_accept_is_decoded_for_it() {
+    let env = env().start().await;
+    let page = format!(
+        r#"{{"@odata.context":"{}/api/data/v9.2/$metadata#accounts","value":[]}}"#,
+        env.dataverse.url()
+    );
+    let file = b"file bytes, not rewritten".to_vec();
+    for (content_type, body) in [
+        (
+            "application/json; odata.metadata=minimal",
+            page.as_bytes().to_vec(),
+        ),
+        ("application/octet-stream", file.clone()),
+    ] {
+        env.dataverse.respond_next_bytes(
+            1,
+            200,
+            vec![
+                ("Content-Type".into(), content_type.into()),
+                ("Content-Encoding".into(), "gzip".into()),
+            ],
+            gzip(&body).into(),
+        );
+        let response = client()
+            .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+            .bearer_auth(env.idp.token_for(ALICE_OID))
+            .header("Accept-Encoding", "identity")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(
+            response.headers().get("content-encoding").is_none(),
+            "{content_type}: {:?}",
+            response.headers()
+        );
+        assert_eq!(response.headers()["vary"], "accept-encoding");
+        let received = response.bytes().await.unwrap().to_vec();
+        if content_type.starts_with("application/json") {
+            let text = String::from_utf8(received).unwrap();
+            let expected = format!("{}/api/data/v9.2/$metadata#accounts", env.gateway.url());
+            assert!(text.contains(&expected), "{text}");
+        } else {
+            assert_eq!(received, file);
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_gzipped_request_body_is_decoded_for_the_bind_rewrite() {
     let env = env().start().await;

@@ -22,16 +22,22 @@
 //!   stays valid JSON. `$batch` requests (boundary `batch`) are also checked: refused in
 //!   one chunking means refused in every chunking, and what is accepted has no part header
 //!   that names an identity, credential, cookie or method override.
+//! - `json_access`: the access checks of a request body never change its bytes, decide
+//!   the same in every chunking, and agree with serde_json's reading on top-level deep
+//!   inserts and binds of a table the rule does not grant.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use dynamics_gateway::access::{Grant, ImpersonationPolicy};
+use dynamics_gateway::access::{
+    AccessPolicy, AccessRequest, Grant, ImpersonationPolicy, Metadata, RawAccess,
+};
 use dynamics_gateway::config::LookupAttribute;
 use dynamics_gateway::identity::lookup::filter;
 use dynamics_gateway::inbound::jwt::{UnverifiedToken, MAX_TOKEN_BYTES};
 use dynamics_gateway::inbound::AuthError;
+use dynamics_gateway::inbound::CallerKind;
 use dynamics_gateway::upstream::batch_parts::PartRules;
 use dynamics_gateway::upstream::link_body::ChunkRewriter;
 use dynamics_gateway::upstream::odata_links::{
@@ -46,14 +52,101 @@ use serde_json::Value;
 pub type Target = fn(&[u8]);
 
 /// Every target by name, for the corpus replay.
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("jwt", fuzz_jwt),
     ("path", fuzz_path),
     ("filter", fuzz_filter),
     ("json_links", fuzz_json_links),
     ("batch_links", fuzz_batch_links),
     ("query_options", fuzz_query_options),
+    ("json_access", fuzz_json_access),
 ];
+
+// ---------------------------------------------------------------------------------------
+// json_access
+
+/// The access checks of a `POST accounts` body under a rule granting only that, with the
+/// CSDL fixture: reading the body never changes a byte of it; the decision is the same in
+/// every chunking; and against serde_json's reading of valid JSON, a deep insert or bind
+/// of contacts at the top level is always refused, a flat object of scalars never.
+pub fn fuzz_json_access(data: &[u8]) {
+    let yaml = "default: deny
+rules:
+  - name: creators
+    when: {}
+    allow: { methods: [POST], entity_sets: [accounts] }
+";
+    let raw: RawAccess = serde_norway::from_str(yaml).unwrap();
+    let policy = AccessPolicy::from_raw(raw, "access").unwrap();
+    let metadata = std::sync::Arc::new(
+        Metadata::from_reader(include_str!("../../tests/fixtures/csdl.xml").as_bytes()).unwrap(),
+    );
+    let claims = serde_json::Map::new();
+    let request = AccessRequest {
+        method: &http::Method::POST,
+        path: "/api/data/v9.2/accounts",
+        query: "",
+        metadata: Some(&metadata),
+        claims: &claims,
+        issuer: "fuzz",
+        kind: CallerKind::User,
+        stored_query_table: None,
+    };
+    let grant = policy.decide(&request).unwrap();
+    let access = policy.body_access(&request, &grant).unwrap();
+    let rewrite = LinkRewrite::new("http://localhost:8080", "https://contoso.crm.dynamics.com");
+    let plain = rewrite_json(&rewrite, JsonKeys::RequestBinds, data);
+    let run = |chunks: &[&[u8]]| {
+        let inspector = access.inspector().unwrap();
+        let mut r = JsonLinkRewriter::inspected(rewrite.clone(), inspector);
+        let mut out = Vec::new();
+        let mut refused = None;
+        for c in chunks {
+            r.push(c, &mut out);
+            if refused.is_none() {
+                refused = r.refusal().map(|d| d.message.clone());
+            }
+        }
+        r.finish(&mut out);
+        (out, refused)
+    };
+    let (out, refused) = run(&[data]);
+    assert_eq!(out, plain, "reading the body changed it");
+    for chunks in splits(data) {
+        assert_eq!(
+            run(&chunks),
+            (out.clone(), refused.clone()),
+            "chunking changed the decision"
+        );
+    }
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    let has_object = |v: &Value| match v {
+        Value::Object(_) => true,
+        Value::Array(items) => items.iter().any(Value::is_object),
+        _ => false,
+    };
+    let contacts = body.iter().any(|(key, value)| {
+        (matches!(
+            key.as_str(),
+            "primarycontactid" | "contact_customer_accounts"
+        ) && has_object(value))
+            || (key.ends_with("@odata.bind")
+                && value.as_str().is_some_and(|v| v.starts_with("contacts(")))
+    });
+    if contacts {
+        assert!(
+            refused.is_some(),
+            "a deep insert or bind of contacts passed"
+        );
+    }
+    if body.values().all(|v| !v.is_object() && !v.is_array())
+        && body.keys().all(|k| !k.contains('@'))
+    {
+        assert_eq!(refused, None, "a flat record was refused");
+    }
+}
 
 // ---------------------------------------------------------------------------------------
 // query_options

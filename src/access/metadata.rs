@@ -149,6 +149,11 @@ impl Metadata {
         Ok(metadata)
     }
 
+    /// How many entity sets the metadata names.
+    pub fn set_count(&self) -> usize {
+        self.set_type.len()
+    }
+
     /// Whether `set` is an entity set of this environment.
     pub fn has_set(&self, set: &str) -> bool {
         self.set_type.contains_key(&set.to_ascii_lowercase())

@@ -18,23 +18,30 @@
 //!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
 //!   requests are refused 503 unless a rule grants every table (`"*"`).
 //! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
-//!   only a grant on every table covers them.
-//! - `$batch` is allowed only by a rule with `batch: true`. Its parts are checked for
-//!   identity, credential, cookie and method-override headers, other hosts and paths outside
-//!   `/api/data/`, and their control headers are decided by the same grant, but their entity
-//!   sets are not matched against rules, so a batch grant is effectively "anything this
-//!   identity may do in Dataverse". Long GETs from some clients (dynamics-web-api) arrive as
-//!   batches.
+//!   the pipeline looks it up ([`StoredQueryLookup`]) and passes it in
+//!   [`AccessRequest::stored_query_table`]; without it only a grant on every table covers them.
+//! - Request bodies ([`body`]): deep inserts, `@odata.bind` and `@odata.id` values are
+//!   pairs too, found as the body streams through the link rewriter; the rule that grants
+//!   must grant them as well (a later rule for the caller acting the same way may).
+//! - `$batch` is allowed only by a rule with `batch: true`, which permits the envelope only.
+//!   Each part, change sets included, is decided as a request of its own (its method, URL
+//!   and body) by the rules for the caller that act as the envelope's grant does; one
+//!   refused part refuses the batch, naming the part. Parts are also checked for identity,
+//!   credential, cookie and method-override headers, other hosts and paths outside
+//!   `/api/data/`, and their control headers are decided by the envelope's grant. Long GETs
+//!   from some clients (dynamics-web-api) arrive as batches.
 //! - An empty `when: {}` is allowed and matches every authenticated caller; `when` itself
 //!   must be written, so "everyone" is always a visible choice.
 //! - `impersonation: app_only` rules match only callers the inbound stage found to be
 //!   applications ([`CallerKind::App`], on the issuer's positive evidence), never a user.
 
+pub mod body;
 mod control_headers;
 pub mod metadata;
 pub mod odata;
 mod raw;
 mod rule;
+mod stored_query;
 pub mod target;
 pub mod touches;
 
@@ -46,6 +53,7 @@ use serde_json::{Map, Value};
 
 use crate::inbound::CallerKind;
 
+pub use body::{BatchPart, BodyAccess, BodyInspector};
 pub(crate) use control_headers::names_impersonation;
 pub use control_headers::{
     check_control_headers, decide_control_header, is_control_header, strip_control_headers,
@@ -53,6 +61,7 @@ pub use control_headers::{
 };
 pub use metadata::{Metadata, MetadataError};
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
+pub use stored_query::StoredQueryLookup;
 pub use target::Target;
 pub use touches::{Operation, Resource, Touch};
 
@@ -64,7 +73,8 @@ const DEFAULT_RULE: &str = "default";
 /// The validated access policy.
 #[derive(Debug, Clone)]
 pub struct AccessPolicy {
-    rules: Vec<Rule>,
+    /// Shared with the body checks of the requests in flight.
+    rules: Arc<[Rule]>,
     default: DefaultDecision,
     /// What `default: allow` hands out, built once.
     default_grant: Grant,
@@ -87,13 +97,17 @@ pub struct AccessRequest<'a> {
     /// The raw query string, without `?` (empty when there is none).
     pub query: &'a str,
     /// The environment's metadata, when in hand; `access.metadata_file` otherwise.
-    pub metadata: Option<&'a Metadata>,
+    pub metadata: Option<&'a Arc<Metadata>>,
     /// The caller's verified token claims.
     pub claims: &'a Map<String, Value>,
     /// The caller's verified issuer.
     pub issuer: &'a str,
     /// User or application, as the inbound stage decided.
     pub kind: CallerKind,
+    /// The logical name of the table the request's `savedQuery` / `userQuery` reads, when
+    /// it was looked up ([`StoredQueryLookup`]); without it a stored query needs a grant on
+    /// every table.
+    pub stored_query_table: Option<&'a str>,
 }
 
 /// Permission for one request.
@@ -118,7 +132,7 @@ pub enum ImpersonationPolicy {
 }
 
 /// A refused request: answered 403 with `message`, counted under `rule`.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct AccessDenied {
     /// For the metric label: the first rule that matched the caller but did not cover the
@@ -147,7 +161,7 @@ impl AccessPolicy {
 
     fn new(rules: Vec<Rule>, default: DefaultDecision) -> Self {
         Self {
-            rules,
+            rules: rules.into(),
             default,
             default_grant: Grant {
                 rule: Arc::from(DEFAULT_RULE),
@@ -158,6 +172,44 @@ impl AccessPolicy {
         }
     }
 
+    /// How the policy is read, one line each, for `dynamics-gateway check`.
+    pub fn describe(&self) -> Vec<String> {
+        let default = match self.default {
+            DefaultDecision::Allow => "allow",
+            DefaultDecision::Deny => "deny",
+        };
+        let metadata = match &self.metadata {
+            Some(m) => format!("navigation and table names from access.metadata_file ({} entity sets)", m.set_count()),
+            None => "no metadata: requests whose tables only $metadata names are refused 503 unless a rule grants every table".to_string(),
+        };
+        if self.rules.is_empty() {
+            return vec![format!(
+                "access:        no rules: every verified caller {} any Web API request",
+                if default == "allow" {
+                    "may make"
+                } else {
+                    "is refused"
+                }
+            )];
+        }
+        let mut lines = vec![
+            format!("access:        {} rules, first that grants every pair a request touches wins; else {default}", self.rules.len()),
+            format!("  {metadata}"),
+        ];
+        lines.extend(
+            self.rules
+                .iter()
+                .flat_map(|rule| rule.describe())
+                .map(|l| format!("  {l}")),
+        );
+        lines
+    }
+
+    /// Whether a stored query's table is worth looking up: only rules can refuse it.
+    pub fn reads_stored_queries(&self) -> bool {
+        !self.rules.is_empty()
+    }
+
     /// The metadata from `access.metadata_file`, if one was given.
     pub fn metadata(&self) -> Option<&Arc<Metadata>> {
         self.metadata.as_ref()
@@ -166,57 +218,146 @@ impl AccessPolicy {
     /// Grants or refuses one request: a rule must grant every pair it touches.
     pub fn decide(&self, request: &AccessRequest<'_>) -> Result<Grant, AccessDenied> {
         let target = Target::from_path(request.path);
-        let metadata = request.metadata.or(self.metadata.as_deref());
+        let metadata = request.metadata.or(self.metadata.as_ref()).map(|m| &**m);
         let touches = match target {
             Target::Batch => Vec::new(),
-            _ => touches::touches(request.method, request.path, request.query, metadata),
+            _ => {
+                touches::request_pairs(
+                    request.method,
+                    request.path,
+                    request.query,
+                    metadata,
+                    request.stored_query_table,
+                )
+                .0
+            }
         };
-        // The first rule for this caller, and the first pair it did not grant.
-        let mut closest: Option<(&Arc<str>, Option<&Touch>)> = None;
-        for rule in &self.rules {
-            if !rule.is_for(request) {
-                continue;
-            }
-            match rule.allow.covers(request.method, &target, &touches) {
-                Ok(()) => return Ok(rule.grant.clone()),
-                Err(i) => {
-                    closest.get_or_insert((&rule.grant.rule, touches.get(i)));
-                }
-            }
-        }
-        if self.default == DefaultDecision::Allow {
-            return Ok(self.default_grant.clone());
-        }
-        let (rule, missing) = match closest {
-            Some((rule, missing)) => (rule, missing),
-            // No rule is for this caller: name the first pair that is not the addressed
-            // table's, if any, so the message says what was reached.
-            None => (
-                &self.default_grant.rule,
-                touches.iter().find(|t| t.via.is_some()),
-            ),
-        };
-        let metadata_unavailable =
-            metadata.is_none() && missing.is_some_and(|t| t.resource == Resource::Unresolved);
-        let message = match missing {
-            Some(touch) if metadata_unavailable => format!(
-                "the {} needs this environment's $metadata, which the gateway does not have yet; retry shortly",
-                touch.via.as_deref().unwrap_or("request")
-            ),
-            Some(touch) if touch.via.is_some() => {
-                format!("no rule allows {} for this caller", truncated(&touch.to_string()))
-            }
-            _ => format!(
-                "no rule allows {} on {} for this caller",
+        let for_caller = self.rules_for(request, None);
+        let granted = for_caller.iter().find(|&&i| {
+            self.rules[i]
+                .allow
+                .covers(request.method, &target, &touches)
+                .is_ok()
+        });
+        match granted {
+            Some(&i) => Ok(self.rules[i].grant.clone()),
+            None if self.default == DefaultDecision::Allow => Ok(self.default_grant.clone()),
+            None => Err(refusal(
+                &self.rules,
+                &for_caller,
                 request.method,
+                &target,
+                &touches,
+                metadata.is_some(),
+            )),
+        }
+    }
+
+    /// What the body of a request `grant` allowed is checked against as it streams: its
+    /// deep inserts, `@odata.bind` and `@odata.id` values, and each `$batch` part. `None`
+    /// for requests without a body the rules read.
+    pub fn body_access(&self, request: &AccessRequest<'_>, grant: &Grant) -> Option<BodyAccess> {
+        // Without rules the default decides everything: there is nothing to read for.
+        if self.rules.is_empty()
+            || !matches!(*request.method, Method::POST | Method::PATCH | Method::PUT)
+        {
+            return None;
+        }
+        let for_caller = self.rules_for(request, Some(grant.impersonation));
+        let shared = Arc::new(body::Shared {
+            rules: self.rules.clone(),
+            for_caller,
+            default_allows: self.default == DefaultDecision::Allow,
+            metadata: request.metadata.or(self.metadata.as_ref()).cloned(),
+            grant_rule: grant.rule.clone(),
+        });
+        Some(BodyAccess::new(shared, request))
+    }
+
+    /// The rules for this caller, in order; with `impersonation`, only those acting as it.
+    fn rules_for(
+        &self,
+        request: &AccessRequest<'_>,
+        impersonation: Option<ImpersonationPolicy>,
+    ) -> Vec<usize> {
+        self.rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| {
+                rule.is_for(request) && impersonation.is_none_or(|i| rule.grant.impersonation == i)
+            })
+            .map(|(i, _)| i)
+            .collect()
+    }
+}
+
+/// Why no rule among `for_caller` grants a request, counted under the first of them: the
+/// first pair none of them grants, else the first pair the first of them does not grant;
+/// when none is for this caller, the first pair that is not the addressed table's, so the
+/// message says what was reached.
+fn refusal(
+    rules: &[Rule],
+    for_caller: &[usize],
+    method: &Method,
+    target: &Target,
+    touches: &[Touch],
+    has_metadata: bool,
+) -> AccessDenied {
+    let (rule, missing) = match for_caller.first() {
+        Some(&i) => {
+            let rule = &rules[i];
+            let ungranted = touches.iter().find(|touch| {
+                !for_caller.iter().any(|&j| {
+                    let one = std::slice::from_ref(*touch);
+                    rules[j].allow.covers(method, target, one).is_ok()
+                })
+            });
+            let missing = ungranted.or_else(|| {
+                let missing = rule.allow.covers(method, target, touches).err();
+                missing.and_then(|m| touches.get(m))
+            });
+            (rule.grant.rule.clone(), missing)
+        }
+        None => (
+            Arc::from(DEFAULT_RULE),
+            touches.iter().find(|t| t.via.is_some()),
+        ),
+    };
+    match missing {
+        Some(touch)
+            if touch.via.is_some() || (!has_metadata && touch.resource == Resource::Unresolved) =>
+        {
+            denied_pair(rule, touch, has_metadata)
+        }
+        _ => AccessDenied {
+            rule,
+            message: format!(
+                "no rule allows {method} on {} for this caller",
                 truncated(&target.to_string())
             ),
-        };
-        Err(AccessDenied {
-            rule: rule.clone(),
-            message,
-            metadata_unavailable,
-        })
+            metadata_unavailable: false,
+        },
+    }
+}
+
+/// The refusal naming one pair no rule grants.
+fn denied_pair(rule: Arc<str>, touch: &Touch, has_metadata: bool) -> AccessDenied {
+    let metadata_unavailable = !has_metadata && touch.resource == Resource::Unresolved;
+    let message = if metadata_unavailable {
+        format!(
+            "the {} needs this environment's $metadata, which the gateway does not have yet; retry shortly",
+            touch.via.as_deref().unwrap_or("request")
+        )
+    } else {
+        format!(
+            "no rule allows {} for this caller",
+            truncated(&touch.to_string())
+        )
+    };
+    AccessDenied {
+        rule,
+        message,
+        metadata_unavailable,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct QueryOptions {
     pub fetch_xml: Option<String>,
     /// `savedQuery=` or `userQuery=` was given (the table is the stored query's).
     pub stored_query: Option<OptionName>,
+    /// The values of every `savedQuery=` and `userQuery=`, decoded, in order.
+    pub stored_query_ids: Vec<String>,
     /// Entity sets named by `@odata.id` references in parameter aliases (`@p1=...`).
     pub references: Vec<String>,
     /// Nesting beyond [`MAX_DEPTH`], or unbalanced parentheses: not fully read.
@@ -102,6 +104,16 @@ pub fn parse_query(query: &str) -> QueryOptions {
     options
 }
 
+/// The one stored query a query string names (`savedQuery=<id>` or `userQuery=<id>`),
+/// `None` when it names none, several, or one whose id is no GUID.
+pub fn stored_query(query: &str) -> Option<(OptionName, uuid::Uuid)> {
+    let options = parse_query(query);
+    match (options.stored_query, options.stored_query_ids.as_slice()) {
+        (Some(kind), [id]) => uuid::Uuid::try_parse(id.trim()).ok().map(|id| (kind, id)),
+        _ => None,
+    }
+}
+
 /// Percent-decoding as a query string is read (`+` is a space).
 fn decode(text: &str) -> String {
     let spaced = text.replace('+', " ");
@@ -120,10 +132,12 @@ fn read_option(name: &str, value: &str, options: &mut QueryOptions, depth: usize
         }
         "savedquery" => {
             options.stored_query = Some(OptionName::SavedQuery);
+            options.stored_query_ids.push(value.to_string());
             return;
         }
         "userquery" => {
             options.stored_query = Some(OptionName::UserQuery);
+            options.stored_query_ids.push(value.to_string());
             return;
         }
         "filter" => OptionName::Filter,

@@ -83,9 +83,8 @@ pub struct RawAllow {
     /// (also the service root), or `["*"]` for every target including unrecognised paths.
     #[serde(default)]
     pub entity_sets: Vec<String>,
-    /// Allow `POST $batch`. The parts are NOT inspected: a batch grant lets the caller do
-    /// anything Dataverse lets the (impersonated or application) user do, whatever
-    /// `methods` and `entity_sets` say.
+    /// Allow `POST $batch`: the envelope only. Each part is decided as a request of its
+    /// own, by any rule for the caller that acts as this one does (same `impersonation`).
     #[serde(default)]
     pub batch: bool,
     /// Operations per table: `{contacts: [read], accounts: [read, create, associate]}`,

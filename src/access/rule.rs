@@ -147,8 +147,8 @@ impl Allow {
         touches: &[Touch],
     ) -> Result<(), usize> {
         if let Target::Batch = target {
-            // The parts are not inspected, so neither `methods` nor `entity_sets` can limit
-            // them: `batch: true` alone decides. A batch is always a POST.
+            // The envelope: `batch: true` alone decides; each part is decided on its own
+            // as the body streams (`body::BatchPart`). A batch is always a POST.
             return if self.batch && method == Method::POST {
                 Ok(())
             } else {
@@ -161,7 +161,7 @@ impl Allow {
         }
     }
 
-    fn covers_touch(&self, method: &Method, touch: &Touch) -> bool {
+    pub(super) fn covers_touch(&self, method: &Method, touch: &Touch) -> bool {
         (self.has_method_grant() && self.covers_method(method) && self.covers_name(&touch.resource))
             || self.covers_by_table(touch)
     }
@@ -207,5 +207,106 @@ impl Allow {
                 .any(|(table, ops)| table.is_none() && ops.contains(&touch.operation)),
             Resource::Function(_) | Resource::Metadata => false,
         }
+    }
+}
+
+impl Rule {
+    /// How this rule is read, for `dynamics-gateway check`: whom it is for and each pair
+    /// it grants, one line each.
+    pub(super) fn describe(&self) -> Vec<String> {
+        let acts_as = match self.grant.impersonation {
+            ImpersonationPolicy::Required => "as the caller's Dynamics user",
+            ImpersonationPolicy::AppOnly => "as the application user, for app-only callers",
+        };
+        let mut lines = vec![format!(
+            "rule {}: for {}; {acts_as}",
+            self.grant.rule,
+            self.when.describe()
+        )];
+        lines.extend(self.allow.describe());
+        if !self.grant.control_headers.is_empty() {
+            let names: Vec<&str> = self
+                .grant
+                .control_headers
+                .iter()
+                .map(|h| h.as_str())
+                .collect();
+            lines.push(format!("  control headers passed: {}", names.join(", ")));
+        }
+        lines
+    }
+}
+
+impl When {
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let mut list = |what: &str, values: &Option<Vec<String>>| {
+            if let Some(values) = values {
+                parts.push(format!("{what} {}", values.join(" or ")));
+            }
+        };
+        list("roles", &self.roles);
+        list("scp", &self.scopes);
+        list("issuer", &self.issuers);
+        let ids = |values: &Option<Vec<Id>>| {
+            values.as_ref().map(|v| {
+                v.iter()
+                    .map(|id| match id {
+                        Id::Guid(g) => g.to_string(),
+                        Id::Text(t) => t.clone(),
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        list("tenant", &ids(&self.tenants));
+        list("app_id", &ids(&self.app_ids));
+        for (name, values) in &self.claims {
+            let values: Vec<String> = values.iter().map(Value::to_string).collect();
+            parts.push(format!("claim {name} {}", values.join(" or ")));
+        }
+        if parts.is_empty() {
+            "every authenticated caller".to_string()
+        } else {
+            format!("callers with {}", parts.join(" and "))
+        }
+    }
+}
+
+impl Allow {
+    fn describe(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.has_method_grant() {
+            let methods = match &self.methods {
+                None => "requests of any method".to_string(),
+                Some(m) => {
+                    let names: Vec<&str> = m.iter().map(Method::as_str).collect();
+                    format!("{} requests", names.join(", "))
+                }
+            };
+            let names = match &self.entity_sets {
+                None => "every table, function and unrecognised path".to_string(),
+                Some(sets) => sets.join(", "),
+            };
+            lines.push(format!(
+                "  {methods}: any operation on {names} (other tables they touch need their own grant)"
+            ));
+        }
+        for (table, operations) in &self.tables {
+            let ops: Vec<&str> = operations.iter().map(|o| o.as_str()).collect();
+            let table = table.as_deref().unwrap_or("every table, named or not");
+            lines.push(format!("  {}: {table}", ops.join(", ")));
+        }
+        match &self.functions {
+            None => lines.push("  execute: every function and action".to_string()),
+            Some(f) if !f.is_empty() => lines.push(format!("  execute: {}", f.join(", "))),
+            Some(_) => {}
+        }
+        if self.batch {
+            lines.push(
+                "  $batch: the envelope only; each part is decided as a request of its own"
+                    .to_string(),
+            );
+        }
+        lines
     }
 }

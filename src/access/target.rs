@@ -5,10 +5,9 @@
 //! How each shape counts (the rules list names; comparison ignores ASCII case):
 //! - `accounts`, `accounts(<guid>)`, `accounts(name='x')` (alternate key), `accounts/$count`,
 //!   `accounts(<id>)/name/$value`, `accounts(<id>)/primarycontactid/$ref` → `accounts`.
-//! - Navigation `accounts(<id>)/contact_customer_accounts` → `accounts`: only the FIRST
-//!   segment counts. The set a navigation property leads to is only known from `$metadata`,
-//!   so a grant on `accounts` also reaches, read and write, whatever its navigation
-//!   properties lead to (here contacts), as far as Dataverse's own security allows.
+//! - Navigation `accounts(<id>)/contact_customer_accounts` → `accounts`: the target is the
+//!   first segment. The tables the later segments lead to are pairs of their own, resolved
+//!   from `$metadata` by [`super::touches`], and each needs its own grant.
 //! - Bound functions and actions `accounts(<id>)/Microsoft.Dynamics.CRM.Foo` → `accounts`.
 //! - Unbound functions and actions `WhoAmI()`, `WhoAmI`, `RetrieveVersion()`,
 //!   `Microsoft.Dynamics.CRM.WinOpportunity` → a pseudo entity set named by the operation
@@ -57,7 +56,7 @@ const DECODE_ROUNDS: usize = 4;
 pub enum Target {
     /// An entity set (`accounts`), with any key, navigation or bound operation after it.
     EntitySet(String),
-    /// `$batch`: its parts are not inspected.
+    /// `$batch`: the envelope; its parts are decided one by one as the body streams.
     Batch,
     /// An unbound function or action, by its name without namespace (`WhoAmI`).
     Function(String),

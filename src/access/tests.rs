@@ -56,6 +56,7 @@ fn decide_as(
         claims,
         issuer,
         kind: CallerKind::from_claims(&AppOnlyEvidence::Entra, claims),
+        stored_query_table: None,
     })
 }
 

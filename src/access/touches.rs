@@ -115,6 +115,21 @@ impl fmt::Display for Touch {
     }
 }
 
+/// What a request's JSON body is read as, from where its path ends: the body's own pairs
+/// (deep inserts, `@odata.bind`, `@odata.id`) depend on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyRoot {
+    /// A record of this table (`POST accounts`, `PATCH accounts(id)`, a create through a
+    /// navigation property): nested records are deep inserts, binds associate.
+    Record(Resource),
+    /// A `$ref` body: its `@odata.id` associates.
+    Reference,
+    /// A function's or action's parameters: the records they name are read.
+    Parameters,
+    /// Nothing the rules need to see: a column's value, or a request without a body.
+    Opaque,
+}
+
 /// The pairs of a request other than `$batch` (whose envelope the rules decide alone).
 /// `path` starts `/api/data/`; `query` is the raw query string without `?`.
 pub fn touches(
@@ -123,35 +138,76 @@ pub fn touches(
     query: &str,
     metadata: Option<&Metadata>,
 ) -> Vec<Touch> {
+    request_pairs(method, path, query, metadata, None).0
+}
+
+/// [`touches`], and what the request's body is read as. `stored_table`: the logical name
+/// of the table the request's `savedQuery` / `userQuery` reads (its `returnedtypecode`),
+/// when it was looked up.
+pub fn request_pairs(
+    method: &Method,
+    path: &str,
+    query: &str,
+    metadata: Option<&Metadata>,
+    stored_table: Option<&str>,
+) -> (Vec<Touch>, BodyRoot) {
     let mut out = Touches {
         metadata,
+        stored_table,
         list: Vec::new(),
     };
     let options = odata::parse_query(query);
     let target = Target::from_path(path);
-    match target {
-        Target::EntitySet(set) => {
-            let end = out.walk_path(method, &set, path, &options);
-            if let Some(set) = end {
+    let root = match target {
+        Target::EntitySet(set) => match out.walk_path(method, &set, path, &options) {
+            PathEnd::Set(set) => {
                 out.options(&set, &options, None);
+                BodyRoot::Record(Resource::Set(set))
             }
-        }
+            PathEnd::Unnamed(resource) => BodyRoot::Record(resource),
+            PathEnd::Reference => BodyRoot::Reference,
+            PathEnd::Operation => BodyRoot::Parameters,
+            PathEnd::Property => BodyRoot::Opaque,
+        },
         Target::Function(name) => {
             out.push(Operation::Execute, Resource::Function(name.clone()), None);
             out.parameters(&name, path, &options);
+            BodyRoot::Parameters
         }
         Target::Metadata | Target::ServiceRoot => {
             out.push(Operation::Read, Resource::Metadata, None);
+            BodyRoot::Opaque
         }
         Target::Unknown | Target::Batch => {
             out.push(Operation::of_method(method), Resource::Unknown, None);
+            BodyRoot::Record(Resource::Unknown)
         }
-    }
-    out.list
+    };
+    let root = if matches!(*method, Method::POST | Method::PATCH | Method::PUT) {
+        root
+    } else {
+        BodyRoot::Opaque
+    };
+    (out.list, root)
+}
+
+/// Where a path after its entity set ends.
+enum PathEnd {
+    /// At a table (a record or a collection of it).
+    Set(String),
+    /// At a table the gateway cannot name.
+    Unnamed(Resource),
+    /// At `$ref`.
+    Reference,
+    /// At a bound function or action.
+    Operation,
+    /// At a column of a record.
+    Property,
 }
 
 struct Touches<'m> {
     metadata: Option<&'m Metadata>,
+    stored_table: Option<&'m str>,
     list: Vec<Touch>,
 }
 
@@ -167,15 +223,15 @@ impl Touches<'_> {
         }
     }
 
-    /// Walks the segments after the entity set; returns the set the path ends at (for the
-    /// query options), `None` when it ends at a function or at something unnamed.
+    /// Walks the segments after the entity set; returns where the path ends (a set's
+    /// query options are read from it).
     fn walk_path(
         &mut self,
         method: &Method,
         first: &str,
         path: &str,
         options: &QueryOptions,
-    ) -> Option<String> {
+    ) -> PathEnd {
         let segments = segments_after_first(path);
         // The sets along the path, each with the segment that led to it.
         let mut chain: Vec<(Resource, Option<String>)> = vec![(Resource::Set(first.into()), None)];
@@ -239,7 +295,7 @@ impl Touches<'_> {
                 Some(via),
             );
             self.parameters(&name, path, options);
-            return None;
+            return PathEnd::Operation;
         }
         for (i, (resource, via)) in chain.iter().enumerate() {
             let op = if is_ref && i + 1 >= last {
@@ -257,9 +313,12 @@ impl Touches<'_> {
             }
             self.push(op, resource.clone(), via.clone());
         }
-        match chain.last() {
-            Some((Resource::Set(set), _)) if !at_property => Some(set.clone()),
-            _ => None,
+        match chain.pop() {
+            _ if is_ref => PathEnd::Reference,
+            _ if at_property => PathEnd::Property,
+            Some((Resource::Set(set), _)) => PathEnd::Set(set),
+            Some((resource, _)) => PathEnd::Unnamed(resource),
+            None => PathEnd::Unnamed(Resource::Unknown),
         }
     }
 
@@ -330,12 +389,19 @@ impl Touches<'_> {
             self.fetch_xml(xml);
         }
         if let Some(stored) = options.stored_query {
-            // The table a stored query reads is in the query record, not in the request.
-            self.push(
-                Operation::Read,
-                Resource::Unknown,
-                Some(stored.as_str().to_string()),
-            );
+            // The table a stored query reads is in the query record, not in the request:
+            // named only when it was looked up (for the request's own options).
+            let resource = match (
+                self.stored_table.filter(|_| prefix.is_none()),
+                self.metadata,
+            ) {
+                (None, _) => Resource::Unknown,
+                (Some(_), None) => Resource::Unresolved,
+                (Some(logical), Some(metadata)) => metadata
+                    .set_of_logical_name(logical)
+                    .map_or(Resource::Unknown, |set| Resource::Set(set.to_string())),
+            };
+            self.push(Operation::Read, resource, Some(stored.as_str().to_string()));
         }
         for reference in &options.references {
             let via = via_text("parameter", reference);
@@ -482,13 +548,13 @@ fn decode(text: &str) -> String {
 
 /// What touched a table, safe to echo: names from the request are kept only as far as
 /// they are identifiers and path separators, and short.
-fn via_text(what: &str, name: &str) -> String {
+pub(super) fn via_text(what: &str, name: &str) -> String {
     const MAX: usize = 80;
     let cleaned: String = name
         .chars()
         .take(MAX)
         .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '/' | '*' | '.' | '$') {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '/' | '*' | '.' | '$' | '@') {
                 c
             } else {
                 '?'
@@ -500,7 +566,7 @@ fn via_text(what: &str, name: &str) -> String {
     } else {
         ""
     };
-    if what.ends_with('=') || what.ends_with(' ') {
+    if what.is_empty() || what.ends_with('=') || what.ends_with(' ') {
         format!("{what}{cleaned}{ellipsis}")
     } else {
         format!("{what} {cleaned}{ellipsis}")

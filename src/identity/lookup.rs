@@ -192,29 +192,7 @@ impl UserLookup {
     }
 
     async fn fetch(&self, query: Query) -> Result<Outcome, LookupError> {
-        let path = query.path();
-        let mut token = self
-            .tokens
-            .current_or_first()
-            .await
-            .map_err(UpstreamError::from)?;
-        let mut retried = false;
-        let response = loop {
-            let response = self.send(path, &token).await?;
-            if response.status() == StatusCode::UNAUTHORIZED && !retried {
-                retried = true;
-                if let Some(replacement) = self
-                    .tokens
-                    .replace_rejected(&token)
-                    .await
-                    .map_err(UpstreamError::from)?
-                {
-                    token = replacement;
-                    continue;
-                }
-            }
-            break response;
-        };
+        let response = s2s_get(&self.client, &self.tokens, query.path(), self.timeout).await?;
         if matches!(query, Query::AlternateKey(_)) && response.status() == StatusCode::NOT_FOUND {
             return Ok(Outcome::NotFound);
         }
@@ -242,25 +220,57 @@ impl UserLookup {
             _ => Outcome::Ambiguous,
         })
     }
+}
 
-    async fn send(
-        &self,
-        path: &str,
-        token: &S2sToken,
-    ) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
-        let mut request = Request::new(body::empty());
-        *request.uri_mut() = self.client.uri(path)?;
-        let headers = request.headers_mut();
-        headers.insert(HOST, self.client.host_header().clone());
-        headers.insert(AUTHORIZATION, token.authorization().clone());
-        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        headers.insert("odata-maxversion", HeaderValue::from_static("4.0"));
-        headers.insert("odata-version", HeaderValue::from_static("4.0"));
-        match tokio::time::timeout(self.timeout, self.client.send(request)).await {
-            Err(_) => Err(LookupError::Timeout(self.timeout)),
-            Ok(Err(e)) => Err(LookupError::Unreachable(crate::error::chain(&e))),
-            Ok(Ok(response)) => Ok(response),
+/// A GET of `path` in Dataverse as the application user (the S2S token, no impersonation),
+/// retried once with a replacement token if Dataverse rejects the token: for the gateway's
+/// own lookups (users, stored queries).
+pub(crate) async fn s2s_get(
+    client: &DataverseClient,
+    tokens: &TokenSource,
+    path: &str,
+    timeout: Duration,
+) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
+    let mut token = tokens
+        .current_or_first()
+        .await
+        .map_err(UpstreamError::from)?;
+    let mut retried = false;
+    loop {
+        let response = send(client, path, &token, timeout).await?;
+        if response.status() == StatusCode::UNAUTHORIZED && !retried {
+            retried = true;
+            if let Some(replacement) = tokens
+                .replace_rejected(&token)
+                .await
+                .map_err(UpstreamError::from)?
+            {
+                token = replacement;
+                continue;
+            }
         }
+        return Ok(response);
+    }
+}
+
+async fn send(
+    client: &DataverseClient,
+    path: &str,
+    token: &S2sToken,
+    timeout: Duration,
+) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
+    let mut request = Request::new(body::empty());
+    *request.uri_mut() = client.uri(path)?;
+    let headers = request.headers_mut();
+    headers.insert(HOST, client.host_header().clone());
+    headers.insert(AUTHORIZATION, token.authorization().clone());
+    headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    headers.insert("odata-maxversion", HeaderValue::from_static("4.0"));
+    headers.insert("odata-version", HeaderValue::from_static("4.0"));
+    match tokio::time::timeout(timeout, client.send(request)).await {
+        Err(_) => Err(LookupError::Timeout(timeout)),
+        Ok(Err(e)) => Err(LookupError::Unreachable(crate::error::chain(&e))),
+        Ok(Ok(response)) => Ok(response),
     }
 }
 

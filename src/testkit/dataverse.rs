@@ -301,10 +301,21 @@ impl DataverseHandle {
     /// The next `n` requests (any path) get this canned response instead of normal
     /// handling; they are still recorded. Calls queue up behind each other.
     pub fn respond_next(&self, n: usize, status: u16, headers: Vec<(String, String)>, body: &str) {
+        self.respond_next_bytes(n, status, headers, Bytes::copy_from_slice(body.as_bytes()));
+    }
+
+    /// As [`DataverseHandle::respond_next`], with a body of any bytes (e.g. compressed).
+    pub fn respond_next_bytes(
+        &self,
+        n: usize,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Bytes,
+    ) {
         let canned = Canned {
             status,
             headers,
-            body: Bytes::copy_from_slice(body.as_bytes()),
+            body,
         };
         let mut queue = lock(&self.state.canned);
         for _ in 0..n {
@@ -324,6 +335,19 @@ impl DataverseHandle {
         if let Some(registry) = &self.state.registry {
             registry.revoke_all();
         }
+    }
+
+    /// Adds a system view (`savedqueries`) or personal view (`userqueries`) reading the
+    /// table `returnedtypecode` (a logical name); returns its id.
+    pub fn add_stored_query(&self, set: &str, returnedtypecode: &str) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut fields = Map::new();
+        fields.insert(
+            "returnedtypecode".into(),
+            Value::String(returnedtypecode.into()),
+        );
+        lock(&self.state.store).insert(set, id.clone(), fields, Map::new());
+        id
     }
 
     /// The records of an entity set (`accounts`, `contacts`) as stored, including the
@@ -483,6 +507,20 @@ impl Store {
                 "fullname",
                 "608861bc-50a4-4c5f-a02c-21fe1943e2cf",
             ),
+            (
+                "savedqueries",
+                "savedquery",
+                "savedqueryid",
+                "name",
+                "3d4b7e33-0b0a-4d6f-9c2f-000000001039",
+            ),
+            (
+                "userqueries",
+                "userquery",
+                "userqueryid",
+                "name",
+                "3d4b7e33-0b0a-4d6f-9c2f-000000004230",
+            ),
         ] {
             store.sets.insert(
                 set.to_owned(),
@@ -546,6 +584,35 @@ impl Store {
             });
         }
     }
+}
+
+/// The entity set a `savedQuery=` / `userQuery=` reads (its view's `returnedtypecode`),
+/// or the error for a view that does not exist; `None` without one.
+fn stored_query_table(req: &DvRequest, store: &Store) -> Option<Result<String, DvResponse>> {
+    let pairs = query_pairs(req.raw_query.as_deref());
+    let (views, id) = [("savedqueries", "savedQuery"), ("userqueries", "userQuery")]
+        .into_iter()
+        .find_map(|(views, option)| query_param(&pairs, option).map(|id| (views, id)))?;
+    let logical = store
+        .sets
+        .get(views)
+        .and_then(|set| set.rows.iter().find(|r| r.id == id.trim()))
+        .and_then(|row| row.fields.get("returnedtypecode"))
+        .and_then(Value::as_str);
+    let table = logical.and_then(|logical| {
+        store
+            .sets
+            .iter()
+            .find(|(_, set)| set.logical == logical)
+            .map(|(name, _)| name.clone())
+    });
+    Some(table.ok_or_else(|| {
+        DvResponse::error(
+            StatusCode::NOT_FOUND,
+            "0x80040217",
+            &format!("{views} With Id = {id} Does Not Exist"),
+        )
+    }))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1634,7 +1701,12 @@ impl DvState {
             return DvResponse::not_found_segment(&set_name);
         }
         match (&req.method, id, rest) {
-            (&Method::GET, None, None) => self.list(req, &store, &set_name),
+            (&Method::GET, None, None) => match stored_query_table(req, &store) {
+                // The worst case: the view's rows, whatever table the path names.
+                Some(Ok(table)) => self.list(req, &store, &table),
+                Some(Err(resp)) => resp,
+                None => self.list(req, &store, &set_name),
+            },
             (&Method::GET, None, Some("$count")) => {
                 let pairs = query_pairs(req.raw_query.as_deref());
                 let filter = match parse_filter(&pairs, "entity", &|_| Some(PropType::Any)) {

@@ -13,7 +13,9 @@ use http::HeaderName;
 
 use super::headers::{caller_only_header, CallerOnlyHeader};
 use super::path::{self, PathError};
-use crate::access::{decide_control_header, ControlHeaderDecision, Grant};
+use crate::access::{
+    decide_control_header, BatchPart, BodyInspector, ControlHeaderDecision, Grant,
+};
 
 /// Longest `Content-ID` quoted back in an error.
 const MAX_SHOWN: usize = 64;
@@ -27,6 +29,8 @@ pub struct PartRules {
     boundary: Vec<u8>,
     /// Most bytes of one part held to fix its `Content-Length` (`server.max_batch_part`).
     max_held: usize,
+    /// Each part decided by the access rules as a request of its own.
+    access: Option<BatchPart>,
 }
 
 impl PartRules {
@@ -35,7 +39,32 @@ impl PartRules {
             grant,
             boundary,
             max_held,
+            access: None,
         }
+    }
+
+    /// Has every part's method, URL and body decided by the access rules.
+    pub fn with_access(mut self, access: Option<BatchPart>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// Decides a part's request line; returns the access checks of its body, if any.
+    pub(super) fn decide(
+        &mut self,
+        method: &[u8],
+        target: &str,
+        part: &PartName,
+    ) -> Result<Option<BodyInspector>, BatchRefusal> {
+        let Some(access) = self.access.as_mut() else {
+            return Ok(None);
+        };
+        access
+            .decide(method, target, part.content_id.as_deref())
+            .map_err(|denied| BatchRefusal::PartAccess {
+                part: part.clone(),
+                denied,
+            })
     }
 
     pub(super) fn boundary(&self) -> &[u8] {
@@ -316,6 +345,11 @@ pub enum BatchRefusal {
         declared: u64,
         actual: u64,
     },
+    #[error("$batch {part}: {denied}")]
+    PartAccess {
+        part: PartName,
+        denied: crate::access::AccessDenied,
+    },
     #[error("the $batch body is malformed at {part}: {what}")]
     Malformed { part: PartName, what: &'static str },
     #[error("the $batch request needs a Content-Type of multipart/mixed with one boundary and no Content-Encoding, so the gateway can check its parts")]
@@ -338,6 +372,10 @@ impl BatchRefusal {
         match self {
             Self::PartTooLarge { .. } => "batch_part_too_large",
             Self::ControlHeader { .. } => "control_header_refused",
+            Self::PartAccess { denied, .. } if denied.metadata_unavailable => {
+                "metadata_unavailable"
+            }
+            Self::PartAccess { .. } => "access_denied",
             _ => "batch_refused",
         }
     }

@@ -16,19 +16,21 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::budget::{self, BucketKey, Gate, Permit};
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
-use super::link_body::{ChunkRewriter, LinkRewritingBody};
+use super::link_body::{BodyRefusal, ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
-use crate::access::Grant;
+use crate::access::{BodyAccess, Grant};
 use crate::body::{self, BodyTimeout, GatewayBody, PrefixedBody, TimedBody};
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
+use crate::telemetry::{self, SPAN_TARGET};
 
 const ODATA_ENTITY_ID: HeaderName = HeaderName::from_static("odata-entityid");
 
@@ -43,6 +45,8 @@ pub struct ForwardContext<'a> {
     pub impersonation: &'a Impersonation,
     /// What the access rules granted: which Dataverse control headers may pass.
     pub grant: &'a Grant,
+    /// What the body's pairs and `$batch` parts are checked against, when it has them.
+    pub body_access: Option<&'a BodyAccess>,
     /// The gateway's base URL as the caller sees it, without trailing slash.
     pub public_base: &'a str,
     /// The validated path and query to request upstream.
@@ -109,6 +113,15 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// [`link_bearing`] of a request: a body the access rules read is read as JSON whatever
+/// its declared type, as Dataverse reads it.
+fn request_link_bearing(headers: &HeaderMap, access: Option<&BodyAccess>) -> LinkBearing {
+    match link_bearing(headers) {
+        LinkBearing::None if access.is_some_and(BodyAccess::reads_json) => LinkBearing::Json,
+        kind => kind,
+    }
+}
+
 fn link_bearing(headers: &HeaderMap) -> LinkBearing {
     let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return LinkBearing::None;
@@ -142,6 +155,7 @@ fn request_rewriter(
     path_and_query: &str,
     rewrite: LinkRewrite,
     grant: &Grant,
+    access: Option<&BodyAccess>,
     max_batch_part: usize,
 ) -> Result<Option<ChunkRewriter>, BatchRefusal> {
     let path = path_and_query.split('?').next().unwrap_or_default();
@@ -149,10 +163,17 @@ fn request_rewriter(
         .rsplit('/')
         .next()
         .is_some_and(|last| last.eq_ignore_ascii_case("$batch"));
-    let kind = link_bearing(headers);
+    let kind = request_link_bearing(headers, access);
     if kind != LinkBearing::Batch && !batch_path {
-        return Ok((kind == LinkBearing::Json)
-            .then(|| ChunkRewriter::Json(JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds))));
+        if kind != LinkBearing::Json {
+            return Ok(None);
+        }
+        return Ok(Some(ChunkRewriter::Json(
+            match access.and_then(BodyAccess::inspector) {
+                Some(inspector) => JsonLinkRewriter::inspected(rewrite, inspector),
+                None => JsonLinkRewriter::new(rewrite, JsonKeys::RequestBinds),
+            },
+        )));
     }
     let encoded = headers
         .get_all(http::header::CONTENT_ENCODING)
@@ -165,7 +186,8 @@ fn request_rewriter(
     match boundary {
         Some(boundary) if !encoded => Ok(Some(ChunkRewriter::Batch(BatchLinkRewriter::request(
             rewrite,
-            PartRules::new(grant.clone(), boundary, max_batch_part),
+            PartRules::new(grant.clone(), boundary, max_batch_part)
+                .with_access(access.and_then(BodyAccess::batch)),
         )))),
         _ => Err(BatchRefusal::NotMultipart),
     }
@@ -177,9 +199,10 @@ fn request_rewriter(
 fn decoded_request(
     incoming: TimedBody<Incoming>,
     headers: &mut HeaderMap,
+    access: Option<&BodyAccess>,
 ) -> Result<GatewayBody, UpstreamError> {
     let body = body::boxed(incoming);
-    if link_bearing(headers) == LinkBearing::None {
+    if request_link_bearing(headers, access) == LinkBearing::None {
         return Ok(body);
     }
     match BodyCoding::of(headers) {
@@ -262,17 +285,22 @@ impl Forwarder {
             deadline,
         );
         let mut body_over = Some(body_over);
-        let mut token = self.tokens.current_or_first().await?;
+        let mut token = self
+            .tokens
+            .current_or_first()
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "s2s_token"))
+            .await?;
         let uri = self.client.uri(ctx.path_and_query)?;
         let mut headers = parts.headers;
         let links = self.links(ctx.public_base);
         let accepted = Accepted::from_caller(&headers);
-        let incoming = decoded_request(incoming, &mut headers)?;
+        let incoming = decoded_request(incoming, &mut headers, ctx.body_access)?;
         let rewriter = request_rewriter(
             &headers,
             ctx.path_and_query,
             links.to_upstream.clone(),
             ctx.grant,
+            ctx.body_access,
             self.max_batch_part,
         )?;
         let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
@@ -345,7 +373,7 @@ impl Forwarder {
                 _ => break (response, permit),
             }
         };
-        let response = self.response(response, &parts.method, &links.to_gateway, ctx)?;
+        let response = self.response(response, &parts.method, &links.to_gateway, accepted, ctx)?;
         Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
@@ -370,9 +398,23 @@ impl Forwarder {
         body_over: Option<oneshot::Receiver<()>>,
         deadline: Instant,
     ) -> Result<(Response<GatewayBody>, Permit), UpstreamError> {
-        let permit = self.budget.acquire(bucket).await?;
+        let permit = self
+            .budget
+            .acquire(bucket)
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "budget.wait"))
+            .await?;
         let started = Instant::now();
-        let result = self.send_within(request, body_over, deadline).await;
+        let call = tracing::info_span!(
+            target: SPAN_TARGET,
+            "dataverse.call",
+            http.request.method = method.as_str(),
+        );
+        let mut request = request;
+        call.in_scope(|| telemetry::hand_on(request.headers_mut()));
+        let result = self
+            .send_within(request, body_over, deadline)
+            .instrument(call)
+            .await;
         self.metrics
             .upstream_duration_seconds
             .with_label_values(&[&self.environment, method.as_str()])
@@ -429,9 +471,10 @@ impl Forwarder {
             })
         };
         for e in chain() {
-            // A part refused after the request started: the body was aborted unfinished.
-            if let Some(refusal) = e.downcast_ref::<BatchRefusal>() {
-                return UpstreamError::Batch(refusal.clone());
+            // A part or pair refused after the request started: the body was aborted
+            // unfinished.
+            if let Some(refusal) = e.downcast_ref::<BodyRefusal>() {
+                return refusal.clone().into();
             }
             if e.downcast_ref::<LengthLimitError>().is_some() {
                 return UpstreamError::BodyTooLarge {
@@ -531,12 +574,14 @@ impl Forwarder {
     }
 
     /// Dataverse's response for the caller: hop-by-hop headers dropped, absolute links
-    /// pointed at the gateway (in compressed bodies too), body streamed.
+    /// pointed at the gateway (in compressed bodies too), body streamed, in a coding the
+    /// caller accepts.
     fn response(
         &self,
         response: Response<GatewayBody>,
         method: &Method,
         to_gateway: &LinkRewrite,
+        accepted: Accepted,
         ctx: ForwardContext<'_>,
     ) -> Result<Response<GatewayBody>, UpstreamError> {
         let (mut parts, incoming) = response.into_parts();
@@ -558,23 +603,47 @@ impl Forwarder {
         let has_body = *method != Method::HEAD
             && parts.status != StatusCode::NO_CONTENT
             && parts.status != StatusCode::NOT_MODIFIED;
+        let coding = BodyCoding::of(&parts.headers);
+        // Dataverse was offered only codings the caller accepts; one that answers in another
+        // anyway is decoded for the caller rather than passed on unreadable.
+        let unaccepted = matches!(coding, BodyCoding::Known(c) if !accepted.contains(c));
         let body = match response_rewriter(link_bearing(&parts.headers), to_gateway.clone()) {
             Some(r) if has_body => {
                 parts.headers.remove(CONTENT_LENGTH);
-                match BodyCoding::of(&parts.headers) {
+                match coding {
                     BodyCoding::Identity => body::boxed(LinkRewritingBody::new(incoming, r)),
-                    // Encoded again in Dataverse's coding: the caller accepts it, since
-                    // Dataverse was offered only codings the caller accepts.
                     BodyCoding::Known(coding) => {
                         let decoded =
                             encoding::decode(incoming, coding, self.max_decoded_response_body);
-                        encoding::encode(body::boxed(LinkRewritingBody::new(decoded, r)), coding)
+                        let rewritten = body::boxed(LinkRewritingBody::new(decoded, r));
+                        if unaccepted {
+                            parts.headers.remove(CONTENT_ENCODING);
+                            rewritten
+                        } else {
+                            encoding::encode(rewritten, coding)
+                        }
                     }
                     BodyCoding::Unknown => return Err(UpstreamError::UndecodableResponse),
                 }
             }
+            // Not rewritten: streamed through decoding only, so no size bound applies.
+            _ if has_body && unaccepted => {
+                parts.headers.remove(CONTENT_LENGTH);
+                parts.headers.remove(CONTENT_ENCODING);
+                match coding {
+                    BodyCoding::Known(coding) => encoding::decode(incoming, coding, u64::MAX),
+                    _ => incoming,
+                }
+            }
             _ => incoming,
         };
+        if !matches!(coding, BodyCoding::Identity) {
+            // What the caller gets depends on its Accept-Encoding: caches must key on it.
+            parts.headers.append(
+                http::header::VARY,
+                HeaderValue::from_static("accept-encoding"),
+            );
+        }
         Ok(Response::from_parts(parts, body))
     }
 }

@@ -9,7 +9,18 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::batch_parts::BatchRefusal;
 use super::odata_links::{BatchLinkRewriter, JsonLinkRewriter};
+use crate::access::AccessDenied;
 use crate::body::{BoxError, GatewayBody};
+
+/// Why a request body is refused while it is read: a `$batch` part the gateway will not
+/// send, or a pair of the body no access rule grants.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum BodyRefusal {
+    #[error(transparent)]
+    Batch(#[from] BatchRefusal),
+    #[error(transparent)]
+    Access(#[from] AccessDenied),
+}
 
 /// The rewriters a body can be streamed through.
 pub enum ChunkRewriter {
@@ -18,31 +29,34 @@ pub enum ChunkRewriter {
 }
 
 impl ChunkRewriter {
-    /// Feeds the next chunk; rewritten output is appended to `out`. Only a `$batch`
-    /// request can be refused.
-    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+    /// Feeds the next chunk; rewritten output is appended to `out`. A `$batch` request, and
+    /// a body whose pairs are checked, can be refused.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), BodyRefusal> {
         match self {
             Self::Json(r) => {
                 r.push(chunk, out);
-                Ok(())
+                match r.refusal() {
+                    Some(denied) => Err(denied.clone().into()),
+                    None => Ok(()),
+                }
             }
-            Self::Batch(r) => r.push(chunk, out),
+            Self::Batch(r) => Ok(r.push(chunk, out)?),
         }
     }
 
     /// End of body: flushes what is held, and resets for reuse.
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), BodyRefusal> {
         match self {
             Self::Json(r) => {
                 r.finish(out);
                 Ok(())
             }
-            Self::Batch(r) => r.finish(out),
+            Self::Batch(r) => Ok(r.finish(out)?),
         }
     }
 
     /// Rewrites a body already in memory.
-    pub fn rewrite_all(mut self, body: &[u8]) -> Result<Bytes, BatchRefusal> {
+    pub fn rewrite_all(mut self, body: &[u8]) -> Result<Bytes, BodyRefusal> {
         let mut out = Vec::with_capacity(body.len());
         self.push(body, &mut out)?;
         self.finish(&mut out)?;

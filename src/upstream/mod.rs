@@ -49,10 +49,22 @@ pub enum UpstreamError {
     Build(#[source] BoxError),
     #[error(transparent)]
     Batch(#[from] batch_parts::BatchRefusal),
+    /// A pair of the request body no access rule grants.
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessDenied),
     #[error(transparent)]
     ControlHeader(#[from] crate::access::ControlHeaderRefused),
     #[error(transparent)]
     Budget(#[from] budget::BudgetError),
+}
+
+impl From<link_body::BodyRefusal> for UpstreamError {
+    fn from(refusal: link_body::BodyRefusal) -> Self {
+        match refusal {
+            link_body::BodyRefusal::Batch(e) => Self::Batch(e),
+            link_body::BodyRefusal::Access(e) => Self::Access(e),
+        }
+    }
 }
 
 impl UpstreamError {
@@ -71,6 +83,8 @@ impl UpstreamError {
             Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
+            Self::Access(e) if e.metadata_unavailable => "metadata_unavailable",
+            Self::Access(_) => "access_denied",
             Self::ControlHeader(_) => "control_header_refused",
             Self::Budget(e) => e.reason(),
         }

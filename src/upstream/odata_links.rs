@@ -15,6 +15,8 @@ use std::sync::Arc;
 
 use memchr::{memchr, memchr2, memrchr};
 
+use crate::access::{AccessDenied, BodyInspector};
+
 use super::batch_parts::{
     multipart_mixed_boundary, BatchRefusal, Hold, LengthField, PartName, PartRules, Region,
 };
@@ -268,6 +270,8 @@ const RESPONSE_LINK_SUFFIXES: [&[u8]; 4] = [
 ];
 const BIND_SUFFIX: &[u8] = b"@odata.bind";
 const ODATA_ID: &[u8] = b"@odata.id";
+/// The bytes outside strings that shape a JSON document.
+const STRUCTURAL: [u8; 7] = [b'"', b'{', b'}', b'[', b']', b',', b':'];
 /// Longest key suffix we match (`@odata.deltaLink`); only this many key bytes are kept.
 const KEY_TAIL: usize = 16;
 
@@ -312,6 +316,8 @@ pub struct JsonLinkRewriter {
     after_string: Option<bool>,
     /// Set after `<matching key>:`; the next token, if a string, is a candidate value.
     value_pending: bool,
+    /// The access checks of a request body, fed the structure and strings this scan sees.
+    inspector: Option<Box<BodyInspector>>,
 }
 
 impl JsonLinkRewriter {
@@ -328,7 +334,21 @@ impl JsonLinkRewriter {
             key_has_escape: false,
             after_string: None,
             value_pending: false,
+            inspector: None,
         }
+    }
+
+    /// A request body's rewriter that also has its pairs checked by `inspector`.
+    pub fn inspected(rewrite: LinkRewrite, inspector: BodyInspector) -> Self {
+        Self {
+            inspector: Some(Box::new(inspector)),
+            ..Self::new(rewrite, JsonKeys::RequestBinds)
+        }
+    }
+
+    /// Why the access checks refused the body, once they have.
+    pub fn refusal(&self) -> Option<&AccessDenied> {
+        self.inspector.as_ref().and_then(|i| i.refusal())
     }
 
     /// Feed the next chunk; rewritten output is appended to `out`.
@@ -350,21 +370,38 @@ impl JsonLinkRewriter {
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         // An unterminated candidate was never proven to be a complete URL: leave it alone.
         out.extend_from_slice(&self.cand);
+        let mut inspector = self.inspector.take();
+        if let Some(inspector) = &mut inspector {
+            inspector.reset();
+        }
         *self = Self::new(self.rewrite.clone(), self.keys);
+        self.inspector = inspector;
     }
 
     /// Structural bytes outside strings; returns how many bytes of `rest` were consumed.
     fn push_outside(&mut self, rest: &[u8], out: &mut Vec<u8>) -> usize {
         if self.after_string.is_none() && !self.value_pending {
-            // Nothing pending: skip straight to the next string.
-            return match memchr(b'"', rest) {
+            // Nothing pending: skip straight to the next string (or, when the structure
+            // is inspected, the next structural byte).
+            let next = match &self.inspector {
+                None => memchr(b'"', rest),
+                Some(_) => rest.iter().position(|b| STRUCTURAL.contains(b)),
+            };
+            return match next {
                 None => {
                     out.extend_from_slice(rest);
                     rest.len()
                 }
-                Some(pos) => {
+                Some(pos) if rest[pos] == b'"' => {
                     out.extend_from_slice(&rest[..=pos]);
                     self.open_string(false);
+                    pos + 1
+                }
+                Some(pos) => {
+                    out.extend_from_slice(&rest[..=pos]);
+                    if let Some(inspector) = &mut self.inspector {
+                        inspector.structural(rest[pos]);
+                    }
                     pos + 1
                 }
             };
@@ -373,6 +410,9 @@ impl JsonLinkRewriter {
             return 0;
         };
         out.push(b);
+        if let Some(inspector) = &mut self.inspector {
+            inspector.structural(b);
+        }
         match b {
             b' ' | b'\t' | b'\n' | b'\r' => {}
             b':' => {
@@ -398,6 +438,7 @@ impl JsonLinkRewriter {
             self.escaped = false;
             let n = rest.len().min(1);
             out.extend_from_slice(&rest[..n]);
+            self.inspect_string(&rest[..n]);
             return n;
         }
         match memchr2(b'"', b'\\', rest) {
@@ -406,6 +447,7 @@ impl JsonLinkRewriter {
                     self.note_key(rest);
                 }
                 out.extend_from_slice(rest);
+                self.inspect_string(rest);
                 rest.len()
             }
             Some(pos) => {
@@ -414,10 +456,12 @@ impl JsonLinkRewriter {
                     self.note_key(span);
                 }
                 out.extend_from_slice(span);
+                self.inspect_string(span);
                 if rest[pos] == b'\\' {
                     self.escaped = true;
                     self.key_has_escape = true;
                     out.push(b'\\');
+                    self.inspect_string(b"\\");
                 } else {
                     self.close_string(out);
                 }
@@ -444,6 +488,7 @@ impl JsonLinkRewriter {
         } else {
             self.cand.push(b);
         }
+        self.inspect_string(&[b]);
         self.resolve_candidate(false, out);
         1
     }
@@ -480,10 +525,22 @@ impl JsonLinkRewriter {
         self.key_has_escape = false;
         self.after_string = None;
         self.value_pending = false;
+        if let Some(inspector) = &mut self.inspector {
+            inspector.string_start();
+        }
+    }
+
+    fn inspect_string(&mut self, bytes: &[u8]) {
+        if let Some(inspector) = &mut self.inspector {
+            inspector.string_bytes(bytes);
+        }
     }
 
     fn close_string(&mut self, out: &mut Vec<u8>) {
         out.push(b'"');
+        if let Some(inspector) = &mut self.inspector {
+            inspector.string_end();
+        }
         let is_key = self.kind == StrKind::Plain
             && !self.key_has_escape
             && self.keys.matches(&self.key_tail, self.key_len);
@@ -568,6 +625,8 @@ struct PartChecks {
     seen_length: bool,
     /// The outer close delimiter was seen.
     closed: bool,
+    /// The access checks of the current part's body, from its request line.
+    part_body: Option<BodyInspector>,
     /// Input bytes consumed; where the current line started and the line break before it.
     consumed: u64,
     line_start: u64,
@@ -588,6 +647,7 @@ impl PartChecks {
             seen_type: false,
             seen_length: false,
             closed: false,
+            part_body: None,
             consumed: 0,
             line_start: 0,
             eol_before_line: 0,
@@ -788,7 +848,7 @@ impl BatchLinkRewriter {
             };
             if self.streaming {
                 self.consume(seg)?;
-                self.emit(seg, out);
+                self.emit(seg, out)?;
                 rest = &rest[seg.len()..];
                 if eol {
                     self.streaming = false;
@@ -813,7 +873,7 @@ impl BatchLinkRewriter {
                     self.long_line()?;
                 }
                 let line = std::mem::take(&mut self.line);
-                self.emit(&line, out);
+                self.emit(&line, out)?;
                 self.line = line;
                 self.line.clear();
                 self.streaming = true;
@@ -869,10 +929,16 @@ impl BatchLinkRewriter {
     }
 
     /// Body bytes go through the part's JSON rewriter, everything else straight out.
-    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), BatchRefusal> {
         match &mut self.state {
-            PartState::Body { json: Some(j) } => j.push(bytes, out),
-            _ => out.extend_from_slice(bytes),
+            PartState::Body { json: Some(j) } => {
+                j.push(bytes, out);
+                part_refusal(j, self.checks.as_deref())
+            }
+            _ => {
+                out.extend_from_slice(bytes);
+                Ok(())
+            }
         }
     }
 
@@ -1109,7 +1175,10 @@ impl BatchLinkRewriter {
                 return Err(c.malformed("content after a close delimiter"));
             }
             PartState::Body { json } => match json {
-                Some(j) => j.push(line, out),
+                Some(j) => {
+                    j.push(line, out);
+                    part_refusal(j, Some(c))?;
+                }
                 None => out.extend_from_slice(line),
             },
             PartState::MimeHeaders { kind, .. } => {
@@ -1198,10 +1267,13 @@ impl BatchLinkRewriter {
                     return Err(c.malformed("a request line without an HTTP version"));
                 }
                 let target = &content[first + 1..last];
-                match c
-                    .rules
-                    .target(target, self.rewrite.from(), self.rewrite.to(), &c.part)?
-                {
+                let rewritten =
+                    c.rules
+                        .target(target, self.rewrite.from(), self.rewrite.to(), &c.part)?;
+                // Checked by `target`: UTF-8, on this gateway or Dataverse.
+                let sent = String::from_utf8_lossy(rewritten.as_deref().unwrap_or(target));
+                c.part_body = c.rules.decide(method, &sent, &c.part)?;
+                match rewritten {
                     Some(url) => {
                         out.extend_from_slice(&content[..=first]);
                         out.extend_from_slice(&url);
@@ -1229,13 +1301,17 @@ impl BatchLinkRewriter {
                         c.holds.pop();
                     }
                     let json = *json;
-                    self.state = PartState::Body {
-                        json: json.then(|| {
-                            Box::new(JsonLinkRewriter::new(
-                                self.rewrite.clone(),
-                                JsonKeys::RequestBinds,
-                            ))
+                    // A body the access rules read is read as JSON whatever its type says.
+                    let rewriter = match c.part_body.take() {
+                        Some(inspector) => {
+                            Some(JsonLinkRewriter::inspected(self.rewrite.clone(), inspector))
+                        }
+                        None => json.then(|| {
+                            JsonLinkRewriter::new(self.rewrite.clone(), JsonKeys::RequestBinds)
                         }),
+                    };
+                    self.state = PartState::Body {
+                        json: rewriter.map(Box::new),
                     };
                     return Ok(());
                 }
@@ -1273,6 +1349,17 @@ impl BatchLinkRewriter {
             }
         }
         Ok(())
+    }
+}
+
+/// A part body's pair the access rules refused, named by its part.
+fn part_refusal(json: &JsonLinkRewriter, checks: Option<&PartChecks>) -> Result<(), BatchRefusal> {
+    match (json.refusal(), checks) {
+        (Some(denied), Some(c)) => Err(BatchRefusal::PartAccess {
+            part: c.part.clone(),
+            denied: denied.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -2241,5 +2328,137 @@ mod tests {
         assert_eq!(r.line, b"--b-");
         r.push(b"-\r\n", &mut out).unwrap();
         assert!(r.boundaries.is_empty() && matches!(r.state, PartState::Epilogue));
+    }
+
+    /// The access checks of a body, under a policy with the CSDL fixture.
+    mod inspected {
+        use super::*;
+        use crate::access::{AccessPolicy, AccessRequest, RawAccess};
+        use crate::inbound::CallerKind;
+        use http::Method;
+        use serde_json::json;
+
+        const POLICY: &str = "
+default: deny
+rules:
+  - name: creators
+    when: {}
+    allow: { methods: [POST], entity_sets: [accounts] }
+  - name: deep
+    when: { roles: [Deep] }
+    allow: { tables: { accounts: [create], contacts: [create] } }
+  - name: merge
+    when: { roles: [Merge] }
+    allow: { tables: { accounts: [read] }, functions: [Merge] }
+  - name: multi
+    when: { roles: [Multi] }
+    allow: { tables: { accounts: [read, create] }, functions: [CreateMultiple] }
+";
+
+        /// Feeds `body` in chunks of `size` bytes; the output and the refusal, if any.
+        fn run(role: &str, path: &str, body: &str, size: usize) -> (String, Option<String>) {
+            let mut raw: RawAccess = serde_norway::from_str(POLICY).unwrap();
+            raw.metadata_file =
+                Some(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/csdl.xml").into());
+            let policy = AccessPolicy::from_raw(raw, "access").unwrap();
+            let claims = match json!({ "roles": [role] }) {
+                serde_json::Value::Object(map) => map,
+                _ => unreachable!(),
+            };
+            let request = AccessRequest {
+                method: &Method::POST,
+                path,
+                query: "",
+                metadata: None,
+                claims: &claims,
+                issuer: "i",
+                kind: CallerKind::User,
+                stored_query_table: None,
+            };
+            let grant = policy.decide(&request).unwrap();
+            let access = policy.body_access(&request, &grant).unwrap();
+            let mut r = JsonLinkRewriter::inspected(req(), access.inspector().unwrap());
+            let mut out = Vec::new();
+            let mut refused = None;
+            for chunk in body.as_bytes().chunks(size) {
+                r.push(chunk, &mut out);
+                if let Some(denied) = r.refusal() {
+                    refused = Some(denied.message.clone());
+                    break;
+                }
+            }
+            r.finish(&mut out);
+            (String::from_utf8(out).unwrap(), refused)
+        }
+
+        #[test]
+        fn pairs_are_found_at_any_chunking_and_the_body_passes_unchanged() {
+            let body = r#"{"name":"a\"{[","parentaccountid":{"name":"p","primarycontactid":{"lastname":"y"}}}"#;
+            for size in [1, 2, 7, body.len()] {
+                let (_, refused) = run("x", "/api/data/v9.2/accounts", body, size);
+                let refused = refused.unwrap_or_else(|| panic!("chunks of {size}"));
+                assert!(
+                    refused.contains("create on contacts (via deep insert primarycontactid)"),
+                    "{refused}"
+                );
+            }
+            let bind =
+                format!(r#"{{"parentaccountid@odata.bind":"{GW}/api/data/v9.2/accounts(1)"}}"#);
+            let (out, refused) = run("x", "/api/data/v9.2/accounts", &bind, 3);
+            assert_eq!(refused, None);
+            assert_eq!(out, bind.replace(GW, ORG));
+        }
+
+        #[test]
+        fn a_list_where_a_record_is_expected_is_read_as_records() {
+            let body = r#"[{"name":"x"},{"primarycontactid":{"lastname":"y"}}]"#;
+            let refused = run("x", "/api/data/v9.2/accounts", body, 4).1.unwrap();
+            assert!(
+                refused.contains("create on contacts (via deep insert primarycontactid)"),
+                "{refused}"
+            );
+        }
+
+        #[test]
+        fn a_later_rule_that_grants_the_whole_request_allows_it() {
+            // `creators` grants the request line but not the contact; `deep` grants both.
+            let body = r#"{"name":"x","contact_customer_accounts":[{"lastname":"y"}]}"#;
+            assert_eq!(run("Deep", "/api/data/v9.2/accounts", body, 5).1, None);
+            let bind = r#"{"name":"x","primarycontactid@odata.bind":"contacts(1)"}"#;
+            let refused = run("Deep", "/api/data/v9.2/accounts", bind, 5).1.unwrap();
+            assert!(refused.contains("associate on contacts"), "{refused}");
+        }
+
+        #[test]
+        fn operation_parameters_name_the_tables_they_read() {
+            let merge = "/api/data/v9.2/accounts(1)/Microsoft.Dynamics.CRM.Merge";
+            let body = r#"{"Target":{"@odata.type":"Microsoft.Dynamics.CRM.account","accountid":"1"},"Subordinate":{"@odata.type":"Microsoft.Dynamics.CRM.contact","contactid":"2"},"PerformParentingChecks":false}"#;
+            let refused = run("Merge", merge, body, 4).1.unwrap();
+            assert!(
+                refused.contains(
+                    "read on contacts (via parameter of type Microsoft.Dynamics.CRM.contact)"
+                ),
+                "{refused}"
+            );
+            let accounts_only = body.replace(".contact\"", ".account\"");
+            assert_eq!(run("Merge", merge, &accounts_only, 4).1, None);
+            // Records typed by `@odata.type` are read as records from there on.
+            let multi = "/api/data/v9.2/accounts/Microsoft.Dynamics.CRM.CreateMultiple";
+            let body = r#"{"Targets":[{"@odata.type":"Microsoft.Dynamics.CRM.account","name":"x","primarycontactid":{"lastname":"y"}}]}"#;
+            let refused = run("Multi", multi, body, 3).1.unwrap();
+            assert!(
+                refused.contains("create on contacts (via deep insert primarycontactid)"),
+                "{refused}"
+            );
+            let plain =
+                r#"{"Targets":[{"@odata.type":"Microsoft.Dynamics.CRM.account","name":"x"}]}"#;
+            assert_eq!(run("Multi", multi, plain, 3).1, None);
+            let reference = r#"{"Subordinate":{"@odata.id":"contacts(2)"}}"#;
+            let refused = run("Merge", merge, reference, 4).1.unwrap();
+            assert!(
+                refused.contains("read on contacts (via @odata.id)"),
+                "{refused}"
+            );
+        }
     }
 }

@@ -95,6 +95,15 @@ pub fn binary_config_with_server(
 }
 
 pub async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
+    start_binary_with_env(yaml, ports, &[]).await
+}
+
+/// [`start_binary`] with these environment variables set for the process.
+pub async fn start_binary_with_env(
+    yaml: &str,
+    ports: (u16, u16),
+    vars: &[(&str, String)],
+) -> Binary {
     let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
@@ -104,6 +113,7 @@ pub async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info")
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
