@@ -105,6 +105,47 @@ pub struct RawBudget {
     /// Whose budget a request spends: `application` (the application user, default) or
     /// `impersonated_user` (one bucket per impersonated Dynamics user).
     pub bucket: String,
+    /// The budget shared by every replica of the gateway; only under `dynamics.budget`.
+    pub store: Option<RawBudgetStore>,
+}
+
+/// Where replicas keep the budget they share.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudgetStore {
+    pub valkey: RawValkey,
+}
+
+/// A Valkey (or Redis) server holding the concurrency leases and closed buckets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValkey {
+    /// `redis://[user:password@]host:port[/db]` (or `valkey://`); may carry a password,
+    /// so it is a secret.
+    pub url: Secret,
+    /// How many replicas share the budget: without the store each keeps `limit / replicas`.
+    pub replicas: usize,
+    /// How long a lease outlives a replica that stopped renewing it (killed, cut off).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: String,
+    /// Longest wait for one store command; past it the gate falls back to the local share.
+    #[serde(default = "default_store_timeout")]
+    pub command_timeout: String,
+    /// Prefix of every key, so several gateways (or other tenants) can share one server.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_lease_ttl() -> String {
+    "30s".into()
+}
+
+fn default_store_timeout() -> String {
+    "250ms".into()
+}
+
+fn default_key_prefix() -> String {
+    "dynamics-gateway".into()
 }
 
 impl Default for RawBudget {
@@ -115,6 +156,7 @@ impl Default for RawBudget {
             queue_timeout: "10s".into(),
             max_retry_after: "5m".into(),
             bucket: "application".into(),
+            store: None,
         }
     }
 }
@@ -663,6 +705,18 @@ pub struct DynamicsConfig {
     pub token_replace_interval: Duration,
     /// Longest wait before retrying a failed token request.
     pub token_retry_max_wait: Duration,
+    /// The budget store shared by the replicas; `None`: each process keeps its own.
+    pub budget_store: Option<BudgetStoreConfig>,
+}
+
+/// The validated `dynamics.budget.store.valkey`.
+#[derive(Debug, Clone)]
+pub struct BudgetStoreConfig {
+    pub url: Secret,
+    pub replicas: usize,
+    pub lease_ttl: Duration,
+    pub command_timeout: Duration,
+    pub key_prefix: String,
 }
 
 /// How a request chooses its environment.
@@ -733,6 +787,12 @@ impl Default for BudgetConfig {
 }
 
 fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
+    if raw.store.is_some() && key != "dynamics.budget" {
+        return Err(invalid(
+            format!("{key}.store"),
+            "the replicas share one store for every environment: set it under dynamics.budget.store",
+        ));
+    }
     if raw.max_concurrency == 0 {
         return Err(invalid(
             format!("{key}.max_concurrency"),
@@ -1653,12 +1713,71 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
             "must be at least 1s",
         ));
     }
+    let budget_store = d.budget.store.map(budget_store).transpose()?;
     Ok(DynamicsConfig {
         environments,
         routing,
         retry_throttled,
         token_replace_interval,
         token_retry_max_wait,
+        budget_store,
+    })
+}
+
+fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
+    const KEY: &str = "dynamics.budget.store.valkey";
+    let v = raw.valkey;
+    // Messages never quote the URL: it may hold the store's password.
+    let url = Url::parse(v.url.expose())
+        .map_err(|e| invalid(format!("{KEY}.url"), format!("is not a URL ({e})")))?;
+    match url.scheme() {
+        "redis" | "valkey" => {}
+        "rediss" | "valkeys" => {
+            return Err(invalid(
+                format!("{KEY}.url"),
+                "TLS to the store is not built in; use redis:// or valkey:// on a private network",
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                format!("{KEY}.url"),
+                "must start with redis:// or valkey://",
+            ))
+        }
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(format!("{KEY}.url"), "names no host"));
+    }
+    if v.replicas == 0 {
+        return Err(invalid(
+            format!("{KEY}.replicas"),
+            "must be at least 1 (each replica keeps limit / replicas when the store is away)",
+        ));
+    }
+    let lease_ttl = parse_duration(&format!("{KEY}.lease_ttl"), &v.lease_ttl)?;
+    if lease_ttl < Duration::from_secs(1) {
+        // Renewal runs every third of it: shorter would renew faster than a slow store answers.
+        return Err(invalid(format!("{KEY}.lease_ttl"), "must be at least 1s"));
+    }
+    let command_timeout = parse_duration(&format!("{KEY}.command_timeout"), &v.command_timeout)?;
+    if command_timeout.is_zero() || command_timeout >= lease_ttl / 3 {
+        return Err(invalid(
+            format!("{KEY}.command_timeout"),
+            "must be above 0 and below a third of lease_ttl",
+        ));
+    }
+    if v.key_prefix.is_empty() || v.key_prefix.chars().any(|c| c.is_whitespace()) {
+        return Err(invalid(
+            format!("{KEY}.key_prefix"),
+            "must be non-empty, without spaces",
+        ));
+    }
+    Ok(BudgetStoreConfig {
+        url: v.url,
+        replicas: v.replicas,
+        lease_ttl,
+        command_timeout,
+        key_prefix: v.key_prefix,
     })
 }
 

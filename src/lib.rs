@@ -58,6 +58,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::routing::{Environment, Router};
 use crate::server::ConnectionLimits;
+use crate::upstream::budget::store::Store;
 use crate::upstream::budget::Gate;
 use crate::upstream::{DataverseClient, Forwarder, TokenPolicy, TokenSource};
 
@@ -77,6 +78,8 @@ pub enum StartError {
     Identity(&'static str),
     #[error("TLS on the app port: {}", error::chain(.0))]
     Tls(#[from] tls::TlsError),
+    #[error("dynamics.budget.store: {0}")]
+    BudgetStore(#[from] upstream::budget::store::StoreError),
 }
 
 /// The assembled gateway for one configuration: the request pipeline, what readiness
@@ -86,6 +89,8 @@ pub struct Gateway {
     pub pipeline: Arc<Pipeline>,
     pub readiness: Readiness,
     refreshers: CancellationToken,
+    /// The budget store the replicas share, probed while this gateway serves.
+    budget_store: Option<Store>,
 }
 
 impl Gateway {
@@ -117,6 +122,12 @@ impl Gateway {
                 None => groups.push(vec![env]),
             }
         }
+        let budget_store = config
+            .dynamics
+            .budget_store
+            .as_ref()
+            .map(|store| Store::new(store, &metrics))
+            .transpose()?;
         let mut tokens = Vec::with_capacity(groups.len());
         let mut environments = Vec::with_capacity(config.dynamics.environments.len());
         for group in groups {
@@ -166,7 +177,12 @@ impl Gateway {
                     &config.server,
                     &config.dynamics,
                     env,
-                    Gate::new(&env.budget, &env.name, &metrics),
+                    match &budget_store {
+                        Some(store) => {
+                            Gate::shared(&env.budget, &env.name, &metrics, store.clone())
+                        }
+                        None => Gate::new(&env.budget, &env.name, &metrics),
+                    },
                     metrics.clone(),
                 );
                 environments.push(Arc::new(Environment {
@@ -196,6 +212,7 @@ impl Gateway {
             pipeline,
             readiness,
             refreshers: CancellationToken::new(),
+            budget_store,
         })
     }
 
@@ -225,6 +242,9 @@ impl Gateway {
                 cancel.clone(),
                 move || tokens.clone().run(stop.clone()),
             ));
+        }
+        if let Some(store) = &self.budget_store {
+            tracker.spawn(store.clone().probe(cancel.clone()));
         }
     }
 

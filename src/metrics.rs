@@ -2,8 +2,8 @@
 //! low-cardinality by construction: no caller id, path or token ever becomes a label.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::supervisor::Refresher;
@@ -45,6 +45,15 @@ pub struct Metrics {
     pub upstream_throttled_total: IntCounterVec,
     pub dataverse_burst_remaining_requests: IntGaugeVec,
     pub dataverse_time_remaining_ms: GaugeVec,
+    /// The budget store shared by replicas (src/upstream/budget/store.rs): 1 while a
+    /// configured store has not answered (yet, or since a failure) and each replica keeps
+    /// its local share, else 0 (also without a store, so the alert needs no "is one
+    /// configured" clause).
+    pub budget_store_degraded: IntGauge,
+    /// Store commands that failed or timed out.
+    pub budget_store_errors_total: IntCounter,
+    /// Switches from the shared budget to the local shares.
+    pub budget_store_fallbacks_total: IntCounter,
 }
 
 fn gauge(
@@ -117,7 +126,34 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let budget_store_degraded = IntGauge::with_opts(
+            Opts::new(
+                "budget_store_degraded",
+                "1 while the configured budget store does not answer and each replica keeps limit / replicas, else 0",
+            )
+            .namespace(PREFIX),
+        )?;
+        registry.register(Box::new(budget_store_degraded.clone()))?;
+        let budget_store_errors_total = IntCounter::with_opts(
+            Opts::new(
+                "budget_store_errors_total",
+                "Budget store commands that failed or timed out",
+            )
+            .namespace(PREFIX),
+        )?;
+        registry.register(Box::new(budget_store_errors_total.clone()))?;
+        let budget_store_fallbacks_total = IntCounter::with_opts(
+            Opts::new(
+                "budget_store_fallbacks_total",
+                "Switches from the budget shared in the store to each replica's local share",
+            )
+            .namespace(PREFIX),
+        )?;
+        registry.register(Box::new(budget_store_fallbacks_total.clone()))?;
         let metrics = Self {
+            budget_store_degraded,
+            budget_store_errors_total,
+            budget_store_fallbacks_total,
             requests_total: counter(
                 &registry,
                 "requests_total",

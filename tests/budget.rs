@@ -287,3 +287,74 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
     assert_eq!(b.max_concurrency, 7);
     assert_eq!(b.queue_timeout, Duration::from_secs(2));
 }
+
+#[test]
+fn the_shared_store_is_checked_and_its_url_never_appears_in_an_error() {
+    let yaml = |budget: &str| {
+        format!(
+            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
+dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
+        )
+    };
+    let store = |valkey: &str| format!("{{ store: {{ valkey: {valkey} }} }}");
+    const PW: &str = "hunter2-store";
+    for (valkey, key) in [
+        (
+            format!("{{ url: \"rediss://:{PW}@cache:6380\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"http://:{PW}@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis//:{PW}@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 0 }}"),
+            "dynamics.budget.store.valkey.replicas",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 2, lease_ttl: 500ms }}"),
+            "dynamics.budget.store.valkey.lease_ttl",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 2, lease_ttl: 3s, command_timeout: 1s }}"),
+            "dynamics.budget.store.valkey.command_timeout",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 2, key_prefix: \"\" }}"),
+            "dynamics.budget.store.valkey.key_prefix",
+        ),
+    ] {
+        let err = Config::from_yaml(&yaml(&store(&valkey)), &|_| None).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(key), "{valkey}: {text}");
+        assert!(!text.contains(PW), "the password is in the error: {text}");
+        assert!(!format!("{err:?}").contains(PW), "{err:?}");
+    }
+    let err =
+        Config::from_yaml(&yaml(&store("{ url: \"redis://cache\" }")), &|_| None).unwrap_err();
+    assert!(err.to_string().contains("replicas"), "{err}");
+    let ok = Config::from_yaml(
+        &yaml(&store(&format!(
+            "{{ url: \"redis://:{PW}@cache:6379/2\", replicas: 3 }}"
+        ))),
+        &|_| None,
+    )
+    .unwrap();
+    let s = ok.dynamics.budget_store.as_ref().expect("a store");
+    assert_eq!(s.replicas, 3);
+    assert_eq!(s.lease_ttl, Duration::from_secs(30));
+    assert_eq!(s.key_prefix, "dynamics-gateway");
+    assert!(
+        !format!("{ok:?}").contains(PW),
+        "the password is in the config's Debug"
+    );
+    // One store for every environment: not per environment.
+    let per_env = "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
+dynamics:\n  routing: { by: path_prefix }\n  environments:\n    - name: contoso\n      url: https://contoso.crm.dynamics.com\n      tenant_id: t\n      client_id: c\n      client_secret: s\n      budget: { store: { valkey: { url: \"redis://cache\", replicas: 2 } } }\n";
+    let err = Config::from_yaml(per_env, &|_| None).unwrap_err();
+    assert!(err.to_string().contains("dynamics.budget.store"), "{err}");
+}

@@ -375,6 +375,17 @@ impl DataverseHandle {
         self.state.max_in_flight.load(Ordering::SeqCst)
     }
 
+    /// Starts [`DataverseHandle::max_in_flight`] again from the requests in flight now.
+    pub fn reset_max_in_flight(&self) {
+        let now = self.state.in_flight.load(Ordering::SeqCst);
+        self.state.max_in_flight.store(now, Ordering::SeqCst);
+    }
+
+    /// Requests it is handling now.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
     /// Requests it answered 429 by its own [`Throttling`] (not canned ones); unrecorded.
     pub fn throttled_count(&self) -> usize {
         self.state.throttled.load(Ordering::SeqCst)

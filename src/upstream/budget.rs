@@ -6,6 +6,11 @@
 //! (never above the configured maximum) and halves on a concurrency 429, growing back by
 //! one per `limit` answers (additive increase, multiplicative decrease).
 //!
+//! With a shared store (`dynamics.budget.store`, [`store`]) the slots are also leases in
+//! the store, so the replicas together keep the limit: a request queues here as before,
+//! and once it has a local slot takes a lease (or learns that another replica closed the
+//! bucket). While the store does not answer, each replica keeps `limit / replicas`.
+//!
 //! All buckets of an environment share one mutex: every operation is a few field updates,
 //! and one lock makes "the bucket exists exactly once" and the queue bound trivially true.
 
@@ -24,11 +29,18 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use self::store::{Acquired, Lease, Store};
 use super::headers;
 use crate::body::{self, BoxError, GatewayBody, PrefixedBody};
 use crate::config::{BudgetBucket, BudgetConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
+
+pub mod store;
+
+/// Longest pause between two asks for a lease while the shared bucket is full (randomised
+/// below it, so replicas do not ask in step).
+const LEASE_POLL: Duration = Duration::from_millis(20);
 
 const DOP_HINT: &str = "x-ms-dop-hint";
 const BURST_REMAINING: &str = "x-ms-ratelimit-burst-remaining-xrm-requests";
@@ -132,7 +144,7 @@ struct Bucket {
     answers: usize,
     closed_until: Option<Instant>,
     closed_code: ThrottleCode,
-    waiters: VecDeque<(u64, oneshot::Sender<bool>)>,
+    waiters: VecDeque<(u64, oneshot::Sender<Handed>)>,
 }
 
 impl Bucket {
@@ -154,6 +166,16 @@ impl Bucket {
     }
 }
 
+/// What a waiter in the queue is told.
+enum Handed {
+    /// A slot; with the lease of the request that just ended, when the store granted it
+    /// one, so the slot changes hands without the store seeing it free (and another
+    /// replica taking it in between).
+    Slot(Option<Lease>),
+    /// Dataverse closed the bucket.
+    Closed,
+}
+
 struct State {
     buckets: HashMap<BucketKey, Bucket>,
     /// `min(max_concurrency, x-ms-dop-hint)`.
@@ -161,12 +183,20 @@ struct State {
     queued: usize,
     next_waiter: u64,
     in_flight_by_label: [i64; 2],
+    /// 1, or `replicas` while a configured store does not answer (this replica's share).
+    divisor: usize,
 }
 
 impl State {
     fn limit(&self, bucket: &Bucket) -> usize {
-        bucket.aimd_limit.min(self.ceiling).max(1)
+        effective_limit(bucket.aimd_limit, self.ceiling, self.divisor)
     }
+}
+
+/// The limit a bucket grants now: its AIMD limit under the dop hint, this replica's share
+/// of it when the store is away, and never 0 (a gate must not refuse everything).
+fn effective_limit(aimd_limit: usize, ceiling: usize, divisor: usize) -> usize {
+    (aimd_limit.min(ceiling) / divisor.max(1)).max(1)
 }
 
 /// Metric handles resolved once per environment, so the hot path does no label lookups.
@@ -234,6 +264,23 @@ struct Inner {
     config: BudgetConfig,
     state: Mutex<State>,
     metrics: GateMetrics,
+    shared: Option<Shared>,
+}
+
+/// The store and this environment's key in it.
+struct Shared {
+    store: Store,
+    /// `<prefix>:budget:<environment>`; the bucket follows.
+    key: String,
+}
+
+impl Shared {
+    fn bucket_key(&self, bucket: BucketKey) -> String {
+        match bucket {
+            BucketKey::Application => format!("{}:application", self.key),
+            BucketKey::User(id) => format!("{}:user:{id}", self.key),
+        }
+    }
 }
 
 /// The gate of one environment. Cheap to clone.
@@ -246,11 +293,14 @@ pub struct Gate {
 pub struct Permit {
     inner: Arc<Inner>,
     key: BucketKey,
+    /// The slot in the shared store, when it granted one: handed to the next waiter here
+    /// with the local slot, or given back to the store.
+    lease: Option<Lease>,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.inner.release(self.key);
+        self.inner.release(self.key, self.lease.take());
     }
 }
 
@@ -260,7 +310,7 @@ struct Waiter {
     inner: Arc<Inner>,
     key: BucketKey,
     id: u64,
-    rx: oneshot::Receiver<bool>,
+    rx: oneshot::Receiver<Handed>,
     settled: bool,
 }
 
@@ -282,10 +332,17 @@ impl Drop for Waiter {
                 *queued -= 1;
                 self.inner.metrics.queue.set(*queued as i64);
             }
-            left.is_none() && matches!(self.rx.try_recv(), Ok(true))
+            if left.is_none() {
+                match self.rx.try_recv() {
+                    Ok(Handed::Slot(lease)) => Some(lease),
+                    _ => None,
+                }
+            } else {
+                None
+            }
         };
-        if granted {
-            self.inner.release(self.key);
+        if let Some(lease) = granted {
+            self.inner.release(self.key, lease);
         }
     }
 }
@@ -302,10 +359,12 @@ impl Inner {
         lock(&self.state)
     }
 
-    fn release(&self, key: BucketKey) {
+    fn release(&self, key: BucketKey, mut lease: Option<Lease>) {
         let mut state = self.lock();
+        self.follow_store(&mut state);
         let max = self.config.max_concurrency;
         let ceiling = state.ceiling;
+        let divisor = state.divisor;
         let State {
             buckets,
             queued,
@@ -317,8 +376,8 @@ impl Inner {
         };
         bucket.in_flight = bucket.in_flight.saturating_sub(1);
         in_flight_by_label[key.label()] -= 1;
-        let limit = bucket.aimd_limit.min(ceiling).max(1);
-        let granted = grant(bucket, limit, queued);
+        let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
+        let granted = grant(bucket, limit, queued, &mut lease);
         in_flight_by_label[key.label()] += granted as i64;
         let idle = bucket.in_flight == 0
             && bucket.waiters.is_empty()
@@ -332,6 +391,57 @@ impl Inner {
         self.publish(&state);
     }
 
+    /// Applies the store's state to the local limits: the share while it is away, the
+    /// whole limit (and the waiters that now fit) once it answers.
+    fn follow_store(&self, state: &mut State) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let divisor = if shared.store.is_up() {
+            1
+        } else {
+            shared.store.replicas()
+        };
+        if divisor == state.divisor {
+            return;
+        }
+        let wider = divisor < state.divisor;
+        state.divisor = divisor;
+        if wider {
+            let (ceiling, divisor) = (state.ceiling, state.divisor);
+            let State {
+                buckets,
+                queued,
+                in_flight_by_label,
+                ..
+            } = &mut *state;
+            for (key, bucket) in buckets.iter_mut() {
+                let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
+                in_flight_by_label[key.label()] += grant(bucket, limit, queued, &mut None) as i64;
+            }
+        }
+        self.publish(state);
+    }
+
+    /// Closes a bucket until `retry_after` from now (a later closing wins) and answers
+    /// its waiters, who would only be sent into the penalty.
+    fn close(&self, state: &mut State, key: BucketKey, retry_after: Duration, code: ThrottleCode) {
+        let max = self.config.max_concurrency;
+        let State {
+            buckets, queued, ..
+        } = state;
+        let bucket = buckets.entry(key).or_insert_with(|| Bucket::new(max));
+        let until = Instant::now() + retry_after.min(self.config.max_retry_after);
+        if bucket.closed_until.is_none_or(|t| t < until) {
+            bucket.closed_until = Some(until);
+            bucket.closed_code = code;
+        }
+        for (_, tx) in bucket.waiters.drain(..) {
+            *queued -= 1;
+            let _ = tx.send(Handed::Closed);
+        }
+    }
+
     fn publish(&self, state: &State) {
         let m = &self.metrics;
         for (gauge, value) in m.in_flight.iter().zip(state.in_flight_by_label) {
@@ -342,13 +452,19 @@ impl Inner {
             .get(&BucketKey::Application)
             .map_or(state.ceiling, |b| state.limit(b));
         m.limit[0].set(app_limit as i64);
-        m.limit[1].set(state.ceiling as i64);
+        m.limit[1].set(effective_limit(state.ceiling, state.ceiling, state.divisor) as i64);
         m.queue.set(state.queued as i64);
     }
 }
 
-/// Hands free slots to waiters in arrival order; returns how many were handed.
-fn grant(bucket: &mut Bucket, limit: usize, queued: &mut usize) -> usize {
+/// Hands free slots to waiters in arrival order, the first with `lease` if there is one;
+/// returns how many were handed.
+fn grant(
+    bucket: &mut Bucket,
+    limit: usize,
+    queued: &mut usize,
+    lease: &mut Option<Lease>,
+) -> usize {
     let mut granted = 0;
     while bucket.in_flight < limit {
         let Some((_, tx)) = bucket.waiters.pop_front() else {
@@ -356,9 +472,13 @@ fn grant(bucket: &mut Bucket, limit: usize, queued: &mut usize) -> usize {
         };
         *queued -= 1;
         // A waiter in the queue is alive (it leaves under this lock when dropped).
-        if tx.send(true).is_ok() {
-            bucket.in_flight += 1;
-            granted += 1;
+        match tx.send(Handed::Slot(lease.take())) {
+            Ok(()) => {
+                bucket.in_flight += 1;
+                granted += 1;
+            }
+            Err(Handed::Slot(back)) => *lease = back,
+            Err(Handed::Closed) => {}
         }
     }
     granted
@@ -366,6 +486,28 @@ fn grant(bucket: &mut Bucket, limit: usize, queued: &mut usize) -> usize {
 
 impl Gate {
     pub fn new(config: &BudgetConfig, environment: &str, metrics: &Metrics) -> Self {
+        Self::build(config, environment, metrics, None)
+    }
+
+    /// A gate whose slots the replicas share through `store`.
+    pub fn shared(
+        config: &BudgetConfig,
+        environment: &str,
+        metrics: &Metrics,
+        store: Store,
+    ) -> Self {
+        let key = format!("{}:budget:{environment}", store.key_prefix());
+        Self::build(config, environment, metrics, Some(Shared { store, key }))
+    }
+
+    fn build(
+        config: &BudgetConfig,
+        environment: &str,
+        metrics: &Metrics,
+        shared: Option<Shared>,
+    ) -> Self {
+        // Until the store has answered, the share: never more than the limit in all.
+        let divisor = shared.as_ref().map_or(1, |s| s.store.replicas());
         let gate = Self {
             inner: Arc::new(Inner {
                 config: config.clone(),
@@ -375,8 +517,10 @@ impl Gate {
                     queued: 0,
                     next_waiter: 0,
                     in_flight_by_label: [0; 2],
+                    divisor,
                 }),
                 metrics: GateMetrics::new(metrics, environment),
+                shared,
             }),
         };
         gate.inner.publish(&gate.inner.lock());
@@ -403,18 +547,85 @@ impl Gate {
 
     /// The effective limit of a bucket now.
     pub fn limit(&self, key: BucketKey) -> usize {
-        let state = self.inner.lock();
-        state
-            .buckets
-            .get(&key)
-            .map_or(state.ceiling, |b| state.limit(b))
+        let mut state = self.inner.lock();
+        self.inner.follow_store(&mut state);
+        state.buckets.get(&key).map_or(
+            effective_limit(state.ceiling, state.ceiling, state.divisor),
+            |b| state.limit(b),
+        )
     }
 
     /// Waits for a slot: at once if one is free and nobody is queued, else in the queue
-    /// until `queue_timeout`. A closed bucket answers at once.
+    /// until `queue_timeout`. A closed bucket answers at once. With a store that answers,
+    /// the slot is also a lease there, asked for until the same deadline.
     pub async fn acquire(&self, key: BucketKey) -> Result<Permit, BudgetError> {
+        let started = Instant::now();
+        let mut permit = self.acquire_local(key).await?;
+        let Some(shared) = &self.inner.shared else {
+            return Ok(permit);
+        };
+        if !shared.store.is_up() {
+            return Ok(permit);
+        }
+        let bucket = shared.bucket_key(key);
+        // A lease handed on with the local slot is taken over (and the bucket's closing
+        // checked) in the same one round trip: no other replica can take the slot between
+        // two requests of this one. Unless another replica is waiting: then it goes back,
+        // and this request asks like any other, so no replica starves the others.
+        let mut handed = permit.lease.take();
+        loop {
+            let limit = {
+                let state = self.inner.lock();
+                state
+                    .buckets
+                    .get(&key)
+                    .map_or(1, |b| effective_limit(b.aimd_limit, state.ceiling, 1))
+            };
+            let answer = match handed.take() {
+                Some(lease) => shared.store.adopt(&bucket, lease).await,
+                None => shared.store.acquire(&bucket, limit).await,
+            };
+            match answer {
+                Ok(Acquired::Granted(lease)) => {
+                    permit.lease = Some(lease);
+                    return Ok(permit);
+                }
+                Ok(Acquired::Closed(retry_after, code)) => {
+                    // Closed here first: the slot given back below goes to no waiter.
+                    let mut state = self.inner.lock();
+                    self.inner.close(&mut state, key, retry_after, code);
+                    self.inner.publish(&state);
+                    drop(state);
+                    drop(permit);
+                    let e = BudgetError::Throttled { retry_after, code };
+                    self.inner.metrics.refused(&e);
+                    return Err(e);
+                }
+                Ok(Acquired::Lost) => {}
+                Ok(Acquired::Full) => {
+                    let waited = started.elapsed();
+                    if waited >= self.inner.config.queue_timeout {
+                        let e = BudgetError::QueueTimeout { waited };
+                        self.inner.metrics.refused(&e);
+                        return Err(e);
+                    }
+                    let pause = LEASE_POLL.mul_f64(rand::random_range(0.25..1.0));
+                    tokio::time::sleep(pause).await;
+                }
+                Err(_) => {
+                    // Counted and logged by the store. The slot in hand was granted under
+                    // the whole limit: queue again under this replica's share.
+                    drop(permit);
+                    return self.acquire_local(key).await;
+                }
+            }
+        }
+    }
+
+    async fn acquire_local(&self, key: BucketKey) -> Result<Permit, BudgetError> {
         let queued = {
             let mut state = self.inner.lock();
+            self.inner.follow_store(&mut state);
             match self.try_acquire(&mut state, key) {
                 Ok(Some(permit)) => {
                     self.inner.publish(&state);
@@ -461,14 +672,15 @@ impl Gate {
             .wait
             .observe(started.elapsed().as_secs_f64());
         let result = match outcome {
-            Ok(Ok(true)) => {
+            Ok(Ok(Handed::Slot(lease))) => {
                 waiter.settled = true;
                 Ok(Permit {
                     inner: self.inner.clone(),
                     key,
+                    lease,
                 })
             }
-            Ok(Ok(false)) => {
+            Ok(Ok(Handed::Closed)) => {
                 waiter.settled = true;
                 let state = self.inner.lock();
                 let bucket = state.buckets.get(&key);
@@ -509,7 +721,7 @@ impl Gate {
                 }
                 bucket.in_flight < state.limit(bucket) && bucket.waiters.is_empty()
             }
-            None => ceiling >= 1,
+            None => effective_limit(max, ceiling, state.divisor) >= 1,
         };
         if has_room {
             let bucket = state.buckets.entry(key).or_insert_with(|| Bucket::new(max));
@@ -518,6 +730,7 @@ impl Gate {
             return Ok(Some(Permit {
                 inner: self.inner.clone(),
                 key,
+                lease: None,
             }));
         }
         Ok(None)
@@ -539,14 +752,15 @@ impl Gate {
     }
 
     /// What Dataverse's answer says about the budget: its dop hint, its remaining budget,
-    /// and whether it throttled (`code` from the 429 body, if read).
+    /// and whether it throttled (`code` from the 429 body, if read). A 429 that closed the
+    /// bucket is returned, for [`Gate::share_closed`].
     pub fn observe(
         &self,
         key: BucketKey,
         status: StatusCode,
         headers: &HeaderMap,
         code: Option<&str>,
-    ) {
+    ) -> Option<(Duration, ThrottleCode)> {
         let m = &self.inner.metrics;
         if let Some(v) = header_number(headers, BURST_REMAINING) {
             m.burst_remaining.set(v as i64);
@@ -564,48 +778,61 @@ impl Gate {
         });
         let max = self.inner.config.max_concurrency;
         let mut state = self.inner.lock();
+        self.inner.follow_store(&mut state);
         if let Some(hint) = dop {
             state.ceiling = hint.min(max);
         }
-        let ceiling = state.ceiling;
-        let State {
-            buckets,
-            queued,
-            in_flight_by_label,
-            ..
-        } = &mut *state;
-        let bucket = buckets.entry(key).or_insert_with(|| Bucket::new(max));
-        let limit = bucket.aimd_limit.min(ceiling).max(1);
-        match throttle {
-            Some((code, retry_after)) => {
-                if code == ThrottleCode::Concurrency {
-                    bucket.aimd_limit = (limit / 2).max(1);
-                    bucket.answers = 0;
-                }
-                if let Some(after) = retry_after {
-                    let until = Instant::now() + after.min(self.inner.config.max_retry_after);
-                    if bucket.closed_until.is_none_or(|t| t < until) {
-                        bucket.closed_until = Some(until);
-                        bucket.closed_code = code;
+        let (ceiling, divisor) = (state.ceiling, state.divisor);
+        let mut closed = None;
+        {
+            let State {
+                buckets,
+                queued,
+                in_flight_by_label,
+                ..
+            } = &mut *state;
+            let bucket = buckets.entry(key).or_insert_with(|| Bucket::new(max));
+            // AIMD works on the whole limit; the share is taken of it.
+            let limit = bucket.aimd_limit.min(ceiling).max(1);
+            match throttle {
+                Some((code, retry_after)) => {
+                    if code == ThrottleCode::Concurrency {
+                        bucket.aimd_limit = (limit / 2).max(1);
+                        bucket.answers = 0;
                     }
-                    // Those waiting would only be sent into the penalty: answer them now.
-                    for (_, tx) in bucket.waiters.drain(..) {
-                        *queued -= 1;
-                        let _ = tx.send(false);
+                    closed = retry_after.map(|after| (after, code));
+                }
+                None => {
+                    bucket.answers += 1;
+                    if bucket.aimd_limit < max && bucket.answers >= limit {
+                        bucket.aimd_limit += 1;
+                        bucket.answers = 0;
                     }
+                    let limit = effective_limit(bucket.aimd_limit, ceiling, divisor);
+                    in_flight_by_label[key.label()] +=
+                        grant(bucket, limit, queued, &mut None) as i64;
                 }
-            }
-            None => {
-                bucket.answers += 1;
-                if bucket.aimd_limit < max && bucket.answers >= limit {
-                    bucket.aimd_limit += 1;
-                    bucket.answers = 0;
-                }
-                let limit = bucket.aimd_limit.min(ceiling).max(1);
-                in_flight_by_label[key.label()] += grant(bucket, limit, queued) as i64;
             }
         }
+        if let Some((after, code)) = closed {
+            self.inner.close(&mut state, key, after, code);
+        }
         self.inner.publish(&state);
+        closed.map(|(after, code)| (after.min(self.inner.config.max_retry_after), code))
+    }
+
+    /// Tells the other replicas that Dataverse closed this bucket (a no-op without a store,
+    /// or while it does not answer: each replica then learns from its own 429).
+    pub async fn share_closed(&self, key: BucketKey, closed: (Duration, ThrottleCode)) {
+        let Some(shared) = &self.inner.shared else {
+            return;
+        };
+        if shared.store.is_up() {
+            let _ = shared
+                .store
+                .close(&shared.bucket_key(key), closed.0, closed.1)
+                .await;
+        }
     }
 }
 

@@ -436,12 +436,16 @@ impl Forwarder {
             .observe(started.elapsed().as_secs_f64());
         let response = result?;
         let (response, code) = budget::read_throttle_code(response).await;
-        self.budget.observe(
+        let closed = self.budget.observe(
             bucket,
             response.status(),
             response.headers(),
             code.as_deref(),
         );
+        if let Some(closed) = closed {
+            // Before the 429 goes back: a caller who then asks another replica finds it closed.
+            self.budget.share_closed(bucket, closed).await;
+        }
         Ok((response, permit))
     }
 

@@ -295,3 +295,14 @@ fn numbers_are_read_as_dataverse_writes_them() {
     );
     assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
 }
+
+#[test]
+fn a_replicas_share_divides_the_limit_and_is_never_zero() {
+    // The dop hint caps first, then the share is taken: 52 by 2 replicas is 26 each.
+    assert_eq!(super::effective_limit(52, 52, 2), 26);
+    assert_eq!(super::effective_limit(52, 10, 3), 3);
+    // A share below one still lets one request through: never "refuse everything".
+    assert_eq!(super::effective_limit(52, 3, 4), 1);
+    assert_eq!(super::effective_limit(1, 52, 3), 1);
+    assert_eq!(super::effective_limit(5, 52, 1), 5);
+}
