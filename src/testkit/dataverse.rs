@@ -2693,30 +2693,25 @@ fn header_value(headers: &[(String, String)], name: &str) -> Option<String> {
 
 /// One `application/http` response part, ending with the line break before the next
 /// delimiter.
-/// One answer part. Lengths are written on the part and on its inner message, as .NET's
-/// `MultipartContent` does: Dataverse's own answers usually leave them out, and a proxy
-/// that rewrites the body must then not leave them stale (the worst case).
 fn part_response(resp: &DvResponse, content_id: Option<&str>) -> String {
-    let reason = resp.status.canonical_reason().unwrap_or("Unknown");
-    let mut inner = format!("HTTP/1.1 {} {reason}\r\n", resp.status.as_u16());
-    for (name, value) in &resp.headers {
-        inner.push_str(&format!("{name}: {value}\r\n"));
-        if name == "OData-EntityId" {
-            inner.push_str(&format!("Location: {value}\r\n"));
-        }
-    }
-    if !resp.body.is_empty() {
-        inner.push_str(&format!("Content-Length: {}\r\n", resp.body.len()));
-    }
-    inner.push_str("OData-Version: 4.0\r\n\r\n");
-    inner.push_str(&String::from_utf8_lossy(&resp.body));
     let mut text =
         String::from("Content-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n");
     if let Some(cid) = content_id {
         text.push_str(&format!("Content-ID: {cid}\r\n"));
     }
-    text.push_str(&format!("Content-Length: {}\r\n\r\n", inner.len()));
-    text.push_str(&inner);
+    let reason = resp.status.canonical_reason().unwrap_or("Unknown");
+    text.push_str(&format!(
+        "\r\nHTTP/1.1 {} {reason}\r\n",
+        resp.status.as_u16()
+    ));
+    for (name, value) in &resp.headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+        if name == "OData-EntityId" {
+            text.push_str(&format!("Location: {value}\r\n"));
+        }
+    }
+    text.push_str("OData-Version: 4.0\r\n\r\n");
+    text.push_str(&String::from_utf8_lossy(&resp.body));
     text.push_str("\r\n");
     text
 }

@@ -1094,13 +1094,7 @@ impl BatchLinkRewriter {
                 None => out.extend_from_slice(line),
             },
             PartState::MimeHeaders { kind, frozen } => {
-                // A part's Content-Length is dropped rather than kept stale: the boundary
-                // delimits the part, as in the answers Dataverse usually writes.
-                let length = split_header(line)
-                    .is_some_and(|(name, _)| name.eq_ignore_ascii_case(b"content-length"));
-                if !length {
-                    out.extend_from_slice(line);
-                }
+                out.extend_from_slice(line);
                 if blank {
                     let frozen = *frozen;
                     self.state = match std::mem::replace(kind, MimeKind::Other) {
@@ -1114,6 +1108,8 @@ impl BatchLinkRewriter {
                 } else if let Some((name, value)) = split_header(line) {
                     if name.eq_ignore_ascii_case(b"content-type") {
                         *kind = mime_kind(trim_line_end(value));
+                    } else if name.eq_ignore_ascii_case(b"content-length") {
+                        *frozen = true;
                     }
                 }
             }
@@ -1151,9 +1147,7 @@ impl BatchLinkRewriter {
                     return;
                 };
                 if name.eq_ignore_ascii_case(b"content-length") {
-                    // Dropped: the rewritten body's length differs; the part boundary
-                    // ends the inner message.
-                    return;
+                    *has_length = true;
                 } else if name.eq_ignore_ascii_case(b"content-type") {
                     *json = contains_ignore_case(value, b"json");
                 }
@@ -2278,20 +2272,13 @@ mod tests {
                 "nextLink\":\"https://contoso.crm.dynamics.com/",
                 "nextLink\":\"http://localhost:8080/",
             )
-            // A part with its own length: rewritten, the stale length dropped.
-            .replace("Content-Length: 90\r\n", "")
-            .replace("Content-Length: 90\n", "")
-            .replace(
-                "context\":\"https://contoso.crm.dynamics.com/api/data/v9.2/$metadata#x",
-                "context\":\"http://localhost:8080/api/data/v9.2/$metadata#x",
-            )
     }
 
     #[test]
     fn batch_response_rewrites_link_headers_and_json_bodies() {
         let input = batch_response();
         let expected = expected_batch_response(&input);
-        assert_eq!(expected.matches(GW).count(), 5);
+        assert_eq!(expected.matches(GW).count(), 4);
         let out = rewrite_batch_response(&resp(), input.as_bytes());
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         assert!(expected.contains("X-Other: https://contoso.crm.dynamics.com/"));
