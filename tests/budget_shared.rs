@@ -217,14 +217,7 @@ async fn replicas(store: &Store, throttling: Throttling, limit: usize, extra: &s
 }
 
 async fn scrape(replica: &Binary, series: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", replica.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_text(&replica.admin_url).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{series} is not on /metrics"))

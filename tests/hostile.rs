@@ -1404,16 +1404,7 @@ async fn methods_outside_the_web_api_are_405_before_authentication_and_never_for
 #[tokio::test]
 async fn invented_methods_never_become_metric_series() {
     let env = env().start().await;
-    let scrape = || async {
-        client()
-            .get(format!("{}/metrics", env.gateway.admin_url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let scrape = || async { support::metrics_text(&env.gateway.admin_url()).await };
     let series = |text: &str, name: &str| {
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -1509,14 +1500,7 @@ async fn statuses_dataverse_invents_do_not_become_metric_series() {
         let answer = get(&env, ACCOUNTS, &token).await;
         assert_eq!(answer.status, status, "the status itself passes through");
     }
-    let text = client()
-        .get(format!("{}/metrics", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_text(&env.gateway.admin_url()).await;
     for status in ["299", "477", "599", "799", "999"] {
         assert!(
             !text.contains(&format!("status=\"{status}\"")),

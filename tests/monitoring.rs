@@ -375,14 +375,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_on_metrics() {
     assert_eq!(answer.status(), 200);
     let refused = get(&env.gateway, ACCOUNTS, "not-a-jwt").await;
     assert_eq!(refused.status(), 401);
-    let text = client()
-        .get(format!("{}/metrics", env.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_text(&env.gateway.admin_url()).await;
     let scrape = Exposition::parse(&text);
 
     let mut queries: Vec<(String, String)> = dashboard_queries()

@@ -251,14 +251,7 @@ async fn each_environment_counts_its_requests_upstream_calls_and_tokens_under_it
         3.0,
         "requests refused at routing are counted under none"
     );
-    let text = client()
-        .get(format!("{}/metrics", t.gateway.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::metrics_text(&t.gateway.admin_url()).await;
     assert!(
         !text.contains("nowhere") && !text.contains("contoso-2"),
         "{text}"

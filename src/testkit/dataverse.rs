@@ -686,6 +686,14 @@ impl DvResponse {
         )
     }
 
+    fn method_not_allowed(method: &Method) -> Self {
+        Self::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "0x80060888",
+            &format!("The HTTP method '{method}' is not supported for this resource."),
+        )
+    }
+
     fn not_found_segment(segment: &str) -> Self {
         Self::error(
             StatusCode::NOT_FOUND,
@@ -1747,14 +1755,7 @@ impl DvState {
                 self.associate(req, &mut store, &set_name, &id, nav)
             }
             (_, _, Some(seg)) => DvResponse::not_found_segment(seg),
-            _ => DvResponse::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "0x80060888",
-                &format!(
-                    "The HTTP method '{}' is not supported for this resource.",
-                    req.method
-                ),
-            ),
+            _ => DvResponse::method_not_allowed(&req.method),
         }
     }
 

@@ -278,16 +278,21 @@ pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
     (status, code, message)
 }
 
-/// The value of one sample in the Prometheus text (`name{labels}` exactly), or 0.
-pub async fn metric(gateway: &GatewayHandle, series: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", gateway.admin_url()))
+/// The Prometheus text an admin listener serves at `/metrics`.
+pub async fn metrics_text(admin_url: &str) -> String {
+    client()
+        .get(format!("{admin_url}/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The value of one sample in the Prometheus text (`name{labels}` exactly), or 0.
+pub async fn metric(gateway: &GatewayHandle, series: &str) -> f64 {
+    let text = metrics_text(&gateway.admin_url()).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)

@@ -86,14 +86,7 @@ impl DvState {
                 None => no_file(column, id),
             },
             (&Method::PATCH, false) => self.upload(req, store, cell),
-            _ => DvResponse::error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "0x80060888",
-                &format!(
-                    "The HTTP method '{}' is not supported for this resource.",
-                    req.method
-                ),
-            ),
+            _ => DvResponse::method_not_allowed(&req.method),
         }
     }
 
