@@ -328,6 +328,30 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     assert_eq!(env.dataverse.request_count(), 3);
 }
 
+/// `Retry-After: 0` on every answer must not turn one request into a retry storm: retries
+/// wait at least a second and stop after three, so Dataverse sees four calls at most.
+#[tokio::test]
+async fn retry_after_zero_is_retried_a_bounded_number_of_times() {
+    let env = support::env()
+        .dynamics("  retry_throttled: { enabled: true, max_wait: 10s }\n")
+        .start()
+        .await;
+    env.dataverse.respond_next(
+        20,
+        429,
+        vec![("Retry-After".into(), "0".into())],
+        r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit"}}"#,
+    );
+    let before = env.dataverse.request_count();
+    let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(
+        env.dataverse.request_count() - before,
+        4,
+        "one call and three retries"
+    );
+}
+
 #[tokio::test]
 async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
     let env = env()

@@ -33,6 +33,10 @@ use crate::metrics::Metrics;
 use crate::telemetry::{self, SPAN_TARGET};
 
 const ODATA_ENTITY_ID: HeaderName = HeaderName::from_static("odata-entityid");
+/// Most retries of one request after 429s (`retry_throttled`).
+const MAX_THROTTLE_RETRIES: u32 = 3;
+/// Shortest wait before such a retry, whatever `Retry-After` says.
+const MIN_THROTTLE_WAIT: Duration = Duration::from_secs(1);
 
 /// Bodies up to this size are held so a request can be replayed after a token refresh or
 /// a throttling wait; larger ones stream and are never retried.
@@ -326,6 +330,7 @@ impl Forwarder {
 
         let mut retried = false;
         let mut throttled_for = Duration::ZERO;
+        let mut throttle_retries = 0;
         let bucket = self.budget.bucket_for(ctx.impersonation);
         let (response, permit) = loop {
             let (body_now, replay) = match body {
@@ -361,10 +366,11 @@ impl Forwarder {
                     if response.status() == StatusCode::TOO_MANY_REQUESTS
                         && is_idempotent(&parts.method) =>
                 {
-                    match self.throttle_wait(&response, throttled_for) {
+                    match self.throttle_wait(&response, throttled_for, throttle_retries) {
                         Some(wait) => {
                             tracing::info!(request_id = ?ctx.request_id, wait = ?wait, "Dynamics throttled the request; waiting out Retry-After");
                             throttled_for += wait;
+                            throttle_retries += 1;
                             // The slot goes back while waiting; the retry queues for one again.
                             drop(permit);
                             self.budget.wait_open(bucket, wait).await;
@@ -392,11 +398,21 @@ impl Forwarder {
         Ok(response.map(|b| budget::hold_until_end(b, permit)))
     }
 
-    /// How long to wait before retrying a 429, if retries are on and the total wait stays
-    /// within `retry_throttled.max_wait`; otherwise the 429 goes back to the caller.
-    fn throttle_wait<B>(&self, response: &Response<B>, waited: Duration) -> Option<Duration> {
+    /// How long to wait before retrying a 429, if retries are on, fewer than
+    /// [`MAX_THROTTLE_RETRIES`] were made and the total wait stays within
+    /// `retry_throttled.max_wait`; otherwise the 429 goes back to the caller. A wait is at
+    /// least [`MIN_THROTTLE_WAIT`]: `Retry-After: 0` must not become a retry loop.
+    fn throttle_wait<B>(
+        &self,
+        response: &Response<B>,
+        waited: Duration,
+        retries: u32,
+    ) -> Option<Duration> {
         let max = self.retry_throttled?;
-        let wait = headers::retry_after(response.headers())?;
+        if retries >= MAX_THROTTLE_RETRIES {
+            return None;
+        }
+        let wait = headers::retry_after(response.headers())?.max(MIN_THROTTLE_WAIT);
         (waited.saturating_add(wait) <= max).then_some(wait)
     }
 

@@ -84,13 +84,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove("proxy-connection");
 }
 
-/// A `Retry-After` given in seconds (Azure AD and Dataverse send seconds, not dates).
+/// A `Retry-After` (RFC 9110 10.2.3): delay-seconds, or an HTTP-date as the time left until
+/// it. Seconds too many for a number read as the longest wait: callers clamp it.
 pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
-    headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_secs)
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(
+            value
+                .parse::<u64>()
+                .map_or(std::time::Duration::MAX, std::time::Duration::from_secs),
+        );
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
 }
 
 /// Headers some front ends (IIS URL Rewrite among them) read as a replacement request
@@ -258,6 +271,32 @@ pub fn prepare_upstream_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_dates_and_absurd_numbers() {
+        let of = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(http::header::RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            retry_after(&h)
+        };
+        assert_eq!(of("120"), Some(std::time::Duration::from_secs(120)));
+        assert_eq!(
+            of("999999999999999999999999"),
+            Some(std::time::Duration::MAX)
+        );
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(600);
+        let wait = of(&httpdate::fmt_http_date(later)).unwrap();
+        assert!(
+            wait > std::time::Duration::from_secs(590)
+                && wait <= std::time::Duration::from_secs(600)
+        );
+        assert_eq!(
+            of("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(std::time::Duration::ZERO)
+        );
+        assert_eq!(of("-1"), None);
+        assert_eq!(of("soon"), None);
+    }
 
     #[test]
     fn every_spelling_of_impersonation_headers_is_stripped() {
