@@ -1,7 +1,7 @@
 //! The fuzz targets' bodies: one `fuzz_<target>(data)` per target, each asserting
 //! properties of the gateway code that parses untrusted input (not just "does not
 //! panic"). Shared, as the one copy, by the libFuzzer targets in `fuzz/fuzz_targets/`
-//! and by the main crate's `tests/fuzz_corpus.rs`, which replays the committed seeds.
+//! and by the main crate's `tests/e2e/fuzz_corpus.rs`, which replays the committed seeds.
 //!
 //! Targets and what they assert:
 //! - `jwt`: `UnverifiedToken::parse` never panics, refuses anything over 16 KiB, and

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use dynamics_gateway::testkit::{DirectoryUser, RecordedRequest};
 use serde_json::json;

@@ -9,9 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/client_script.rs"]
-mod client_script;
-mod support;
+use crate::support;
+use crate::support::client_script;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

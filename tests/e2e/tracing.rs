@@ -6,9 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/binary.rs"]
-mod binary;
-mod support;
+use crate::support;
+use crate::support::binary;
 
 use std::collections::HashMap;
 use std::convert::Infallible;

@@ -3,9 +3,8 @@
 //! (the real binary) in front of one stand-in Dataverse, as two pods of a deployment.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/binary.rs"]
-mod binary;
-mod support;
+use crate::support;
+use crate::support::binary;
 
 use std::path::PathBuf;
 use std::process::Stdio;

@@ -5,9 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/binary.rs"]
-mod binary;
-mod support;
+use crate::support;
+use crate::support::binary;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

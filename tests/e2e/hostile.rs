@@ -5,7 +5,7 @@
 //! (401s: the `WWW-Authenticate` challenge too) and that nothing reached the stand-in
 //! Dataverse; the header and query cases check exactly what did arrive.
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use dynamics_gateway::config::Config;
 use dynamics_gateway::testkit::{

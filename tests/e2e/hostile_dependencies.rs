@@ -4,7 +4,7 @@
 //! error names the gateway's credentials; and start-up with one environment's first
 //! token still in flight. All through the real gateway over 127.0.0.1.
 
-mod support;
+use crate::support;
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};

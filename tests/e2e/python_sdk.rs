@@ -14,11 +14,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/client_script.rs"]
-mod client_script;
-#[path = "support/pki.rs"]
-mod pki;
-mod support;
+use crate::support;
+use crate::support::client_script;
+use crate::support::pki;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use dynamics_gateway::testkit::keys::{self, RsaSigningKey};
 use serde_json::json;

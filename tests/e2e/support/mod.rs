@@ -2,6 +2,10 @@
 //! Dataverse and the real gateway, each on an ephemeral 127.0.0.1 port, wired together.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod binary;
+pub mod client_script;
+pub mod pki;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

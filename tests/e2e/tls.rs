@@ -5,11 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "support/binary.rs"]
-mod binary;
-#[path = "support/pki.rs"]
-mod pki;
-mod support;
+use crate::support;
+use crate::support::binary;
+use crate::support::pki;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

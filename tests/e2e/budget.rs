@@ -2,7 +2,7 @@
 //! 127.0.0.1 against a stand-in Dataverse that throttles like the real one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
