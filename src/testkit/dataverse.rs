@@ -219,7 +219,20 @@ impl Dataverse {
         let handler_state = state.clone();
         let server = server::spawn(listener, move |req| {
             let state = handler_state.clone();
-            async move { state.handle_protected(req).await }
+            // Each request runs to its end in its own task, as on the real service: a
+            // client that hangs up does not stop the work it asked for (nor free its
+            // place in the concurrency count).
+            let work = tokio::spawn(state.handle_protected(req));
+            async move {
+                work.await.unwrap_or_else(|_| {
+                    DvResponse::error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "0x80040216",
+                        "The request handler failed.",
+                    )
+                    .into_http()
+                })
+            }
         });
         tracing::debug!(url = %state.url, "testkit Dataverse started");
         Ok(DataverseHandle {

@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
+use http::{HeaderValue, Request, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use url::Url;
 
@@ -78,10 +77,8 @@ impl DataverseClient {
             .map_err(|e: http::uri::InvalidUri| UpstreamError::Build(Box::new(e)))
     }
 
-    pub async fn send(
-        &self,
-        request: Request<GatewayBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(request).await
+    /// The request on its way; the future owns it, so it can outlive the caller's.
+    pub fn send(&self, request: Request<GatewayBody>) -> ResponseFuture {
+        self.client.request(request)
     }
 }

@@ -20,6 +20,7 @@ use tracing::Instrument as _;
 
 use super::batch_parts::{multipart_mixed_boundary, BatchRefusal, PartRules};
 use super::budget::{self, BucketKey, Gate, Permit};
+use super::call::DataverseCall;
 use super::encoding::{self, Accepted, BodyCoding};
 use super::headers::{self, X_REQUEST_ID};
 use super::link_body::{BodyRefusal, ChunkRewriter, LinkRewritingBody};
@@ -442,15 +443,16 @@ impl Forwarder {
         );
         let mut request = request;
         call.in_scope(|| telemetry::hand_on(request.headers_mut()));
+        let in_flight = DataverseCall::new(self.client.send(request), permit, deadline);
         let result = self
-            .send_within(request, body_over, deadline)
+            .send_within(in_flight, body_over, deadline)
             .instrument(call)
             .await;
         self.metrics
             .upstream_duration_seconds
             .with_label_values(&[&self.environment, method.as_str()])
             .observe(started.elapsed().as_secs_f64());
-        let response = result?;
+        let (response, permit) = result?;
         let (response, code) = budget::read_throttle_code(response).await;
         let closed = self.budget.observe(
             bucket,
@@ -467,28 +469,33 @@ impl Forwarder {
 
     async fn send_within(
         &self,
-        request: Request<GatewayBody>,
+        mut call: DataverseCall,
         body_over: Option<oneshot::Receiver<()>>,
         deadline: Instant,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let send = self.client.send(request);
-        tokio::pin!(send);
+    ) -> Result<(Response<Incoming>, Permit), UpstreamError> {
         if let Some(body_over) = body_over {
             tokio::select! {
                 biased;
-                result = &mut send => return result.map_err(|e| self.classify(e)),
+                result = &mut call => return result.map_err(|e| self.classify(e)),
                 _ = body_over => {}
                 // Dataverse not reading the body leaves the body's own clocks unpolled.
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(UpstreamError::ExchangeDeadline(self.exchange_timeout))
+                    call.abandon();
+                    return Err(UpstreamError::ExchangeDeadline(self.exchange_timeout));
                 }
             }
         }
         let answer_by = Instant::now() + self.request_timeout;
-        match tokio::time::timeout_at(answer_by.min(deadline), send).await {
-            Err(_) if answer_by <= deadline => Err(UpstreamError::Timeout(self.request_timeout)),
-            Err(_) => Err(UpstreamError::ExchangeDeadline(self.exchange_timeout)),
+        match tokio::time::timeout_at(answer_by.min(deadline), &mut call).await {
             Ok(result) => result.map_err(|e| self.classify(e)),
+            Err(_) => {
+                call.abandon();
+                Err(if answer_by <= deadline {
+                    UpstreamError::Timeout(self.request_timeout)
+                } else {
+                    UpstreamError::ExchangeDeadline(self.exchange_timeout)
+                })
+            }
         }
     }
 

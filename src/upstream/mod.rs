@@ -6,6 +6,7 @@
 
 pub mod batch_parts;
 pub mod budget;
+mod call;
 pub mod client;
 pub mod credential;
 pub mod encoding;

@@ -358,3 +358,54 @@ dynamics:\n  routing: { by: path_prefix }\n  environments:\n    - name: contoso\
     let err = Config::from_yaml(per_env, &|_| None).unwrap_err();
     assert!(err.to_string().contains("dynamics.budget.store"), "{err}");
 }
+
+#[tokio::test]
+async fn callers_hanging_up_do_not_free_the_slots_dataverse_is_still_working_on() {
+    // Dataverse goes on with a request whose caller hung up (the stand-in, like the real
+    // service, finishes each request in its own task): the slot stays taken until its
+    // answer's head is in, or a stream of impatient callers would have many times the
+    // limit running there.
+    let s = start(
+        Throttling::default(),
+        "  budget: { max_concurrency: 2, queue_timeout: 30s }\n",
+    )
+    .await;
+    s.dataverse.set_delay(Duration::from_millis(800));
+    let impatient = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let url = format!("{}{WHOAMI}", s.gateway.url());
+    let mut waves = Vec::new();
+    for _ in 0..6 {
+        for _ in 0..3 {
+            let request = impatient.get(&url).bearer_auth(s.token()).send();
+            waves.push(tokio::spawn(request));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    for caller in waves {
+        assert!(caller.await.unwrap().is_err(), "every caller gave up");
+    }
+    // Until the stand-in has finished everything it was given and its answers are in.
+    let in_flight = format!("dynamics_gateway_budget_in_flight{APP}");
+    for _ in 0..100 {
+        if s.dataverse.in_flight() == 0 && metric(&s.gateway, &in_flight).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        s.dataverse.request_count() >= 2,
+        "nothing reached Dataverse"
+    );
+    assert!(
+        s.dataverse.max_in_flight() <= 2,
+        "{} requests in flight at Dataverse with a limit of 2",
+        s.dataverse.max_in_flight()
+    );
+    assert_eq!(metric(&s.gateway, &in_flight).await, 0.0, "slots leaked");
+    let after = support::get(&s.gateway, WHOAMI, s.token()).await;
+    assert_eq!(after.status(), 200, "the slots came back");
+}

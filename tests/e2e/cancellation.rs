@@ -1,6 +1,6 @@
-//! Cancellation, measured by open file descriptors: a caller hanging up, or a request
-//! timing out, must close the upstream connection rather than leave it working or pooled.
-//! One test in its own file (its own process), so no other test's sockets move the count.
+//! Cancellation, measured on the stand-in Dataverse's own sockets: a caller hanging up, or
+//! a request timing out, must close the upstream connection rather than leave it working
+//! or pooled.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,21 +14,41 @@ use tokio::net::TcpStream;
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 
-/// Open file descriptors of this test process (the gateway and stand-ins run inside it).
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Established connections the stand-in Dataverse has accepted (its side of each socket,
+/// by its port, from the kernel's table): the gateway's upstream connections, whatever
+/// else runs in this process.
+fn upstream_connections(dataverse_url: &str) -> usize {
+    let port = url::Url::parse(dataverse_url)
+        .unwrap()
+        .port()
+        .expect("the stand-in has a port");
+    let established = |table: &str| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = fields
+                    .get(1)
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| u16::from_str_radix(p, 16).ok());
+                local_port == Some(port) && fields.get(3) == Some(&"01")
+            })
+            .count()
+    };
+    established("/proc/net/tcp") + established("/proc/net/tcp6")
 }
 
-async fn settle_fds(baseline: usize) -> usize {
-    let mut now = open_fds();
+/// Waits for the stand-in's connections to drop to `at_most`, and returns how many are left.
+async fn settle(dataverse_url: &str, at_most: usize) -> usize {
+    let mut now = upstream_connections(dataverse_url);
     for _ in 0..40 {
-        if now <= baseline {
+        if now <= at_most {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        now = open_fds();
+        now = upstream_connections(dataverse_url);
     }
     now
 }
@@ -42,10 +62,10 @@ async fn hanging_up_or_timing_out_releases_the_upstream_connection() {
 async fn hang_ups() {
     let env = env().start().await;
     let token = env.idp.token_for(ALICE_OID);
-    // One full request first, so the pooled upstream connection is part of the baseline.
+    // One full request first: the download then finds a pooled connection or opens one.
     let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
-    let baseline = open_fds();
+    let dataverse = env.dataverse.url();
 
     // Mid-download: read 1 MiB of a 64 MiB answer, then hang up.
     let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
@@ -59,9 +79,10 @@ async fn hang_ups() {
     while got < (1 << 20) {
         got += stream.read(&mut buf).await.unwrap();
     }
+    let downloading = upstream_connections(&dataverse);
     drop(stream);
     assert!(
-        settle_fds(baseline).await <= baseline,
+        settle(&dataverse, downloading - 1).await < downloading,
         "the upstream download connection is closed"
     );
 
@@ -74,9 +95,10 @@ async fn hang_ups() {
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&vec![b'u'; 1 << 20]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let uploading = upstream_connections(&dataverse);
     drop(stream);
     assert!(
-        settle_fds(baseline).await <= baseline,
+        settle(&dataverse, uploading - 1).await < uploading,
         "the upstream upload connection is closed"
     );
     let upload = env
@@ -101,7 +123,9 @@ async fn time_out() {
     // The pooled upstream connection (both of its ends live in this process) is in the baseline.
     let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
-    let baseline = open_fds();
+    let dataverse = env.dataverse.url();
+    let baseline = upstream_connections(&dataverse);
+    assert!(baseline >= 1, "the warm-up connection is pooled");
     env.dataverse.set_delay(Duration::from_millis(2500));
     let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 504);
@@ -110,7 +134,7 @@ async fn time_out() {
     // connection with it; an uncancelled one would have put it back in the pool.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert!(
-        open_fds() < baseline,
+        upstream_connections(&dataverse) < baseline,
         "the timed-out upstream connection was closed, not pooled"
     );
     env.dataverse.set_delay(Duration::ZERO);
