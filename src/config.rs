@@ -12,6 +12,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::access::{AccessPolicy, RawAccess};
+use crate::body::MinBodyRate;
 use crate::secret::Secret;
 use crate::upstream::credential::{
     Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
@@ -195,6 +196,10 @@ pub struct RawServer {
     pub http2_keep_alive_timeout: String,
     /// A request body that sends no bytes for this long is answered 408 and not forwarded.
     pub body_read_timeout: String,
+    /// Slowest average a request body may arrive at, in bytes a second over each
+    /// `min_body_rate_window` of waiting for it; 0 for none.
+    pub min_body_rate: u64,
+    pub min_body_rate_window: String,
     /// Longest one request may take from its head to Dataverse's answer, upload included.
     pub exchange_timeout: String,
     /// Open connections beyond this are refused with 503.
@@ -247,6 +252,8 @@ impl Default for RawServer {
             http2_keep_alive_interval: "30s".into(),
             http2_keep_alive_timeout: "10s".into(),
             body_read_timeout: "30s".into(),
+            min_body_rate: 240,
+            min_body_rate_window: "5s".into(),
             exchange_timeout: "10m".into(),
             max_connections: 10_000,
             max_connections_per_peer: None,
@@ -576,6 +583,8 @@ pub struct ServerConfig {
     pub http2_keep_alive_interval: Duration,
     pub http2_keep_alive_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// `None`: `server.min_body_rate: 0`.
+    pub min_body_rate: Option<MinBodyRate>,
     pub exchange_timeout: Duration,
     pub max_connections: usize,
     /// `None`: no per-address cap.
@@ -1156,6 +1165,16 @@ impl TryFrom<RawConfig> for Config {
                 &s.http2_keep_alive_timeout,
             )?,
             body_read_timeout: parse_duration("server.body_read_timeout", &s.body_read_timeout)?,
+            min_body_rate: match s.min_body_rate {
+                0 => None,
+                bytes_per_second => Some(MinBodyRate {
+                    bytes_per_second,
+                    window: parse_duration(
+                        "server.min_body_rate_window",
+                        &s.min_body_rate_window,
+                    )?,
+                }),
+            },
             exchange_timeout: parse_duration("server.exchange_timeout", &s.exchange_timeout)?,
             max_connections: s.max_connections,
             max_connections_per_peer: match s.max_connections_per_peer {
@@ -1207,7 +1226,13 @@ impl TryFrom<RawConfig> for Config {
             ),
             ("server.body_read_timeout", server.body_read_timeout),
             ("server.exchange_timeout", server.exchange_timeout),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            server
+                .min_body_rate
+                .map(|rate| ("server.min_body_rate_window", rate.window)),
+        ) {
             if value.is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
             }
@@ -2328,6 +2353,7 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
             "http2_keep_alive_timeout",
             "body_read_timeout",
             "exchange_timeout",
+            "min_body_rate_window",
         ] {
             for value in ["0s", "100years"] {
                 let text = format!("server:\n  {key}: {value}\n{MINIMAL}");
@@ -2341,5 +2367,15 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
         let text = format!("server:\n  body_read_timeout: \"30\"\n{MINIMAL}");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("server.body_read_timeout"), "{err}");
+        // With the rate off, its window is not read.
+        let text = format!("server:\n  min_body_rate: 0\n  min_body_rate_window: 0s\n{MINIMAL}");
+        assert_eq!(load(&text).unwrap().server.min_body_rate, None);
+        assert_eq!(
+            load(MINIMAL).unwrap().server.min_body_rate,
+            Some(MinBodyRate {
+                bytes_per_second: 240,
+                window: Duration::from_secs(5)
+            })
+        );
     }
 }

@@ -81,6 +81,7 @@ impl UpstreamError {
             Self::UndecodableResponse => "undecodable_response",
             Self::BodyTimeout(BodyTimeout::Idle(_)) => "body_read_timeout",
             Self::BodyTimeout(BodyTimeout::Deadline(_)) => "exchange_timeout",
+            Self::BodyTimeout(BodyTimeout::TooSlow(_)) => "min_body_rate",
             Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),
