@@ -36,6 +36,7 @@ use crate::config::{BudgetBucket, BudgetConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
 
+mod connection;
 pub mod store;
 
 /// Longest pause between two asks for a lease while the shared bucket is full (randomised

@@ -522,3 +522,52 @@ async fn the_store_grants_up_to_the_limit_hands_leases_on_gives_them_back_and_cl
     drop(for_b);
     server.until_leases(leases, 0).await;
 }
+
+#[tokio::test]
+async fn an_endless_reply_from_the_store_is_cut_off_and_its_connection_dropped() {
+    // Something posing as the store answers the first command of each connection with a
+    // bulk string that never ends. Without a cap the gateway would buffer it for ever.
+    const ENOUGH: u64 = 64 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let endless = tokio::spawn(async move {
+        let mut sent_per_connection = Vec::new();
+        for _ in 0..2 {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"$1000000000000\r\n").await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < ENOUGH && socket.write_all(&chunk).await.is_ok() {
+                sent += chunk.len() as u64;
+            }
+            sent_per_connection.push(sent);
+        }
+        sent_per_connection
+    });
+    let metrics = Metrics::new().unwrap();
+    let config = BudgetStoreConfig {
+        url: Secret::new(format!("redis://{addr}")),
+        replicas: 2,
+        lease_ttl: Duration::from_secs(30),
+        command_timeout: Duration::from_secs(5),
+        key_prefix: "t".into(),
+    };
+    let store = SharedStore::new(&config, &metrics).unwrap();
+    let bucket = "t:budget:x:application";
+    assert!(store.acquire(bucket, 2).await.is_err());
+    // The connection that took the reply is gone: the next command connects again.
+    assert!(store.acquire(bucket, 2).await.is_err());
+    let sent_per_connection = tokio::time::timeout(Duration::from_secs(30), endless)
+        .await
+        .expect("a second connection was made")
+        .unwrap();
+    for sent in sent_per_connection {
+        assert!(
+            sent < ENOUGH,
+            "{sent} bytes went into one connection without the gateway closing it"
+        );
+    }
+    assert!(!store.is_up(), "the gate runs on its local share");
+}
