@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use prometheus::{Gauge, Histogram, IntCounter, IntGauge};
+use prometheus::core::{Atomic, AtomicF64, AtomicI64, GenericGauge, GenericGaugeVec};
+use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -208,8 +209,38 @@ struct GateMetrics {
     wait: Histogram,
     refused: [IntCounter; 3],
     throttled: [IntCounter; 4],
-    burst_remaining: IntGauge,
-    time_remaining: Gauge,
+    burst_remaining: Reported<AtomicI64>,
+    time_remaining: Reported<AtomicF64>,
+}
+
+/// A gauge of what Dataverse reports about its budget, made on its first plausible report:
+/// read as 0 before Dataverse said anything, it would look like an exhausted budget.
+struct Reported<P: Atomic> {
+    gauges: GenericGaugeVec<P>,
+    environment: String,
+    /// Reports outside `0..=max` (a broken or hostile answer) are not recorded.
+    max: f64,
+    gauge: OnceLock<GenericGauge<P>>,
+}
+
+impl<P: Atomic> Reported<P> {
+    fn new(gauges: &GenericGaugeVec<P>, environment: &str, max: f64) -> Self {
+        Self {
+            gauges: gauges.clone(),
+            environment: environment.to_owned(),
+            max,
+            gauge: OnceLock::new(),
+        }
+    }
+
+    fn record(&self, value: f64, to: impl FnOnce(f64) -> P::T) {
+        if !(0.0..=self.max).contains(&value) {
+            return;
+        }
+        self.gauge
+            .get_or_init(|| self.gauges.with_label_values(&[&self.environment]))
+            .set(to(value));
+    }
 }
 
 impl GateMetrics {
@@ -242,12 +273,14 @@ impl GateMetrics {
                     .upstream_throttled_total
                     .with_label_values(&[environment, c.as_str()])
             }),
-            burst_remaining: metrics
-                .dataverse_burst_remaining_requests
-                .with_label_values(&[environment]),
-            time_remaining: metrics
-                .dataverse_time_remaining_ms
-                .with_label_values(&[environment]),
+            // Dataverse allows 6,000 requests and 20 minutes per window; far beyond either
+            // is not a report.
+            burst_remaining: Reported::new(
+                &metrics.dataverse_burst_remaining_requests,
+                environment,
+                1e6,
+            ),
+            time_remaining: Reported::new(&metrics.dataverse_time_remaining_ms, environment, 1e9),
         }
     }
 
@@ -764,10 +797,10 @@ impl Gate {
     ) -> Option<(Duration, ThrottleCode)> {
         let m = &self.inner.metrics;
         if let Some(v) = header_number(headers, BURST_REMAINING) {
-            m.burst_remaining.set(v as i64);
+            m.burst_remaining.record(v, |v| v as i64);
         }
         if let Some(v) = header_number(headers, TIME_REMAINING) {
-            m.time_remaining.set(v);
+            m.time_remaining.record(v, |v| v);
         }
         let dop = header_number(headers, DOP_HINT)
             .filter(|v| *v >= 1.0)
