@@ -540,6 +540,20 @@ pub struct RawEnvironment {
     pub budget: Option<RawBudget>,
 }
 
+impl BudgetStoreConfig {
+    /// `host:port` of the store, without the URL's credentials, database or anything else.
+    pub fn address(&self) -> String {
+        match Url::parse(self.url.expose()) {
+            Ok(url) => format!(
+                "{}:{}",
+                url.host_str().unwrap_or_default(),
+                url.port().unwrap_or(6379)
+            ),
+            Err(_) => "(unreadable URL)".into(),
+        }
+    }
+}
+
 /// How a request chooses its environment.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1749,6 +1763,21 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
     })
 }
 
+/// Whether every `%` in `text` starts an escape and the escapes decode to UTF-8.
+fn is_strictly_percent_encoded(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let escapes_well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    escapes_well_formed
+        && percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .is_ok()
+}
+
 fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
     const KEY: &str = "dynamics.budget.store.valkey";
     let v = raw.valkey;
@@ -1773,6 +1802,23 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!("{KEY}.url"), "names no host"));
     }
+    // Read strictly: a lone `%` would be taken literally by the client, or a `%41` meant
+    // literally decoded, and the store would refuse a password that looks right.
+    for part in [url.username(), url.password().unwrap_or_default()] {
+        if !is_strictly_percent_encoded(part) {
+            return Err(invalid(
+                format!("{KEY}.url"),
+                "has a user name or password with a `%` that does not start an escape (%XX of UTF-8); percent-encode `%` as %25 and other reserved characters likewise",
+            ));
+        }
+    }
+    // The client's own reading, now rather than at the first command.
+    redis::IntoConnectionInfo::into_connection_info(v.url.expose()).map_err(|_| {
+        invalid(
+            format!("{KEY}.url"),
+            "is not a usable store URL (the database, if given, is a number: redis://host:6379/0)",
+        )
+    })?;
     if v.replicas == 0 {
         return Err(invalid(
             format!("{KEY}.replicas"),

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use dynamics_gateway::config::{Config, IdentityMode};
+use dynamics_gateway::config::{BudgetBucket, Config, IdentityMode};
 use dynamics_gateway::telemetry::{Telemetry, TelemetryError, SPAN_TARGET};
 
 #[derive(Parser)]
@@ -323,6 +323,35 @@ fn check(path: &std::path::Path) -> ExitCode {
             env.scope,
             env.credential.describe()
         ));
+        let budget = &env.budget;
+        let bucket = match budget.bucket {
+            BudgetBucket::Application => "one bucket (the application user)",
+            BudgetBucket::ImpersonatedUser => "one bucket per impersonated user",
+        };
+        out.push_str(&format!(
+            "  budget:      {} in flight to Dataverse in {bucket}; up to {} queued for {}; a 429 closes it for up to {}\n",
+            budget.max_concurrency,
+            budget.max_queue,
+            humantime::format_duration(budget.queue_timeout),
+            humantime::format_duration(budget.max_retry_after),
+        ));
+    }
+    if let Some(retry) = config.dynamics.retry_throttled {
+        out.push_str(&format!(
+            "retry 429s:    idempotent requests wait out Retry-After, {} at most in all\n",
+            humantime::format_duration(retry)
+        ));
+    }
+    match &config.dynamics.budget_store {
+        None => out.push_str("budget store:  none; each gateway keeps its budget alone\n"),
+        Some(store) => out.push_str(&format!(
+            "budget store:  valkey at {} (credentials never shown), shared by {} replicas (each keeps limit / {} while it is away); leases live {}, commands wait {}\n",
+            store.address(),
+            store.replicas,
+            store.replicas,
+            humantime::format_duration(store.lease_ttl),
+            humantime::format_duration(store.command_timeout),
+        )),
     }
     for line in config.access.describe() {
         out.push_str(&line);

@@ -312,6 +312,18 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.store.valkey.url",
         ),
         (
+            format!("{{ url: \"redis://:{PW}%zz@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}%FF%FE@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache/first\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
             format!("{{ url: \"redis://:{PW}@cache\", replicas: 0 }}"),
             "dynamics.budget.store.valkey.replicas",
         ),
@@ -339,7 +351,7 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
     assert!(err.to_string().contains("replicas"), "{err}");
     let ok = Config::from_yaml(
         &yaml(&store(&format!(
-            "{{ url: \"redis://:{PW}@cache:6379/2\", replicas: 3 }}"
+            "{{ url: \"redis://:{PW}%25%40@cache:6379/2\", replicas: 3 }}"
         ))),
         &|_| None,
     )

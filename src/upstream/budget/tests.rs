@@ -332,6 +332,9 @@ fn dataverse_budget_gauges_appear_on_the_first_plausible_report_only() {
     assert!(text.contains(&format!("{time} 1199000")), "{text}");
     report("1e30", "-3");
     let text = metrics.render();
-    assert!(text.contains(&format!("{series} 5990")), "an absurd report keeps the last one");
+    assert!(
+        text.contains(&format!("{series} 5990")),
+        "an absurd report keeps the last one"
+    );
     assert!(text.contains(&format!("{time} 1199000")));
 }
