@@ -18,6 +18,7 @@ pub mod identity;
 pub mod inbound;
 pub mod method;
 pub mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod routing;
 pub mod secret;
@@ -99,7 +100,7 @@ impl Gateway {
         metrics: Metrics,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, StartError> {
-        let http = reqwest::Client::builder()
+        let http = crate::outbound::http_client()
             .connect_timeout(Duration::from_secs(5))
             .timeout(DEPENDENCY_TIMEOUT)
             // Identity provider and token endpoint URLs come from config; a redirect

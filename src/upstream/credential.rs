@@ -314,10 +314,9 @@ impl Credential {
         if client_id.as_deref() == Some("") {
             return Err((format!("{key}.client_id"), "must not be empty".to_owned()));
         }
-        // IMDS is link-local plain HTTP: a proxy from the environment can't reach it (and
-        // must not see its tokens), so this credential has a client of its own.
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        // IMDS is link-local plain HTTP with a longer timeout: a client of its own, with the
+        // same (absent) proxy policy.
+        let http = crate::outbound::http_client()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
