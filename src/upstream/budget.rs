@@ -187,6 +187,11 @@ struct State {
     in_flight_by_label: [i64; 2],
     /// 1, or `replicas` while a configured store does not answer (this replica's share).
     divisor: usize,
+    /// Requests in flight (or about to be) that hold no lease although a store is
+    /// configured. The store does not count them: until they end, this replica keeps its
+    /// share even once the store answers again, or it would take the whole limit from the
+    /// store on top of them.
+    unleased: usize,
 }
 
 impl State {
@@ -330,11 +335,15 @@ pub struct Permit {
     /// The slot in the shared store, when it granted one: handed to the next waiter here
     /// with the local slot, or given back to the store.
     lease: Option<Lease>,
+    /// Granted under this replica's share while a configured store was away: the store
+    /// does not count it, so the share holds until it ends (see `State::unleased`).
+    unleased: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.inner.release(self.key, self.lease.take());
+        self.inner
+            .release(self.key, self.lease.take(), self.unleased);
     }
 }
 
@@ -376,7 +385,7 @@ impl Drop for Waiter {
             }
         };
         if let Some(lease) = granted {
-            self.inner.release(self.key, lease);
+            self.inner.release(self.key, lease, false);
         }
     }
 }
@@ -393,8 +402,11 @@ impl Inner {
         lock(&self.state)
     }
 
-    fn release(&self, key: BucketKey, mut lease: Option<Lease>) {
+    fn release(&self, key: BucketKey, mut lease: Option<Lease>, unleased: bool) {
         let mut state = self.lock();
+        if unleased {
+            state.unleased = state.unleased.saturating_sub(1);
+        }
         self.follow_store(&mut state);
         let max = self.config.max_concurrency;
         let ceiling = state.ceiling;
@@ -431,7 +443,7 @@ impl Inner {
         let Some(shared) = &self.shared else {
             return;
         };
-        let divisor = if shared.store.is_up() {
+        let divisor = if shared.store.is_up() && state.unleased == 0 {
             1
         } else {
             shared.store.replicas()
@@ -552,6 +564,7 @@ impl Gate {
                     next_waiter: 0,
                     in_flight_by_label: [0; 2],
                     divisor,
+                    unleased: 0,
                 }),
                 metrics: GateMetrics::new(metrics, environment),
                 shared,
@@ -599,6 +612,8 @@ impl Gate {
             return Ok(permit);
         };
         if !shared.store.is_up() {
+            permit.unleased = true;
+            self.inner.lock().unleased += 1;
             return Ok(permit);
         }
         let bucket = shared.bucket_key(key);
@@ -648,9 +663,23 @@ impl Gate {
                 }
                 Err(_) => {
                     // Counted and logged by the store. The slot in hand was granted under
-                    // the whole limit: queue again under this replica's share.
+                    // the whole limit: queue again under this replica's share, counted as
+                    // unleased before it queues, so the share holds even if the store
+                    // seems to answer again meanwhile.
                     drop(permit);
-                    return self.acquire_local(key).await;
+                    self.inner.lock().unleased += 1;
+                    return match self.acquire_local(key).await {
+                        Ok(mut permit) => {
+                            permit.unleased = true;
+                            Ok(permit)
+                        }
+                        Err(e) => {
+                            let mut state = self.inner.lock();
+                            state.unleased = state.unleased.saturating_sub(1);
+                            self.inner.follow_store(&mut state);
+                            Err(e)
+                        }
+                    };
                 }
             }
         }
@@ -712,6 +741,7 @@ impl Gate {
                     inner: self.inner.clone(),
                     key,
                     lease,
+                    unleased: false,
                 })
             }
             Ok(Ok(Handed::Closed)) => {
@@ -765,6 +795,7 @@ impl Gate {
                 inner: self.inner.clone(),
                 key,
                 lease: None,
+                unleased: false,
             }));
         }
         Ok(None)

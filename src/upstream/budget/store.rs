@@ -368,12 +368,17 @@ impl Store {
     }
 
     /// Probes the store until `stop`: the first answer turns sharing on, and the first
-    /// answer after a failure turns it back on.
+    /// answer after a failure turns it back on. The probe is a lease script's write on a
+    /// key of its own, not a `PING`: a store that answers `PING` but refuses writes or
+    /// scripts (a replica after a failover: `READONLY`; `OOM`; `NOPERM`) is not back.
     pub async fn probe(self, stop: CancellationToken) {
+        let probe_key = format!("{}:probe", self.inner.config.key_prefix);
+        let ttl_ms = self.inner.config.lease_ttl.as_millis() as u64;
         loop {
-            let ping = redis::cmd("PING");
+            let mut renew = self.inner.renew.key(&probe_key);
+            renew.arg(ttl_ms).arg("probe");
             let _ = self
-                .run(|mut c| async move { ping.query_async::<String>(&mut c).await })
+                .run(|mut c| async move { renew.invoke_async::<i64>(&mut c).await })
                 .await;
             tokio::select! {
                 _ = stop.cancelled() => return,
