@@ -12,7 +12,6 @@ pub mod audit;
 pub mod backoff;
 pub mod body;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod identity;
 pub mod inbound;
@@ -24,7 +23,6 @@ pub mod secret;
 pub mod server;
 pub mod supervisor;
 pub mod telemetry;
-pub mod testkit;
 pub mod tls;
 pub mod upstream;
 
