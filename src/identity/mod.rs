@@ -1,9 +1,9 @@
 //! Identity: as which Dynamics user does this caller act? Turns a verified [`Caller`] into
 //! the one [`Impersonation`] the upstream stage sends. One file per mode.
 
-pub mod caller_object_id;
+pub(crate) mod caller_object_id;
 pub mod lookup;
-pub mod static_map;
+pub(crate) mod static_map;
 
 use uuid::Uuid;
 

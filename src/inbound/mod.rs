@@ -1,10 +1,10 @@
 //! Inbound: who is calling? Takes the caller's `Authorization: Bearer` JWT, checks it
 //! against the configured issuers' keys, and hands the next stage a verified [`Caller`].
 
-pub mod discovery;
-pub mod jwks;
+pub(crate) mod discovery;
+pub(crate) mod jwks;
 pub mod jwt;
-pub mod verified;
+pub(crate) mod verified;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use serde_json::{Map, Value};
 
-pub use jwks::JwksCache;
+pub(crate) use jwks::JwksCache;
 
 use crate::config::{AppOnlyEvidence, InboundConfig};
 
