@@ -55,13 +55,13 @@ use crate::inbound::CallerKind;
 
 pub(crate) use body::{BatchPart, BodyAccess, BodyInspector};
 pub(crate) use control_headers::names_impersonation;
+#[cfg(test)]
+pub(crate) use control_headers::strip_control_headers;
 pub(crate) use control_headers::{
     check_control_headers, decide_control_header, ControlHeaderDecision, ControlHeaderRefused,
 };
-#[cfg(test)]
-pub(crate) use control_headers::strip_control_headers;
-pub use metadata::{Metadata, MetadataError};
-pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
+pub use metadata::Metadata;
+pub use raw::RawAccess;
 pub(crate) use stored_query::StoredQueryLookup;
 pub(crate) use target::Target;
 pub(crate) use touches::{Resource, Touch};

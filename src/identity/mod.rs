@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::config::{IdentityConfig, IdentityMode};
 use crate::inbound::Caller;
 
-pub use lookup::{LookupError, UserLookup};
+pub(crate) use lookup::{LookupError, UserLookup};
 
 /// Whom Dataverse should act as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
