@@ -48,7 +48,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 /// The file as written. Durations and sizes are human strings with a unit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     /// Listeners and request limits.
     #[serde(default)]
     pub server: RawServer,
@@ -69,14 +69,14 @@ pub struct RawConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAudit {
+pub(crate) struct RawAudit {
     /// Log paths without query values (OData filters can hold personal data).
     pub redact_query: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRetryThrottled {
+pub(crate) struct RawRetryThrottled {
     /// Retry idempotent requests that Dataverse answered 429.
     #[serde(default)]
     pub enabled: bool,
@@ -93,7 +93,7 @@ fn default_retry_max_wait() -> String {
 /// in flight to one environment at once, and what waits when they are.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawBudget {
+pub(crate) struct RawBudget {
     /// Most requests in flight to Dataverse per bucket (Dataverse allows 52 per user);
     /// `x-ms-dop-hint` may lower it, never raise it.
     pub max_concurrency: usize,
@@ -113,14 +113,14 @@ pub struct RawBudget {
 /// Where replicas keep the budget they share.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBudgetStore {
+pub(crate) struct RawBudgetStore {
     pub valkey: RawValkey,
 }
 
 /// A Valkey (or Redis) server holding the concurrency leases and closed buckets.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawValkey {
+pub(crate) struct RawValkey {
     /// `redis://[user:password@]host:port[/db]` (or `valkey://`); may carry a password,
     /// so it is a secret.
     pub url: Secret,
@@ -164,7 +164,7 @@ impl Default for RawBudget {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawServer {
+pub(crate) struct RawServer {
     /// Address apps call.
     pub listen: String,
     /// Address of /metrics /healthz /readyz; never the app port.
@@ -220,7 +220,7 @@ pub struct RawServer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
+pub(crate) struct RawTls {
     /// PEM file: the server certificate, then its intermediates.
     pub certificate: String,
     /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
@@ -267,7 +267,7 @@ impl Default for RawServer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawInbound {
+pub(crate) struct RawInbound {
     /// Accepted token issuers; at least one.
     pub issuers: Vec<RawIssuer>,
     /// Clock skew allowed on `exp` and `nbf`.
@@ -300,7 +300,7 @@ fn default_jwks_refresh() -> String {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIssuer {
+pub(crate) struct RawIssuer {
     /// Exact `iss` value.
     pub issuer: String,
     /// Accepted `aud` values; at least one.
@@ -334,14 +334,14 @@ pub struct RawIssuer {
 /// `entra` / `never`, or the claim whose value proves an app-only token.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawAppOnlyEvidence {
+pub(crate) enum RawAppOnlyEvidence {
     Named(String),
     Claim(RawAppOnlyClaim),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAppOnlyClaim {
+pub(crate) struct RawAppOnlyClaim {
     /// The claim the issuer sets only in app-only tokens.
     pub claim: String,
     /// Its value in app-only tokens (a string, or one item of an array claim).
@@ -350,7 +350,7 @@ pub struct RawAppOnlyClaim {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawIdentity {
+pub(crate) struct RawIdentity {
     /// caller_object_id | lookup | static
     pub mode: String,
     /// The claim that identifies the caller.
@@ -387,14 +387,14 @@ impl Default for RawIdentity {
 /// One `static` entry: a systemuserid, or a systemuserid and the issuer it trusts.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawStaticUser {
+pub(crate) enum RawStaticUser {
     SystemUserId(String),
     Trusted(RawTrustedStaticUser),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTrustedStaticUser {
+pub(crate) struct RawTrustedStaticUser {
     /// The Dynamics user the caller acts as.
     pub systemuserid: String,
     /// The issuer (as written in `inbound.issuers`) whose tokens may carry this claim value.
@@ -403,7 +403,7 @@ pub struct RawTrustedStaticUser {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLookup {
+pub(crate) struct RawLookup {
     /// azureactivedirectoryobjectid | internalemailaddress | domainname
     pub attribute: String,
 }
@@ -412,7 +412,7 @@ pub struct RawLookup {
 /// list of named `environments` and a `routing` rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDynamics {
+pub(crate) struct RawDynamics {
     /// Single-environment form: organisation URL, e.g. https://contoso.crm.dynamics.com
     #[serde(default)]
     pub url: Option<String>,
@@ -485,7 +485,7 @@ fn default_token_retry_max_wait() -> String {
 /// One Dataverse organisation and the credential used for it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEnvironment {
+pub(crate) struct RawEnvironment {
     /// Used in path-prefix routing (`/<name>/api/data/...`), logs, metrics and `/readyz`.
     pub name: String,
     /// Organisation URL, e.g. https://contoso.crm.dynamics.com
@@ -557,7 +557,7 @@ impl BudgetStoreConfig {
 /// How a request chooses its environment.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRouting {
+pub(crate) struct RawRouting {
     /// `path_prefix`: `/<environment>/api/data/...`; `tenant`: the caller's `tid` picks the
     /// environment whose `tenants` list it.
     pub by: String,
@@ -865,7 +865,7 @@ impl EnvironmentConfig {
     }
 
     /// Whether a caller of tenant `tid` may use this environment.
-    pub fn serves_tenant(&self, tid: Option<&str>) -> bool {
+    pub(crate) fn serves_tenant(&self, tid: Option<&str>) -> bool {
         match (&self.tenants, tid) {
             (None, _) => true,
             (Some(list), Some(tid)) => list.iter().any(|t| t.eq_ignore_ascii_case(tid)),
@@ -954,7 +954,7 @@ fn substitute_env(
 }
 
 /// The placeholder of a multi-tenant issuer template.
-pub const TENANT_PLACEHOLDER: &str = "{tenantid}";
+pub(crate) const TENANT_PLACEHOLDER: &str = "{tenantid}";
 
 /// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
 fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
@@ -983,7 +983,7 @@ fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
     })
 }
 
-pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
     if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
         return Err(invalid(
@@ -1000,7 +1000,7 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 }
 
 /// Parses a size that must carry a unit (`512KiB`, `128MiB`, `1GB`).
-pub fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
+pub(crate) fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
@@ -1083,7 +1083,7 @@ fn url_aliases(key: &str, url: &Url, raw: Vec<String>) -> Result<Vec<String>, Co
 }
 
 /// True for 127.0.0.0/8, ::1 and `localhost`.
-pub fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),

@@ -35,15 +35,15 @@
 //! - `impersonation: app_only` rules match only callers the inbound stage found to be
 //!   applications ([`CallerKind::App`], on the issuer's positive evidence), never a user.
 
-pub mod body;
+pub(crate) mod body;
 mod control_headers;
-pub mod metadata;
+pub(crate) mod metadata;
 pub mod odata;
 mod raw;
 mod rule;
 mod stored_query;
-pub mod target;
-pub mod touches;
+pub(crate) mod target;
+pub(crate) mod touches;
 
 use std::sync::Arc;
 
@@ -53,17 +53,18 @@ use serde_json::{Map, Value};
 
 use crate::inbound::CallerKind;
 
-pub use body::{BatchPart, BodyAccess, BodyInspector};
+pub(crate) use body::{BatchPart, BodyAccess, BodyInspector};
 pub(crate) use control_headers::names_impersonation;
-pub use control_headers::{
-    check_control_headers, decide_control_header, is_control_header, strip_control_headers,
-    ControlHeaderDecision, ControlHeaderRefused, HARMLESS_CONTROL_HEADERS,
+#[cfg(test)]
+pub(crate) use control_headers::strip_control_headers;
+pub(crate) use control_headers::{
+    check_control_headers, decide_control_header, ControlHeaderDecision, ControlHeaderRefused,
 };
-pub use metadata::{Metadata, MetadataError};
-pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
-pub use stored_query::StoredQueryLookup;
-pub use target::Target;
-pub use touches::{Operation, Resource, Touch};
+pub use metadata::Metadata;
+pub use raw::RawAccess;
+pub(crate) use stored_query::StoredQueryLookup;
+pub(crate) use target::Target;
+pub(crate) use touches::{Resource, Touch};
 
 use rule::Rule;
 

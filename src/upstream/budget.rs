@@ -67,7 +67,7 @@ pub enum ThrottleCode {
 }
 
 impl ThrottleCode {
-    pub fn from_code(code: Option<&str>) -> Self {
+    pub(crate) fn from_code(code: Option<&str>) -> Self {
         match code.map(|c| c.trim().to_ascii_lowercase()).as_deref() {
             Some("0x80072322") => Self::Requests,
             Some("0x80072321") => Self::ExecutionTime,
@@ -116,7 +116,7 @@ impl BudgetError {
 }
 
 /// Whole seconds for `Retry-After`, rounded up so a caller never comes back early.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
@@ -575,7 +575,7 @@ impl Gate {
     }
 
     /// The bucket a request spends, by the configured rule.
-    pub fn bucket_for(&self, impersonation: &Impersonation) -> BucketKey {
+    pub(crate) fn bucket_for(&self, impersonation: &Impersonation) -> BucketKey {
         match (self.inner.config.bucket, impersonation) {
             (BudgetBucket::Application, _) | (_, Impersonation::ApplicationUser) => {
                 BucketKey::Application
@@ -803,7 +803,7 @@ impl Gate {
 
     /// Waits until the bucket is open again, at most `at_most` (a retry of a throttled
     /// request waits here rather than on its own clock).
-    pub async fn wait_open(&self, key: BucketKey, at_most: Duration) {
+    pub(crate) async fn wait_open(&self, key: BucketKey, at_most: Duration) {
         let closed_for = {
             let state = self.inner.lock();
             state
@@ -888,7 +888,7 @@ impl Gate {
 
     /// Tells the other replicas that Dataverse closed this bucket (a no-op without a store,
     /// or while it does not answer: each replica then learns from its own 429).
-    pub async fn share_closed(&self, key: BucketKey, closed: (Duration, ThrottleCode)) {
+    pub(crate) async fn share_closed(&self, key: BucketKey, closed: (Duration, ThrottleCode)) {
         let Some(shared) = &self.inner.shared else {
             return;
         };
@@ -910,7 +910,7 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
 
 /// The response with its body boxed; for a 429 in plain JSON, also Dataverse's error code,
 /// read from the first bytes of the body (which then still go to the caller unchanged).
-pub async fn read_throttle_code(
+pub(crate) async fn read_throttle_code(
     response: Response<Incoming>,
 ) -> (Response<GatewayBody>, Option<String>) {
     let (parts, incoming) = response.into_parts();
@@ -959,7 +959,7 @@ pub async fn read_throttle_code(
 
 /// The response body holding its permit until it ends (or is dropped): Dataverse is still
 /// writing the answer while it streams, so it still counts against its concurrency.
-pub fn hold_until_end(body: GatewayBody, permit: Permit) -> GatewayBody {
+pub(crate) fn hold_until_end(body: GatewayBody, permit: Permit) -> GatewayBody {
     body::boxed(PermitBody {
         inner: body,
         permit: Some(permit),

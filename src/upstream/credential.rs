@@ -32,11 +32,10 @@ use crate::secret::Secret;
 pub const JWT_BEARER_ASSERTION_TYPE: &str =
     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// The Azure instance metadata service's token endpoint.
-pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+pub(crate) const DEFAULT_IMDS_ENDPOINT: &str =
+    "http://169.254.169.254/metadata/identity/oauth2/token";
 /// The IMDS API version whose token response the token source parses.
-pub const IMDS_API_VERSION: &str = "2018-02-01";
-/// The audience Azure AD requires of a federated (workload identity) assertion.
-pub const FEDERATED_TOKEN_AUDIENCE: &str = "api://AzureADTokenExchange";
+pub(crate) const IMDS_API_VERSION: &str = "2018-02-01";
 /// Lifetime of a certificate assertion: Azure AD wants 5-10 minutes; MSAL uses 10.
 const ASSERTION_LIFETIME_SECS: u64 = 600;
 /// IMDS answers 410 while it is being updated and asks to be retried within 70 s.
@@ -434,13 +433,6 @@ impl Credential {
     }
 }
 
-impl CredentialError {
-    /// Whether the failure is on the gateway's side (files, keys) rather than the network.
-    pub fn is_local(&self) -> bool {
-        !matches!(self, Self::Http { .. })
-    }
-}
-
 /// Where a PEM comes from.
 #[derive(Clone)]
 enum PemSource {
@@ -830,7 +822,7 @@ pub fn x5t_s256(cert_der: &[u8]) -> String {
 }
 
 /// `x5t`: base64url SHA-1 of the certificate DER (the older header).
-pub fn x5t_sha1(cert_der: &[u8]) -> String {
+pub(crate) fn x5t_sha1(cert_der: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, cert_der))
 }
 

@@ -7,11 +7,11 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::{
+use support::{error_body, metric, GatewayHandle, ALICE_OID};
+use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
     Throttling,
 };
-use support::{error_body, metric, GatewayHandle, ALICE_OID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 const APP: &str = "{bucket=\"application\",environment=\"default\"}";

@@ -14,13 +14,13 @@ use binary::{free_port, start_binary, Binary};
 use dynamics_gateway::config::BudgetStoreConfig;
 use dynamics_gateway::metrics::Metrics;
 use dynamics_gateway::secret::Secret;
-use dynamics_gateway::testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
 use dynamics_gateway::upstream::budget::store::{Acquired, Store as SharedStore};
 use dynamics_gateway::upstream::budget::ThrottleCode;
 use support::{client, ALICE_OID};
+use testkit::{
+    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
+    Throttling,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

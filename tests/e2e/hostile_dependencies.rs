@@ -10,10 +10,10 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use dynamics_gateway::testkit::{
+use support::{env, error_body, metric, ALICE_OID, ALICE_SYSTEMUSERID};
+use testkit::{
     Dataverse, DirectoryUser, Idp, Imds, JwksDocument, TokenEndpointMode, ENDLESS_BODY_BYTES,
 };
-use support::{env, error_body, metric, ALICE_OID, ALICE_SYSTEMUSERID};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
@@ -335,14 +335,14 @@ async fn a_request_waits_for_its_environments_first_token_in_flight() {
         systemuserid: ALICE_SYSTEMUSERID.into(),
         ..DirectoryUser::new(ALICE_OID, "alice@contoso.example")
     };
-    let org = |idp: &dynamics_gateway::testkit::IdpHandle| {
+    let org = |idp: &testkit::IdpHandle| {
         Dataverse::builder()
             .accept_tokens_from(idp.s2s_registry())
             .user(alice.clone())
             .start()
     };
     let (fast_org, slow_org) = (org(&fast).await.unwrap(), org(&slow).await.unwrap());
-    let environment = |name: &str, idp: &dynamics_gateway::testkit::IdpHandle, url: &str| {
+    let environment = |name: &str, idp: &testkit::IdpHandle, url: &str| {
         format!(
             "    - {{ name: {name}, url: {url}, tenant_id: {tenant}, client_id: {client}, client_secret: {secret}, token_url: {token_url} }}\n",
             tenant = idp.tenant_id(),
