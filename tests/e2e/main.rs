@@ -30,4 +30,5 @@ mod resilience;
 mod tenants;
 mod tls;
 mod tracing;
+mod transparency;
 mod upstream;
