@@ -189,9 +189,16 @@ impl Pipeline {
         request_id: &HeaderValue,
         outcome: &mut Outcome,
     ) -> Result<Response<GatewayBody>, GatewayError> {
-        // Cheap checks first: a method or path that is never forwarded costs no key lookup.
+        // Cheap checks first: a method, path or Host that is never forwarded costs no key
+        // lookup, and no identity lookup at Dataverse.
         WebApiMethod::from_http(request.method())?;
         let target = request_target(uri, self.router.uses_path_prefix())?;
+        // Links handed back keep the environment prefix, so apps stay on the same route.
+        let mut public_base = self.public_base(&request)?;
+        if let Some(prefix) = target.environment {
+            public_base.push('/');
+            public_base.push_str(prefix);
+        }
         let caller: &Caller = outcome.caller.insert(
             self.inbound
                 .authenticate(request.headers())
@@ -247,12 +254,6 @@ impl Pipeline {
             }
         };
         outcome.impersonated = Some(impersonation);
-        // Links handed back keep the environment prefix, so apps stay on the same route.
-        let mut public_base = self.public_base(&request)?;
-        if let Some(prefix) = target.environment {
-            public_base.push('/');
-            public_base.push_str(prefix);
-        }
         let ctx = ForwardContext {
             peer,
             request_id,

@@ -1514,3 +1514,27 @@ async fn statuses_dataverse_invents_do_not_become_metric_series() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn a_bad_host_is_400_before_any_identity_lookup_or_upstream_call() {
+    let env = env()
+        .identity("identity:\n  mode: lookup\n  claim: oid\n")
+        .start()
+        .await;
+    let token = env.idp.token_for(ALICE_OID);
+    for host in ["bad host", "gw.example/path", "user@gw.example", ""] {
+        let answer = raw_request(
+            env.gateway.addr,
+            format!("GET {ACCOUNTS} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{host:?}: {answer}");
+    }
+    assert_eq!(
+        env.dataverse.systemuser_lookups(),
+        0,
+        "a lookup for a request that is refused"
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
+}
