@@ -45,6 +45,10 @@ pub mod store;
 const LEASE_POLL: Duration = Duration::from_millis(20);
 
 const DOP_HINT: &str = "x-ms-dop-hint";
+/// How long a lowered limit from `x-ms-dop-hint` lasts once Dataverse stops sending it.
+const HINT_HOLDS: Duration = Duration::from_secs(60);
+/// The shortest a 429 closes a bucket for, whatever its `Retry-After` says.
+const MIN_CLOSED: Duration = Duration::from_secs(1);
 const BURST_REMAINING: &str = "x-ms-ratelimit-burst-remaining-xrm-requests";
 const TIME_REMAINING: &str = "x-ms-ratelimit-time-remaining-xrm-requests";
 
@@ -182,6 +186,8 @@ struct State {
     buckets: HashMap<BucketKey, Bucket>,
     /// `min(max_concurrency, x-ms-dop-hint)`.
     ceiling: usize,
+    /// When Dataverse last sent `x-ms-dop-hint`.
+    hinted_at: Instant,
     queued: usize,
     next_waiter: u64,
     in_flight_by_label: [i64; 2],
@@ -560,6 +566,7 @@ impl Gate {
                 state: Mutex::new(State {
                     buckets: HashMap::new(),
                     ceiling: config.max_concurrency,
+                    hinted_at: Instant::now(),
                     queued: 0,
                     next_waiter: 0,
                     in_flight_by_label: [0; 2],
@@ -844,8 +851,18 @@ impl Gate {
         let max = self.inner.config.max_concurrency;
         let mut state = self.inner.lock();
         self.inner.follow_store(&mut state);
-        if let Some(hint) = dop {
-            state.ceiling = hint.min(max);
+        let now = Instant::now();
+        match dop {
+            Some(hint) => {
+                state.ceiling = hint.min(max);
+                state.hinted_at = now;
+            }
+            // A hint holds while Dataverse repeats it: one odd answer must not keep the
+            // limit down for good.
+            None if state.ceiling < max && now.duration_since(state.hinted_at) >= HINT_HOLDS => {
+                state.ceiling = max;
+            }
+            None => {}
         }
         let (ceiling, divisor) = (state.ceiling, state.divisor);
         let mut closed = None;
@@ -865,7 +882,11 @@ impl Gate {
                         bucket.aimd_limit = (limit / 2).max(1);
                         bucket.answers = 0;
                     }
-                    closed = retry_after.map(|after| (after, code));
+                    // Every 429 closes the bucket, for at least a second: a `Retry-After` of
+                    // 0, in the past, unreadable or absent must not invite the next request
+                    // straight into the penalty.
+                    let after = retry_after.map_or(MIN_CLOSED, |after| after.max(MIN_CLOSED));
+                    closed = Some((after, code));
                 }
                 None => {
                     bucket.answers += 1;

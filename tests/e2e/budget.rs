@@ -421,3 +421,29 @@ async fn callers_hanging_up_do_not_free_the_slots_dataverse_is_still_working_on(
     let after = support::get(&s.gateway, WHOAMI, s.token()).await;
     assert_eq!(after.status(), 200, "the slots came back");
 }
+
+#[tokio::test]
+async fn a_429_with_retry_after_zero_or_none_still_closes_the_bucket() {
+    for retry_after in [Some("0"), None] {
+        let s = start(Throttling::default(), "").await;
+        let headers = retry_after
+            .map(|v| vec![("Retry-After".to_owned(), v.to_owned())])
+            .unwrap_or_default();
+        s.dataverse.respond_next(
+            1,
+            429,
+            headers,
+            r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#,
+        );
+        let first = support::get(&s.gateway, WHOAMI, s.token()).await;
+        assert_eq!(first.status(), 429);
+        let next = support::get(&s.gateway, WHOAMI, s.token()).await;
+        assert_eq!(next.status(), 429, "{retry_after:?}: sent into the penalty");
+        assert_eq!(next.headers()["retry-after"], "1");
+        assert_eq!(
+            s.dataverse.request_count(),
+            1,
+            "{retry_after:?}: the next request reached Dataverse"
+        );
+    }
+}

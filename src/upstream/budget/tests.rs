@@ -338,3 +338,51 @@ fn dataverse_budget_gauges_appear_on_the_first_plausible_report_only() {
     );
     assert!(text.contains(&format!("{time} 1199000")));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_dataverse_stops_sending_lapses_after_a_while() {
+    let (gate, _m) = gate(10, 10);
+    let key = BucketKey::Application;
+    let mut hinted = HeaderMap::new();
+    hinted.insert("x-ms-dop-hint", "1".parse().unwrap());
+    gate.observe(key, StatusCode::OK, &hinted, None);
+    assert_eq!(gate.limit(key), 1);
+    tokio::time::advance(HINT_HOLDS / 2).await;
+    gate.observe(key, StatusCode::OK, &HeaderMap::new(), None);
+    assert_eq!(gate.limit(key), 1, "within its time the hint holds");
+    gate.observe(key, StatusCode::OK, &hinted, None);
+    tokio::time::advance(HINT_HOLDS - Duration::from_secs(1)).await;
+    gate.observe(key, StatusCode::OK, &HeaderMap::new(), None);
+    assert_eq!(
+        gate.limit(key),
+        1,
+        "repeated, it holds from its last answer"
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    gate.observe(key, StatusCode::OK, &HeaderMap::new(), None);
+    assert_eq!(gate.limit(key), 10, "no longer sent, it lapses");
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_429_closes_the_bucket_for_at_least_a_second() {
+    for retry_after in [Some("0"), Some("-1"), Some("abc"), Some(""), None] {
+        let (gate, _m) = gate(4, 10);
+        let key = BucketKey::Application;
+        let mut h = HeaderMap::new();
+        if let Some(v) = retry_after {
+            h.insert("retry-after", v.parse().unwrap());
+        }
+        let closed = gate.observe(key, StatusCode::TOO_MANY_REQUESTS, &h, None);
+        assert_eq!(
+            closed.map(|(after, _)| after),
+            Some(MIN_CLOSED),
+            "{retry_after:?}"
+        );
+        assert!(
+            matches!(gate.acquire(key).await, Err(BudgetError::Throttled { .. })),
+            "{retry_after:?}: the next request was let through"
+        );
+        tokio::time::advance(MIN_CLOSED).await;
+        assert!(gate.acquire(key).await.is_ok(), "{retry_after:?}");
+    }
+}
