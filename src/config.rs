@@ -554,6 +554,11 @@ impl BudgetStoreConfig {
     }
 }
 
+/// Far above Dataverse's 52 concurrent requests per user and web server.
+const MAX_BUDGET_CONCURRENCY: usize = 10_000;
+/// Requests waiting for a slot, per environment.
+const MAX_BUDGET_QUEUE: usize = 1_000_000;
+
 /// How a request chooses its environment.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -816,10 +821,16 @@ fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
             "the replicas share one store for every environment: set it under dynamics.budget.store",
         ));
     }
-    if raw.max_concurrency == 0 {
+    if !(1..=MAX_BUDGET_CONCURRENCY).contains(&raw.max_concurrency) {
         return Err(invalid(
             format!("{key}.max_concurrency"),
-            "must be at least 1 (Dataverse allows 52 concurrent requests per user)",
+            format!("must be 1 to {MAX_BUDGET_CONCURRENCY} (Dataverse allows 52 concurrent requests per user and web server)"),
+        ));
+    }
+    if raw.max_queue > MAX_BUDGET_QUEUE {
+        return Err(invalid(
+            format!("{key}.max_queue"),
+            format!("must be at most {MAX_BUDGET_QUEUE}: every queued request holds a connection and its memory"),
         ));
     }
     let bucket = match raw.bucket.as_str() {
@@ -832,11 +843,28 @@ fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
             ))
         }
     };
+    let queue_timeout = parse_duration(&format!("{key}.queue_timeout"), &raw.queue_timeout)?;
+    let max_retry_after = parse_duration(&format!("{key}.max_retry_after"), &raw.max_retry_after)?;
+    // Deadlines are computed as now + value.
+    for (name, value) in [
+        ("queue_timeout", queue_timeout),
+        ("max_retry_after", max_retry_after),
+    ] {
+        if value > MAX_CONNECTION_TIMEOUT {
+            return Err(invalid(format!("{key}.{name}"), "must be at most 24h"));
+        }
+    }
+    if max_retry_after < Duration::from_secs(1) {
+        return Err(invalid(
+            format!("{key}.max_retry_after"),
+            "must be at least 1s, or a 429 would never close the bucket",
+        ));
+    }
     Ok(BudgetConfig {
         max_concurrency: raw.max_concurrency,
         max_queue: raw.max_queue,
-        queue_timeout: parse_duration(&format!("{key}.queue_timeout"), &raw.queue_timeout)?,
-        max_retry_after: parse_duration(&format!("{key}.max_retry_after"), &raw.max_retry_after)?,
+        queue_timeout,
+        max_retry_after,
         bucket,
     })
 }
@@ -1753,6 +1781,22 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         ));
     }
     let budget_store = d.budget.store.map(budget_store).transpose()?;
+    if let Some(store) = &budget_store {
+        // Away from the store each replica keeps at least one slot: more replicas than the
+        // limit would together send more than it.
+        if let Some(env) = environments
+            .iter()
+            .find(|e| e.budget.max_concurrency < store.replicas)
+        {
+            return Err(invalid(
+                "dynamics.budget.store.valkey.replicas",
+                format!(
+                    "{} replicas is more than max_concurrency ({}) of environment {}: each replica keeps at least 1 slot while the store is away",
+                    store.replicas, env.budget.max_concurrency, env.name
+                ),
+            ));
+        }
+    }
     Ok(DynamicsConfig {
         environments,
         routing,
@@ -1802,6 +1846,12 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!("{KEY}.url"), "names no host"));
     }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            format!("{KEY}.url"),
+            "must not have a query or fragment: redis://[user:password@]host[:port][/db]",
+        ));
+    }
     // Read strictly: a lone `%` would be taken literally by the client, or a `%41` meant
     // literally decoded, and the store would refuse a password that looks right.
     for part in [url.username(), url.password().unwrap_or_default()] {
@@ -1826,6 +1876,12 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
         ));
     }
     let lease_ttl = parse_duration(&format!("{KEY}.lease_ttl"), &v.lease_ttl)?;
+    if lease_ttl > Duration::from_secs(3600) {
+        return Err(invalid(
+            format!("{KEY}.lease_ttl"),
+            "must be at most 1h: a dead replica's slots stay taken that long",
+        ));
+    }
     if lease_ttl < Duration::from_secs(1) {
         // Renewal runs every third of it: shorter would renew faster than a slow store answers.
         return Err(invalid(format!("{KEY}.lease_ttl"), "must be at least 1s"));

@@ -499,10 +499,10 @@ impl Inner {
         for (gauge, value) in m.in_flight.iter().zip(state.in_flight_by_label) {
             gauge.set(value);
         }
-        let app_limit = state
-            .buckets
-            .get(&BucketKey::Application)
-            .map_or(state.ceiling, |b| state.limit(b));
+        let app_limit = state.buckets.get(&BucketKey::Application).map_or(
+            effective_limit(state.ceiling, state.ceiling, state.divisor),
+            |b| state.limit(b),
+        );
         m.limit[0].set(app_limit as i64);
         m.limit[1].set(effective_limit(state.ceiling, state.ceiling, state.divisor) as i64);
         m.queue.set(state.queued as i64);

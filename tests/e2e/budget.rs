@@ -267,6 +267,16 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
     for (budget, key) in [
         ("{ queue_timeout: 10 }", "dynamics.budget.queue_timeout"),
         ("{ max_concurrency: 0 }", "dynamics.budget.max_concurrency"),
+        (
+            "{ max_concurrency: 99999999999 }",
+            "dynamics.budget.max_concurrency",
+        ),
+        (
+            "{ max_queue: 18446744073709551615 }",
+            "dynamics.budget.max_queue",
+        ),
+        ("{ max_retry_after: 0s }", "dynamics.budget.max_retry_after"),
+        ("{ queue_timeout: 1000d }", "dynamics.budget.queue_timeout"),
         ("{ bucket: everyone }", "dynamics.budget.bucket"),
         (
             "{ max_retry_after: soon }",
@@ -326,6 +336,18 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
         (
             format!("{{ url: \"redis://:{PW}@cache\", replicas: 0 }}"),
             "dynamics.budget.store.valkey.replicas",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 100 }}"),
+            "dynamics.budget.store.valkey.replicas",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache/0?x=1\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache\", replicas: 2, lease_ttl: 100000000000d }}"),
+            "dynamics.budget.store.valkey.lease_ttl",
         ),
         (
             format!("{{ url: \"redis://:{PW}@cache\", replicas: 2, lease_ttl: 500ms }}"),
