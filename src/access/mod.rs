@@ -38,6 +38,7 @@
 pub mod body;
 mod control_headers;
 pub mod metadata;
+pub mod metadata_fetch;
 pub mod odata;
 mod raw;
 mod rule;
@@ -60,6 +61,7 @@ pub use control_headers::{
     ControlHeaderDecision, ControlHeaderRefused, HARMLESS_CONTROL_HEADERS,
 };
 pub use metadata::{Metadata, MetadataError};
+pub use metadata_fetch::{EnvironmentMetadata, MetadataSettings};
 pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
 pub use stored_query::StoredQueryLookup;
 pub use target::Target;
@@ -80,6 +82,8 @@ pub struct AccessPolicy {
     default_grant: Grant,
     /// From `access.metadata_file`: used for every environment.
     metadata: Option<Arc<Metadata>>,
+    /// How each environment's `$metadata` is fetched when there is no file.
+    metadata_settings: MetadataSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +173,7 @@ impl AccessPolicy {
                 control_headers: Arc::from([]),
             },
             metadata: None,
+            metadata_settings: MetadataSettings::default(),
         }
     }
 
@@ -180,7 +185,11 @@ impl AccessPolicy {
         };
         let metadata = match &self.metadata {
             Some(m) => format!("navigation and table names from access.metadata_file ({} entity sets)", m.set_count()),
-            None => "no metadata: requests whose tables only $metadata names are refused 503 unless a rule grants every table".to_string(),
+            None => format!(
+                "navigation and table names from each environment's $metadata, fetched with the S2S token every {} (at most {} bytes); until it is in hand, requests that need it are refused 503",
+                humantime::format_duration(self.metadata_settings.refresh_interval),
+                self.metadata_settings.max_bytes
+            ),
         };
         if self.rules.is_empty() {
             return vec![format!(
@@ -208,6 +217,17 @@ impl AccessPolicy {
     /// Whether a stored query's table is worth looking up: only rules can refuse it.
     pub fn reads_stored_queries(&self) -> bool {
         !self.rules.is_empty()
+    }
+
+    /// Whether each environment's `$metadata` is fetched from Dataverse: when rules need
+    /// it (there are rules) and `access.metadata_file` does not give it.
+    pub fn fetches_metadata(&self) -> bool {
+        !self.rules.is_empty() && self.metadata.is_none()
+    }
+
+    /// How `$metadata` is fetched (`access.metadata_*`).
+    pub fn metadata_settings(&self) -> MetadataSettings {
+        self.metadata_settings
     }
 
     /// The metadata from `access.metadata_file`, if one was given.
