@@ -149,6 +149,61 @@ impl Metadata {
         Ok(metadata)
     }
 
+    /// The heap bytes the map holds: string and table capacities, entries included (not
+    /// the allocator's own overhead), for `/readyz` and the benchmark.
+    pub fn heap_bytes(&self) -> usize {
+        fn string(s: &String) -> usize {
+            s.capacity()
+        }
+        fn table<K, V>(map: &HashMap<K, V>) -> usize {
+            if map.capacity() == 0 {
+                return 0;
+            }
+            // hashbrown: one control byte per bucket; buckets are a power of two over the
+            // capacity, estimated here from it.
+            let buckets = (map.capacity() * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let types: usize = self
+            .types
+            .iter()
+            .map(|(name, ty)| {
+                string(name)
+                    + ty.base.as_ref().map_or(0, string)
+                    + table(&ty.navigation)
+                    + ty.navigation
+                        .iter()
+                        .map(|(k, v)| string(k) + string(v))
+                        .sum::<usize>()
+            })
+            .sum();
+        let names = |map: &HashMap<String, String>| {
+            table(map)
+                + map
+                    .iter()
+                    .map(|(k, v)| string(k) + string(v))
+                    .sum::<usize>()
+        };
+        let operations: usize = self
+            .operations
+            .iter()
+            .map(|(name, params)| {
+                string(name)
+                    + params.capacity() * std::mem::size_of::<(String, String)>()
+                    + params
+                        .iter()
+                        .map(|(n, t)| string(n) + string(t))
+                        .sum::<usize>()
+            })
+            .sum();
+        table(&self.types)
+            + types
+            + names(&self.set_type)
+            + names(&self.type_set)
+            + table(&self.operations)
+            + operations
+    }
+
     /// How many entity sets the metadata names.
     pub fn set_count(&self) -> usize {
         self.set_type.len()

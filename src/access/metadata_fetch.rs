@@ -79,6 +79,19 @@ enum Fetched {
 struct Loaded {
     metadata: Arc<Metadata>,
     etag: Option<HeaderValue>,
+    /// [`Metadata::heap_bytes`], counted once.
+    heap_bytes: usize,
+}
+
+impl Loaded {
+    /// `N entity sets, M KiB`: what the map holds and costs.
+    fn summary(&self) -> String {
+        format!(
+            "{} entity sets, {} KiB",
+            self.metadata.set_count(),
+            self.heap_bytes / 1024
+        )
+    }
 }
 
 /// One environment's fetched metadata: what the access stage decides with.
@@ -157,10 +170,10 @@ impl EnvironmentMetadata {
             .map(|e| e.clone())
             .unwrap_or_default();
         match (self.loaded.load().as_ref(), error) {
-            (Some(l), None) => format!("metadata loaded ({} entity sets)", l.metadata.set_count()),
+            (Some(l), None) => format!("metadata loaded ({})", l.summary()),
             (Some(l), Some(e)) => format!(
-                "metadata loaded ({} entity sets), last refresh failed: {e}",
-                l.metadata.set_count()
+                "metadata loaded ({}), last refresh failed: {e}",
+                l.summary()
             ),
             (None, None) => "metadata not fetched yet".to_string(),
             (None, Some(e)) => format!("no metadata yet: {e}"),
@@ -192,7 +205,12 @@ impl EnvironmentMetadata {
         let stored = match fetched {
             Ok(Fetched::NotModified) => false,
             Ok(Fetched::New(metadata, etag)) => {
-                self.loaded.store(Some(Arc::new(Loaded { metadata, etag })));
+                let heap_bytes = metadata.heap_bytes();
+                self.loaded.store(Some(Arc::new(Loaded {
+                    metadata,
+                    etag,
+                    heap_bytes,
+                })));
                 self.set_loaded_gauge();
                 true
             }

@@ -15,11 +15,15 @@
 //!   in `$filter`/`$orderby`/`$select`/`$apply`, fetchXml entities, function parameters.
 //!   `methods` + `entity_sets` grant a pair when the method and the table are listed;
 //!   `tables` grants operations per table, `functions` the functions and actions by name.
-//!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
-//!   requests are refused 503 unless a rule grants every table (`"*"`).
+//!   Navigation targets come from the environment's CSDL ([`metadata`]): fetched from
+//!   Dataverse per environment ([`metadata_fetch`]) or read from `access.metadata_file`;
+//!   until it is in hand such requests are refused 503 unless a rule grants every table
+//!   (`"*"`), while requests that need no metadata are decided as ever.
 //! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
 //!   the pipeline looks it up ([`StoredQueryLookup`]) and passes it in
 //!   [`AccessRequest::stored_query_table`]; without it only a grant on every table covers them.
+//!   Inside `$batch` parts they are never looked up (the parts are decided synchronously
+//!   as the body streams), so there they always need a grant on every table.
 //! - Request bodies ([`body`]): deep inserts, `@odata.bind` and `@odata.id` values are
 //!   pairs too, found as the body streams through the link rewriter; the rule that grants
 //!   must grant them as well (a later rule for the caller acting the same way may).

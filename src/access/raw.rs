@@ -31,8 +31,9 @@ pub struct RawAccess {
     pub rules: Vec<RawRule>,
     /// A CSDL file (the environment's `$metadata`) naming navigation properties, tables
     /// and operation parameters, used for every environment instead of fetching it: for
-    /// air-gapped use and tests. Without metadata, requests whose tables only it names
-    /// (`$expand`, navigation, fetchXml) are refused 503 unless a rule grants every table.
+    /// air-gapped use and tests. Without it each environment's `$metadata` is fetched; until
+    /// it is in hand, requests whose tables only it names (`$expand`, navigation, fetchXml)
+    /// are refused 503 unless a rule grants every table.
     #[serde(default)]
     pub metadata_file: Option<std::path::PathBuf>,
     /// Without `metadata_file`, how often each environment's `$metadata` is fetched again
