@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use futures_util::TryStreamExt as _;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use http::header::{ACCEPT, ETAG, IF_NONE_MATCH};
 use http::{HeaderMap, HeaderValue, StatusCode};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use tokio::time::Instant;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 use tokio_util::sync::CancellationToken;
 
@@ -228,6 +229,7 @@ impl EnvironmentMetadata {
     }
 
     async fn fetch(&self) -> Result<Fetched, MetadataFetchError> {
+        let deadline = Instant::now() + self.settings.timeout;
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/xml"));
         if let Some(etag) = self.loaded.load().as_ref().and_then(|l| l.etag.clone()) {
@@ -246,7 +248,8 @@ impl EnvironmentMetadata {
             other => return Err(MetadataFetchError::Status(other.as_u16())),
         }
         let etag = response.headers().get(ETAG).cloned();
-        let metadata = parse_capped(response.into_body(), self.settings.max_bytes).await?;
+        let metadata =
+            parse_capped(response.into_body(), self.settings.max_bytes, deadline).await?;
         Ok(Fetched::New(Arc::new(metadata), etag))
     }
 
@@ -282,8 +285,14 @@ impl EnvironmentMetadata {
     }
 }
 
-/// Parses a CSDL body as it arrives, reading at most `max_bytes` of it.
-async fn parse_capped<B>(body: B, max_bytes: u64) -> Result<Metadata, MetadataFetchError>
+/// Parses a CSDL body as it arrives, reading at most `max_bytes` of it, and nothing after
+/// `deadline`: the parser thread must not outlive the fetch that gave up on it, waiting on
+/// a stalled body.
+async fn parse_capped<B>(
+    body: B,
+    max_bytes: u64,
+    deadline: Instant,
+) -> Result<Metadata, MetadataFetchError>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<crate::body::BoxError>,
@@ -302,6 +311,17 @@ where
             }
             std::io::Error::other(e)
         });
+    let stream = Box::pin(futures_util::stream::unfold(
+        Some(Box::pin(stream)),
+        move |stream| async move {
+            let mut stream = stream?;
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(item)) => Some((item, Some(stream))),
+                Ok(None) => None,
+                Err(_) => Some((Err(std::io::ErrorKind::TimedOut.into()), None)),
+            }
+        },
+    ));
     let reader = SyncIoBridge::new(StreamReader::new(stream));
     let parsed = tokio::task::spawn_blocking(move || {
         Metadata::from_reader(BufReader::with_capacity(64 * 1024, reader))
@@ -322,10 +342,14 @@ mod tests {
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/csdl.xml");
 
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[tokio::test]
     async fn a_body_streams_into_the_file_parser() {
         let body = Full::new(bytes::Bytes::from_static(FIXTURE.as_bytes()));
-        let metadata = parse_capped(body, 1 << 20).await.unwrap();
+        let metadata = parse_capped(body, 1 << 20, later()).await.unwrap();
         assert_eq!(
             metadata.navigation_target("accounts", "contact_customer_accounts"),
             Some("contacts")
@@ -336,7 +360,7 @@ mod tests {
     async fn a_body_over_the_cap_is_refused_declared_or_not() {
         let body = Full::new(bytes::Bytes::from_static(FIXTURE.as_bytes()));
         assert!(matches!(
-            parse_capped(body, 100).await,
+            parse_capped(body, 100, later()).await,
             Err(MetadataFetchError::TooLarge(100))
         ));
         // No declared length: cut off at the first byte over the cap.
@@ -353,8 +377,24 @@ mod tests {
         );
         let body = http_body_util::StreamBody::new(chunks);
         assert!(matches!(
-            parse_capped(body, 1000).await,
+            parse_capped(body, 1000, later()).await,
             Err(MetadataFetchError::TooLarge(1000))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_ends_the_parse_at_the_deadline() {
+        let head = bytes::Bytes::from_static(&FIXTURE.as_bytes()[..1000]);
+        // A thousand bytes, then silence without an end: only the deadline ends the parse.
+        let frames =
+            futures_util::stream::iter([Ok::<_, std::io::Error>(http_body::Frame::data(head))])
+                .chain(futures_util::stream::pending());
+        let body = http_body_util::StreamBody::new(frames);
+        let deadline = Instant::now() + Duration::from_millis(100);
+        let parsed = parse_capped(body, 1 << 20, deadline).await;
+        assert!(
+            matches!(parsed, Err(MetadataFetchError::Parse(_))),
+            "{parsed:?}"
+        );
     }
 }
