@@ -17,7 +17,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use dynamics_gateway::testkit::{Dataverse, DirectoryUser, Idp};
+use testkit::{Dataverse, DirectoryUser, Idp};
 use tokio::net::TcpListener;
 
 /// The object id of the caller the token is for.

@@ -121,41 +121,105 @@ pub enum BodyTimeout {
     Idle(Duration),
     #[error("the request body was still arriving when the {} allowed for the whole request ran out (server.exchange_timeout)", humantime::format_duration(*.0))]
     Deadline(Duration),
+    #[error("the request body arrived slower than {} bytes a second over {} (server.min_body_rate); send it faster", .0.bytes_per_second, humantime::format_duration(.0.window))]
+    TooSlow(MinBodyRate),
 }
 
-/// A caller's request body under two clocks: each wait for more bytes is bounded by
-/// `idle`, the whole body by `deadline`. Either expiring ends the body with a
-/// [`BodyTimeout`] error, which makes the upstream client abort the request rather than
-/// complete it. `ended` is dropped when the body ends, fails or is dropped, so whoever
-/// holds its receiver knows when the upload is over.
+/// The slowest a request body may arrive: every `window` spent waiting for the caller's
+/// bytes must bring at least `bytes_per_second` times its length. Measured per window, so
+/// a fast start buys no credit for a trickle afterwards, and only while the gateway waits
+/// for the caller (time Dataverse takes to read does not count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinBodyRate {
+    pub bytes_per_second: u64,
+    pub window: Duration,
+}
+
+impl MinBodyRate {
+    /// Bytes each window must bring.
+    fn per_window(&self) -> u64 {
+        let bytes = u128::from(self.bytes_per_second) * self.window.as_millis() / 1000;
+        u64::try_from(bytes).unwrap_or(u64::MAX)
+    }
+}
+
+/// The clocks a request body runs under.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyClocks {
+    /// Longest wait for the next bytes.
+    pub idle: Duration,
+    /// `None`: any rate, within `idle` and the deadline.
+    pub min_rate: Option<MinBodyRate>,
+    /// The whole exchange's limit, named when `deadline` passes.
+    pub exchange_timeout: Duration,
+    pub deadline: Instant,
+}
+
+/// Where a body stands against its [`MinBodyRate`].
+#[derive(Debug, Default)]
+struct RateWindow {
+    /// Time waited for the caller in the current window.
+    waited: Duration,
+    /// Bytes received in the current window.
+    received: u64,
+}
+
+impl RateWindow {
+    /// Counts a wait that ended with `bytes`; false if a window closed short of its bytes.
+    fn record(&mut self, rate: MinBodyRate, waited: Duration, bytes: u64) -> bool {
+        self.waited += waited;
+        self.received = self.received.saturating_add(bytes);
+        while self.waited >= rate.window {
+            if self.received < rate.per_window() {
+                return false;
+            }
+            self.waited -= rate.window;
+            self.received = 0;
+        }
+        true
+    }
+
+    /// How much longer the caller may be waited for with no more bytes.
+    fn allowance(&self, rate: MinBodyRate) -> Duration {
+        let rest_of_window = rate.window.saturating_sub(self.waited);
+        if self.received >= rate.per_window() {
+            // This window is paid for; the next one is not.
+            rest_of_window + rate.window
+        } else {
+            rest_of_window
+        }
+    }
+}
+
+/// A caller's request body under its [`BodyClocks`]: each wait for more bytes is bounded by
+/// `idle`, the rate by `min_rate`, the whole body by `deadline`. Any of them expiring ends
+/// the body with a [`BodyTimeout`] error, which makes the upstream client abort the
+/// request rather than complete it. `ended` is dropped when the body ends, fails or is
+/// dropped, so whoever holds its receiver knows when the upload is over.
 pub struct TimedBody<B> {
     inner: B,
-    idle: Duration,
-    deadline: Instant,
-    exchange_timeout: Duration,
+    clocks: BodyClocks,
     /// Set when the body first has to wait; reset rather than reallocated afterwards.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Whether `timer` is counting the current wait.
-    waiting: bool,
+    /// When the current wait began, while the body is waiting.
+    waiting_since: Option<Instant>,
+    /// What `timer` running out means for the current wait.
+    expiry: BodyTimeout,
+    window: RateWindow,
     ended: Option<oneshot::Sender<()>>,
 }
 
 impl<B> TimedBody<B> {
     /// The body, and a receiver that completes once the body is over.
-    pub fn new(
-        inner: B,
-        idle: Duration,
-        exchange_timeout: Duration,
-        deadline: Instant,
-    ) -> (Self, oneshot::Receiver<()>) {
+    pub fn new(inner: B, clocks: BodyClocks) -> (Self, oneshot::Receiver<()>) {
         let (ended, over) = oneshot::channel();
         let body = Self {
             inner,
-            idle,
-            deadline,
-            exchange_timeout,
+            clocks,
             timer: None,
-            waiting: false,
+            waiting_since: None,
+            expiry: BodyTimeout::Idle(clocks.idle),
+            window: RateWindow::default(),
             ended: Some(ended),
         };
         (body, over)
@@ -164,6 +228,25 @@ impl<B> TimedBody<B> {
     fn fail(&mut self, timeout: BodyTimeout) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.ended = None;
         Poll::Ready(Some(Err(Box::new(timeout))))
+    }
+
+    /// The first of the clocks to run out if no bytes come from `now` on.
+    fn next_expiry(&self, now: Instant) -> (Instant, BodyTimeout) {
+        let mut first = (now + self.clocks.idle, BodyTimeout::Idle(self.clocks.idle));
+        if let Some(rate) = self.clocks.min_rate {
+            if let Some(at) = now.checked_add(self.window.allowance(rate)) {
+                if at < first.0 {
+                    first = (at, BodyTimeout::TooSlow(rate));
+                }
+            }
+        }
+        if self.clocks.deadline <= first.0 {
+            first = (
+                self.clocks.deadline,
+                BodyTimeout::Deadline(self.clocks.exchange_timeout),
+            );
+        }
+        first
     }
 }
 
@@ -182,9 +265,19 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.waiting = false;
-                if Instant::now() >= this.deadline {
-                    return this.fail(BodyTimeout::Deadline(this.exchange_timeout));
+                let now = Instant::now();
+                let waited = this
+                    .waiting_since
+                    .take()
+                    .map_or(Duration::ZERO, |since| now - since);
+                if now >= this.clocks.deadline {
+                    return this.fail(BodyTimeout::Deadline(this.clocks.exchange_timeout));
+                }
+                if let Some(rate) = this.clocks.min_rate {
+                    let bytes = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    if !this.window.record(rate, waited, bytes) {
+                        return this.fail(BodyTimeout::TooSlow(rate));
+                    }
                 }
                 if this.inner.is_end_stream() {
                     this.ended = None;
@@ -200,9 +293,11 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if !this.waiting {
-                    this.waiting = true;
-                    let at = (Instant::now() + this.idle).min(this.deadline);
+                if this.waiting_since.is_none() {
+                    let now = Instant::now();
+                    this.waiting_since = Some(now);
+                    let (at, expiry) = this.next_expiry(now);
+                    this.expiry = expiry;
                     match &mut this.timer {
                         Some(timer) => timer.as_mut().reset(at),
                         None => this.timer = Some(Box::pin(tokio::time::sleep_until(at))),
@@ -214,12 +309,8 @@ where
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                let timeout = if Instant::now() >= this.deadline {
-                    BodyTimeout::Deadline(this.exchange_timeout)
-                } else {
-                    BodyTimeout::Idle(this.idle)
-                };
-                this.fail(timeout)
+                let expiry = this.expiry;
+                this.fail(expiry)
             }
         }
     }
@@ -299,15 +390,60 @@ mod tests {
         idle_ms: u64,
         deadline_ms: u64,
     ) -> (mpsc::Sender<Bytes>, TimedBody<Fed>, oneshot::Receiver<()>) {
+        timed_at_rate(idle_ms, deadline_ms, None)
+    }
+
+    fn timed_at_rate(
+        idle_ms: u64,
+        deadline_ms: u64,
+        min_rate: Option<MinBodyRate>,
+    ) -> (mpsc::Sender<Bytes>, TimedBody<Fed>, oneshot::Receiver<()>) {
         let (tx, rx) = mpsc::channel(8);
         let limit = Duration::from_millis(deadline_ms);
         let (body, over) = TimedBody::new(
             Fed(rx),
-            Duration::from_millis(idle_ms),
-            limit,
-            Instant::now() + limit,
+            BodyClocks {
+                idle: Duration::from_millis(idle_ms),
+                min_rate,
+                exchange_timeout: limit,
+                deadline: Instant::now() + limit,
+            },
         );
         (tx, body, over)
+    }
+
+    /// 100 bytes a second, measured over 1 s windows.
+    const HUNDRED_A_SECOND: MinBodyRate = MinBodyRate {
+        bytes_per_second: 100,
+        window: Duration::from_secs(1),
+    };
+
+    /// Feeds `chunk` every `every` until the body stops taking it; returns what the body
+    /// ended with and how many frames it gave before.
+    async fn fed_every(
+        tx: mpsc::Sender<Bytes>,
+        body: &mut TimedBody<Fed>,
+        chunk: &'static [u8],
+        every: Duration,
+    ) -> (usize, Option<BodyTimeout>) {
+        let feeder = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if tx.send(Bytes::from_static(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut frames = 0;
+        let ended = loop {
+            match body.frame().await {
+                Some(Ok(_)) => frames += 1,
+                Some(Err(e)) => break Some(timeout_of(e)),
+                None => break None,
+            }
+        };
+        feeder.abort();
+        (frames, ended)
     }
 
     fn timeout_of(error: BoxError) -> BodyTimeout {
@@ -363,5 +499,63 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_none());
         assert_eq!(over.try_recv(), Err(oneshot::error::TryRecvError::Closed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_below_the_minimum_rate_is_cut_at_the_end_of_its_window() {
+        let (tx, mut body, _over) = timed_at_rate(60_000, 600_000, Some(HUNDRED_A_SECOND));
+        let started = Instant::now();
+        // 10 bytes every 200 ms: 50 a second, never idle.
+        let (frames, ended) =
+            fed_every(tx, &mut body, b"0123456789", Duration::from_millis(200)).await;
+        assert!(matches!(ended, Some(BodyTimeout::TooSlow(r)) if r == HUNDRED_A_SECOND));
+        assert!(frames <= 5, "{frames} frames: cut within the first window");
+        assert!(started.elapsed() <= Duration::from_millis(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_start_buys_no_credit_for_a_trickle() {
+        let (tx, mut body, _over) = timed_at_rate(60_000, 600_000, Some(HUNDRED_A_SECOND));
+        tx.send(Bytes::from(vec![b'x'; 1 << 20])).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let started = Instant::now();
+        let (_, ended) = fed_every(tx, &mut body, b"x", Duration::from_millis(100)).await;
+        assert!(matches!(ended, Some(BodyTimeout::TooSlow(_))));
+        assert!(
+            started.elapsed() <= Duration::from_secs(3),
+            "cut {:?} into the trickle",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_at_the_minimum_rate_runs_until_the_deadline() {
+        let (tx, mut body, _over) = timed_at_rate(60_000, 10_000, Some(HUNDRED_A_SECOND));
+        // 30 bytes every 200 ms: 150 a second.
+        let (frames, ended) = fed_every(
+            tx,
+            &mut body,
+            b"012345678901234567890123456789",
+            Duration::from_millis(200),
+        )
+        .await;
+        assert!(matches!(ended, Some(BodyTimeout::Deadline(_))), "{ended:?}");
+        assert!(frames >= 35, "{frames} frames");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_after_a_paid_window_is_cut_by_the_next_window() {
+        let (tx, mut body, _over) = timed_at_rate(60_000, 600_000, Some(HUNDRED_A_SECOND));
+        tx.send(Bytes::from(vec![b'x'; 500])).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let started = Instant::now();
+        let error = body.frame().await.unwrap().unwrap_err();
+        assert!(matches!(timeout_of(error), BodyTimeout::TooSlow(_)));
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "this window and the next"
+        );
+        drop(tx);
     }
 }

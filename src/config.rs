@@ -12,6 +12,7 @@ use serde::Deserialize;
 use url::Url;
 
 use crate::access::{AccessPolicy, RawAccess};
+use crate::body::MinBodyRate;
 use crate::secret::Secret;
 use crate::upstream::credential::{
     Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
@@ -47,7 +48,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 /// The file as written. Durations and sizes are human strings with a unit.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     /// Listeners and request limits.
     #[serde(default)]
     pub server: RawServer,
@@ -68,14 +69,14 @@ pub struct RawConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAudit {
+pub(crate) struct RawAudit {
     /// Log paths without query values (OData filters can hold personal data).
     pub redact_query: bool,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRetryThrottled {
+pub(crate) struct RawRetryThrottled {
     /// Retry idempotent requests that Dataverse answered 429.
     #[serde(default)]
     pub enabled: bool,
@@ -92,7 +93,7 @@ fn default_retry_max_wait() -> String {
 /// in flight to one environment at once, and what waits when they are.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawBudget {
+pub(crate) struct RawBudget {
     /// Most requests in flight to Dataverse per bucket (Dataverse allows 52 per user);
     /// `x-ms-dop-hint` may lower it, never raise it.
     pub max_concurrency: usize,
@@ -112,14 +113,14 @@ pub struct RawBudget {
 /// Where replicas keep the budget they share.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBudgetStore {
+pub(crate) struct RawBudgetStore {
     pub valkey: RawValkey,
 }
 
 /// A Valkey (or Redis) server holding the concurrency leases and closed buckets.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawValkey {
+pub(crate) struct RawValkey {
     /// `redis://[user:password@]host:port[/db]` (or `valkey://`); may carry a password,
     /// so it is a secret.
     pub url: Secret,
@@ -163,7 +164,7 @@ impl Default for RawBudget {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawServer {
+pub(crate) struct RawServer {
     /// Address apps call.
     pub listen: String,
     /// Address of /metrics /healthz /readyz; never the app port.
@@ -195,6 +196,10 @@ pub struct RawServer {
     pub http2_keep_alive_timeout: String,
     /// A request body that sends no bytes for this long is answered 408 and not forwarded.
     pub body_read_timeout: String,
+    /// Slowest average a request body may arrive at, in bytes a second over each
+    /// `min_body_rate_window` of waiting for it; 0 for none.
+    pub min_body_rate: u64,
+    pub min_body_rate_window: String,
     /// Longest one request may take from its head to Dataverse's answer, upload included.
     pub exchange_timeout: String,
     /// Open connections beyond this are refused with 503.
@@ -215,7 +220,7 @@ pub struct RawServer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTls {
+pub(crate) struct RawTls {
     /// PEM file: the server certificate, then its intermediates.
     pub certificate: String,
     /// PEM file: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
@@ -247,6 +252,8 @@ impl Default for RawServer {
             http2_keep_alive_interval: "30s".into(),
             http2_keep_alive_timeout: "10s".into(),
             body_read_timeout: "30s".into(),
+            min_body_rate: 240,
+            min_body_rate_window: "5s".into(),
             exchange_timeout: "10m".into(),
             max_connections: 10_000,
             max_connections_per_peer: None,
@@ -260,7 +267,7 @@ impl Default for RawServer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawInbound {
+pub(crate) struct RawInbound {
     /// Accepted token issuers; at least one.
     pub issuers: Vec<RawIssuer>,
     /// Clock skew allowed on `exp` and `nbf`.
@@ -293,7 +300,7 @@ fn default_jwks_refresh() -> String {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIssuer {
+pub(crate) struct RawIssuer {
     /// Exact `iss` value.
     pub issuer: String,
     /// Accepted `aud` values; at least one.
@@ -327,14 +334,14 @@ pub struct RawIssuer {
 /// `entra` / `never`, or the claim whose value proves an app-only token.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawAppOnlyEvidence {
+pub(crate) enum RawAppOnlyEvidence {
     Named(String),
     Claim(RawAppOnlyClaim),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAppOnlyClaim {
+pub(crate) struct RawAppOnlyClaim {
     /// The claim the issuer sets only in app-only tokens.
     pub claim: String,
     /// Its value in app-only tokens (a string, or one item of an array claim).
@@ -343,7 +350,7 @@ pub struct RawAppOnlyClaim {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawIdentity {
+pub(crate) struct RawIdentity {
     /// caller_object_id | lookup | static
     pub mode: String,
     /// The claim that identifies the caller.
@@ -380,14 +387,14 @@ impl Default for RawIdentity {
 /// One `static` entry: a systemuserid, or a systemuserid and the issuer it trusts.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawStaticUser {
+pub(crate) enum RawStaticUser {
     SystemUserId(String),
     Trusted(RawTrustedStaticUser),
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTrustedStaticUser {
+pub(crate) struct RawTrustedStaticUser {
     /// The Dynamics user the caller acts as.
     pub systemuserid: String,
     /// The issuer (as written in `inbound.issuers`) whose tokens may carry this claim value.
@@ -396,7 +403,7 @@ pub struct RawTrustedStaticUser {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLookup {
+pub(crate) struct RawLookup {
     /// azureactivedirectoryobjectid | internalemailaddress | domainname
     pub attribute: String,
 }
@@ -405,7 +412,7 @@ pub struct RawLookup {
 /// list of named `environments` and a `routing` rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDynamics {
+pub(crate) struct RawDynamics {
     /// Single-environment form: organisation URL, e.g. https://contoso.crm.dynamics.com
     #[serde(default)]
     pub url: Option<String>,
@@ -478,7 +485,7 @@ fn default_token_retry_max_wait() -> String {
 /// One Dataverse organisation and the credential used for it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEnvironment {
+pub(crate) struct RawEnvironment {
     /// Used in path-prefix routing (`/<name>/api/data/...`), logs, metrics and `/readyz`.
     pub name: String,
     /// Organisation URL, e.g. https://contoso.crm.dynamics.com
@@ -533,10 +540,24 @@ pub struct RawEnvironment {
     pub budget: Option<RawBudget>,
 }
 
+impl BudgetStoreConfig {
+    /// `host:port` of the store, without the URL's credentials, database or anything else.
+    pub fn address(&self) -> String {
+        match Url::parse(self.url.expose()) {
+            Ok(url) => format!(
+                "{}:{}",
+                url.host_str().unwrap_or_default(),
+                url.port().unwrap_or(6379)
+            ),
+            Err(_) => "(unreadable URL)".into(),
+        }
+    }
+}
+
 /// How a request chooses its environment.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRouting {
+pub(crate) struct RawRouting {
     /// `path_prefix`: `/<environment>/api/data/...`; `tenant`: the caller's `tid` picks the
     /// environment whose `tenants` list it.
     pub by: String,
@@ -576,6 +597,8 @@ pub struct ServerConfig {
     pub http2_keep_alive_interval: Duration,
     pub http2_keep_alive_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// `None`: `server.min_body_rate: 0`.
+    pub min_body_rate: Option<MinBodyRate>,
     pub exchange_timeout: Duration,
     pub max_connections: usize,
     /// `None`: no per-address cap.
@@ -842,7 +865,7 @@ impl EnvironmentConfig {
     }
 
     /// Whether a caller of tenant `tid` may use this environment.
-    pub fn serves_tenant(&self, tid: Option<&str>) -> bool {
+    pub(crate) fn serves_tenant(&self, tid: Option<&str>) -> bool {
         match (&self.tenants, tid) {
             (None, _) => true,
             (Some(list), Some(tid)) => list.iter().any(|t| t.eq_ignore_ascii_case(tid)),
@@ -931,7 +954,7 @@ fn substitute_env(
 }
 
 /// The placeholder of a multi-tenant issuer template.
-pub const TENANT_PLACEHOLDER: &str = "{tenantid}";
+pub(crate) const TENANT_PLACEHOLDER: &str = "{tenantid}";
 
 /// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
 fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
@@ -960,7 +983,7 @@ fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
     })
 }
 
-pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     let t = text.trim();
     if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
         return Err(invalid(
@@ -977,7 +1000,7 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
 }
 
 /// Parses a size that must carry a unit (`512KiB`, `128MiB`, `1GB`).
-pub fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
+pub(crate) fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
@@ -1060,7 +1083,7 @@ fn url_aliases(key: &str, url: &Url, raw: Vec<String>) -> Result<Vec<String>, Co
 }
 
 /// True for 127.0.0.0/8, ::1 and `localhost`.
-pub fn is_loopback(url: &Url) -> bool {
+pub(crate) fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
@@ -1156,6 +1179,16 @@ impl TryFrom<RawConfig> for Config {
                 &s.http2_keep_alive_timeout,
             )?,
             body_read_timeout: parse_duration("server.body_read_timeout", &s.body_read_timeout)?,
+            min_body_rate: match s.min_body_rate {
+                0 => None,
+                bytes_per_second => Some(MinBodyRate {
+                    bytes_per_second,
+                    window: parse_duration(
+                        "server.min_body_rate_window",
+                        &s.min_body_rate_window,
+                    )?,
+                }),
+            },
             exchange_timeout: parse_duration("server.exchange_timeout", &s.exchange_timeout)?,
             max_connections: s.max_connections,
             max_connections_per_peer: match s.max_connections_per_peer {
@@ -1207,7 +1240,13 @@ impl TryFrom<RawConfig> for Config {
             ),
             ("server.body_read_timeout", server.body_read_timeout),
             ("server.exchange_timeout", server.exchange_timeout),
-        ] {
+        ]
+        .into_iter()
+        .chain(
+            server
+                .min_body_rate
+                .map(|rate| ("server.min_body_rate_window", rate.window)),
+        ) {
             if value.is_zero() {
                 return Err(invalid(key, "must be more than 0s"));
             }
@@ -1724,6 +1763,21 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
     })
 }
 
+/// Whether every `%` in `text` starts an escape and the escapes decode to UTF-8.
+fn is_strictly_percent_encoded(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let escapes_well_formed = bytes.iter().enumerate().all(|(i, b)| {
+        *b != b'%'
+            || bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    escapes_well_formed
+        && percent_encoding::percent_decode_str(text)
+            .decode_utf8()
+            .is_ok()
+}
+
 fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
     const KEY: &str = "dynamics.budget.store.valkey";
     let v = raw.valkey;
@@ -1748,6 +1802,23 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid(format!("{KEY}.url"), "names no host"));
     }
+    // Read strictly: a lone `%` would be taken literally by the client, or a `%41` meant
+    // literally decoded, and the store would refuse a password that looks right.
+    for part in [url.username(), url.password().unwrap_or_default()] {
+        if !is_strictly_percent_encoded(part) {
+            return Err(invalid(
+                format!("{KEY}.url"),
+                "has a user name or password with a `%` that does not start an escape (%XX of UTF-8); percent-encode `%` as %25 and other reserved characters likewise",
+            ));
+        }
+    }
+    // The client's own reading, now rather than at the first command.
+    redis::IntoConnectionInfo::into_connection_info(v.url.expose()).map_err(|_| {
+        invalid(
+            format!("{KEY}.url"),
+            "is not a usable store URL (the database, if given, is a number: redis://host:6379/0)",
+        )
+    })?;
     if v.replicas == 0 {
         return Err(invalid(
             format!("{KEY}.replicas"),
@@ -2328,6 +2399,7 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
             "http2_keep_alive_timeout",
             "body_read_timeout",
             "exchange_timeout",
+            "min_body_rate_window",
         ] {
             for value in ["0s", "100years"] {
                 let text = format!("server:\n  {key}: {value}\n{MINIMAL}");
@@ -2341,5 +2413,15 @@ dynamics:\n  routing: {{ by: tenant }}\n  environments:\n    \
         let text = format!("server:\n  body_read_timeout: \"30\"\n{MINIMAL}");
         let err = load(&text).unwrap_err().to_string();
         assert!(err.contains("server.body_read_timeout"), "{err}");
+        // With the rate off, its window is not read.
+        let text = format!("server:\n  min_body_rate: 0\n  min_body_rate_window: 0s\n{MINIMAL}");
+        assert_eq!(load(&text).unwrap().server.min_body_rate, None);
+        assert_eq!(
+            load(MINIMAL).unwrap().server.min_body_rate,
+            Some(MinBodyRate {
+                bytes_per_second: 240,
+                window: Duration::from_secs(5)
+            })
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use tokio::net::TcpListener;
 
-use crate::config::Config;
-use crate::testkit::{gateway_config_yaml, ConfigParts, Dataverse, DirectoryUser, Idp};
+use dynamics_gateway::config::Config;
+use testkit::{gateway_config_yaml, ConfigParts, Dataverse, DirectoryUser, Idp};
 
 /// The demo's caller: Alice, a user of the stand-in organisation.
 pub const DEMO_OID: &str = "9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c";
@@ -31,9 +31,9 @@ pub enum DemoError {
         source: std::io::Error,
     },
     #[error("demo config: {0}")]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] dynamics_gateway::config::ConfigError),
     #[error(transparent)]
-    Start(#[from] crate::StartError),
+    Start(#[from] dynamics_gateway::StartError),
 }
 
 /// Runs the demo until `shutdown` completes.
@@ -101,7 +101,7 @@ pub async fn run(
     let text = lines.join("\n");
     let _ = std::io::stdout().write_all(text.as_bytes());
     let _ = std::io::stdout().flush();
-    crate::run(config, listener, admin, shutdown).await?;
+    dynamics_gateway::run(config, listener, admin, shutdown).await?;
     Ok(())
 }
 

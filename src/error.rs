@@ -246,7 +246,7 @@ impl GatewayError {
 
 /// Why a connection is refused before any request on it is read.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-pub enum ConnectionRefused {
+pub(crate) enum ConnectionRefused {
     #[error("the gateway has {0} open connections, its limit; retry shortly")]
     TooMany(usize),
     #[error("your address has {0} open connections to the gateway, the limit per address; reuse or close idle ones, or retry shortly")]
@@ -257,7 +257,7 @@ impl ConnectionRefused {
     /// The complete HTTP/1.1 503 written to the refused connection, in the same error
     /// shape as every other gateway error. It is written raw: no request is read, so a
     /// flood of connections costs one small write each.
-    pub fn http1_response(&self, request_id: &str) -> Vec<u8> {
+    pub(crate) fn http1_response(&self, request_id: &str) -> Vec<u8> {
         let json = serde_json::json!({
             "error": {
                 "code": "DynamicsGateway.TooManyConnections",

@@ -7,25 +7,24 @@
 //! listeners, and drains on shutdown.
 
 pub mod access;
-pub mod admin;
-pub mod audit;
-pub mod backoff;
-pub mod body;
+pub(crate) mod admin;
+pub(crate) mod audit;
+pub(crate) mod backoff;
+pub(crate) mod body;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod identity;
 pub mod inbound;
-pub mod method;
+pub(crate) mod method;
 pub mod metrics;
-pub mod pipeline;
-pub mod routing;
+pub(crate) mod outbound;
+pub(crate) mod pipeline;
+pub(crate) mod routing;
 pub mod secret;
-pub mod server;
-pub mod supervisor;
+pub(crate) mod server;
+pub(crate) mod supervisor;
 pub mod telemetry;
-pub mod testkit;
-pub mod tls;
+pub(crate) mod tls;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -99,7 +98,7 @@ impl Gateway {
         metrics: Metrics,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, StartError> {
-        let http = reqwest::Client::builder()
+        let http = crate::outbound::http_client()
             .connect_timeout(Duration::from_secs(5))
             .timeout(DEPENDENCY_TIMEOUT)
             // Identity provider and token endpoint URLs come from config; a redirect

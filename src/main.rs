@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use dynamics_gateway::config::{Config, IdentityMode};
+#[cfg(feature = "demo")]
+mod demo;
+
+use dynamics_gateway::config::{BudgetBucket, Config, IdentityMode};
 use dynamics_gateway::telemetry::{Telemetry, TelemetryError, SPAN_TARGET};
 
 #[derive(Parser)]
@@ -49,7 +52,8 @@ enum Command {
     Run,
     /// Load and validate the config, print what the gateway would do, and exit.
     Check,
-    /// Run the gateway against a built-in identity provider and stand-in Dataverse on loopback.
+    /// Run the gateway against a built-in identity provider and stand-in Dataverse on loopback
+    /// (builds with the `demo` feature, the default; release images have no demo).
     Demo {
         /// Port for the gateway (the admin port is the next one).
         #[arg(long, default_value_t = 8080)]
@@ -323,6 +327,35 @@ fn check(path: &std::path::Path) -> ExitCode {
             env.scope,
             env.credential.describe()
         ));
+        let budget = &env.budget;
+        let bucket = match budget.bucket {
+            BudgetBucket::Application => "one bucket (the application user)",
+            BudgetBucket::ImpersonatedUser => "one bucket per impersonated user",
+        };
+        out.push_str(&format!(
+            "  budget:      {} in flight to Dataverse in {bucket}; up to {} queued for {}; a 429 closes it for up to {}\n",
+            budget.max_concurrency,
+            budget.max_queue,
+            humantime::format_duration(budget.queue_timeout),
+            humantime::format_duration(budget.max_retry_after),
+        ));
+    }
+    if let Some(retry) = config.dynamics.retry_throttled {
+        out.push_str(&format!(
+            "retry 429s:    idempotent requests wait out Retry-After, {} at most in all\n",
+            humantime::format_duration(retry)
+        ));
+    }
+    match &config.dynamics.budget_store {
+        None => out.push_str("budget store:  none; each gateway keeps its budget alone\n"),
+        Some(store) => out.push_str(&format!(
+            "budget store:  valkey at {} (credentials never shown), shared by {} replicas (each keeps limit / {} while it is away); leases live {}, commands wait {}\n",
+            store.address(),
+            store.replicas,
+            store.replicas,
+            humantime::format_duration(store.lease_ttl),
+            humantime::format_duration(store.command_timeout),
+        )),
     }
     for line in config.access.describe() {
         out.push_str(&line);
@@ -402,12 +435,35 @@ async fn healthcheck(path: &std::path::Path, url: Option<String>) -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
 async fn demo(port: u16) -> ExitCode {
-    match dynamics_gateway::demo::run(port, shutdown_signal()).await {
+    match demo::run(port, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What `demo` says in a build without the stand-ins (release images): there is no
+/// identity provider in it to run, and this is how to get one that has it.
+// Compiled in every build so its test runs with the default features too.
+#[cfg_attr(feature = "demo", allow(dead_code))]
+const NO_DEMO: &str = "this build has no demo: it was built without the `demo` feature (release images leave out the stand-in identity provider and Dataverse). Build with the feature, which is on by default: `cargo run --release -- demo` from a checkout, or `cargo build --release --features demo`";
+
+#[cfg(not(feature = "demo"))]
+async fn demo(_port: u16) -> ExitCode {
+    eprintln!("error: {NO_DEMO}");
+    ExitCode::from(2)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_no_demo_message_names_the_feature_and_the_command() {
+        assert!(super::NO_DEMO.contains("`demo` feature"));
+        assert!(super::NO_DEMO.contains("--features demo"));
+        assert!(super::NO_DEMO.contains("cargo run --release -- demo"));
     }
 }

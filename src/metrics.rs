@@ -13,7 +13,7 @@ const PREFIX: &str = "dynamics_gateway";
 /// The `environment` label of a request refused before it was routed (bad path, no valid
 /// token, unknown environment, overload): the caller's path never names a label value.
 /// Config refuses an environment of this name.
-pub const NO_ENVIRONMENT: &str = "none";
+pub(crate) const NO_ENVIRONMENT: &str = "none";
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -299,7 +299,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -12,7 +12,7 @@ impl Secret {
     }
 
     /// The value itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 

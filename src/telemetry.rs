@@ -92,7 +92,7 @@ impl Telemetry {
 
 /// Makes the caller's trace (its `traceparent` / `tracestate`, when well formed) the parent
 /// of `span`. Malformed trace headers start a new trace.
-pub fn continue_callers_trace(span: &tracing::Span, headers: &HeaderMap) {
+pub(crate) fn continue_callers_trace(span: &tracing::Span, headers: &HeaderMap) {
     if !exporting() {
         return;
     }
@@ -117,7 +117,7 @@ pub fn trace_id(span: &tracing::Span, headers: &HeaderMap) -> Option<String> {
 /// The trace context Dataverse receives: with export on, the current stage span as the
 /// parent (replacing whatever the caller sent); with export off, the caller's headers as
 /// they came.
-pub fn hand_on(headers: &mut HeaderMap) {
+pub(crate) fn hand_on(headers: &mut HeaderMap) {
     if !exporting() {
         return;
     }

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::keys::{EcSigningKey, RsaSigningKey};
 use dynamics_gateway::Gateway;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue, Response};
@@ -17,6 +16,7 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use testkit::keys::{EcSigningKey, RsaSigningKey};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;

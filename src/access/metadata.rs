@@ -56,7 +56,7 @@ const ANY_ENTITY: &str = "crmbaseentity";
 
 impl Metadata {
     /// Reads a CSDL file (`access.metadata_file`).
-    pub fn from_file(path: &Path) -> Result<Self, MetadataError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, MetadataError> {
         let file = std::fs::File::open(path).map_err(|source| MetadataError::Io {
             path: path.display().to_string(),
             source,
@@ -209,11 +209,6 @@ impl Metadata {
         self.set_type.len()
     }
 
-    /// Whether `set` is an entity set of this environment.
-    pub fn has_set(&self, set: &str) -> bool {
-        self.set_type.contains_key(&set.to_ascii_lowercase())
-    }
-
     /// The entity set a navigation property of `set` leads to; `None` when `name` is no
     /// navigation property of its type (a column, or unknown).
     pub fn navigation_target(&self, set: &str, name: &str) -> Option<&str> {
@@ -223,7 +218,7 @@ impl Metadata {
     }
 
     /// Every entity set the navigation properties of `set` lead to (`$expand=*`).
-    pub fn all_navigation_targets(&self, set: &str) -> Vec<(&str, &str)> {
+    pub(crate) fn all_navigation_targets(&self, set: &str) -> Vec<(&str, &str)> {
         let mut out = Vec::new();
         let mut ty = self.set_type.get(&set.to_ascii_lowercase());
         let mut hops = 0;
@@ -246,20 +241,20 @@ impl Metadata {
     }
 
     /// The entity set of a table's logical name (`contact` -> `contacts`).
-    pub fn set_of_logical_name(&self, logical_name: &str) -> Option<&str> {
+    pub(crate) fn set_of_logical_name(&self, logical_name: &str) -> Option<&str> {
         self.type_set
             .get(&logical_name.to_ascii_lowercase())
             .map(String::as_str)
     }
 
     /// Whether the CSDL declares a function or action of this name.
-    pub fn has_operation(&self, name: &str) -> bool {
+    pub(crate) fn has_operation(&self, name: &str) -> bool {
         self.operations.contains_key(&name.to_ascii_lowercase())
     }
 
     /// The entity sets a function's or action's parameters are typed as (other than "any
     /// record", whose table the caller names with `@odata.id`).
-    pub fn parameter_sets(&self, operation: &str) -> Vec<(&str, &str)> {
+    pub(crate) fn parameter_sets(&self, operation: &str) -> Vec<(&str, &str)> {
         self.operations
             .get(&operation.to_ascii_lowercase())
             .into_iter()

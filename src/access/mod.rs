@@ -39,16 +39,16 @@
 //! - `impersonation: app_only` rules match only callers the inbound stage found to be
 //!   applications ([`CallerKind::App`], on the issuer's positive evidence), never a user.
 
-pub mod body;
+pub(crate) mod body;
 mod control_headers;
-pub mod metadata;
-pub mod metadata_fetch;
+pub(crate) mod metadata;
+pub(crate) mod metadata_fetch;
 pub mod odata;
 mod raw;
 mod rule;
 mod stored_query;
-pub mod target;
-pub mod touches;
+pub(crate) mod target;
+pub(crate) mod touches;
 
 use std::sync::Arc;
 
@@ -58,18 +58,19 @@ use serde_json::{Map, Value};
 
 use crate::inbound::CallerKind;
 
-pub use body::{BatchPart, BodyAccess, BodyInspector};
+pub(crate) use body::{BatchPart, BodyAccess, BodyInspector};
 pub(crate) use control_headers::names_impersonation;
-pub use control_headers::{
-    check_control_headers, decide_control_header, is_control_header, strip_control_headers,
-    ControlHeaderDecision, ControlHeaderRefused, HARMLESS_CONTROL_HEADERS,
+#[cfg(test)]
+pub(crate) use control_headers::strip_control_headers;
+pub(crate) use control_headers::{
+    check_control_headers, decide_control_header, ControlHeaderDecision, ControlHeaderRefused,
 };
-pub use metadata::{Metadata, MetadataError};
-pub use metadata_fetch::{EnvironmentMetadata, MetadataSettings};
-pub use raw::{RawAccess, RawAllow, RawRule, RawWhen};
-pub use stored_query::StoredQueryLookup;
-pub use target::Target;
-pub use touches::{Operation, Resource, Touch};
+pub use metadata::Metadata;
+pub(crate) use metadata_fetch::{EnvironmentMetadata, MetadataSettings};
+pub use raw::RawAccess;
+pub(crate) use stored_query::StoredQueryLookup;
+pub(crate) use target::Target;
+pub(crate) use touches::{Resource, Touch};
 
 use rule::Rule;
 
@@ -225,12 +226,12 @@ impl AccessPolicy {
 
     /// Whether each environment's `$metadata` is fetched from Dataverse: when rules need
     /// it (there are rules) and `access.metadata_file` does not give it.
-    pub fn fetches_metadata(&self) -> bool {
+    pub(crate) fn fetches_metadata(&self) -> bool {
         !self.rules.is_empty() && self.metadata.is_none()
     }
 
     /// How `$metadata` is fetched (`access.metadata_*`).
-    pub fn metadata_settings(&self) -> MetadataSettings {
+    pub(crate) fn metadata_settings(&self) -> MetadataSettings {
         self.metadata_settings
     }
 

@@ -75,7 +75,8 @@ pub struct Expand {
 
 impl QueryOptions {
     /// True when nothing here reaches beyond the addressed table's own columns.
-    pub fn is_plain(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_plain(&self) -> bool {
         self.expand.is_empty()
             && self.paths.is_empty()
             && self.fetch_xml.is_none()
@@ -106,7 +107,7 @@ pub fn parse_query(query: &str) -> QueryOptions {
 
 /// The one stored query a query string names (`savedQuery=<id>` or `userQuery=<id>`),
 /// `None` when it names none, several, or one whose id is no GUID.
-pub fn stored_query(query: &str) -> Option<(OptionName, uuid::Uuid)> {
+pub(crate) fn stored_query(query: &str) -> Option<(OptionName, uuid::Uuid)> {
     let options = parse_query(query);
     match (options.stored_query, options.stored_query_ids.as_slice()) {
         (Some(kind), [id]) => uuid::Uuid::try_parse(id.trim()).ok().map(|id| (kind, id)),
@@ -367,7 +368,7 @@ fn continue_lambda(path: Path, lambdas: &[(String, Path, usize)]) -> Path {
 
 /// Entity sets named by `@odata.id` values in `text`: `{'@odata.id':'contacts(<id>)'}`,
 /// absolute or relative, single or double quoted.
-pub fn collect_references(text: &str, into: &mut Vec<String>) {
+pub(crate) fn collect_references(text: &str, into: &mut Vec<String>) {
     let lower = text.to_ascii_lowercase();
     let mut from = 0;
     while let Some(found) = lower[from..].find("@odata.id") {
@@ -385,7 +386,7 @@ pub fn collect_references(text: &str, into: &mut Vec<String>) {
 
 /// `contacts(<id>)`, `/contacts(<id>)`, `https://org/api/data/v9.2/contacts(<id>)` ->
 /// `contacts`.
-pub fn reference_set(reference: &str) -> Option<String> {
+pub(crate) fn reference_set(reference: &str) -> Option<String> {
     let before_key = reference.split('(').next().unwrap_or_default();
     let name = before_key.rsplit('/').next().unwrap_or_default().trim();
     (!name.is_empty()).then(|| name.to_string())

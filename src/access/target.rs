@@ -116,16 +116,6 @@ impl Target {
         }
         classify_resource(&first)
     }
-
-    /// The name a rule's `entity_sets` lists to allow this target; `None` for the targets
-    /// no listed name covers (`$batch` needs `batch: true`, unknown paths need `"*"`).
-    pub fn rule_name(&self) -> Option<&str> {
-        match self {
-            Target::EntitySet(name) | Target::Function(name) => Some(name),
-            Target::Metadata | Target::ServiceRoot => Some("$metadata"),
-            Target::Batch | Target::Unknown => None,
-        }
-    }
 }
 
 impl fmt::Display for Target {
@@ -352,8 +342,6 @@ mod tests {
         assert_eq!(target("/api/data/v9.2/"), Target::ServiceRoot);
         assert_eq!(target("/api/data/v9.2"), Target::ServiceRoot);
         assert_eq!(target("/api/data/v9.0/"), Target::ServiceRoot);
-        assert_eq!(Target::Metadata.rule_name(), Some("$metadata"));
-        assert_eq!(Target::ServiceRoot.rule_name(), Some("$metadata"));
     }
 
     #[test]

@@ -130,9 +130,10 @@ pub enum BodyRoot {
     Opaque,
 }
 
-/// The pairs of a request other than `$batch` (whose envelope the rules decide alone).
-/// `path` starts `/api/data/`; `query` is the raw query string without `?`.
-pub fn touches(
+/// The pairs of a request other than `$batch` (whose envelope the rules decide alone), for
+/// the tests: [`request_pairs`] without the body root or a stored query.
+#[cfg(test)]
+pub(crate) fn touches(
     method: &Method,
     path: &str,
     query: &str,
@@ -141,9 +142,10 @@ pub fn touches(
     request_pairs(method, path, query, metadata, None).0
 }
 
-/// [`touches`], and what the request's body is read as. `stored_table`: the logical name
-/// of the table the request's `savedQuery` / `userQuery` reads (its `returnedtypecode`),
-/// when it was looked up.
+/// The pairs of a request other than `$batch` (whose envelope the rules decide alone), and
+/// what the request's body is read as. `path` starts `/api/data/`; `query` is the raw
+/// query string without `?`. `stored_table`: the logical name of the table the request's
+/// `savedQuery` / `userQuery` reads (its `returnedtypecode`), when it was looked up.
 pub fn request_pairs(
     method: &Method,
     path: &str,

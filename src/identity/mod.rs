@@ -1,16 +1,16 @@
 //! Identity: as which Dynamics user does this caller act? Turns a verified [`Caller`] into
 //! the one [`Impersonation`] the upstream stage sends. One file per mode.
 
-pub mod caller_object_id;
+pub(crate) mod caller_object_id;
 pub mod lookup;
-pub mod static_map;
+pub(crate) mod static_map;
 
 use uuid::Uuid;
 
 use crate::config::{IdentityConfig, IdentityMode};
 use crate::inbound::Caller;
 
-pub use lookup::{LookupError, UserLookup};
+pub(crate) use lookup::{LookupError, UserLookup};
 
 /// Whom Dataverse should act as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

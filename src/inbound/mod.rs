@@ -1,10 +1,10 @@
 //! Inbound: who is calling? Takes the caller's `Authorization: Bearer` JWT, checks it
 //! against the configured issuers' keys, and hands the next stage a verified [`Caller`].
 
-pub mod discovery;
-pub mod jwks;
+pub(crate) mod discovery;
+pub(crate) mod jwks;
 pub mod jwt;
-pub mod verified;
+pub(crate) mod verified;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use serde_json::{Map, Value};
 
-pub use jwks::JwksCache;
+pub(crate) use jwks::JwksCache;
 
 use crate::config::{AppOnlyEvidence, InboundConfig};
 
@@ -42,7 +42,7 @@ pub enum CallerKind {
 
 impl CallerKind {
     /// The kind the issuer's `app_only_evidence` proves; `User` whenever it proves nothing.
-    pub fn from_claims(evidence: &AppOnlyEvidence, claims: &Map<String, Value>) -> Self {
+    pub(crate) fn from_claims(evidence: &AppOnlyEvidence, claims: &Map<String, Value>) -> Self {
         let app = match evidence {
             AppOnlyEvidence::Never => false,
             // Microsoft's claims-validation guidance: the optional `idtyp` claim says `app`;
@@ -80,7 +80,7 @@ fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
 
 impl Caller {
     /// A claim's value when it is a string.
-    pub fn claim_str(&self, name: &str) -> Option<&str> {
+    pub(crate) fn claim_str(&self, name: &str) -> Option<&str> {
         self.claims.get(name).and_then(Value::as_str)
     }
 

@@ -48,7 +48,7 @@ impl PartRules {
 
     /// Accepts part URLs and `Host` values naming the organisation's other origins; they
     /// reach Dataverse naming its configured origin.
-    pub fn with_aliases(mut self, aliases: &[String]) -> Self {
+    pub(crate) fn with_aliases(mut self, aliases: &[String]) -> Self {
         self.aliases = aliases.to_vec();
         self
     }
@@ -239,7 +239,7 @@ fn shown(bytes: &[u8]) -> String {
 /// The `boundary` of a `multipart/mixed` Content-Type (RFC 2045 parameter syntax, quoted or
 /// not), or None when the type is another, the boundary is missing, empty, longer than 200
 /// bytes, or given twice (two readers could pick different ones).
-pub fn multipart_mixed_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn multipart_mixed_boundary(content_type: &[u8]) -> Option<Vec<u8>> {
     let mut rest = content_type.trim_ascii_start();
     let (mime, params) = match rest.iter().position(|&b| b == b';') {
         Some(i) => (&rest[..i], &rest[i + 1..]),
@@ -452,12 +452,12 @@ impl Hold {
         }
     }
 
-    pub fn has_length(&self) -> bool {
+    pub(crate) fn has_length(&self) -> bool {
         self.mime_length.is_some() || self.http_length.is_some()
     }
 
     /// The held output before `n` was released: move every offset back.
-    pub fn shift_back(&mut self, n: usize) {
+    pub(crate) fn shift_back(&mut self, n: usize) {
         self.start -= n;
         for field in [&mut self.mime_length, &mut self.http_length]
             .into_iter()

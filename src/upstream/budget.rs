@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,7 +24,8 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use prometheus::{Gauge, Histogram, IntCounter, IntGauge};
+use prometheus::core::{Atomic, AtomicF64, AtomicI64, GenericGauge, GenericGaugeVec};
+use prometheus::{Histogram, IntCounter, IntGauge};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -36,6 +37,7 @@ use crate::config::{BudgetBucket, BudgetConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
 
+mod connection;
 pub mod store;
 
 /// Longest pause between two asks for a lease while the shared bucket is full (randomised
@@ -65,7 +67,7 @@ pub enum ThrottleCode {
 }
 
 impl ThrottleCode {
-    pub fn from_code(code: Option<&str>) -> Self {
+    pub(crate) fn from_code(code: Option<&str>) -> Self {
         match code.map(|c| c.trim().to_ascii_lowercase()).as_deref() {
             Some("0x80072322") => Self::Requests,
             Some("0x80072321") => Self::ExecutionTime,
@@ -114,7 +116,7 @@ impl BudgetError {
 }
 
 /// Whole seconds for `Retry-After`, rounded up so a caller never comes back early.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
@@ -185,6 +187,11 @@ struct State {
     in_flight_by_label: [i64; 2],
     /// 1, or `replicas` while a configured store does not answer (this replica's share).
     divisor: usize,
+    /// Requests in flight (or about to be) that hold no lease although a store is
+    /// configured. The store does not count them: until they end, this replica keeps its
+    /// share even once the store answers again, or it would take the whole limit from the
+    /// store on top of them.
+    unleased: usize,
 }
 
 impl State {
@@ -207,8 +214,38 @@ struct GateMetrics {
     wait: Histogram,
     refused: [IntCounter; 3],
     throttled: [IntCounter; 4],
-    burst_remaining: IntGauge,
-    time_remaining: Gauge,
+    burst_remaining: Reported<AtomicI64>,
+    time_remaining: Reported<AtomicF64>,
+}
+
+/// A gauge of what Dataverse reports about its budget, made on its first plausible report:
+/// read as 0 before Dataverse said anything, it would look like an exhausted budget.
+struct Reported<P: Atomic> {
+    gauges: GenericGaugeVec<P>,
+    environment: String,
+    /// Reports outside `0..=max` (a broken or hostile answer) are not recorded.
+    max: f64,
+    gauge: OnceLock<GenericGauge<P>>,
+}
+
+impl<P: Atomic> Reported<P> {
+    fn new(gauges: &GenericGaugeVec<P>, environment: &str, max: f64) -> Self {
+        Self {
+            gauges: gauges.clone(),
+            environment: environment.to_owned(),
+            max,
+            gauge: OnceLock::new(),
+        }
+    }
+
+    fn record(&self, value: f64, to: impl FnOnce(f64) -> P::T) {
+        if !(0.0..=self.max).contains(&value) {
+            return;
+        }
+        self.gauge
+            .get_or_init(|| self.gauges.with_label_values(&[&self.environment]))
+            .set(to(value));
+    }
 }
 
 impl GateMetrics {
@@ -241,12 +278,14 @@ impl GateMetrics {
                     .upstream_throttled_total
                     .with_label_values(&[environment, c.as_str()])
             }),
-            burst_remaining: metrics
-                .dataverse_burst_remaining_requests
-                .with_label_values(&[environment]),
-            time_remaining: metrics
-                .dataverse_time_remaining_ms
-                .with_label_values(&[environment]),
+            // Dataverse allows 6,000 requests and 20 minutes per window; far beyond either
+            // is not a report.
+            burst_remaining: Reported::new(
+                &metrics.dataverse_burst_remaining_requests,
+                environment,
+                1e6,
+            ),
+            time_remaining: Reported::new(&metrics.dataverse_time_remaining_ms, environment, 1e9),
         }
     }
 
@@ -296,11 +335,15 @@ pub struct Permit {
     /// The slot in the shared store, when it granted one: handed to the next waiter here
     /// with the local slot, or given back to the store.
     lease: Option<Lease>,
+    /// Granted under this replica's share while a configured store was away: the store
+    /// does not count it, so the share holds until it ends (see `State::unleased`).
+    unleased: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.inner.release(self.key, self.lease.take());
+        self.inner
+            .release(self.key, self.lease.take(), self.unleased);
     }
 }
 
@@ -342,7 +385,7 @@ impl Drop for Waiter {
             }
         };
         if let Some(lease) = granted {
-            self.inner.release(self.key, lease);
+            self.inner.release(self.key, lease, false);
         }
     }
 }
@@ -359,8 +402,11 @@ impl Inner {
         lock(&self.state)
     }
 
-    fn release(&self, key: BucketKey, mut lease: Option<Lease>) {
+    fn release(&self, key: BucketKey, mut lease: Option<Lease>, unleased: bool) {
         let mut state = self.lock();
+        if unleased {
+            state.unleased = state.unleased.saturating_sub(1);
+        }
         self.follow_store(&mut state);
         let max = self.config.max_concurrency;
         let ceiling = state.ceiling;
@@ -397,7 +443,7 @@ impl Inner {
         let Some(shared) = &self.shared else {
             return;
         };
-        let divisor = if shared.store.is_up() {
+        let divisor = if shared.store.is_up() && state.unleased == 0 {
             1
         } else {
             shared.store.replicas()
@@ -518,6 +564,7 @@ impl Gate {
                     next_waiter: 0,
                     in_flight_by_label: [0; 2],
                     divisor,
+                    unleased: 0,
                 }),
                 metrics: GateMetrics::new(metrics, environment),
                 shared,
@@ -528,7 +575,7 @@ impl Gate {
     }
 
     /// The bucket a request spends, by the configured rule.
-    pub fn bucket_for(&self, impersonation: &Impersonation) -> BucketKey {
+    pub(crate) fn bucket_for(&self, impersonation: &Impersonation) -> BucketKey {
         match (self.inner.config.bucket, impersonation) {
             (BudgetBucket::Application, _) | (_, Impersonation::ApplicationUser) => {
                 BucketKey::Application
@@ -565,6 +612,8 @@ impl Gate {
             return Ok(permit);
         };
         if !shared.store.is_up() {
+            permit.unleased = true;
+            self.inner.lock().unleased += 1;
             return Ok(permit);
         }
         let bucket = shared.bucket_key(key);
@@ -614,9 +663,23 @@ impl Gate {
                 }
                 Err(_) => {
                     // Counted and logged by the store. The slot in hand was granted under
-                    // the whole limit: queue again under this replica's share.
+                    // the whole limit: queue again under this replica's share, counted as
+                    // unleased before it queues, so the share holds even if the store
+                    // seems to answer again meanwhile.
                     drop(permit);
-                    return self.acquire_local(key).await;
+                    self.inner.lock().unleased += 1;
+                    return match self.acquire_local(key).await {
+                        Ok(mut permit) => {
+                            permit.unleased = true;
+                            Ok(permit)
+                        }
+                        Err(e) => {
+                            let mut state = self.inner.lock();
+                            state.unleased = state.unleased.saturating_sub(1);
+                            self.inner.follow_store(&mut state);
+                            Err(e)
+                        }
+                    };
                 }
             }
         }
@@ -678,6 +741,7 @@ impl Gate {
                     inner: self.inner.clone(),
                     key,
                     lease,
+                    unleased: false,
                 })
             }
             Ok(Ok(Handed::Closed)) => {
@@ -731,6 +795,7 @@ impl Gate {
                 inner: self.inner.clone(),
                 key,
                 lease: None,
+                unleased: false,
             }));
         }
         Ok(None)
@@ -738,7 +803,7 @@ impl Gate {
 
     /// Waits until the bucket is open again, at most `at_most` (a retry of a throttled
     /// request waits here rather than on its own clock).
-    pub async fn wait_open(&self, key: BucketKey, at_most: Duration) {
+    pub(crate) async fn wait_open(&self, key: BucketKey, at_most: Duration) {
         let closed_for = {
             let state = self.inner.lock();
             state
@@ -763,10 +828,10 @@ impl Gate {
     ) -> Option<(Duration, ThrottleCode)> {
         let m = &self.inner.metrics;
         if let Some(v) = header_number(headers, BURST_REMAINING) {
-            m.burst_remaining.set(v as i64);
+            m.burst_remaining.record(v, |v| v as i64);
         }
         if let Some(v) = header_number(headers, TIME_REMAINING) {
-            m.time_remaining.set(v);
+            m.time_remaining.record(v, |v| v);
         }
         let dop = header_number(headers, DOP_HINT)
             .filter(|v| *v >= 1.0)
@@ -823,7 +888,7 @@ impl Gate {
 
     /// Tells the other replicas that Dataverse closed this bucket (a no-op without a store,
     /// or while it does not answer: each replica then learns from its own 429).
-    pub async fn share_closed(&self, key: BucketKey, closed: (Duration, ThrottleCode)) {
+    pub(crate) async fn share_closed(&self, key: BucketKey, closed: (Duration, ThrottleCode)) {
         let Some(shared) = &self.inner.shared else {
             return;
         };
@@ -845,7 +910,7 @@ fn header_number(headers: &HeaderMap, name: &str) -> Option<f64> {
 
 /// The response with its body boxed; for a 429 in plain JSON, also Dataverse's error code,
 /// read from the first bytes of the body (which then still go to the caller unchanged).
-pub async fn read_throttle_code(
+pub(crate) async fn read_throttle_code(
     response: Response<Incoming>,
 ) -> (Response<GatewayBody>, Option<String>) {
     let (parts, incoming) = response.into_parts();
@@ -894,7 +959,7 @@ pub async fn read_throttle_code(
 
 /// The response body holding its permit until it ends (or is dropped): Dataverse is still
 /// writing the answer while it streams, so it still counts against its concurrency.
-pub fn hold_until_end(body: GatewayBody, permit: Permit) -> GatewayBody {
+pub(crate) fn hold_until_end(body: GatewayBody, permit: Permit) -> GatewayBody {
     body::boxed(PermitBody {
         inner: body,
         permit: Some(permit),

@@ -29,10 +29,8 @@ impl DataverseClient {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)
-            .map_err(|e| UpstreamError::Build(Box::new(e)))?
+            .with_tls_config((*crate::outbound::tls_config()).clone())
             // http:// is accepted only for loopback organisations (config checks that).
             .https_or_http()
             .enable_http1()

@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest;
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{KeyPair as _, RsaKeyPair, RSA_PKCS1_SHA256, RSA_PSS_SHA256};
+use aws_lc_rs::signature::{KeyPair as _, RsaKeyPair};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use jsonwebtoken::EncodingKey;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
@@ -32,11 +32,10 @@ use crate::secret::Secret;
 pub const JWT_BEARER_ASSERTION_TYPE: &str =
     "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// The Azure instance metadata service's token endpoint.
-pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254/metadata/identity/oauth2/token";
+pub(crate) const DEFAULT_IMDS_ENDPOINT: &str =
+    "http://169.254.169.254/metadata/identity/oauth2/token";
 /// The IMDS API version whose token response the token source parses.
-pub const IMDS_API_VERSION: &str = "2018-02-01";
-/// The audience Azure AD requires of a federated (workload identity) assertion.
-pub const FEDERATED_TOKEN_AUDIENCE: &str = "api://AzureADTokenExchange";
+pub(crate) const IMDS_API_VERSION: &str = "2018-02-01";
 /// Lifetime of a certificate assertion: Azure AD wants 5-10 minutes; MSAL uses 10.
 const ASSERTION_LIFETIME_SECS: u64 = 600;
 /// IMDS answers 410 while it is being updated and asks to be retried within 70 s.
@@ -314,10 +313,9 @@ impl Credential {
         if client_id.as_deref() == Some("") {
             return Err((format!("{key}.client_id"), "must not be empty".to_owned()));
         }
-        // IMDS is link-local plain HTTP: a proxy from the environment can't reach it (and
-        // must not see its tokens), so this credential has a client of its own.
-        let http = reqwest::Client::builder()
-            .no_proxy()
+        // IMDS is link-local plain HTTP with a longer timeout: a client of its own, with the
+        // same (absent) proxy policy.
+        let http = crate::outbound::http_client()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
@@ -435,13 +433,6 @@ impl Credential {
     }
 }
 
-impl CredentialError {
-    /// Whether the failure is on the gateway's side (files, keys) rather than the network.
-    pub fn is_local(&self) -> bool {
-        !matches!(self, Self::Http { .. })
-    }
-}
-
 /// Where a PEM comes from.
 #[derive(Clone)]
 enum PemSource {
@@ -534,7 +525,7 @@ impl fmt::Debug for CertificateCredential {
 /// A loaded certificate and its key.
 struct Material {
     cert_der: Vec<u8>,
-    key: RsaKeyPair,
+    signing_key: EncodingKey,
     not_after: u64,
 }
 
@@ -595,7 +586,7 @@ impl CertificateCredential {
                 civil_time(info.not_after)
             )));
         }
-        let key = parse_private_key(key_pem).map_err(MaterialError::PrivateKey)?;
+        let (key, signing_key) = parse_private_key(key_pem).map_err(MaterialError::PrivateKey)?;
         let cert_key = aws_lc_rs::rsa::PublicKey::from_der(info.spki).map_err(|_| {
             MaterialError::Certificate("the certificate's key is not RSA".to_owned())
         })?;
@@ -604,7 +595,7 @@ impl CertificateCredential {
         }
         Ok(Material {
             not_after: info.not_after,
-            key,
+            signing_key,
             cert_der,
         })
     }
@@ -645,18 +636,15 @@ fn sign_assertion(
     client_id: &str,
     now: u64,
 ) -> Result<String, CredentialError> {
-    let header = match algorithm {
-        SigningAlgorithm::PS256 => serde_json::json!({
-            "alg": "PS256",
-            "typ": "JWT",
-            "x5t#S256": x5t_s256(&material.cert_der),
-        }),
-        SigningAlgorithm::RS256 => serde_json::json!({
-            "alg": "RS256",
-            "typ": "JWT",
-            "x5t": x5t_sha1(&material.cert_der),
-        }),
-    };
+    let mut header = jsonwebtoken::Header::new(match algorithm {
+        SigningAlgorithm::PS256 => jsonwebtoken::Algorithm::PS256,
+        SigningAlgorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+    });
+    header.typ = Some("JWT".to_owned());
+    match algorithm {
+        SigningAlgorithm::PS256 => header.x5t_s256 = Some(x5t_s256(&material.cert_der)),
+        SigningAlgorithm::RS256 => header.x5t = Some(x5t_sha1(&material.cert_der)),
+    }
     let claims = serde_json::json!({
         "aud": audience,
         "iss": client_id,
@@ -666,29 +654,11 @@ fn sign_assertion(
         "iat": now,
         "exp": now + ASSERTION_LIFETIME_SECS,
     });
-    let input = format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    );
-    let padding: &'static dyn aws_lc_rs::signature::RsaEncoding = match algorithm {
-        SigningAlgorithm::PS256 => &RSA_PSS_SHA256,
-        SigningAlgorithm::RS256 => &RSA_PKCS1_SHA256,
-    };
-    let mut signature = vec![0u8; material.key.public_modulus_len()];
-    material
-        .key
-        .sign(
-            padding,
-            &SystemRandom::new(),
-            input.as_bytes(),
-            &mut signature,
-        )
-        .map_err(|_| CredentialError::Sign)?;
-    Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    jsonwebtoken::encode(&header, &claims, &material.signing_key).map_err(|_| CredentialError::Sign)
 }
 
-fn parse_private_key(pem: &[u8]) -> Result<RsaKeyPair, String> {
+/// The key pair (to match against the certificate) and the same key for signing.
+fn parse_private_key(pem: &[u8]) -> Result<(RsaKeyPair, EncodingKey), String> {
     let der = match PrivateKeyDer::from_pem_slice(pem) {
         Ok(der) => der,
         Err(_) => {
@@ -704,17 +674,38 @@ fn parse_private_key(pem: &[u8]) -> Result<RsaKeyPair, String> {
             );
         }
     };
-    match der {
-        PrivateKeyDer::Pkcs8(k) => RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
-        PrivateKeyDer::Pkcs1(k) => RsaKeyPair::from_der(k.secret_pkcs1_der()),
+    let (pair, pkcs1) = match der {
+        PrivateKeyDer::Pkcs8(k) => (
+            RsaKeyPair::from_pkcs8(k.secret_pkcs8_der()),
+            pkcs1_of_pkcs8(k.secret_pkcs8_der()),
+        ),
+        PrivateKeyDer::Pkcs1(k) => (
+            RsaKeyPair::from_der(k.secret_pkcs1_der()),
+            Some(k.secret_pkcs1_der().to_vec()),
+        ),
         _ => {
             return Err(
                 "the private key is not RSA (Azure AD certificate credentials are RSA)".to_owned(),
             )
         }
-    }
+    };
     // KeyRejected's text names the reason (e.g. "TooSmall"), never key bytes.
-    .map_err(|e| format!("the private key is not a usable RSA key ({e})"))
+    let pair = pair.map_err(|e| format!("the private key is not a usable RSA key ({e})"))?;
+    let pkcs1 = pkcs1.ok_or_else(|| "the private key is not a usable RSA key".to_owned())?;
+    Ok((pair, EncodingKey::from_rsa_der(&pkcs1)))
+}
+
+/// The PKCS#1 `RSAPrivateKey` inside a PKCS#8 `PrivateKeyInfo` (RFC 5208): the form
+/// `jsonwebtoken` signs with.
+fn pkcs1_of_pkcs8(pkcs8: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::asn1_rs::{Any, FromDer, Integer, OctetString, ParseResult, Sequence};
+    let parsed: ParseResult<'_, Vec<u8>> = Sequence::from_der_and_then(pkcs8, |i| {
+        let (i, _version) = Integer::from_der(i)?;
+        let (i, _algorithm) = Any::from_der(i)?;
+        let (i, key) = OctetString::from_der(i)?;
+        Ok((i, key.as_cow().to_vec()))
+    });
+    parsed.ok().map(|(_, key)| key)
 }
 
 /// A workload identity credential: the projected token file, read for every request.
@@ -831,7 +822,7 @@ pub fn x5t_s256(cert_der: &[u8]) -> String {
 }
 
 /// `x5t`: base64url SHA-1 of the certificate DER (the older header).
-pub fn x5t_sha1(cert_der: &[u8]) -> String {
+pub(crate) fn x5t_sha1(cert_der: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, cert_der))
 }
 
@@ -854,120 +845,23 @@ pub(crate) struct CertificateInfo<'a> {
 /// Reads the public key and validity of a DER certificate. Only the structure is read
 /// (Azure AD, not the gateway, decides whether it trusts the certificate).
 pub(crate) fn parse_certificate(der: &[u8]) -> Option<CertificateInfo<'_>> {
-    let (cert, rest) = der_element(der, 0x30)?;
+    let (rest, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
     if !rest.is_empty() {
         return None;
     }
-    let (tbs, _) = der_element(cert.content, 0x30)?;
-    let mut fields = tbs.content;
-    // version [0] EXPLICIT, optional
-    if fields.first() == Some(&0xA0) {
-        fields = der_element(fields, 0xA0)?.1;
-    }
-    let (_serial, fields) = der_element(fields, 0x02)?;
-    let (_signature, fields) = der_element(fields, 0x30)?;
-    let (_issuer, fields) = der_element(fields, 0x30)?;
-    let (validity, fields) = der_element(fields, 0x30)?;
-    let (_subject, fields) = der_element(fields, 0x30)?;
-    let (spki, _) = der_element(fields, 0x30)?;
-    let (_not_before, times) = der_time(validity.content)?;
-    let (not_after, _) = der_time(times)?;
     Some(CertificateInfo {
-        spki: spki.whole,
-        not_after,
+        spki: certificate.tbs_certificate.subject_pki.raw,
+        // Before 1970 is long expired.
+        not_after: u64::try_from(certificate.validity().not_after.timestamp()).unwrap_or(0),
     })
-}
-
-struct DerElement<'a> {
-    whole: &'a [u8],
-    content: &'a [u8],
-}
-
-/// One DER element with the expected (single-byte) tag, and what follows it.
-fn der_element(input: &[u8], tag: u8) -> Option<(DerElement<'_>, &[u8])> {
-    if *input.first()? != tag {
-        return None;
-    }
-    let first = *input.get(1)?;
-    let (len, header) = if first < 0x80 {
-        (usize::from(first), 2)
-    } else {
-        let n = usize::from(first & 0x7F);
-        if n == 0 || n > 4 {
-            return None;
-        }
-        let bytes = input.get(2..2 + n)?;
-        let len = bytes
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, 2 + n)
-    };
-    let end = header.checked_add(len)?;
-    let content = input.get(header..end)?;
-    let whole = input.get(..end)?;
-    Some((DerElement { whole, content }, input.get(end..)?))
-}
-
-/// A UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) as Unix seconds.
-fn der_time(input: &[u8]) -> Option<(u64, &[u8])> {
-    let (tag, digits_year) = match input.first()? {
-        0x17 => (0x17, 2),
-        0x18 => (0x18, 4),
-        _ => return None,
-    };
-    let (el, rest) = der_element(input, tag)?;
-    let text = std::str::from_utf8(el.content).ok()?;
-    let text = text.strip_suffix('Z')?;
-    if text.len() != digits_year + 10 || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let mut year = num(0..digits_year)?;
-    if digits_year == 2 {
-        // RFC 5280: UTCTime years 50-99 are 19xx.
-        year += if year >= 50 { 1900 } else { 2000 };
-    }
-    let d = digits_year;
-    let (month, day) = (num(d..d + 2)?, num(d + 2..d + 4)?);
-    let (hour, min, sec) = (num(d + 4..d + 6)?, num(d + 6..d + 8)?, num(d + 8..d + 10)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + min * 60 + sec;
-    // Before 1970 only happens for not-before dates, where "long ago" is all that matters.
-    Some((u64::try_from(secs.max(0)).ok()?, rest))
-}
-
-/// Days since 1970-01-01 (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// `2030-01-31T12:00:00Z`.
 fn civil_time(secs: u64) -> String {
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(secs))
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| format!("{secs} seconds after 1970"))
 }
 
 fn unix_now() -> u64 {
@@ -1362,32 +1256,25 @@ mod tests {
     }
 
     #[test]
-    fn der_times_and_civil_dates_agree() {
-        for secs in [0u64, 951_782_400, 1_714_566_896, 4_102_444_800] {
-            let text = civil_time(secs);
-            let y: i64 = text[0..4].parse().unwrap();
-            let m: i64 = text[5..7].parse().unwrap();
-            let d: i64 = text[8..10].parse().unwrap();
-            assert_eq!(
-                days_from_civil(y, m, d) * 86_400,
-                (secs - secs % 86_400) as i64
-            );
-        }
-        // UTCTime 49 is 2049, 50 is 1950 (before 1970: clamped).
-        let utc = |s: &str| {
-            let mut v = vec![0x17, s.len() as u8];
-            v.extend_from_slice(s.as_bytes());
-            der_time(&v).map(|(t, _)| civil_time(t))
-        };
+    fn certificates_are_read_for_their_key_and_expiry_and_nothing_else_passes() {
+        let (_, _, der) = test_certificate(false);
+        let info = parse_certificate(&der).unwrap();
+        assert!(info.not_after > unix_now());
+        let (_, _, expired) = test_certificate(true);
         assert_eq!(
-            utc("491231235959Z").as_deref(),
-            Some("2049-12-31T23:59:59Z")
+            civil_time(parse_certificate(&expired).unwrap().not_after),
+            "2002-01-01T00:00:00Z"
         );
-        assert_eq!(
-            utc("500101000000Z").as_deref(),
-            Some("1970-01-01T00:00:00Z")
-        );
-        assert_eq!(utc("501301000000Z"), None);
+        assert!(aws_lc_rs::rsa::PublicKey::from_der(info.spki).is_ok());
         assert!(parse_certificate(b"\x30\x03\x02\x01\x00").is_none());
+        let mut trailing = der.clone();
+        trailing.push(0);
+        assert!(
+            parse_certificate(&trailing).is_none(),
+            "bytes after the certificate"
+        );
+        assert_eq!(civil_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(civil_time(2_524_607_999), "2049-12-31T23:59:59Z");
+        assert!(civil_time(u64::MAX).contains("seconds after 1970"));
     }
 }

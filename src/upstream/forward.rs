@@ -27,7 +27,9 @@ use super::link_body::{BodyRefusal, ChunkRewriter, LinkRewritingBody};
 use super::odata_links::{BatchLinkRewriter, JsonKeys, JsonLinkRewriter, LinkRewrite};
 use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::{BodyAccess, Grant};
-use crate::body::{self, BodyTimeout, GatewayBody, PrefixedBody, TimedBody};
+use crate::body::{
+    self, BodyClocks, BodyTimeout, GatewayBody, MinBodyRate, PrefixedBody, TimedBody,
+};
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
 use crate::metrics::Metrics;
@@ -66,6 +68,8 @@ pub struct Forwarder {
     request_timeout: Duration,
     /// Longest pause between request body bytes.
     body_read_timeout: Duration,
+    /// Slowest a request body may arrive.
+    min_body_rate: Option<MinBodyRate>,
     /// Longest a whole request may take, upload and Dataverse's answer together.
     exchange_timeout: Duration,
     max_request_body: u64,
@@ -238,6 +242,7 @@ impl Forwarder {
             tokens,
             request_timeout: server.request_timeout,
             body_read_timeout: server.body_read_timeout,
+            min_body_rate: server.min_body_rate,
             exchange_timeout: server.exchange_timeout,
             max_request_body: server.max_request_body,
             max_decoded_response_body: server.max_decoded_response_body,
@@ -287,9 +292,12 @@ impl Forwarder {
         let deadline = Instant::now() + self.exchange_timeout;
         let (incoming, body_over) = TimedBody::new(
             incoming,
-            self.body_read_timeout,
-            self.exchange_timeout,
-            deadline,
+            BodyClocks {
+                idle: self.body_read_timeout,
+                min_rate: self.min_body_rate,
+                exchange_timeout: self.exchange_timeout,
+                deadline,
+            },
         );
         let mut body_over = Some(body_over);
         let mut token = self

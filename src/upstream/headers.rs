@@ -12,12 +12,12 @@ use http::HeaderMap;
 
 use crate::identity::Impersonation;
 
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
-pub const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const CALLER_OBJECT_ID: HeaderName = HeaderName::from_static("callerobjectid");
+pub(crate) const MSCRM_CALLER_ID: HeaderName = HeaderName::from_static("mscrmcallerid");
 
 /// Header names (lowercase, `_` read as `-`) that choose whom Dataverse acts as.
 const IMPERSONATION_HEADERS: [&str; 3] = ["callerobjectid", "mscrmcallerid", "mscrmcallerobjectid"];
@@ -34,7 +34,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 /// True for every spelling of an impersonation header.
-pub fn is_impersonation_header(name: &HeaderName) -> bool {
+pub(crate) fn is_impersonation_header(name: &HeaderName) -> bool {
     let normalized: String = name
         .as_str()
         .trim()
@@ -53,7 +53,7 @@ pub fn is_impersonation_header(name: &HeaderName) -> bool {
 
 /// Removes the caller's credential and every impersonation header it sent; returns how
 /// many impersonation headers were dropped (worth a log line: someone tried).
-pub fn strip_caller_identity_headers(headers: &mut HeaderMap) -> usize {
+pub(crate) fn strip_caller_identity_headers(headers: &mut HeaderMap) -> usize {
     headers.remove(AUTHORIZATION);
     let names: Vec<HeaderName> = headers
         .keys()
@@ -120,7 +120,7 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
 ];
 
 /// Removes headers that could make a server behind the gateway use a different path.
-pub fn strip_path_overrides(headers: &mut HeaderMap) {
+pub(crate) fn strip_path_overrides(headers: &mut HeaderMap) {
     for name in PATH_OVERRIDE_HEADERS {
         headers.remove(name);
     }
@@ -141,12 +141,12 @@ fn dashed_lowercase(name: &str) -> String {
 }
 
 /// True for every spelling of a method-override header.
-pub fn is_method_override_header(name: &str) -> bool {
+pub(crate) fn is_method_override_header(name: &str) -> bool {
     METHOD_OVERRIDE_HEADERS.contains(&dashed_lowercase(name).as_str())
 }
 
 /// Removes every method-override header; returns how many names were dropped.
-pub fn strip_method_overrides(headers: &mut HeaderMap) -> usize {
+pub(crate) fn strip_method_overrides(headers: &mut HeaderMap) -> usize {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|n| is_method_override_header(n.as_str()))
@@ -178,7 +178,7 @@ pub enum CallerOnlyHeader {
 /// top-level stripping removes, in the same spellings (any case, `_` read as `-`), plus
 /// `Cookie`, which at top level is removed unless the environment sets `forward_cookies`
 /// and inside a part is refused either way (no client needs a cookie per part).
-pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
+pub(crate) fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
     let dashed = dashed_lowercase(name);
     let squeezed: String = dashed.chars().filter(|c| *c != '-').collect();
     if IMPERSONATION_HEADERS.contains(&squeezed.as_str())
@@ -201,21 +201,21 @@ pub fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
 /// Removes the caller's `Cookie` headers: one gateway serves many apps, and their cookies
 /// (sessions with the app itself, or an affinity cookie another app received) are not
 /// Dataverse's to read.
-pub fn strip_cookies(headers: &mut HeaderMap) {
+pub(crate) fn strip_cookies(headers: &mut HeaderMap) {
     headers.remove(COOKIE);
 }
 
 /// Removes Dataverse's `Set-Cookie` headers (its server-affinity cookies `ARRAffinity`,
 /// `ReqClientId`, ...): they would pin whichever app made the call to one Dataverse web
 /// server, which Microsoft advises against for throughput, and the gateway keeps no jar.
-pub fn strip_set_cookies(headers: &mut HeaderMap) {
+pub(crate) fn strip_set_cookies(headers: &mut HeaderMap) {
     headers.remove(SET_COOKIE);
 }
 
 /// Sets `X-Forwarded-For` to the caller's address (appended to the caller's own value
 /// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`
 /// and `Forwarded` (RFC 7239 says the same things, so it is trusted no more than they are).
-pub fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
+pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
     let peer_ip = peer.ip().to_string();
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if trust_forwarded => format!("{prior}, {peer_ip}"),
@@ -232,7 +232,7 @@ pub fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwar
 }
 
 /// Sets the one impersonation header the identity stage decided on.
-pub fn set_impersonation(headers: &mut HeaderMap, impersonation: &Impersonation) {
+pub(crate) fn set_impersonation(headers: &mut HeaderMap, impersonation: &Impersonation) {
     let (name, id) = match impersonation {
         Impersonation::CallerObjectId(id) => (CALLER_OBJECT_ID, id),
         Impersonation::SystemUserId(id) => (MSCRM_CALLER_ID, id),

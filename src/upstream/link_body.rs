@@ -56,7 +56,7 @@ impl ChunkRewriter {
     }
 
     /// Rewrites a body already in memory.
-    pub fn rewrite_all(mut self, body: &[u8]) -> Result<Bytes, BodyRefusal> {
+    pub(crate) fn rewrite_all(mut self, body: &[u8]) -> Result<Bytes, BodyRefusal> {
         let mut out = Vec::with_capacity(body.len());
         self.push(body, &mut out)?;
         self.finish(&mut out)?;
@@ -66,7 +66,7 @@ impl ChunkRewriter {
 
 /// `inner`, rewritten chunk by chunk. A refused `$batch` request ends the body with the
 /// refusal as its error, so the upstream request is aborted, never completed.
-pub struct LinkRewritingBody {
+pub(crate) struct LinkRewritingBody {
     inner: GatewayBody,
     rewriter: ChunkRewriter,
     finished: bool,

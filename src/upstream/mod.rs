@@ -7,21 +7,21 @@
 pub mod batch_parts;
 pub mod budget;
 mod call;
-pub mod client;
+pub(crate) mod client;
 pub mod credential;
-pub mod encoding;
-pub mod forward;
+pub(crate) mod encoding;
+pub(crate) mod forward;
 pub mod headers;
 pub mod link_body;
 pub mod odata_links;
 pub mod path;
-pub mod token;
+pub(crate) mod token;
 
 use std::time::Duration;
 
-pub use client::DataverseClient;
-pub use forward::{ForwardContext, Forwarder};
-pub use token::{S2sToken, TokenError, TokenPolicy, TokenSource};
+pub(crate) use client::DataverseClient;
+pub(crate) use forward::{ForwardContext, Forwarder};
+pub(crate) use token::{S2sToken, TokenError, TokenPolicy, TokenSource};
 
 use crate::body::{BodyTimeout, BoxError};
 
@@ -81,6 +81,7 @@ impl UpstreamError {
             Self::UndecodableResponse => "undecodable_response",
             Self::BodyTimeout(BodyTimeout::Idle(_)) => "body_read_timeout",
             Self::BodyTimeout(BodyTimeout::Deadline(_)) => "exchange_timeout",
+            Self::BodyTimeout(BodyTimeout::TooSlow(_)) => "min_body_rate",
             Self::ExchangeDeadline(_) => "exchange_timeout",
             Self::Build(_) => "internal",
             Self::Batch(e) => e.reason(),

@@ -121,7 +121,7 @@ impl LinkRewrite {
 
     /// As [`LinkRewrite::new`], with more prefixes that name the same place as `from` (the
     /// organisation's other host names): each of them is replaced by `to` too.
-    pub fn with_aliases(
+    pub(crate) fn with_aliases(
         from: impl Into<String>,
         aliases: impl IntoIterator<Item = impl Into<String>>,
         to: impl Into<String>,
@@ -163,7 +163,7 @@ impl LinkRewrite {
 
     /// For a header value (Location, OData-EntityId): if it starts with a `from` followed
     /// by '/', '?', '(' or end, return the rewritten value; else None.
-    pub fn header_value(&self, value: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn header_value(&self, value: &[u8]) -> Option<Vec<u8>> {
         let rest = self.froms.iter().find_map(|f| {
             f.raw
                 .strip(value)
@@ -562,7 +562,7 @@ impl JsonLinkRewriter {
 
 /// Which way a `$batch` body travels, which decides what gets rewritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BatchDirection {
+pub(crate) enum BatchDirection {
     /// App -> Dataverse: inner request lines and `@odata.bind`/`@odata.id` JSON values.
     Request,
     /// Dataverse -> app: inner `Location`/`OData-EntityId` headers and `@odata.*` links.

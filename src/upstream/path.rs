@@ -33,7 +33,7 @@ pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
 }
 
 /// A `$batch` part's absolute path (without query): the same rules as a top-level path.
-pub fn check_proxied_path(path: &str) -> Result<(), PathError> {
+pub(crate) fn check_proxied_path(path: &str) -> Result<(), PathError> {
     check_unambiguous(path)?;
     if path.starts_with(API_PREFIX) {
         Ok(())
@@ -44,21 +44,21 @@ pub fn check_proxied_path(path: &str) -> Result<(), PathError> {
 
 /// A `$batch` part's relative path (`accounts(1)`, `$1/...`), resolved by Dataverse against
 /// the batch's `/api/data/v9.x/`: unambiguous, so it cannot climb out of it.
-pub fn check_relative_path(path: &str) -> Result<(), PathError> {
+pub(crate) fn check_relative_path(path: &str) -> Result<(), PathError> {
     check_unambiguous(&format!("/{path}"))
 }
 
 /// A checked request target: the environment named by a path prefix, if routing uses
 /// one, and the path and query to send upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestTarget<'a> {
+pub(crate) struct RequestTarget<'a> {
     pub environment: Option<&'a str>,
     pub path_and_query: &'a str,
 }
 
 /// As [`proxied_path_and_query`]; with `prefixed`, the path must be
 /// `/<environment>/api/data/...` and the prefix is split off.
-pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
+pub(crate) fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
     if !prefixed {
         return proxied_path_and_query(uri).map(|path_and_query| RequestTarget {
             environment: None,

@@ -252,10 +252,7 @@ async fn app_only_service_callers_act_as_the_application_user() {
 
 #[tokio::test]
 async fn an_access_section_without_rules_or_default_is_refused() {
-    let idp = dynamics_gateway::testkit::Idp::builder()
-        .start()
-        .await
-        .unwrap();
+    let idp = testkit::Idp::builder().start().await.unwrap();
     let yaml = support::config_yaml(&idp, "http://127.0.0.1:9", "access: {}\n", "", "");
     let err = dynamics_gateway::config::Config::from_yaml(&yaml, &|_| None)
         .unwrap_err()

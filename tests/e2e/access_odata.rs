@@ -515,9 +515,9 @@ async fn an_oversize_metadata_is_refused_and_the_last_good_map_kept() {
     wait_loaded(&env).await;
     // A new schema in which contact_customer_accounts leads nowhere, over the cap: were
     // it taken, the $expand below would name a table the gateway cannot name.
-    let renamed = dynamics_gateway::testkit::CSDL_FIXTURE
-        .replace("\"contact_customer_accounts\"", "\"renamed_relationship\"");
-    assert_ne!(renamed, dynamics_gateway::testkit::CSDL_FIXTURE);
+    let renamed =
+        testkit::CSDL_FIXTURE.replace("\"contact_customer_accounts\"", "\"renamed_relationship\"");
+    assert_ne!(renamed, testkit::CSDL_FIXTURE);
     let padding = format!("<!-- {} -->", "x".repeat(20 * 1024));
     let oversize = renamed.replacen("?>", &format!("?>{padding}"), 1);
     assert!(oversize.len() > 16 * 1024 && oversize.contains(&padding));

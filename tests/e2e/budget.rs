@@ -7,11 +7,11 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::{
+use support::{error_body, metric, GatewayHandle, ALICE_OID};
+use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
     Throttling,
 };
-use support::{error_body, metric, GatewayHandle, ALICE_OID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 const APP: &str = "{bucket=\"application\",environment=\"default\"}";
@@ -312,6 +312,18 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.store.valkey.url",
         ),
         (
+            format!("{{ url: \"redis://:{PW}%zz@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}%FF%FE@cache\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
+            format!("{{ url: \"redis://:{PW}@cache/first\", replicas: 2 }}"),
+            "dynamics.budget.store.valkey.url",
+        ),
+        (
             format!("{{ url: \"redis://:{PW}@cache\", replicas: 0 }}"),
             "dynamics.budget.store.valkey.replicas",
         ),
@@ -339,7 +351,7 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
     assert!(err.to_string().contains("replicas"), "{err}");
     let ok = Config::from_yaml(
         &yaml(&store(&format!(
-            "{{ url: \"redis://:{PW}@cache:6379/2\", replicas: 3 }}"
+            "{{ url: \"redis://:{PW}%25%40@cache:6379/2\", replicas: 3 }}"
         ))),
         &|_| None,
     )

@@ -14,13 +14,13 @@ use binary::{free_port, start_binary, Binary};
 use dynamics_gateway::config::BudgetStoreConfig;
 use dynamics_gateway::metrics::Metrics;
 use dynamics_gateway::secret::Secret;
-use dynamics_gateway::testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
 use dynamics_gateway::upstream::budget::store::{Acquired, Store as SharedStore};
 use dynamics_gateway::upstream::budget::ThrottleCode;
 use support::{client, ALICE_OID};
+use testkit::{
+    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
+    Throttling,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -521,4 +521,185 @@ async fn the_store_grants_up_to_the_limit_hands_leases_on_gives_them_back_and_cl
     assert_eq!(server.integer(&["ZCARD", leases]).await, 1);
     drop(for_b);
     server.until_leases(leases, 0).await;
+}
+
+#[tokio::test]
+async fn an_endless_reply_from_the_store_is_cut_off_and_its_connection_dropped() {
+    // Something posing as the store answers the first command of each connection with a
+    // bulk string that never ends. Without a cap the gateway would buffer it for ever.
+    const ENOUGH: u64 = 64 << 20;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let endless = tokio::spawn(async move {
+        let mut sent_per_connection = Vec::new();
+        for _ in 0..2 {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket.write_all(b"$1000000000000\r\n").await;
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < ENOUGH && socket.write_all(&chunk).await.is_ok() {
+                sent += chunk.len() as u64;
+            }
+            sent_per_connection.push(sent);
+        }
+        sent_per_connection
+    });
+    let metrics = Metrics::new().unwrap();
+    let config = BudgetStoreConfig {
+        url: Secret::new(format!("redis://{addr}")),
+        replicas: 2,
+        lease_ttl: Duration::from_secs(30),
+        command_timeout: Duration::from_secs(5),
+        key_prefix: "t".into(),
+    };
+    let store = SharedStore::new(&config, &metrics).unwrap();
+    let bucket = "t:budget:x:application";
+    assert!(store.acquire(bucket, 2).await.is_err());
+    // The connection that took the reply is gone: the next command connects again.
+    assert!(store.acquire(bucket, 2).await.is_err());
+    let sent_per_connection = tokio::time::timeout(Duration::from_secs(30), endless)
+        .await
+        .expect("a second connection was made")
+        .unwrap();
+    for sent in sent_per_connection {
+        assert!(
+            sent < ENOUGH,
+            "{sent} bytes went into one connection without the gateway closing it"
+        );
+    }
+    assert!(!store.is_up(), "the gate runs on its local share");
+}
+
+#[tokio::test]
+async fn requests_admitted_on_the_local_shares_keep_the_shares_after_the_store_returns() {
+    let mut store = Store::start().await;
+    let r = replicas(&store, at_most(4), 4, "").await;
+    until_degraded(&r.a, 0.0).await;
+    until_degraded(&r.b, 0.0).await;
+    store.kill().await;
+    until_degraded(&r.a, 1.0).await;
+    until_degraded(&r.b, 1.0).await;
+    // Each replica its share (2) of long requests, admitted while the store is away: the
+    // store holds no lease for them.
+    r.dataverse.set_delay(Duration::from_secs(3));
+    let long = {
+        let (client, token) = (client(), r.token());
+        (0..4)
+            .map(|i| {
+                let to = if i % 2 == 0 { &r.a } else { &r.b };
+                let request = client
+                    .get(format!("{}{WHOAMI}", to.url))
+                    .bearer_auth(&token);
+                tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
+            })
+            .collect::<Vec<_>>()
+    };
+    for _ in 0..100 {
+        if r.dataverse.in_flight() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.dataverse.in_flight(), 4, "the long requests are running");
+    store.restart().await;
+    until_degraded(&r.a, 0.0).await;
+    until_degraded(&r.b, 0.0).await;
+    r.dataverse.set_delay(Duration::from_millis(100));
+    r.dataverse.reset_max_in_flight();
+    // The store answers again, but counts none of the four: taking the whole limit from it
+    // now would put 8 in flight.
+    let statuses = burst(&r, 20, false).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for request in long {
+        assert_eq!(request.await.unwrap(), 200);
+    }
+    assert!(
+        r.dataverse.max_in_flight() <= 4,
+        "{} in flight at Dataverse with a shared limit of 4",
+        r.dataverse.max_in_flight()
+    );
+    assert_eq!(r.dataverse.throttled_count(), 0);
+    // Once they ended, the whole limit is shared again.
+    assert!(burst(&r, 8, false).await.iter().all(|s| *s == 200));
+    for replica in [&r.a, &r.b] {
+        assert_eq!(scrape(replica, LIMIT).await, 4.0);
+    }
+}
+
+/// A stand-in for a store that answers `PING` but refuses every write and script, as a
+/// Redis replica does after a failover (`READONLY`); counts the commands it refused.
+async fn read_only_store() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let refused = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = refused.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let refused = counted.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut lines = BufReader::new(read).lines();
+                // RESP arrays of bulk strings: `*n`, then `$len` and the argument, n times.
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let Some(n) = line.strip_prefix('*').and_then(|n| n.parse::<usize>().ok())
+                    else {
+                        return;
+                    };
+                    let mut args = Vec::new();
+                    for _ in 0..n {
+                        let _len = lines.next_line().await;
+                        if let Ok(Some(arg)) = lines.next_line().await {
+                            args.push(arg.to_ascii_uppercase());
+                        }
+                    }
+                    let answer: &[u8] = match args.first().map(String::as_str) {
+                        Some("PING") => b"+PONG\r\n",
+                        Some("CLIENT" | "HELLO" | "SELECT" | "AUTH") => b"+OK\r\n",
+                        _ => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            b"-READONLY You can't write against a read only replica.\r\n"
+                        }
+                    };
+                    if write.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, refused)
+}
+
+#[tokio::test]
+async fn a_store_that_answers_ping_but_refuses_writes_is_not_taken_back() {
+    use std::sync::atomic::Ordering;
+    let (url, refused) = read_only_store().await;
+    let metrics = Metrics::new().unwrap();
+    let config = BudgetStoreConfig {
+        url: Secret::new(url),
+        replicas: 2,
+        lease_ttl: Duration::from_secs(30),
+        command_timeout: Duration::from_millis(500),
+        key_prefix: "t".into(),
+    };
+    let store = SharedStore::new(&config, &metrics).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(store.clone().probe(stop.clone()));
+    assert!(store.acquire("t:budget:x:application", 2).await.is_err());
+    // Three probe rounds (twice a second): each asks the store to write, and is refused.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(
+        refused.load(Ordering::SeqCst) >= 3,
+        "the probe asked {} times",
+        refused.load(Ordering::SeqCst)
+    );
+    assert!(
+        !store.is_up(),
+        "a store that refuses writes was taken back because it answered"
+    );
+    stop.cancel();
 }

@@ -66,6 +66,33 @@ fn check_prints_the_plan_without_the_secret() {
 }
 
 #[test]
+fn check_prints_the_budget_and_its_store_without_the_store_password() {
+    let out = check(GOOD, &[("TEST_DGW_SECRET", "s")]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("budget:      52 in flight to Dataverse in one bucket (the application user); up to 1024 queued for 10s"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("budget store:  none"), "{stdout}");
+    let shared = format!(
+        "{GOOD}  budget:\n    bucket: impersonated_user\n    store:\n      valkey: {{ url: \"redis://:store-pw-91c2@valkey.internal:6390/1\", replicas: 3 }}\n"
+    );
+    let out = check(&shared, &[("TEST_DGW_SECRET", "s")]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("one bucket per impersonated user"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("budget store:  valkey at valkey.internal:6390 (credentials never shown), shared by 3 replicas"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("store-pw-91c2") && !stderr.contains("store-pw-91c2"));
+}
+
+#[test]
 fn check_prints_how_each_access_rule_is_read() {
     let yaml = format!(
         "{GOOD}access:

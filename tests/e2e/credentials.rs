@@ -13,13 +13,13 @@ use std::path::PathBuf;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use dynamics_gateway::secret::Secret;
-use dynamics_gateway::testkit::keys::RsaSigningKey;
-use dynamics_gateway::testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds};
 use dynamics_gateway::upstream::credential::{
     x5t_s256, Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
     SigningAlgorithm, JWT_BEARER_ASSERTION_TYPE,
 };
 use serde_json::{json, Value};
+use testkit::keys::RsaSigningKey;
+use testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds};
 use url::Url;
 
 const CERT_APP: &str = "0c0ffee0-0000-4000-8000-00000000ce47";
@@ -564,8 +564,7 @@ async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u1
 
 #[tokio::test]
 async fn the_gateway_runs_with_each_secretless_credential() {
-    let alice =
-        dynamics_gateway::testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
+    let alice = testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
     let scratch = Scratch::new();
 
     // Certificate: files re-read at each token request.

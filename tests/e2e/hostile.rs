@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dynamics_gateway::testkit::keys::{self, b64url, RsaSigningKey};
-use dynamics_gateway::testkit::{DirectoryUser, RecordedRequest};
 use serde_json::{json, Value};
 use support::{client, env, raw_request, Env, ALICE_EMAIL, ALICE_OID, BOB_OID};
+use testkit::keys::{self, b64url, RsaSigningKey};
+use testkit::{DirectoryUser, RecordedRequest};
 use tokio::net::{TcpListener, TcpStream};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";

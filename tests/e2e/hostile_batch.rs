@@ -9,9 +9,9 @@
 
 use crate::support;
 
-use dynamics_gateway::testkit::{DirectoryUser, RecordedRequest};
 use serde_json::json;
 use support::{client, env, error_body, raw_request, Env, ALICE_OID, ALICE_SYSTEMUSERID};
+use testkit::{DirectoryUser, RecordedRequest};
 
 const BOUNDARY: &str = "batch_7d2f";
 

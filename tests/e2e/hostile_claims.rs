@@ -10,11 +10,11 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-};
 use serde_json::{json, Value};
 use support::{client, env, error_body, start_gateway, GatewayHandle, ALICE_OID, BOB_OID};
+use testkit::{
+    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
+};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";

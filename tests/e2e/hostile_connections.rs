@@ -539,6 +539,67 @@ async fn a_body_that_never_pauses_long_is_still_bounded_by_the_exchange_timeout(
 }
 
 #[tokio::test]
+async fn uploads_trickling_below_the_minimum_rate_cannot_hold_the_budget_slots() {
+    let env = env()
+        .server("  min_body_rate: 1000\n  min_body_rate_window: 500ms\n")
+        .dynamics("  budget: { max_concurrency: 2, queue_timeout: 30s }\n")
+        .start()
+        .await;
+    // Two uploads take both slots to Dataverse: 80 KiB at once (more than the gateway holds
+    // before connecting), then a byte every 50 ms, never idle for body_read_timeout.
+    let mut uploads = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        let head = post_head(
+            &env,
+            ACCOUNTS,
+            "Content-Type: application/octet-stream\r\nContent-Length: 1048576\r\n",
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&vec![b'x'; 80 * 1024]).await.unwrap();
+        uploads.push(tokio::spawn(async move {
+            let trickle = async {
+                loop {
+                    if stream.write_all(b"x").await.is_err() {
+                        return None;
+                    }
+                    let mut buf = [0u8; 4096];
+                    let read = stream.read(&mut buf);
+                    match tokio::time::timeout(Duration::from_millis(50), read).await {
+                        Ok(Ok(n)) if n > 0 => {
+                            return Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+                        }
+                        Ok(_) => return None,
+                        Err(_) => {}
+                    }
+                }
+            };
+            tokio::time::timeout(BOUND, trickle).await
+        }));
+    }
+    for upload in uploads {
+        let response = upload
+            .await
+            .unwrap()
+            .expect("cut off within the bound")
+            .expect("an answer before the close");
+        assert_eq!(status(&response), 408, "{response}");
+        let (code, message) = error_of(&response);
+        assert_eq!(code, "DynamicsGateway.RequestBodyTimeout");
+        assert!(message.contains("server.min_body_rate"), "{message}");
+    }
+    assert_eq!(
+        env.dataverse.request_count(),
+        2,
+        "both uploads had reached Dataverse, each holding a slot"
+    );
+    assert_no_completed_request(&env, "trickled body");
+    let token = env.idp.token_for(ALICE_OID);
+    let after = support::get(&env.gateway, ACCOUNTS, token).await;
+    assert_eq!(after.status(), 200, "the slots are free again");
+}
+
+#[tokio::test]
 async fn a_chunked_body_over_the_limit_is_413_even_after_forwarding_started() {
     let env = env().server("  max_request_body: 100KiB\n").start().await;
     let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();

@@ -10,10 +10,10 @@ use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use dynamics_gateway::testkit::{
+use support::{env, error_body, metric, ALICE_OID, ALICE_SYSTEMUSERID};
+use testkit::{
     Dataverse, DirectoryUser, Idp, Imds, JwksDocument, TokenEndpointMode, ENDLESS_BODY_BYTES,
 };
-use support::{env, error_body, metric, ALICE_OID, ALICE_SYSTEMUSERID};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
@@ -335,14 +335,14 @@ async fn a_request_waits_for_its_environments_first_token_in_flight() {
         systemuserid: ALICE_SYSTEMUSERID.into(),
         ..DirectoryUser::new(ALICE_OID, "alice@contoso.example")
     };
-    let org = |idp: &dynamics_gateway::testkit::IdpHandle| {
+    let org = |idp: &testkit::IdpHandle| {
         Dataverse::builder()
             .accept_tokens_from(idp.s2s_registry())
             .user(alice.clone())
             .start()
     };
     let (fast_org, slow_org) = (org(&fast).await.unwrap(), org(&slow).await.unwrap());
-    let environment = |name: &str, idp: &dynamics_gateway::testkit::IdpHandle, url: &str| {
+    let environment = |name: &str, idp: &testkit::IdpHandle, url: &str| {
         format!(
             "    - {{ name: {name}, url: {url}, tenant_id: {tenant}, client_id: {client}, client_secret: {secret}, token_url: {token_url} }}\n",
             tenant = idp.tenant_id(),
@@ -411,4 +411,51 @@ dynamics:
         stderr.contains("no environment named \"nowhere\"") && stderr.contains("default"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn proxies_named_in_the_environment_never_see_a_request_of_the_gateway() {
+    use crate::support::binary::{binary_config, free_port, standins, start_binary_with_env};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A "proxy" that counts who connects and answers nothing.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let listening = tokio::spawn(async move {
+        while let Ok((socket, _)) = proxy.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let mut vars = vec![("NO_PROXY", String::new()), ("no_proxy", String::new())];
+    for name in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        vars.push((name, proxy_url.clone()));
+    }
+    // Ready means keys and an S2S token were fetched: not through the proxy, which answers
+    // nothing.
+    let gateway =
+        start_binary_with_env(&binary_config(&idp, &dataverse, "", ports), ports, &vars).await;
+    let response = support::client()
+        .get(format!("{}{WHOAMI}", gateway.url))
+        .bearer_auth(idp.token_for(ALICE_OID))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        0,
+        "a request of the gateway went to the proxy"
+    );
+    listening.abort();
 }

@@ -14,7 +14,7 @@ async fn get_whoami(env: &support::Env, token: &str) -> reqwest::Response {
 }
 
 /// The WhoAmI calls that reached Dataverse (lookups excluded).
-fn forwarded(env: &support::Env) -> Vec<dynamics_gateway::testkit::RecordedRequest> {
+fn forwarded(env: &support::Env) -> Vec<testkit::RecordedRequest> {
     env.dataverse
         .requests()
         .into_iter()

@@ -5,9 +5,9 @@
 
 use crate::support;
 
-use dynamics_gateway::testkit::keys::{self, RsaSigningKey};
 use serde_json::json;
 use support::{client, env, error_body, ALICE_OID};
+use testkit::keys::{self, RsaSigningKey};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 

@@ -9,18 +9,16 @@
 use crate::support;
 
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser,
-};
 use serde_json::{json, Value};
 use support::{
     client, error_body, start_gateway, GatewayHandle, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID,
 };
+use testkit::{gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser};
 
 const BOUNDARY: &str = "batch_real_headers";
 
 struct Setup {
-    idp: dynamics_gateway::testkit::IdpHandle,
+    idp: testkit::IdpHandle,
     dataverse: DataverseHandle,
     gateway: GatewayHandle,
 }
@@ -38,10 +36,7 @@ impl Setup {
 /// IdP, stand-in Dataverse and gateway; `dynamics` gives the extra lines under `dynamics:`
 /// once the stand-in's address is known.
 async fn start(dynamics: impl FnOnce(&DataverseHandle) -> String) -> Setup {
-    let idp = dynamics_gateway::testkit::Idp::builder()
-        .start()
-        .await
-        .unwrap();
+    let idp = testkit::Idp::builder().start().await.unwrap();
     let alice = DirectoryUser {
         systemuserid: ALICE_SYSTEMUSERID.into(),
         ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
@@ -481,10 +476,7 @@ async fn batch_parts_naming_an_alias_host_reach_dynamics_naming_the_configured_o
 
 #[tokio::test]
 async fn url_aliases_must_be_origins() {
-    let idp = dynamics_gateway::testkit::Idp::builder()
-        .start()
-        .await
-        .unwrap();
+    let idp = testkit::Idp::builder().start().await.unwrap();
     for (alias, wanted) in [
         (
             "https://contoso.api.crm.dynamics.com/api",

@@ -7,8 +7,8 @@ use crate::support;
 
 use std::time::Duration;
 
-use dynamics_gateway::testkit::TokenEndpointMode;
 use support::{client, env, error_body, metric, raw_request, ALICE_OID};
+use testkit::TokenEndpointMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

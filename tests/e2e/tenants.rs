@@ -6,11 +6,9 @@
 
 use crate::support;
 
-use dynamics_gateway::testkit::{
-    Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode,
-};
 use serde_json::json;
 use support::{client, error_body, metric, start_gateway, GatewayHandle, ALICE_OID};
+use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, TokenEndpointMode};
 
 const TENANT_A: &str = "aaaaaaaa-0000-4000-8000-00000000000a";
 const TENANT_B: &str = "bbbbbbbb-0000-4000-8000-00000000000b";

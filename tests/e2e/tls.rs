@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use binary::{binary_config_with_server, free_port, standins, start_binary};
-use dynamics_gateway::testkit::Idp;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use pki::{Pair, Pki};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use support::{config_yaml, ALICE_OID, ALICE_SYSTEMUSERID};
+use testkit::Idp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use binary::{binary_config, free_port, standins, start_binary_with_env, Binary};
 use bytes::Bytes;
-use dynamics_gateway::testkit::{DataverseHandle, IdpHandle};
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -25,6 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use support::{client, ALICE_OID};
+use testkit::{DataverseHandle, IdpHandle};
 use tokio::net::TcpListener;
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";

@@ -8,8 +8,8 @@ use crate::support;
 
 use std::time::Duration;
 
-use dynamics_gateway::testkit::TokenEndpointMode;
 use support::{client, env, error_body, ALICE_OID};
+use testkit::TokenEndpointMode;
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 
@@ -401,10 +401,7 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let idp = dynamics_gateway::testkit::Idp::builder()
-        .start()
-        .await
-        .unwrap();
+    let idp = testkit::Idp::builder().start().await.unwrap();
     let yaml = support::config_yaml(&idp, &format!("http://{closed}"), "", "", "");
     let gateway = support::start_gateway(&yaml).await;
     gateway.wait_ready().await;

@@ -15,11 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::Script;
+use redis::aio::MultiplexedConnection;
+use redis::{IntoConnectionInfo, Script};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::connection::StoreConnection;
 use super::ThrottleCode;
 use crate::config::BudgetStoreConfig;
 use crate::metrics::Metrics;
@@ -145,7 +146,7 @@ const UP: u8 = 1;
 const DOWN: u8 = 2;
 
 struct Inner {
-    connection: ConnectionManager,
+    connection: StoreConnection,
     config: BudgetStoreConfig,
     /// `UNKNOWN` until the first answer; the gate shares only while `UP`.
     state: AtomicU8,
@@ -177,15 +178,12 @@ impl Store {
     /// Connects lazily: a store that is not there yet makes the gateway start on the
     /// local shares, not fail.
     pub fn new(config: &BudgetStoreConfig, metrics: &Metrics) -> Result<Self, StoreError> {
-        let client =
-            redis::Client::open(config.url.expose()).map_err(|e| StoreError::Url(e.kind()))?;
-        let manager = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.command_timeout))
-            .set_response_timeout(Some(config.command_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(PROBE_INTERVAL);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager)
+        let info = config
+            .url
+            .expose()
+            .into_connection_info()
             .map_err(|e| StoreError::Url(e.kind()))?;
+        let connection = StoreConnection::new(info, config.command_timeout);
         // Local shares until the first answer.
         metrics.budget_store_degraded.set(1);
         Ok(Self {
@@ -252,14 +250,29 @@ impl Store {
     }
 
     /// A command within `command_timeout`, its failure counted (and switching to local).
-    async fn run<T>(
-        &self,
-        command: impl std::future::Future<Output = redis::RedisResult<T>>,
-    ) -> Result<T, StoreError> {
-        let result = match tokio::time::timeout(self.inner.config.command_timeout, command).await {
+    /// A connection that failed or did not answer in time is dropped, with whatever it
+    /// had buffered: the next command connects again.
+    async fn run<T, F, Fut>(&self, command: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let attempt = async {
+            let connection = self.inner.connection.get().await?;
+            command(connection).await
+        };
+        let result = match tokio::time::timeout(self.inner.config.command_timeout, attempt).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError::from(e)),
-            Err(_) => Err(StoreError::Timeout),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.inner.connection.reset().await;
+                }
+                Err(StoreError::from(e))
+            }
+            Err(_) => {
+                self.inner.connection.reset().await;
+                Err(StoreError::Timeout)
+            }
         };
         match &result {
             Ok(_) => self.answered(),
@@ -277,21 +290,17 @@ impl Store {
             self.inner.next_lease.fetch_add(1, Ordering::Relaxed)
         );
         let leases = format!("{bucket}:leases");
-        let mut connection = self.inner.connection.clone();
+        let mut acquire = self.inner.acquire.key(&leases);
+        acquire
+            .key(format!("{bucket}:closed"))
+            .key(format!("{bucket}:wanted"))
+            .arg(limit)
+            .arg(ttl_ms)
+            .arg(&id)
+            .arg(&self.inner.replica)
+            .arg(WANTED_MS);
         let answer = self
-            .run(
-                self.inner
-                    .acquire
-                    .key(&leases)
-                    .key(format!("{bucket}:closed"))
-                    .key(format!("{bucket}:wanted"))
-                    .arg(limit)
-                    .arg(ttl_ms)
-                    .arg(&id)
-                    .arg(&self.inner.replica)
-                    .arg(WANTED_MS)
-                    .invoke_async(&mut connection),
-            )
+            .run(|mut c| async move { acquire.invoke_async(&mut c).await })
             .await?;
         Ok(answered(answer, || self.hold(leases, id)))
     }
@@ -299,19 +308,15 @@ impl Store {
     /// One round trip: `lease`, handed on by a request that ended, for the next one.
     pub async fn adopt(&self, bucket: &str, lease: Lease) -> Result<Acquired, StoreError> {
         let ttl_ms = self.inner.config.lease_ttl.as_millis() as u64;
-        let mut connection = self.inner.connection.clone();
+        let mut adopt = self.inner.adopt.key(format!("{bucket}:leases"));
+        adopt
+            .key(format!("{bucket}:closed"))
+            .key(format!("{bucket}:wanted"))
+            .arg(ttl_ms)
+            .arg(&lease.id)
+            .arg(&self.inner.replica);
         let answer = self
-            .run(
-                self.inner
-                    .adopt
-                    .key(format!("{bucket}:leases"))
-                    .key(format!("{bucket}:closed"))
-                    .key(format!("{bucket}:wanted"))
-                    .arg(ttl_ms)
-                    .arg(&lease.id)
-                    .arg(&self.inner.replica)
-                    .invoke_async(&mut connection),
-            )
+            .run(|mut c| async move { adopt.invoke_async(&mut c).await })
             .await?;
         // Not granted: dropping the lease removes what is left of it.
         Ok(answered(answer, || lease))
@@ -330,17 +335,19 @@ impl Store {
                 tokio::select! {
                     _ = &mut released => break,
                     _ = renewals.tick() => {
-                        let mut connection = store.inner.connection.clone();
                         let mut renew = store.inner.renew.key(&leases);
                         renew.arg(ttl_ms).arg(&lease_id);
-                        let _ = store.run(renew.invoke_async::<i64>(&mut connection)).await;
+                        let _ = store
+                            .run(|mut c| async move { renew.invoke_async::<i64>(&mut c).await })
+                            .await;
                     }
                 }
             }
-            let mut connection = store.inner.connection.clone();
             let mut remove = redis::cmd("ZREM");
             remove.arg(&leases).arg(&lease_id);
-            let _ = store.run(remove.query_async::<i64>(&mut connection)).await;
+            let _ = store
+                .run(|mut c| async move { remove.query_async::<i64>(&mut c).await })
+                .await;
         });
         Lease { _held: held, id }
     }
@@ -353,26 +360,26 @@ impl Store {
         code: ThrottleCode,
     ) -> Result<(), StoreError> {
         let ms = retry_after.as_millis().max(1) as u64;
-        let mut connection = self.inner.connection.clone();
-        self.run(
-            self.inner
-                .close
-                .key(format!("{bucket}:closed"))
-                .arg(ms)
-                .arg(code.as_str())
-                .invoke_async::<i64>(&mut connection),
-        )
-        .await
-        .map(|_| ())
+        let mut close = self.inner.close.key(format!("{bucket}:closed"));
+        close.arg(ms).arg(code.as_str());
+        self.run(|mut c| async move { close.invoke_async::<i64>(&mut c).await })
+            .await
+            .map(|_| ())
     }
 
     /// Probes the store until `stop`: the first answer turns sharing on, and the first
-    /// answer after a failure turns it back on.
+    /// answer after a failure turns it back on. The probe is a lease script's write on a
+    /// key of its own, not a `PING`: a store that answers `PING` but refuses writes or
+    /// scripts (a replica after a failover: `READONLY`; `OOM`; `NOPERM`) is not back.
     pub async fn probe(self, stop: CancellationToken) {
+        let probe_key = format!("{}:probe", self.inner.config.key_prefix);
+        let ttl_ms = self.inner.config.lease_ttl.as_millis() as u64;
         loop {
-            let mut connection = self.inner.connection.clone();
-            let ping = redis::cmd("PING");
-            let _ = self.run(ping.query_async::<String>(&mut connection)).await;
+            let mut renew = self.inner.renew.key(&probe_key);
+            renew.arg(ttl_ms).arg("probe");
+            let _ = self
+                .run(|mut c| async move { renew.invoke_async::<i64>(&mut c).await })
+                .await;
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(PROBE_INTERVAL) => {}

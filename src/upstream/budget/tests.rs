@@ -306,3 +306,35 @@ fn a_replicas_share_divides_the_limit_and_is_never_zero() {
     assert_eq!(super::effective_limit(1, 52, 3), 1);
     assert_eq!(super::effective_limit(5, 52, 1), 5);
 }
+
+#[test]
+fn dataverse_budget_gauges_appear_on_the_first_plausible_report_only() {
+    let (gate, metrics) = gate(4, 10);
+    let series = "dynamics_gateway_dataverse_burst_remaining_requests{environment=\"test\"}";
+    let time = "dynamics_gateway_dataverse_time_remaining_ms{environment=\"test\"}";
+    let report = |burst: &str, ms: &str| {
+        let mut h = HeaderMap::new();
+        h.insert(BURST_REMAINING, burst.parse().unwrap());
+        h.insert(TIME_REMAINING, ms.parse().unwrap());
+        gate.observe(BucketKey::Application, StatusCode::OK, &h, None);
+    };
+    assert!(
+        !metrics.render().contains(series),
+        "no series before Dataverse reported: 0 would read as an exhausted budget"
+    );
+    report("-5", "1e30");
+    report("NaN", "-1");
+    assert!(!metrics.render().contains(series), "{}", metrics.render());
+    assert!(!metrics.render().contains(time));
+    report("5990", "1199000");
+    let text = metrics.render();
+    assert!(text.contains(&format!("{series} 5990")), "{text}");
+    assert!(text.contains(&format!("{time} 1199000")), "{text}");
+    report("1e30", "-3");
+    let text = metrics.render();
+    assert!(
+        text.contains(&format!("{series} 5990")),
+        "an absurd report keeps the last one"
+    );
+    assert!(text.contains(&format!("{time} 1199000")));
+}

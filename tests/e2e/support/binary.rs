@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dynamics_gateway::testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
+use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
 use tokio::process::{Child, Command};
 
 use crate::support::{client, config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};

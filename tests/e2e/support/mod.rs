@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use dynamics_gateway::testkit::{
+use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
     TokenEndpointMode,
 };

@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use aws_lc_rs::digest;
 use aws_lc_rs::signature::{
     UnparsedPublicKey, VerificationAlgorithm, RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256,
 };
@@ -31,7 +32,6 @@ use base64::Engine as _;
 
 use super::keys::{b64url, RsaSigningKey};
 use super::server::{self, full, lock, RespBody, ServerTask};
-use crate::upstream::credential;
 
 const DEFAULT_AUDIENCE: &str = "api://dynamics-gateway";
 const DEFAULT_TENANT_ID: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
@@ -39,6 +39,8 @@ const DEFAULT_CLIENT_ID: &str = "gateway-client";
 const DEFAULT_CLIENT_SECRET: &str = "gateway-secret";
 const DEFAULT_S2S_LIFETIME: u64 = 3599;
 const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The audience Azure AD requires of a federated token (workload identity).
+const FEDERATED_TOKEN_AUDIENCE: &str = "api://AzureADTokenExchange";
 /// Token endpoint forms are small; anything bigger is a client bug.
 const MAX_FORM_BYTES: usize = 1024 * 1024;
 
@@ -1053,12 +1055,12 @@ impl IdpState {
             .filter(|(c, _)| c == client_id)
             .map(|(_, der)| der.clone())
             .find(|der| {
-                let t = if sha256 {
-                    credential::x5t_s256(der)
+                let algorithm = if sha256 {
+                    &digest::SHA256
                 } else {
-                    credential::x5t_sha1(der)
+                    &digest::SHA1_FOR_LEGACY_USE_ONLY
                 };
-                t == thumbprint
+                URL_SAFE_NO_PAD.encode(digest::digest(algorithm, der)) == thumbprint
             });
         let Some(certificate) = certificate else {
             return refuse(
@@ -1076,10 +1078,12 @@ impl IdpState {
                 )
             }
         };
-        let Some(info) = credential::parse_certificate(&certificate) else {
+        // The key is read with x509-parser, not with the gateway's own certificate code,
+        // so the two sides of a certificate credential do not share a parsing bug.
+        let Ok((_, parsed_certificate)) = x509_parser::parse_x509_certificate(&certificate) else {
             return refuse(700027, "The registered certificate could not be read.");
         };
-        if !jwt.verify(algorithm, info.spki) {
+        if !jwt.verify(algorithm, parsed_certificate.public_key().raw) {
             return refuse(700027, "Client assertion failed signature validation.");
         }
         let expected_aud = format!("{}/{tenant}/oauth2/v2.0/token", self.base);
@@ -1151,7 +1155,7 @@ impl IdpState {
                 &format!("No matching federated identity record found for presented assertion. Assertion Issuer: '{issuer}'. Assertion Subject: '{subject}'. Assertion Audience: '{}'.", audiences.join(",")),
             );
         }
-        if !audiences.contains(&credential::FEDERATED_TOKEN_AUDIENCE) {
+        if !audiences.contains(&FEDERATED_TOKEN_AUDIENCE) {
             return refuse(
                 700212,
                 &format!("No matching federated identity record found for presented assertion audience '{}'.", audiences.join(",")),

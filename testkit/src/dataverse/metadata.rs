@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Response, StatusCode};
 
 use super::{DataverseHandle, DvResponse, DvState, API_VERSIONS};
-use crate::testkit::server::{full, lock, RespBody};
+use crate::server::{full, lock, RespBody};
 
 /// The CSDL the stand-in serves unless a test replaces it.
 pub const CSDL_FIXTURE: &str = include_str!("../../../tests/fixtures/csdl.xml");
