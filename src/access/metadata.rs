@@ -29,6 +29,8 @@ pub enum MetadataError {
     },
     #[error("the CSDL declares no entity sets; is this an OData $metadata document?")]
     NoEntitySets,
+    #[error("the CSDL ends inside an element: the document is cut short")]
+    Truncated,
 }
 
 /// The compact map read from a CSDL document.
@@ -72,6 +74,9 @@ impl Metadata {
         // The element being filled: an entity type or an operation.
         let mut in_type: Option<String> = None;
         let mut in_operation: Option<String> = None;
+        // Open elements: a document cut short (a clean end of input inside an element,
+        // which the reader itself accepts) must not pass for a whole, smaller schema.
+        let mut depth = 0usize;
         loop {
             let event = reader
                 .read_event_into(&mut buf)
@@ -82,6 +87,7 @@ impl Metadata {
             match event {
                 Event::Start(ref e) | Event::Empty(ref e) => {
                     let is_start = matches!(event, Event::Start(_));
+                    depth += usize::from(is_start);
                     match e.local_name().as_ref() {
                         b"EntityType" => {
                             if let Some(name) = attribute(e, b"Name") {
@@ -133,11 +139,15 @@ impl Metadata {
                         _ => {}
                     }
                 }
-                Event::End(ref e) => match e.local_name().as_ref() {
-                    b"EntityType" => in_type = None,
-                    b"Function" | b"Action" => in_operation = None,
-                    _ => {}
-                },
+                Event::End(ref e) => {
+                    depth = depth.saturating_sub(1);
+                    match e.local_name().as_ref() {
+                        b"EntityType" => in_type = None,
+                        b"Function" | b"Action" => in_operation = None,
+                        _ => {}
+                    }
+                }
+                Event::Eof if depth > 0 => return Err(MetadataError::Truncated),
                 Event::Eof => break,
                 _ => {}
             }
@@ -361,6 +371,12 @@ mod tests {
         assert!(matches!(
             Metadata::from_reader("<a><b></a>".as_bytes()),
             Err(MetadataError::Xml { .. })
+        ));
+        // Cut short: every element read so far is whole, yet the document is not.
+        let cut = &FIXTURE[..FIXTURE.find("</Schema>").unwrap()];
+        assert!(matches!(
+            Metadata::from_reader(cut.as_bytes()),
+            Err(MetadataError::Truncated)
         ));
     }
 }
