@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz` (the process is alive), `/readyz` (keys and S2S token in
-//! hand, not draining), `/metrics` (Prometheus text). Never on the app port.
+//! hand, not draining; each environment's `$metadata` state is reported but not waited
+//! for), `/metrics` (Prometheus text). Never on the app port.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 
+use crate::access::EnvironmentMetadata;
 use crate::body::{self, GatewayBody};
 use crate::inbound::JwksCache;
 use crate::metrics::Metrics;
@@ -19,6 +21,10 @@ pub struct Readiness {
     pub issuers: Vec<Arc<JwksCache>>,
     /// One per (tenant, client, resource); environments may share one.
     pub tokens: Vec<Arc<TokenSource>>,
+    /// The environments whose `$metadata` is fetched. Reported, never waited for: until
+    /// it is in hand only the requests that need it are refused (503), and the gateway
+    /// serves the rest.
+    pub metadata: Vec<Arc<EnvironmentMetadata>>,
     /// Set when shutdown begins, so load balancers stop sending before the drain.
     pub draining: Arc<AtomicBool>,
 }
@@ -71,6 +77,21 @@ impl Readiness {
             .collect()
     }
 
+    /// One line per environment whose `$metadata` is fetched: loaded, or why not.
+    pub fn metadata_states(&self) -> Vec<String> {
+        self.metadata
+            .iter()
+            .map(|m| {
+                format!(
+                    "{}: {}{}",
+                    m.environment(),
+                    m.state(),
+                    restarted(m.refresher_restarts())
+                )
+            })
+            .collect()
+    }
+
     /// One line per issuer whose key refresher was restarted after a panic.
     pub fn restarted_key_refreshers(&self) -> Vec<String> {
         self.issuers
@@ -101,6 +122,7 @@ impl Admin {
             (&Method::GET, "/readyz") => {
                 let missing = self.readiness.missing();
                 let mut lines = self.readiness.environments();
+                lines.extend(self.readiness.metadata_states());
                 lines.extend(self.readiness.restarted_key_refreshers());
                 let environments = lines.join("\n");
                 if missing.is_empty() {
@@ -200,6 +222,7 @@ dynamics:
             readiness: Readiness {
                 issuers: Vec::new(),
                 tokens: vec![tokens.clone()],
+                metadata: Vec::new(),
                 draining: Arc::new(AtomicBool::new(false)),
             },
             metrics,

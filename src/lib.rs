@@ -47,7 +47,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tower::limit::GlobalConcurrencyLimitLayer;
 
-use crate::access::StoredQueryLookup;
+use crate::access::{EnvironmentMetadata, StoredQueryLookup};
 use crate::admin::{Admin, Readiness};
 use crate::audit::Audit;
 use crate::config::{Config, EnvironmentConfig, IdentityMode};
@@ -128,6 +128,7 @@ impl Gateway {
             .map(|store| Store::new(store, &metrics))
             .transpose()?;
         let mut tokens = Vec::with_capacity(groups.len());
+        let mut fetched_metadata = Vec::new();
         let mut environments = Vec::with_capacity(config.dynamics.environments.len());
         for group in groups {
             let Some(first) = group.first() else {
@@ -170,6 +171,16 @@ impl Gateway {
                     env_tokens.clone(),
                     config.server.request_timeout,
                 );
+                let metadata = config.access.fetches_metadata().then(|| {
+                    Arc::new(EnvironmentMetadata::new(
+                        &env.name,
+                        client.clone(),
+                        env_tokens.clone(),
+                        config.access.metadata_settings(),
+                        metrics.clone(),
+                    ))
+                });
+                fetched_metadata.extend(metadata.clone());
                 let upstream = Forwarder::new(
                     client,
                     env_tokens.clone(),
@@ -189,12 +200,14 @@ impl Gateway {
                     identity,
                     upstream,
                     stored_queries,
+                    metadata,
                 }));
             }
         }
         let readiness = Readiness {
             issuers: inbound.caches().cloned().collect(),
             tokens,
+            metadata: fetched_metadata,
             draining,
         };
         let pipeline = Arc::new(Pipeline {
@@ -242,8 +255,39 @@ impl Gateway {
                 move || tokens.clone().run(stop.clone()),
             ));
         }
+        for metadata in &self.readiness.metadata {
+            let (metadata, stop) = (metadata.clone(), cancel.clone());
+            tracker.spawn(supervisor::supervise(
+                supervisor::Refresher::Metadata,
+                metadata.environment().to_string(),
+                metadata.refresher_restarts().clone(),
+                metrics.clone(),
+                cancel.clone(),
+                move || metadata.clone().run(stop.clone()),
+            ));
+        }
         if let Some(store) = &self.budget_store {
             tracker.spawn(store.clone().probe(cancel.clone()));
+        }
+    }
+
+    /// Takes over the `$metadata` maps `running` holds for the same environments (same
+    /// name and URL), so a reload neither refuses requests until its own fetch nor waits
+    /// for one: its refresher revalidates them with their ETags.
+    fn adopt_metadata(&self, running: &Gateway) {
+        for new in &self.readiness.metadata {
+            let url_of = |gateway: &Gateway, name: &str| {
+                let environments = gateway.pipeline.router.environments();
+                let found = environments.iter().find(|e| e.name() == name);
+                found.map(|e| e.config.url.clone())
+            };
+            let same = |old: &&Arc<EnvironmentMetadata>| {
+                old.environment() == new.environment()
+                    && url_of(running, old.environment()) == url_of(self, new.environment())
+            };
+            if let Some(old) = running.readiness.metadata.iter().find(same) {
+                new.adopt(old);
+            }
         }
     }
 
@@ -429,6 +473,7 @@ async fn reload(
             return;
         }
     };
+    candidate.adopt_metadata(&current.load());
     candidate.spawn_refreshers(tracker);
     let deadline = tokio::time::Instant::now() + RELOAD_READY_TIMEOUT;
     loop {

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub auth_failures_total: IntCounterVec,
     pub identity_cache_requests_total: IntCounterVec,
     pub access_denied_total: IntCounterVec,
+    /// 1 once an environment's fetched `$metadata` is in hand (a refresh failure keeps
+    /// it), else 0; only environments whose metadata is fetched have a series.
+    pub access_metadata_loaded: IntGaugeVec,
+    /// Fetches of `$metadata`, by environment and outcome (updated, not_modified, failure).
+    pub access_metadata_refresh_total: IntCounterVec,
     pub in_flight_requests: IntGauge,
     /// 1 when `/readyz` would answer 200, else 0; set at each scrape, so alerts need not
     /// probe `/readyz` themselves.
@@ -187,7 +192,7 @@ impl Metrics {
             refresher_restarts_total: counter(
                 &registry,
                 "refresher_restarts_total",
-                "Background refreshers restarted after a panic, by refresher (jwks or token)",
+                "Background refreshers restarted after a panic, by refresher (jwks, token or metadata)",
                 &["refresher"],
             )?,
             auth_failures_total: counter(
@@ -207,6 +212,18 @@ impl Metrics {
                 "access_denied_total",
                 "Requests refused by the access rules, by the rule that decided",
                 &["rule"],
+            )?,
+            access_metadata_loaded: gauge(
+                &registry,
+                "access_metadata_loaded",
+                "1 once the environment's fetched $metadata is in hand, else 0",
+                &["environment"],
+            )?,
+            access_metadata_refresh_total: counter(
+                &registry,
+                "access_metadata_refresh_total",
+                "Fetches of $metadata, by environment and outcome (updated, not_modified, failure)",
+                &["environment", "outcome"],
             )?,
             budget_in_flight: gauge(
                 &registry,
@@ -273,7 +290,7 @@ impl Metrics {
         for result in ["success", "failure"] {
             metrics.jwks_refresh_total.with_label_values(&[result]);
         }
-        for refresher in [Refresher::Jwks, Refresher::Token] {
+        for refresher in [Refresher::Jwks, Refresher::Token, Refresher::Metadata] {
             metrics
                 .refresher_restarts_total
                 .with_label_values(&[refresher.label()]);

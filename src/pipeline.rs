@@ -224,11 +224,13 @@ impl Pipeline {
             }
             false => None,
         };
+        // Fetched from Dataverse; `None` (and then `access.metadata_file`, if any) until then.
+        let metadata = environment.metadata.as_ref().and_then(|m| m.current());
         let access_request = AccessRequest {
             method: request.method(),
             path,
             query,
-            metadata: None,
+            metadata: metadata.as_ref(),
             claims: &caller.claims,
             issuer: &caller.issuer,
             kind: caller.kind,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::access::StoredQueryLookup;
+use crate::access::{EnvironmentMetadata, StoredQueryLookup};
 use crate::config::{EnvironmentConfig, Routing};
 use crate::identity::IdentityResolver;
 use crate::inbound::Caller;
@@ -19,6 +19,9 @@ pub struct Environment {
     pub upstream: Forwarder,
     /// The tables of its stored queries, for the access rules.
     pub stored_queries: StoredQueryLookup,
+    /// Its `$metadata`, fetched from Dataverse, when the rules need it and
+    /// `access.metadata_file` does not give it.
+    pub metadata: Option<Arc<EnvironmentMetadata>>,
 }
 
 impl Environment {

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 pub enum Refresher {
     Jwks,
     Token,
+    Metadata,
 }
 
 impl Refresher {
@@ -25,6 +26,7 @@ impl Refresher {
         match self {
             Self::Jwks => "jwks",
             Self::Token => "token",
+            Self::Metadata => "metadata",
         }
     }
 }

@@ -165,7 +165,9 @@ impl BatchPart {
         let (path, query) = self.resolve(target);
         let metadata = self.shared.metadata.as_deref();
         let target = Target::from_path(&path);
-        // A part's stored query is not looked up: it needs a grant on every table.
+        // A part's stored query is not looked up: the part check runs synchronously as the
+        // body streams, and a lookup (a Dataverse round trip) cannot be awaited there
+        // without holding the whole batch. So it needs a grant on every table.
         let (touches, root) = touches::request_pairs(&method, &path, &query, metadata, None);
         let rules = &self.shared.rules;
         let candidates: Vec<usize> = self
@@ -176,14 +178,28 @@ impl BatchPart {
             .filter(|&i| rules[i].allow.covers(&method, &target, &touches).is_ok())
             .collect();
         if candidates.is_empty() && !self.shared.default_allows {
-            return Err(refusal(
+            let mut denied = refusal(
                 rules,
                 &self.shared.for_caller,
                 &method,
                 &target,
                 &touches,
                 metadata.is_some(),
-            ));
+            );
+            let stored = touches.iter().find(|t| {
+                matches!(t.via.as_deref(), Some("savedQuery" | "userQuery"))
+                    && !self.shared.for_caller.iter().any(|&i| {
+                        let one = std::slice::from_ref(*t);
+                        rules[i].allow.covers(&method, &target, one).is_ok()
+                    })
+            });
+            if let Some(stored) = stored.and_then(|t| t.via.as_deref()) {
+                denied.message = format!(
+                    "a stored query ({stored}) is not looked up inside $batch, so it needs a rule granting read on every table; send it as a request of its own"
+                );
+                denied.metadata_unavailable = false;
+            }
+            return Err(denied);
         }
         if let Some(id) = content_id {
             let table = match &root {

@@ -29,6 +29,8 @@ pub enum MetadataError {
     },
     #[error("the CSDL declares no entity sets; is this an OData $metadata document?")]
     NoEntitySets,
+    #[error("the CSDL ends inside an element: the document is cut short")]
+    Truncated,
 }
 
 /// The compact map read from a CSDL document.
@@ -72,6 +74,9 @@ impl Metadata {
         // The element being filled: an entity type or an operation.
         let mut in_type: Option<String> = None;
         let mut in_operation: Option<String> = None;
+        // Open elements: a document cut short (a clean end of input inside an element,
+        // which the reader itself accepts) must not pass for a whole, smaller schema.
+        let mut depth = 0usize;
         loop {
             let event = reader
                 .read_event_into(&mut buf)
@@ -82,6 +87,7 @@ impl Metadata {
             match event {
                 Event::Start(ref e) | Event::Empty(ref e) => {
                     let is_start = matches!(event, Event::Start(_));
+                    depth += usize::from(is_start);
                     match e.local_name().as_ref() {
                         b"EntityType" => {
                             if let Some(name) = attribute(e, b"Name") {
@@ -133,11 +139,15 @@ impl Metadata {
                         _ => {}
                     }
                 }
-                Event::End(ref e) => match e.local_name().as_ref() {
-                    b"EntityType" => in_type = None,
-                    b"Function" | b"Action" => in_operation = None,
-                    _ => {}
-                },
+                Event::End(ref e) => {
+                    depth = depth.saturating_sub(1);
+                    match e.local_name().as_ref() {
+                        b"EntityType" => in_type = None,
+                        b"Function" | b"Action" => in_operation = None,
+                        _ => {}
+                    }
+                }
+                Event::Eof if depth > 0 => return Err(MetadataError::Truncated),
                 Event::Eof => break,
                 _ => {}
             }
@@ -149,14 +159,69 @@ impl Metadata {
         Ok(metadata)
     }
 
+    /// The heap bytes the map holds: string and table capacities, entries included (not
+    /// the allocator's own overhead), for `/readyz` and the benchmark.
+    pub fn heap_bytes(&self) -> usize {
+        fn string(s: &String) -> usize {
+            s.capacity()
+        }
+        fn table<K, V>(map: &HashMap<K, V>) -> usize {
+            if map.capacity() == 0 {
+                return 0;
+            }
+            // hashbrown: one control byte per bucket; buckets are a power of two over the
+            // capacity, estimated here from it.
+            let buckets = (map.capacity() * 8 / 7).next_power_of_two();
+            buckets * (std::mem::size_of::<(K, V)>() + 1)
+        }
+        let types: usize = self
+            .types
+            .iter()
+            .map(|(name, ty)| {
+                string(name)
+                    + ty.base.as_ref().map_or(0, string)
+                    + table(&ty.navigation)
+                    + ty.navigation
+                        .iter()
+                        .map(|(k, v)| string(k) + string(v))
+                        .sum::<usize>()
+            })
+            .sum();
+        let names = |map: &HashMap<String, String>| {
+            table(map)
+                + map
+                    .iter()
+                    .map(|(k, v)| string(k) + string(v))
+                    .sum::<usize>()
+        };
+        let operations: usize = self
+            .operations
+            .iter()
+            .map(|(name, params)| {
+                string(name)
+                    + params.capacity() * std::mem::size_of::<(String, String)>()
+                    + params
+                        .iter()
+                        .map(|(n, t)| string(n) + string(t))
+                        .sum::<usize>()
+            })
+            .sum();
+        table(&self.types)
+            + types
+            + names(&self.set_type)
+            + names(&self.type_set)
+            + table(&self.operations)
+            + operations
+    }
+
     /// How many entity sets the metadata names.
-    pub(crate) fn set_count(&self) -> usize {
+    pub fn set_count(&self) -> usize {
         self.set_type.len()
     }
 
     /// The entity set a navigation property of `set` leads to; `None` when `name` is no
     /// navigation property of its type (a column, or unknown).
-    pub(crate) fn navigation_target(&self, set: &str, name: &str) -> Option<&str> {
+    pub fn navigation_target(&self, set: &str, name: &str) -> Option<&str> {
         let ty = self.set_type.get(&set.to_ascii_lowercase())?;
         let target = self.navigation_of(ty, &name.to_ascii_lowercase())?;
         self.type_set.get(target).map(String::as_str)
@@ -306,6 +371,12 @@ mod tests {
         assert!(matches!(
             Metadata::from_reader("<a><b></a>".as_bytes()),
             Err(MetadataError::Xml { .. })
+        ));
+        // Cut short: every element read so far is whole, yet the document is not.
+        let cut = &FIXTURE[..FIXTURE.find("</Schema>").unwrap()];
+        assert!(matches!(
+            Metadata::from_reader(cut.as_bytes()),
+            Err(MetadataError::Truncated)
         ));
     }
 }

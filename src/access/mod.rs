@@ -15,11 +15,15 @@
 //!   in `$filter`/`$orderby`/`$select`/`$apply`, fetchXml entities, function parameters.
 //!   `methods` + `entity_sets` grant a pair when the method and the table are listed;
 //!   `tables` grants operations per table, `functions` the functions and actions by name.
-//!   Navigation targets come from the environment's CSDL ([`metadata`]); without it such
-//!   requests are refused 503 unless a rule grants every table (`"*"`).
+//!   Navigation targets come from the environment's CSDL ([`metadata`]): fetched from
+//!   Dataverse per environment ([`metadata_fetch`]) or read from `access.metadata_file`;
+//!   until it is in hand such requests are refused 503 unless a rule grants every table
+//!   (`"*"`), while requests that need no metadata are decided as ever.
 //! - Stored queries (`savedQuery`, `userQuery`) read a table the request does not name:
 //!   the pipeline looks it up ([`StoredQueryLookup`]) and passes it in
 //!   [`AccessRequest::stored_query_table`]; without it only a grant on every table covers them.
+//!   Inside `$batch` parts they are never looked up (the parts are decided synchronously
+//!   as the body streams), so there they always need a grant on every table.
 //! - Request bodies ([`body`]): deep inserts, `@odata.bind` and `@odata.id` values are
 //!   pairs too, found as the body streams through the link rewriter; the rule that grants
 //!   must grant them as well (a later rule for the caller acting the same way may).
@@ -38,6 +42,7 @@
 pub(crate) mod body;
 mod control_headers;
 pub(crate) mod metadata;
+pub(crate) mod metadata_fetch;
 pub mod odata;
 mod raw;
 mod rule;
@@ -61,6 +66,7 @@ pub(crate) use control_headers::{
     check_control_headers, decide_control_header, ControlHeaderDecision, ControlHeaderRefused,
 };
 pub use metadata::Metadata;
+pub(crate) use metadata_fetch::{EnvironmentMetadata, MetadataSettings};
 pub use raw::RawAccess;
 pub(crate) use stored_query::StoredQueryLookup;
 pub(crate) use target::Target;
@@ -81,6 +87,8 @@ pub struct AccessPolicy {
     default_grant: Grant,
     /// From `access.metadata_file`: used for every environment.
     metadata: Option<Arc<Metadata>>,
+    /// How each environment's `$metadata` is fetched when there is no file.
+    metadata_settings: MetadataSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +178,7 @@ impl AccessPolicy {
                 control_headers: Arc::from([]),
             },
             metadata: None,
+            metadata_settings: MetadataSettings::default(),
         }
     }
 
@@ -181,7 +190,11 @@ impl AccessPolicy {
         };
         let metadata = match &self.metadata {
             Some(m) => format!("navigation and table names from access.metadata_file ({} entity sets)", m.set_count()),
-            None => "no metadata: requests whose tables only $metadata names are refused 503 unless a rule grants every table".to_string(),
+            None => format!(
+                "navigation and table names from each environment's $metadata, fetched with the S2S token every {} (at most {} bytes); until it is in hand, requests that need it are refused 503",
+                humantime::format_duration(self.metadata_settings.refresh_interval),
+                self.metadata_settings.max_bytes
+            ),
         };
         if self.rules.is_empty() {
             return vec![format!(
@@ -209,6 +222,17 @@ impl AccessPolicy {
     /// Whether a stored query's table is worth looking up: only rules can refuse it.
     pub fn reads_stored_queries(&self) -> bool {
         !self.rules.is_empty()
+    }
+
+    /// Whether each environment's `$metadata` is fetched from Dataverse: when rules need
+    /// it (there are rules) and `access.metadata_file` does not give it.
+    pub(crate) fn fetches_metadata(&self) -> bool {
+        !self.rules.is_empty() && self.metadata.is_none()
+    }
+
+    /// How `$metadata` is fetched (`access.metadata_*`).
+    pub(crate) fn metadata_settings(&self) -> MetadataSettings {
+        self.metadata_settings
     }
 
     /// The metadata from `access.metadata_file`, if one was given.

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::HeaderName;
 use http::Method;
@@ -11,6 +12,7 @@ use serde_json::Value;
 
 use super::control_headers::{is_control_header, names_impersonation};
 use super::metadata::Metadata;
+use super::metadata_fetch::MetadataSettings;
 use super::rule::{Allow, Id, Rule, TableGrant, When};
 use super::target::{is_identifier, strip_prefix_ignore_case};
 use super::touches::Operation;
@@ -29,10 +31,22 @@ pub struct RawAccess {
     pub rules: Vec<RawRule>,
     /// A CSDL file (the environment's `$metadata`) naming navigation properties, tables
     /// and operation parameters, used for every environment instead of fetching it: for
-    /// air-gapped use and tests. Without metadata, requests whose tables only it names
-    /// (`$expand`, navigation, fetchXml) are refused 503 unless a rule grants every table.
+    /// air-gapped use and tests. Without it each environment's `$metadata` is fetched; until
+    /// it is in hand, requests whose tables only it names (`$expand`, navigation, fetchXml)
+    /// are refused 503 unless a rule grants every table.
     #[serde(default)]
     pub metadata_file: Option<std::path::PathBuf>,
+    /// Without `metadata_file`, how often each environment's `$metadata` is fetched again
+    /// (revalidated with its ETag). Default `1h`.
+    #[serde(default)]
+    pub metadata_refresh_interval: Option<String>,
+    /// The largest `$metadata` document accepted; a larger one fails the fetch and the
+    /// last good map stays in force. Default `64MiB`.
+    #[serde(default)]
+    pub metadata_max_bytes: Option<String>,
+    /// The longest one fetch of `$metadata` may take, body included. Default `120s`.
+    #[serde(default)]
+    pub metadata_timeout: Option<String>,
 }
 
 /// One access rule.
@@ -130,6 +144,7 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
             },
         )?)),
     };
+    let settings = metadata_settings(&raw, key)?;
     let default =
         match raw.default.as_deref() {
             Some("allow") => DefaultDecision::Allow,
@@ -162,7 +177,42 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
     }
     let mut policy = AccessPolicy::new(rules, default);
     policy.metadata = metadata;
+    policy.metadata_settings = settings;
     Ok(policy)
+}
+
+/// `metadata_refresh_interval`, `metadata_max_bytes` and `metadata_timeout`.
+fn metadata_settings(raw: &RawAccess, key: &str) -> Result<MetadataSettings, Invalid> {
+    let as_invalid = |e: crate::config::ConfigError| match e {
+        crate::config::ConfigError::Invalid { key, message } => (key, message),
+        other => (key.to_string(), other.to_string()),
+    };
+    let mut settings = MetadataSettings::default();
+    let duration = |field: &str, text: &Option<String>, default: Duration| match text {
+        None => Ok(default),
+        Some(t) => {
+            let key = format!("{key}.{field}");
+            let d = crate::config::parse_duration(&key, t).map_err(as_invalid)?;
+            if d.is_zero() {
+                return Err(invalid(key, "must be more than zero"));
+            }
+            Ok(d)
+        }
+    };
+    settings.refresh_interval = duration(
+        "metadata_refresh_interval",
+        &raw.metadata_refresh_interval,
+        settings.refresh_interval,
+    )?;
+    settings.timeout = duration("metadata_timeout", &raw.metadata_timeout, settings.timeout)?;
+    if let Some(t) = &raw.metadata_max_bytes {
+        let key = format!("{key}.metadata_max_bytes");
+        settings.max_bytes = crate::config::parse_size(&key, t).map_err(as_invalid)?;
+        if settings.max_bytes == 0 {
+            return Err(invalid(key, "must be more than zero"));
+        }
+    }
+    Ok(settings)
 }
 
 fn validate_rule(raw: RawRule, key: &str) -> Result<Rule, Invalid> {

@@ -577,3 +577,45 @@ fn config_names_are_normalised() {
     assert!(decide(&p, Method::POST, ACCOUNTS, &c).is_ok());
     assert!(decide(&p, Method::GET, "/api/data/v9.2/$metadata", &c).is_ok());
 }
+
+#[test]
+fn metadata_is_fetched_when_rules_need_it_with_settings_checked() {
+    let rules =
+        "rules:\n  - { name: r, when: {}, allow: { methods: [GET], entity_sets: [accounts] } }\n";
+    let p = policy(rules);
+    assert!(p.fetches_metadata());
+    assert_eq!(p.metadata_settings(), MetadataSettings::default());
+    // No rules: nothing could need it. A file: it is used instead.
+    assert!(!policy("default: allow").fetches_metadata());
+    let file = format!(
+        "metadata_file: {}/tests/fixtures/csdl.xml\n{rules}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    assert!(!policy(&file).fetches_metadata());
+    let p = policy(&format!(
+        "metadata_refresh_interval: 5m\nmetadata_max_bytes: 8MiB\nmetadata_timeout: 30s\n{rules}"
+    ));
+    assert_eq!(
+        p.metadata_settings(),
+        MetadataSettings {
+            refresh_interval: std::time::Duration::from_secs(300),
+            max_bytes: 8 << 20,
+            timeout: std::time::Duration::from_secs(30),
+        }
+    );
+    for (yaml, key) in [
+        (
+            "metadata_refresh_interval: 0s",
+            "access.metadata_refresh_interval",
+        ),
+        (
+            "metadata_refresh_interval: \"60\"",
+            "access.metadata_refresh_interval",
+        ),
+        ("metadata_timeout: soon", "access.metadata_timeout"),
+        ("metadata_max_bytes: 64", "access.metadata_max_bytes"),
+        ("metadata_max_bytes: 0B", "access.metadata_max_bytes"),
+    ] {
+        assert_eq!(config_error(&format!("{yaml}\n{rules}")).0, key, "{yaml}");
+    }
+}

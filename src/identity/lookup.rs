@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{ACCEPT, AUTHORIZATION, HOST};
-use http::{HeaderValue, Request, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use moka::future::Cache;
 use moka::Expiry;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -233,13 +233,25 @@ pub(crate) async fn s2s_get(
     path: &str,
     timeout: Duration,
 ) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
+    s2s_get_with(client, tokens, path, timeout, HeaderMap::new()).await
+}
+
+/// As [`s2s_get`], with `headers` added to (or replacing) the usual ones: `Accept` for a
+/// document that is not JSON, `If-None-Match` for a revalidation.
+pub(crate) async fn s2s_get_with(
+    client: &DataverseClient,
+    tokens: &TokenSource,
+    path: &str,
+    timeout: Duration,
+    headers: HeaderMap,
+) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
     let mut token = tokens
         .current_or_first()
         .await
         .map_err(UpstreamError::from)?;
     let mut retried = false;
     loop {
-        let response = send(client, path, &token, timeout).await?;
+        let response = send(client, path, &token, timeout, &headers).await?;
         if response.status() == StatusCode::UNAUTHORIZED && !retried {
             retried = true;
             if let Some(replacement) = tokens
@@ -260,6 +272,7 @@ async fn send(
     path: &str,
     token: &S2sToken,
     timeout: Duration,
+    extra: &HeaderMap,
 ) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
     let mut request = Request::new(body::empty());
     *request.uri_mut() = client.uri(path)?;
@@ -269,6 +282,9 @@ async fn send(
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     headers.insert("odata-maxversion", HeaderValue::from_static("4.0"));
     headers.insert("odata-version", HeaderValue::from_static("4.0"));
+    for (name, value) in extra {
+        headers.insert(name, value.clone());
+    }
     match tokio::time::timeout(timeout, client.send(request)).await {
         Err(_) => Err(LookupError::Timeout(timeout)),
         Ok(Err(e)) => Err(LookupError::Unreachable(crate::error::chain(&e))),

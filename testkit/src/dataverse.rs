@@ -1,8 +1,9 @@
 //! The stand-in Dataverse Web API: bearer checks against the IdP's issued S2S tokens,
 //! impersonation (`CallerObjectId` / `MSCRMCallerID`), `WhoAmI`, `systemusers` lookups,
 //! an in-memory `accounts`/`contacts` store with ETags and opaque paging, `$batch` with
-//! change sets, and test-only streaming routes (`echo`, `download`, `headers`). Every
-//! request is recorded before it is answered so tests can assert what the gateway sent.
+//! change sets, `$metadata` with an ETag (`dataverse/metadata.rs`), and test-only
+//! streaming routes (`echo`, `download`, `headers`). Every request but `$metadata` is
+//! recorded before it is answered so tests can assert what the gateway sent.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 
 mod file_columns;
+mod metadata;
+
+pub use metadata::{MetadataAnswers, CSDL_FIXTURE};
 
 use super::idp::S2sRegistry;
 use super::odata_filter::{self, is_guid_text, PropType};
@@ -215,6 +219,7 @@ impl Dataverse {
             max_in_flight: AtomicUsize::new(0),
             window: Mutex::new(VecDeque::new()),
             throttled: AtomicUsize::new(0),
+            metadata: metadata::MetadataStandIn::default(),
         });
         let handler_state = state.clone();
         let server = server::spawn(listener, move |req| {
@@ -448,6 +453,8 @@ struct DvState {
     /// Arrival times of the requests within `max_requests`' window.
     window: Mutex<VecDeque<tokio::time::Instant>>,
     throttled: AtomicUsize,
+    /// `$metadata` (`dataverse/metadata.rs`).
+    metadata: metadata::MetadataStandIn,
 }
 
 /// Counts a request in flight until its handler returns or is dropped.
@@ -1170,6 +1177,9 @@ impl DvState {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let (parts, body) = req.into_parts();
+        if metadata::is_metadata(&parts.method, parts.uri.path()) {
+            return self.metadata(&parts.headers).await;
+        }
         let path_and_query = parts
             .uri
             .path_and_query()

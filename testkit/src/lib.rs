@@ -12,7 +12,10 @@ pub mod keys;
 mod odata_filter;
 mod server;
 
-pub use dataverse::{Dataverse, DataverseHandle, DirectoryUser, RecordedRequest, Throttling};
+pub use dataverse::{
+    Dataverse, DataverseHandle, DirectoryUser, MetadataAnswers, RecordedRequest, Throttling,
+    CSDL_FIXTURE,
+};
 pub use gateway_config::{gateway_config_yaml, ConfigParts};
 pub use idp::{Idp, IdpHandle, JwksDocument, S2sRegistry, TokenEndpointMode, ENDLESS_BODY_BYTES};
 pub use imds::{Imds, ImdsHandle, ImdsRequest};

@@ -1,7 +1,9 @@
 //! Access rules that see every table a request touches, end to end through the gateway:
 //! one table of cases (request -> forwarded, or refused naming the pair no rule grants)
 //! under the rules of issue 11 (`GET accounts` only, `POST accounts` only), with the
-//! environment's CSDL from `access.metadata_file`; and the fail-closed start without it.
+//! environment's CSDL from `access.metadata_file`; without it, the CSDL fetched from the
+//! stand-in's `$metadata` (ETag revalidation, failed, slow and oversize refreshes keeping
+//! the last good map) and the fail-closed start while it cannot be had.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,21 +14,27 @@ use support::{client, env, error_body, Env, ALICE_OID};
 
 const ID: &str = "00000000-0000-0000-0000-000000000001";
 
+/// The rules of issue 11; with `metadata`, the CSDL from `access.metadata_file`, else
+/// fetched from the stand-in's `$metadata`.
 fn policy(metadata: bool) -> String {
-    let file = if metadata {
-        format!(
+    if metadata {
+        policy_with(&format!(
             "  metadata_file: {}/tests/fixtures/csdl.xml\n",
             env!("CARGO_MANIFEST_DIR")
-        )
+        ))
     } else {
-        String::new()
-    };
+        policy_with("")
+    }
+}
+
+/// The rules, with `access_extra` (two-space indented lines) under `access:`.
+fn policy_with(access_extra: &str) -> String {
     format!(
         "identity:
   mode: caller_object_id
 access:
   default: deny
-{file}  rules:
+{access_extra}  rules:
     - name: account-readers
       when: {{ roles: [Accounts.Read] }}
       allow: {{ methods: [GET], entity_sets: [accounts] }}
@@ -43,8 +51,12 @@ access:
       allow:
         tables: {{ accounts: [create], contacts: [create] }}
     - name: batch-envelope
-      when: {{ roles: [Batcher, BatchOnly] }}
+      when: {{ roles: [Batcher, BatchOnly, BatchAll] }}
       allow: {{ batch: true }}
+    - name: batch-every-table
+      when: {{ roles: [BatchAll] }}
+      allow:
+        tables: {{ \"*\": [read] }}
     - name: batch-accounts
       when: {{ roles: [Batcher] }}
       allow: {{ methods: [GET, POST], entity_sets: [accounts] }}
@@ -257,7 +269,28 @@ async fn a_body_is_read_as_dataverse_reads_it_whatever_its_declared_type() {
 
 #[tokio::test]
 async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_decided() {
-    let env = env().identity(&policy(false)).start().await;
+    // Dataverse's `$metadata` fails from the start: the gateway is ready, and says why
+    // the metadata is missing.
+    let env = env()
+        .identity(&policy(false))
+        .dataverse_setup(|dv| dv.set_metadata_failing(Some(503)))
+        .start()
+        .await;
+    support::eventually("the first $metadata fetch fails", || async {
+        support::readyz_text(&env.gateway)
+            .await
+            .contains("default: no metadata yet: Dataverse answered 503")
+    })
+    .await;
+    assert_eq!(env.gateway.readyz().await.status(), 200);
+    assert_eq!(
+        support::metric(
+            &env.gateway,
+            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
+        )
+        .await,
+        0.0
+    );
     let token = token(&env, "Accounts.Read");
     let get = |path: String| {
         client()
@@ -322,6 +355,181 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
         .unwrap();
     assert_ne!(plain.status(), 503);
     assert_ne!(plain.status(), 403);
+    // The refusal says when to come back.
+    let refused = get("accounts?$expand=contact_customer_accounts".into())
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    // Once Dataverse serves it, the same request is decided on the pairs it touches.
+    env.dataverse.set_metadata_failing(None);
+    wait_loaded(&env).await;
+    check(
+        &env,
+        "Accounts.Read",
+        "GET",
+        "accounts?$expand=contact_customer_accounts",
+        "",
+        Refused("no rule allows read on contacts (via $expand=contact_customer_accounts)"),
+    )
+    .await;
+    assert_eq!(
+        support::metric(
+            &env.gateway,
+            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+/// Waits until the gateway reports the stand-in's `$metadata` in force.
+async fn wait_loaded(env: &Env) {
+    support::eventually("the gateway holds the fetched $metadata", || async {
+        support::readyz_text(&env.gateway)
+            .await
+            .contains("default: metadata loaded (")
+    })
+    .await;
+}
+
+/// The series of `$metadata` fetches with this outcome.
+async fn fetches(env: &Env, outcome: &str) -> f64 {
+    support::metric(
+        &env.gateway,
+        &format!(
+            "dynamics_gateway_access_metadata_refresh_total{{environment=\"default\",outcome=\"{outcome}\"}}"
+        ),
+    )
+    .await
+}
+
+/// `$expand` decided on the fetched map: granted for a rule reading both tables, refused
+/// naming contacts for one reading accounts only.
+async fn expand_is_decided(env: &Env) {
+    let expand = "accounts?$expand=contact_customer_accounts($select=fullname)";
+    check(env, "PerTable", "GET", expand, "", Forwarded).await;
+    check(
+        env,
+        "Accounts.Read",
+        "GET",
+        expand,
+        "",
+        Refused("no rule allows read on contacts (via $expand=contact_customer_accounts)"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_file_the_metadata_is_fetched_from_dataverse_with_the_s2s_token() {
+    let env = env().identity(&policy(false)).start().await;
+    wait_loaded(&env).await;
+    expand_is_decided(&env).await;
+    let answers = env.dataverse.metadata_answers();
+    assert_eq!(answers.served, 1, "{answers:?}");
+    assert_eq!(answers.unauthorized, 0, "the fetch carries the S2S token");
+    // The first fetch has nothing to revalidate.
+    assert_eq!(env.dataverse.metadata_if_none_match(), vec![None]);
+    // Plain requests are decided as ever.
+    check(
+        &env,
+        "Accounts.Read",
+        "GET",
+        &format!("accounts({ID})?$select=name"),
+        "",
+        Forwarded,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_refresh_answered_304_keeps_the_map() {
+    let env = env()
+        .identity(&policy_with("  metadata_refresh_interval: 50ms\n"))
+        .start()
+        .await;
+    wait_loaded(&env).await;
+    support::eventually("two refreshes answered 304", || async {
+        env.dataverse.metadata_answers().not_modified >= 2
+    })
+    .await;
+    let etag = env.dataverse.metadata_etag();
+    let presented = env.dataverse.metadata_if_none_match();
+    assert_eq!(presented[0], None);
+    assert!(
+        presented[1..]
+            .iter()
+            .all(|p| p.as_deref() == Some(etag.as_str())),
+        "{presented:?}"
+    );
+    assert_eq!(env.dataverse.metadata_answers().served, 1);
+    assert!(fetches(&env, "not_modified").await >= 2.0);
+    expand_is_decided(&env).await;
+}
+
+#[tokio::test]
+async fn a_failed_or_slow_refresh_keeps_the_last_good_map() {
+    let env = env()
+        .identity(&policy_with(
+            "  metadata_refresh_interval: 50ms\n  metadata_timeout: 300ms\n",
+        ))
+        .start()
+        .await;
+    wait_loaded(&env).await;
+    env.dataverse.set_metadata_failing(Some(500));
+    support::eventually("a refresh fails", || async {
+        support::readyz_text(&env.gateway)
+            .await
+            .contains("last refresh failed: Dataverse answered 500")
+    })
+    .await;
+    expand_is_decided(&env).await;
+    env.dataverse.set_metadata_failing(None);
+    env.dataverse
+        .set_metadata_delay(std::time::Duration::from_secs(5));
+    support::eventually("a refresh times out", || async {
+        support::readyz_text(&env.gateway)
+            .await
+            .contains("last refresh failed: the fetch took longer than access.metadata_timeout")
+    })
+    .await;
+    expand_is_decided(&env).await;
+    assert_eq!(
+        support::metric(
+            &env.gateway,
+            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_oversize_metadata_is_refused_and_the_last_good_map_kept() {
+    let env = env()
+        .identity(&policy_with(
+            "  metadata_refresh_interval: 50ms\n  metadata_max_bytes: 16KiB\n",
+        ))
+        .start()
+        .await;
+    wait_loaded(&env).await;
+    // A new schema in which contact_customer_accounts leads nowhere, over the cap: were
+    // it taken, the $expand below would name a table the gateway cannot name.
+    let renamed =
+        testkit::CSDL_FIXTURE.replace("\"contact_customer_accounts\"", "\"renamed_relationship\"");
+    assert_ne!(renamed, testkit::CSDL_FIXTURE);
+    let padding = format!("<!-- {} -->", "x".repeat(20 * 1024));
+    let oversize = renamed.replacen("?>", &format!("?>{padding}"), 1);
+    assert!(oversize.len() > 16 * 1024 && oversize.contains(&padding));
+    env.dataverse.set_metadata_document(oversize);
+    support::eventually("the oversize document is refused", || async {
+        support::readyz_text(&env.gateway)
+            .await
+            .contains("larger than access.metadata_max_bytes")
+    })
+    .await;
+    assert!(env.dataverse.metadata_answers().served >= 2);
+    expand_is_decided(&env).await;
 }
 
 #[tokio::test]
@@ -623,4 +831,39 @@ async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
     );
     assert_eq!(env.dataverse.records("accounts").len(), accounts);
     assert_eq!(env.dataverse.records("contacts").len(), contacts);
+}
+
+#[tokio::test]
+async fn a_stored_query_in_a_batch_part_needs_a_grant_on_every_table() {
+    let env = env().identity(&policy(true)).start().await;
+    // A view of accounts: a request of its own under `GET accounts` is granted...
+    let account_view = env.dataverse.add_stored_query("savedqueries", "account");
+    let url = format!("/api/data/v9.2/accounts?savedQuery={account_view}");
+    check(
+        &env,
+        "Batcher",
+        "GET",
+        &url["/api/data/v9.2/".len()..],
+        "",
+        Forwarded,
+    )
+    .await;
+    // ...but inside a batch its table is not looked up: refused, saying so, unsent.
+    let before = env.dataverse.request_count();
+    let body = batch(&[part(Some("4"), "GET", &url, "")]);
+    let (status, code, message) = error_body(post_batch(&env, "Batcher", body.clone()).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (403, "DynamicsGateway.AccessDenied"),
+        "{message}"
+    );
+    assert!(
+        message.contains("$batch part 1 (Content-ID 4): a stored query (savedQuery) is not looked up inside $batch"),
+        "{message}"
+    );
+    assert_eq!(env.dataverse.request_count(), before);
+    // A rule granting read on every table covers whatever the view reads.
+    let response = post_batch(&env, "BatchAll", body).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(env.dataverse.request_count(), before + 1);
 }

@@ -1,5 +1,6 @@
 //! The real binary's life: graceful shutdown on SIGTERM with a request in flight, and
-//! configuration reload on SIGHUP (a bad config rejected, the old one kept).
+//! configuration reload on SIGHUP (a bad config rejected, the old one kept; the fetched
+//! `$metadata` carried over).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -119,6 +120,71 @@ async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_re
         .await
         .unwrap();
     assert_eq!(ready.status(), 200, "still serving");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_deciding_with_the_fetched_metadata_while_dataverse_cannot_serve_it() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let access = |rule: &str| {
+        format!(
+            "identity:\n  mode: caller_object_id\naccess:\n  rules:\n    - name: {rule}\n      when: {{}}\n      allow: {{ tables: {{ accounts: [read], contacts: [read] }} }}\n"
+        )
+    };
+    let gateway = start_binary(
+        &binary_config(&idp, &dataverse, &access("readers"), ports),
+        ports,
+    )
+    .await;
+    let readyz = || async {
+        client()
+            .get(format!("{}/readyz", gateway.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    support::eventually("the $metadata is fetched", || async {
+        readyz().await.contains("default: metadata loaded")
+    })
+    .await;
+    let expand = || async {
+        client()
+            .get(format!(
+                "{}/api/data/v9.2/accounts?$expand=contact_customer_accounts",
+                gateway.url
+            ))
+            .bearer_auth(idp.token_for(ALICE_OID))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(expand().await, 200);
+    // Dataverse stops serving $metadata; the reloaded configuration starts with the map
+    // the running one holds, not with nothing.
+    dataverse.set_metadata_failing(Some(503));
+    std::fs::write(
+        &gateway.config,
+        binary_config(&idp, &dataverse, &access("readers-reloaded"), ports),
+    )
+    .unwrap();
+    gateway.signal("HUP");
+    support::eventually("the reload is applied", || async {
+        gateway.log().contains("configuration reloaded")
+    })
+    .await;
+    assert_eq!(expand().await, 200, "{}", gateway.log());
+    support::eventually("the reloaded gateway's own refresh fails", || async {
+        readyz()
+            .await
+            .contains("last refresh failed: Dataverse answered 503")
+    })
+    .await;
+    assert_eq!(expand().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

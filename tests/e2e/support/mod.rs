@@ -97,6 +97,9 @@ impl Drop for GatewayHandle {
     }
 }
 
+/// What a test does to the stand-in Dataverse before the gateway starts.
+type DataverseSetup = Box<dyn FnOnce(&DataverseHandle)>;
+
 /// Builds an environment; `.identity(...)`/`.edit(...)` change the generated config.
 pub struct EnvBuilder {
     identity: String,
@@ -106,6 +109,7 @@ pub struct EnvBuilder {
     idp: Idp,
     token_endpoint: Option<TokenEndpointMode>,
     idp_down: bool,
+    dataverse_setup: Option<DataverseSetup>,
 }
 
 pub fn env() -> EnvBuilder {
@@ -117,6 +121,7 @@ pub fn env() -> EnvBuilder {
         idp: Idp::builder(),
         token_endpoint: None,
         idp_down: false,
+        dataverse_setup: None,
     }
 }
 
@@ -157,6 +162,13 @@ impl EnvBuilder {
         self
     }
 
+    /// Sets the stand-in Dataverse up once it runs, before the gateway starts (e.g. a
+    /// failing `$metadata` the gateway meets on its first fetch).
+    pub fn dataverse_setup(mut self, f: impl FnOnce(&DataverseHandle) + 'static) -> Self {
+        self.dataverse_setup = Some(Box::new(f));
+        self
+    }
+
     pub fn idp(mut self, f: impl FnOnce(Idp) -> Idp) -> Self {
         self.idp = f(self.idp);
         self
@@ -191,6 +203,9 @@ impl EnvBuilder {
             .start()
             .await
             .expect("dataverse");
+        if let Some(setup) = self.dataverse_setup {
+            setup(&dataverse);
+        }
         let parts = ConfigParts {
             identity: self.identity,
             server: self.server_extra,
@@ -292,6 +307,27 @@ pub async fn metrics_text(admin_url: &str) -> String {
         .text()
         .await
         .unwrap()
+}
+
+/// Polls `condition` until it holds, failing the test after 10 s: for state the gateway
+/// reaches in the background (a fetch, a refresh), never as a measure of time.
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..400 {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: not within 10s");
+}
+
+/// The text `/readyz` answers.
+pub async fn readyz_text(gateway: &GatewayHandle) -> String {
+    gateway.readyz().await.text().await.unwrap()
 }
 
 /// The value of one sample in the Prometheus text (`name{labels}` exactly), or 0.
