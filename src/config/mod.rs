@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -17,6 +18,10 @@ use crate::secret::Secret;
 use crate::upstream::credential::{
     Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
 };
+
+pub(crate) mod units;
+
+pub(crate) use units::{parse_duration, parse_size};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +87,11 @@ pub(crate) struct RawRetryThrottled {
     pub enabled: bool,
     /// Longest `Retry-After` the gateway waits out; longer ones go back to the caller.
     #[serde(default = "default_retry_max_wait")]
-    pub max_wait: String,
+    pub max_wait: units::Duration,
 }
 
-fn default_retry_max_wait() -> String {
-    "10s".into()
+fn default_retry_max_wait() -> units::Duration {
+    units::Duration::secs(10)
 }
 
 /// Dataverse's service-protection budget as the gateway keeps it: how many requests may be
@@ -100,12 +105,12 @@ pub(crate) struct RawBudget {
     /// Most requests waiting for a slot per environment; more are answered 503 at once.
     pub max_queue: usize,
     /// Longest a request waits for a slot before it is answered 503 with `Retry-After`.
-    pub queue_timeout: String,
+    pub queue_timeout: units::Duration,
     /// Longest a Dataverse 429's `Retry-After` closes a bucket (larger values are clamped).
-    pub max_retry_after: String,
+    pub max_retry_after: units::Duration,
     /// Whose budget a request spends: `application` (the application user, default) or
     /// `impersonated_user` (one bucket per impersonated Dynamics user).
-    pub bucket: String,
+    pub bucket: BudgetBucket,
     /// The budget shared by every replica of the gateway; only under `dynamics.budget`.
     pub store: Option<RawBudgetStore>,
 }
@@ -128,21 +133,21 @@ pub(crate) struct RawValkey {
     pub replicas: usize,
     /// How long a lease outlives a replica that stopped renewing it (killed, cut off).
     #[serde(default = "default_lease_ttl")]
-    pub lease_ttl: String,
+    pub lease_ttl: units::Duration,
     /// Longest wait for one store command; past it the gate falls back to the local share.
     #[serde(default = "default_store_timeout")]
-    pub command_timeout: String,
+    pub command_timeout: units::Duration,
     /// Prefix of every key, so several gateways (or other tenants) can share one server.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
 }
 
-fn default_lease_ttl() -> String {
-    "30s".into()
+fn default_lease_ttl() -> units::Duration {
+    units::Duration::secs(30)
 }
 
-fn default_store_timeout() -> String {
-    "250ms".into()
+fn default_store_timeout() -> units::Duration {
+    units::Duration::millis(250)
 }
 
 fn default_key_prefix() -> String {
@@ -154,9 +159,9 @@ impl Default for RawBudget {
         Self {
             max_concurrency: 52,
             max_queue: 1024,
-            queue_timeout: "10s".into(),
-            max_retry_after: "5m".into(),
-            bucket: "application".into(),
+            queue_timeout: units::Duration::secs(10),
+            max_retry_after: units::Duration::secs(300),
+            bucket: BudgetBucket::Application,
             store: None,
         }
     }
@@ -175,33 +180,33 @@ pub(crate) struct RawServer {
     pub trust_forwarded_headers: bool,
     /// Time allowed for Dataverse to answer, counted from the end of the request body
     /// (its own limit is 2 minutes).
-    pub request_timeout: String,
+    pub request_timeout: units::Duration,
     /// Largest request body accepted.
-    pub max_request_body: String,
+    pub max_request_body: units::ByteSize,
     /// Largest decompressed Dataverse response body the gateway rewrites links in; past it
     /// the answer is cut off rather than held.
-    pub max_decoded_response_body: String,
+    pub max_decoded_response_body: units::ByteSize,
     /// Largest `$batch` part held to rewrite it and fix its `Content-Length` (parts that
     /// declare one; .NET clients do); a larger one is refused with 413.
-    pub max_batch_part: String,
+    pub max_batch_part: units::ByteSize,
     /// Time a client has to send a request's headers (slowloris); also the deadline from
     /// accepting a connection to its first complete request head, HTTP/1 or HTTP/2.
-    pub header_read_timeout: String,
+    pub header_read_timeout: units::Duration,
     /// A connection with no request in progress is closed after this long; a request
     /// head begun meanwhile has `header_read_timeout` from its first byte.
-    pub idle_timeout: String,
+    pub idle_timeout: units::Duration,
     /// An HTTP/2 connection that sends nothing for this long is pinged.
-    pub http2_keep_alive_interval: String,
+    pub http2_keep_alive_interval: units::Duration,
     /// An HTTP/2 ping not answered within this closes the connection.
-    pub http2_keep_alive_timeout: String,
+    pub http2_keep_alive_timeout: units::Duration,
     /// A request body that sends no bytes for this long is answered 408 and not forwarded.
-    pub body_read_timeout: String,
+    pub body_read_timeout: units::Duration,
     /// Slowest average a request body may arrive at, in bytes a second over each
     /// `min_body_rate_window` of waiting for it; 0 for none.
     pub min_body_rate: u64,
-    pub min_body_rate_window: String,
+    pub min_body_rate_window: units::Duration,
     /// Longest one request may take from its head to Dataverse's answer, upload included.
-    pub exchange_timeout: String,
+    pub exchange_timeout: units::Duration,
     /// Open connections beyond this are refused with 503.
     pub max_connections: usize,
     /// Open connections from one peer address beyond this are refused with 503; default a
@@ -210,7 +215,7 @@ pub(crate) struct RawServer {
     /// Requests in flight beyond this are answered 503 + Retry-After at once.
     pub max_in_flight: usize,
     /// Longest wait for in-flight requests after SIGTERM.
-    pub shutdown_grace: String,
+    pub shutdown_grace: units::Duration,
     /// Threads serving requests; default: one per core. A sidecar limited to one CPU is
     /// fastest with 1 (no hand-offs between threads).
     pub worker_threads: Option<usize>,
@@ -229,11 +234,11 @@ pub(crate) struct RawTls {
     pub client_ca: Option<String>,
     /// How often the files are checked for a new pair.
     #[serde(default = "default_tls_reload_interval")]
-    pub reload_interval: String,
+    pub reload_interval: units::Duration,
 }
 
-fn default_tls_reload_interval() -> String {
-    "5s".into()
+fn default_tls_reload_interval() -> units::Duration {
+    units::Duration::secs(5)
 }
 
 impl Default for RawServer {
@@ -243,22 +248,22 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9090".into(),
             public_url: None,
             trust_forwarded_headers: false,
-            request_timeout: "120s".into(),
-            max_request_body: "128MiB".into(),
-            max_decoded_response_body: "1GiB".into(),
-            max_batch_part: "4MiB".into(),
-            header_read_timeout: "10s".into(),
-            idle_timeout: "60s".into(),
-            http2_keep_alive_interval: "30s".into(),
-            http2_keep_alive_timeout: "10s".into(),
-            body_read_timeout: "30s".into(),
+            request_timeout: units::Duration::secs(120),
+            max_request_body: units::ByteSize::mib(128),
+            max_decoded_response_body: units::ByteSize::gib(1),
+            max_batch_part: units::ByteSize::mib(4),
+            header_read_timeout: units::Duration::secs(10),
+            idle_timeout: units::Duration::secs(60),
+            http2_keep_alive_interval: units::Duration::secs(30),
+            http2_keep_alive_timeout: units::Duration::secs(10),
+            body_read_timeout: units::Duration::secs(30),
             min_body_rate: 240,
-            min_body_rate_window: "5s".into(),
-            exchange_timeout: "10m".into(),
+            min_body_rate_window: units::Duration::secs(5),
+            exchange_timeout: units::Duration::secs(600),
             max_connections: 10_000,
             max_connections_per_peer: None,
             max_in_flight: 1024,
-            shutdown_grace: "30s".into(),
+            shutdown_grace: units::Duration::secs(30),
             worker_threads: None,
             tls: None,
         }
@@ -272,13 +277,13 @@ pub(crate) struct RawInbound {
     pub issuers: Vec<RawIssuer>,
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(default = "default_leeway")]
-    pub leeway: String,
+    pub leeway: units::Duration,
     /// Least time between JWKS refetches caused by unknown `kid`s, per issuer.
     #[serde(default = "default_refetch")]
-    pub jwks_refetch_interval: String,
+    pub jwks_refetch_interval: units::Duration,
     /// Period of the background JWKS refresh.
     #[serde(default = "default_jwks_refresh")]
-    pub jwks_refresh_interval: String,
+    pub jwks_refresh_interval: units::Duration,
     /// Verified tokens remembered so a repeated token skips the signature check; 0 turns it off.
     #[serde(default = "default_token_cache")]
     pub token_cache_max_entries: u64,
@@ -288,14 +293,14 @@ fn default_token_cache() -> u64 {
     10_000
 }
 
-fn default_leeway() -> String {
-    "60s".into()
+fn default_leeway() -> units::Duration {
+    units::Duration::secs(60)
 }
-fn default_refetch() -> String {
-    "30s".into()
+fn default_refetch() -> units::Duration {
+    units::Duration::secs(30)
 }
-fn default_jwks_refresh() -> String {
-    "1h".into()
+fn default_jwks_refresh() -> units::Duration {
+    units::Duration::secs(3600)
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,7 +312,7 @@ pub(crate) struct RawIssuer {
     pub audiences: Vec<String>,
     /// Allowed signature algorithms; default RS256.
     #[serde(default)]
-    pub algorithms: Option<Vec<String>>,
+    pub algorithms: Option<Vec<units::Algorithm>>,
     /// Default `<issuer>/.well-known/openid-configuration`.
     #[serde(default)]
     pub discovery_url: Option<String>,
@@ -352,7 +357,7 @@ pub(crate) struct RawAppOnlyClaim {
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct RawIdentity {
     /// caller_object_id | lookup | static
-    pub mode: String,
+    pub mode: ModeName,
     /// The claim that identifies the caller.
     pub claim: String,
     /// For `lookup`: which systemuser attribute the claim value is compared with.
@@ -362,10 +367,10 @@ pub(crate) struct RawIdentity {
     #[serde(rename = "static")]
     pub static_map: Option<BTreeMap<String, RawStaticUser>>,
     /// How long a lookup answer that found a user (enabled or disabled) is remembered.
-    pub cache_ttl: String,
+    pub cache_ttl: units::Duration,
     /// How long a lookup answer "no such user" is remembered: short, so a user Dataverse
     /// provisions later (group teams) is not locked out for `cache_ttl`.
-    pub unknown_user_cache_ttl: String,
+    pub unknown_user_cache_ttl: units::Duration,
     /// Most lookup answers remembered.
     pub cache_max_entries: u64,
 }
@@ -373,12 +378,12 @@ pub(crate) struct RawIdentity {
 impl Default for RawIdentity {
     fn default() -> Self {
         Self {
-            mode: "caller_object_id".into(),
+            mode: ModeName::CallerObjectId,
             claim: "oid".into(),
             lookup: None,
             static_map: None,
-            cache_ttl: "15m".into(),
-            unknown_user_cache_ttl: "1m".into(),
+            cache_ttl: units::Duration::secs(15 * 60),
+            unknown_user_cache_ttl: units::Duration::secs(60),
             cache_max_entries: 100_000,
         }
     }
@@ -405,7 +410,7 @@ pub(crate) struct RawTrustedStaticUser {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawLookup {
     /// azureactivedirectoryobjectid | internalemailaddress | domainname
-    pub attribute: String,
+    pub attribute: LookupAttribute,
 }
 
 /// Where requests go: one organisation written inline (`url`, `tenant_id`, ...), or a
@@ -467,19 +472,19 @@ pub(crate) struct RawDynamics {
     /// Least time between two S2S token replacements caused by Dataverse answering 401
     /// (per token); 401s within it are passed on instead of requesting another token.
     #[serde(default = "default_token_replace_interval")]
-    pub token_replace_interval: String,
+    pub token_replace_interval: units::Duration,
     /// Longest wait before retrying a failed S2S token request, whatever the token
     /// endpoint's `Retry-After` asks for.
     #[serde(default = "default_token_retry_max_wait")]
-    pub token_retry_max_wait: String,
+    pub token_retry_max_wait: units::Duration,
 }
 
-fn default_token_replace_interval() -> String {
-    "5s".into()
+fn default_token_replace_interval() -> units::Duration {
+    units::Duration::secs(5)
 }
 
-fn default_token_retry_max_wait() -> String {
-    "5m".into()
+fn default_token_retry_max_wait() -> units::Duration {
+    units::Duration::secs(300)
 }
 
 /// One Dataverse organisation and the credential used for it.
@@ -565,8 +570,54 @@ const MAX_BUDGET_QUEUE: usize = 1_000_000;
 pub(crate) struct RawRouting {
     /// `path_prefix`: `/<environment>/api/data/...`; `tenant`: the caller's `tid` picks the
     /// environment whose `tenants` list it.
-    pub by: String,
+    pub by: RoutingRule,
 }
+
+/// `routing.by` as written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RoutingRule {
+    PathPrefix,
+    Tenant,
+}
+
+impl FromStr for RoutingRule {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "path_prefix" => Ok(Self::PathPrefix),
+            "tenant" => Ok(Self::Tenant),
+            other => Err(format!(
+                "\"{other}\" is not a routing rule; use path_prefix or tenant"
+            )),
+        }
+    }
+}
+
+/// `identity.mode` as written; the validated [`IdentityMode`] carries each mode's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ModeName {
+    CallerObjectId,
+    Lookup,
+    Static,
+}
+
+impl FromStr for ModeName {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "caller_object_id" => Ok(Self::CallerObjectId),
+            "lookup" => Ok(Self::Lookup),
+            "static" => Ok(Self::Static),
+            other => Err(format!(
+                "\"{other}\" is not a mode; use caller_object_id, lookup or static"
+            )),
+        }
+    }
+}
+
+units::deserialize_from_str!(RoutingRule, ModeName, BudgetBucket, LookupAttribute);
 
 // ---------------------------------------------------------------- validated form
 
@@ -712,6 +763,19 @@ pub enum LookupAttribute {
     DomainName,
 }
 
+impl FromStr for LookupAttribute {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "azureactivedirectoryobjectid" => Ok(Self::AzureActiveDirectoryObjectId),
+            "internalemailaddress" => Ok(Self::InternalEmailAddress),
+            "domainname" => Ok(Self::DomainName),
+            other => Err(format!("\"{other}\" is not supported; use azureactivedirectoryobjectid, internalemailaddress or domainname")),
+        }
+    }
+}
+
 impl LookupAttribute {
     pub fn name(self) -> &'static str {
         match self {
@@ -792,6 +856,20 @@ pub enum BudgetBucket {
     ImpersonatedUser,
 }
 
+impl FromStr for BudgetBucket {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "application" => Ok(Self::Application),
+            "impersonated_user" => Ok(Self::ImpersonatedUser),
+            other => Err(format!(
+                "\"{other}\" is not a bucket; use application or impersonated_user"
+            )),
+        }
+    }
+}
+
 /// The validated `dynamics.budget`.
 #[derive(Debug, Clone)]
 pub struct BudgetConfig {
@@ -833,18 +911,8 @@ fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
             format!("must be at most {MAX_BUDGET_QUEUE}: every queued request holds a connection and its memory"),
         ));
     }
-    let bucket = match raw.bucket.as_str() {
-        "application" => BudgetBucket::Application,
-        "impersonated_user" => BudgetBucket::ImpersonatedUser,
-        other => {
-            return Err(invalid(
-                format!("{key}.bucket"),
-                format!("\"{other}\" is not a bucket; use application or impersonated_user"),
-            ))
-        }
-    };
-    let queue_timeout = parse_duration(&format!("{key}.queue_timeout"), &raw.queue_timeout)?;
-    let max_retry_after = parse_duration(&format!("{key}.max_retry_after"), &raw.max_retry_after)?;
+    let queue_timeout = raw.queue_timeout.0;
+    let max_retry_after = raw.max_retry_after.0;
     // Deadlines are computed as now + value.
     for (name, value) in [
         ("queue_timeout", queue_timeout),
@@ -865,7 +933,7 @@ fn budget(key: &str, raw: RawBudget) -> Result<BudgetConfig, ConfigError> {
         max_queue: raw.max_queue,
         queue_timeout,
         max_retry_after,
-        bucket,
+        bucket: raw.bucket,
     })
 }
 
@@ -984,9 +1052,8 @@ fn substitute_env(
 /// The placeholder of a multi-tenant issuer template.
 pub(crate) const TENANT_PLACEHOLDER: &str = "{tenantid}";
 
-/// Parses a duration that must carry a unit (`60s`, `15m`, `1h30m`).
 fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
-    let reload_interval = parse_duration("server.tls.reload_interval", &t.reload_interval)?;
+    let reload_interval = t.reload_interval.0;
     if reload_interval.is_zero() {
         return Err(invalid(
             "server.tls.reload_interval",
@@ -1009,56 +1076,6 @@ fn tls_config(t: RawTls) -> Result<TlsConfig, ConfigError> {
             .transpose()?,
         reload_interval,
     })
-}
-
-pub(crate) fn parse_duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
-    let t = text.trim();
-    if !t.is_empty() && t.chars().all(|c| c.is_ascii_digit()) {
-        return Err(invalid(
-            key,
-            format!("\"{t}\" has no unit; use e.g. \"{t}s\""),
-        ));
-    }
-    humantime::parse_duration(t).map_err(|e| {
-        invalid(
-            key,
-            format!("\"{t}\" is not a duration ({e}); use e.g. \"30s\", \"15m\""),
-        )
-    })
-}
-
-/// Parses a size that must carry a unit (`512KiB`, `128MiB`, `1GB`).
-pub(crate) fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| invalid(key, format!("\"{t}\" is not a size; use e.g. \"128MiB\"")))?;
-    let factor: u64 = match unit.trim() {
-        "B" => 1,
-        "KB" | "kB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        "" => {
-            return Err(invalid(
-                key,
-                format!("\"{t}\" has no unit; use e.g. \"{t}MiB\""),
-            ))
-        }
-        other => {
-            return Err(invalid(
-                key,
-                format!("unknown size unit \"{other}\"; use B, KiB, MiB, GiB, KB, MB or GB"),
-            ))
-        }
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| invalid(key, format!("\"{t}\" is too large")))
 }
 
 /// Parses a URL; `http://` is only allowed for loopback hosts (tests and the demo).
@@ -1129,29 +1146,6 @@ fn parse_addr(key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
-fn parse_algorithm(key: &str, text: &str) -> Result<jsonwebtoken::Algorithm, ConfigError> {
-    use jsonwebtoken::Algorithm::*;
-    // Only asymmetric algorithms: an issuer's keys are public, so an HMAC algorithm
-    // would let anyone holding the public key forge tokens.
-    Ok(match text.trim() {
-        "RS256" => RS256,
-        "RS384" => RS384,
-        "RS512" => RS512,
-        "PS256" => PS256,
-        "PS384" => PS384,
-        "PS512" => PS512,
-        "ES256" => ES256,
-        "ES384" => ES384,
-        "EdDSA" => EdDSA,
-        other => {
-            return Err(invalid(
-                key,
-                format!("algorithm \"{other}\" is not allowed; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"),
-            ))
-        }
-    })
-}
-
 impl TryFrom<RawConfig> for Config {
     type Error = ConfigError;
 
@@ -1186,38 +1180,23 @@ impl TryFrom<RawConfig> for Config {
             admin_listen: parse_addr("server.admin_listen", &s.admin_listen)?,
             public_url,
             trust_forwarded_headers: s.trust_forwarded_headers,
-            request_timeout: parse_duration("server.request_timeout", &s.request_timeout)?,
-            max_request_body: parse_size("server.max_request_body", &s.max_request_body)?,
-            max_decoded_response_body: parse_size(
-                "server.max_decoded_response_body",
-                &s.max_decoded_response_body,
-            )?,
-            max_batch_part: parse_size("server.max_batch_part", &s.max_batch_part)?,
-            header_read_timeout: parse_duration(
-                "server.header_read_timeout",
-                &s.header_read_timeout,
-            )?,
-            idle_timeout: parse_duration("server.idle_timeout", &s.idle_timeout)?,
-            http2_keep_alive_interval: parse_duration(
-                "server.http2_keep_alive_interval",
-                &s.http2_keep_alive_interval,
-            )?,
-            http2_keep_alive_timeout: parse_duration(
-                "server.http2_keep_alive_timeout",
-                &s.http2_keep_alive_timeout,
-            )?,
-            body_read_timeout: parse_duration("server.body_read_timeout", &s.body_read_timeout)?,
+            request_timeout: s.request_timeout.0,
+            max_request_body: s.max_request_body.0,
+            max_decoded_response_body: s.max_decoded_response_body.0,
+            max_batch_part: s.max_batch_part.0,
+            header_read_timeout: s.header_read_timeout.0,
+            idle_timeout: s.idle_timeout.0,
+            http2_keep_alive_interval: s.http2_keep_alive_interval.0,
+            http2_keep_alive_timeout: s.http2_keep_alive_timeout.0,
+            body_read_timeout: s.body_read_timeout.0,
             min_body_rate: match s.min_body_rate {
                 0 => None,
                 bytes_per_second => Some(MinBodyRate {
                     bytes_per_second,
-                    window: parse_duration(
-                        "server.min_body_rate_window",
-                        &s.min_body_rate_window,
-                    )?,
+                    window: s.min_body_rate_window.0,
                 }),
             },
-            exchange_timeout: parse_duration("server.exchange_timeout", &s.exchange_timeout)?,
+            exchange_timeout: s.exchange_timeout.0,
             max_connections: s.max_connections,
             max_connections_per_peer: match s.max_connections_per_peer {
                 None => NonZeroUsize::new((s.max_connections / 10).max(1)),
@@ -1233,7 +1212,7 @@ impl TryFrom<RawConfig> for Config {
                 Some(n) => NonZeroUsize::new(n),
             },
             max_in_flight: s.max_in_flight,
-            shutdown_grace: parse_duration("server.shutdown_grace", &s.shutdown_grace)?,
+            shutdown_grace: s.shutdown_grace.0,
             worker_threads: match s.worker_threads {
                 Some(0) => return Err(invalid("server.worker_threads", "must be at least 1")),
                 other => other,
@@ -1321,10 +1300,7 @@ impl TryFrom<RawConfig> for Config {
                         "must list at least one algorithm",
                     ))
                 }
-                Some(list) => list
-                    .iter()
-                    .map(|a| parse_algorithm(&format!("{key}.algorithms"), a))
-                    .collect::<Result<_, _>>()?,
+                Some(list) => list.into_iter().map(|a| a.0).collect(),
             };
             let template = ri.issuer.contains(TENANT_PLACEHOLDER);
             let tenants = match ri.tenants {
@@ -1394,15 +1370,9 @@ impl TryFrom<RawConfig> for Config {
         }
         let inbound = InboundConfig {
             issuers,
-            leeway: parse_duration("inbound.leeway", &i.leeway)?,
-            jwks_refetch_interval: parse_duration(
-                "inbound.jwks_refetch_interval",
-                &i.jwks_refetch_interval,
-            )?,
-            jwks_refresh_interval: parse_duration(
-                "inbound.jwks_refresh_interval",
-                &i.jwks_refresh_interval,
-            )?,
+            leeway: i.leeway.0,
+            jwks_refetch_interval: i.jwks_refetch_interval.0,
+            jwks_refresh_interval: i.jwks_refresh_interval.0,
             token_cache_max_entries: i.token_cache_max_entries,
         };
         if inbound.jwks_refresh_interval < Duration::from_secs(1) {
@@ -1416,8 +1386,8 @@ impl TryFrom<RawConfig> for Config {
         if id.claim.trim().is_empty() {
             return Err(invalid("identity.claim", "must name a claim, e.g. \"oid\""));
         }
-        let mode = match id.mode.as_str() {
-            "caller_object_id" => {
+        let mode = match id.mode {
+            ModeName::CallerObjectId => {
                 reject_extra(id.lookup.is_some(), "identity.lookup", "caller_object_id")?;
                 reject_extra(
                     id.static_map.is_some(),
@@ -1426,7 +1396,7 @@ impl TryFrom<RawConfig> for Config {
                 )?;
                 IdentityMode::CallerObjectId
             }
-            "lookup" => {
+            ModeName::Lookup => {
                 reject_extra(id.static_map.is_some(), "identity.static", "lookup")?;
                 if id.claim.trim().eq_ignore_ascii_case("email") {
                     return Err(invalid(
@@ -1434,24 +1404,15 @@ impl TryFrom<RawConfig> for Config {
                         "email cannot identify a caller: in Microsoft Entra ID it is mutable and unverified, so anyone able to set it could act as that user; use oid with attribute azureactivedirectoryobjectid",
                     ));
                 }
-                let attr = id
-                    .lookup
-                    .as_ref()
-                    .map(|l| l.attribute.as_str())
-                    .unwrap_or("azureactivedirectoryobjectid");
-                IdentityMode::Lookup(match attr {
-                    "azureactivedirectoryobjectid" => LookupAttribute::AzureActiveDirectoryObjectId,
-                    "internalemailaddress" => LookupAttribute::InternalEmailAddress,
-                    "domainname" => LookupAttribute::DomainName,
-                    other => {
-                        return Err(invalid(
-                            "identity.lookup.attribute",
-                            format!("\"{other}\" is not supported; use azureactivedirectoryobjectid, internalemailaddress or domainname"),
-                        ))
-                    }
-                })
+                IdentityMode::Lookup(
+                    id.lookup
+                        .as_ref()
+                        .map_or(LookupAttribute::AzureActiveDirectoryObjectId, |l| {
+                            l.attribute
+                        }),
+                )
             }
-            "static" => {
+            ModeName::Static => {
                 reject_extra(id.lookup.is_some(), "identity.lookup", "static")?;
                 let map = id.static_map.unwrap_or_default();
                 if map.is_empty() {
@@ -1466,21 +1427,12 @@ impl TryFrom<RawConfig> for Config {
                 }
                 IdentityMode::Static(users)
             }
-            other => {
-                return Err(invalid(
-                    "identity.mode",
-                    format!("\"{other}\" is not a mode; use caller_object_id, lookup or static"),
-                ))
-            }
         };
         let identity = IdentityConfig {
             mode,
             claim: id.claim,
-            cache_ttl: parse_duration("identity.cache_ttl", &id.cache_ttl)?,
-            unknown_user_cache_ttl: parse_duration(
-                "identity.unknown_user_cache_ttl",
-                &id.unknown_user_cache_ttl,
-            )?,
+            cache_ttl: id.cache_ttl.0,
+            unknown_user_cache_ttl: id.unknown_user_cache_ttl.0,
             cache_max_entries: id.cache_max_entries,
         };
         if identity.cache_max_entries == 0 {
@@ -1731,15 +1683,9 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
                 "several environments need a routing rule: routing: { by: path_prefix } or { by: tenant }",
             ))
         }
-        (Some(r), _) => match r.by.as_str() {
-            "path_prefix" => Routing::PathPrefix,
-            "tenant" => Routing::Tenant,
-            other => {
-                return Err(invalid(
-                    "dynamics.routing.by",
-                    format!("\"{other}\" is not a routing rule; use path_prefix or tenant"),
-                ))
-            }
+        (Some(r), _) => match r.by {
+            RoutingRule::PathPrefix => Routing::PathPrefix,
+            RoutingRule::Tenant => Routing::Tenant,
         },
     };
     if routing == Routing::Tenant {
@@ -1763,16 +1709,11 @@ fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
         }
     }
     let retry_throttled = match d.retry_throttled {
-        Some(r) if r.enabled => Some(parse_duration(
-            "dynamics.retry_throttled.max_wait",
-            &r.max_wait,
-        )?),
+        Some(r) if r.enabled => Some(r.max_wait.0),
         _ => None,
     };
-    let token_replace_interval =
-        parse_duration("dynamics.token_replace_interval", &d.token_replace_interval)?;
-    let token_retry_max_wait =
-        parse_duration("dynamics.token_retry_max_wait", &d.token_retry_max_wait)?;
+    let token_replace_interval = d.token_replace_interval.0;
+    let token_retry_max_wait = d.token_retry_max_wait.0;
     if token_retry_max_wait < Duration::from_secs(1) {
         // Shorter caps the backoff near zero: a failing endpoint would be asked in a loop.
         return Err(invalid(
@@ -1875,7 +1816,7 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
             "must be at least 1 (each replica keeps limit / replicas when the store is away)",
         ));
     }
-    let lease_ttl = parse_duration(&format!("{KEY}.lease_ttl"), &v.lease_ttl)?;
+    let lease_ttl = v.lease_ttl.0;
     if lease_ttl > Duration::from_secs(3600) {
         return Err(invalid(
             format!("{KEY}.lease_ttl"),
@@ -1886,7 +1827,7 @@ fn budget_store(raw: RawBudgetStore) -> Result<BudgetStoreConfig, ConfigError> {
         // Renewal runs every third of it: shorter would renew faster than a slow store answers.
         return Err(invalid(format!("{KEY}.lease_ttl"), "must be at least 1s"));
     }
-    let command_timeout = parse_duration(&format!("{KEY}.command_timeout"), &v.command_timeout)?;
+    let command_timeout = v.command_timeout.0;
     if command_timeout.is_zero() || command_timeout >= lease_ttl / 3 {
         return Err(invalid(
             format!("{KEY}.command_timeout"),
@@ -2111,6 +2052,43 @@ dynamics:
             err.contains("inbound.leeway") && err.contains("no unit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn keywords_and_units_are_refused_under_their_own_key_with_what_was_expected() {
+        let cases = [
+            (
+                format!("{MINIMAL}identity:\n  mode: admin\n"),
+                "identity.mode: \"admin\" is not a mode; use caller_object_id, lookup or static",
+            ),
+            (
+                format!("{MINIMAL}identity:\n  mode: lookup\n  lookup: {{ attribute: fullname }}\n"),
+                "identity.lookup.attribute: \"fullname\" is not supported; use azureactivedirectoryobjectid, internalemailaddress or domainname",
+            ),
+            (
+                MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  budget: { bucket: user }\n"),
+                "dynamics.budget.bucket: \"user\" is not a bucket; use application or impersonated_user",
+            ),
+            (
+                MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  routing: { by: host }\n"),
+                "dynamics.routing.by: \"host\" is not a routing rule; use path_prefix or tenant",
+            ),
+            (
+                MINIMAL.replace("audiences: [api://dynamics-gateway]", "audiences: [a]\n      algorithms: [RS256, HS256]"),
+                "inbound.issuers[0].algorithms[1]: algorithm \"HS256\" is not allowed; use RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA",
+            ),
+            (
+                format!("server:\n  max_request_body: 12 parsecs\n{MINIMAL}"),
+                "server.max_request_body: unknown size unit \"parsecs\"; use B, KiB, MiB, GiB, KB, MB or GB",
+            ),
+            (
+                MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  budget:\n    store: { valkey: { url: \"redis://127.0.0.1:1\", replicas: 1, lease_ttl: \"9\" } }\n"),
+                "dynamics.budget.store.valkey.lease_ttl: \"9\" has no unit; use e.g. \"9s\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(load(&text).unwrap_err().to_string(), expected);
+        }
     }
 
     #[test]
