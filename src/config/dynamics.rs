@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{RawBudget, RawBudgetStore, RawDynamics, RawEnvironment, RoutingRule};
+use super::raw::{RawBudget, RawBudgetStore, RawDynamics, RoutingRule};
 use super::{invalid, parse_secure_url, ConfigError, MAX_CONNECTION_TIMEOUT};
 use crate::secret::Secret;
 use crate::upstream::credential::{
@@ -312,21 +312,9 @@ fn is_plain_name(name: &str) -> bool {
         && name != crate::metrics::NO_ENVIRONMENT
 }
 
-pub(super) fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
-    let single = d.url.is_some()
-        || d.tenant_id.is_some()
-        || d.client_id.is_some()
-        || d.client_secret.is_some()
-        || d.certificate.is_some()
-        || d.workload_identity.is_some()
-        || d.managed_identity.is_some()
-        || d.token_url.is_some()
-        || d.scope.is_some()
-        || d.tenants.is_some()
-        || d.allow_guest_tenants
-        || d.url_aliases.is_some()
-        || d.forward_cookies;
-    let (raw_envs, in_list) = match d.environments {
+pub(super) fn dynamics_config(mut d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
+    let single = d.url.is_some() || d.tenant_id.is_some() || d.writes_organisation_keys();
+    let (raw_envs, in_list) = match d.environments.take() {
         Some(_) if single => {
             return Err(invalid(
                 "dynamics",
@@ -337,24 +325,9 @@ pub(super) fn dynamics_config(d: RawDynamics) -> Result<DynamicsConfig, ConfigEr
         Some(list) => (list, true),
         None => {
             let required = |v: Option<String>, key: &str| v.ok_or_else(|| invalid(format!("dynamics.{key}"), "is required"));
-            let env = RawEnvironment {
-                name: "default".into(),
-                url: required(d.url, "url")?,
-                tenant_id: required(d.tenant_id, "tenant_id")?,
-                client_id: d.client_id,
-                client_secret: d.client_secret,
-                certificate: d.certificate,
-                workload_identity: d.workload_identity,
-                managed_identity: d.managed_identity,
-                token_url: d.token_url,
-                scope: d.scope,
-                tenants: d.tenants,
-                allow_guest_tenants: d.allow_guest_tenants,
-                url_aliases: d.url_aliases,
-                forward_cookies: d.forward_cookies,
-                budget: None,
-            };
-            (vec![env], false)
+            let url = required(d.url.take(), "url")?;
+            let tenant_id = required(d.tenant_id.take(), "tenant_id")?;
+            (vec![d.take_environment("default".into(), url, tenant_id)], false)
         }
     };
     let mut environments: Vec<EnvironmentConfig> = Vec::with_capacity(raw_envs.len());

@@ -375,70 +375,183 @@ pub(crate) struct RawLookup {
     pub attribute: LookupAttribute,
 }
 
-/// Where requests go: one organisation written inline (`url`, `tenant_id`, ...), or a
-/// list of named `environments` and a `routing` rule.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawDynamics {
-    /// Single-environment form: organisation URL, e.g. https://contoso.crm.dynamics.com
-    #[serde(default)]
-    pub url: Option<String>,
-    /// Single-environment form: tenant that owns the organisation.
-    #[serde(default)]
-    pub tenant_id: Option<String>,
-    /// Single-environment form: the app registration's client id.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// Single-environment form: the app registration's secret (`${VAR}` from the environment).
-    #[serde(default)]
-    pub client_secret: Option<String>,
-    /// Single-environment form: a certificate credential instead of a secret.
-    #[serde(default)]
-    pub certificate: Option<RawCertificate>,
-    /// Single-environment form: Kubernetes workload identity federation instead of a secret.
-    #[serde(default)]
-    pub workload_identity: Option<RawWorkloadIdentity>,
-    /// Single-environment form: the instance's managed identity instead of a secret.
-    #[serde(default)]
-    pub managed_identity: Option<RawManagedIdentity>,
-    /// Single-environment form: default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
-    #[serde(default)]
-    pub token_url: Option<String>,
-    /// Single-environment form: default `<url>/.default`.
-    #[serde(default)]
-    pub scope: Option<String>,
-    /// Single-environment form: caller tenants (`tid`) served; default `[tenant_id]`; `"*"`: any.
-    #[serde(default)]
-    pub tenants: Option<Vec<String>>,
-    /// Single-environment form: see `environments[].allow_guest_tenants`.
-    #[serde(default)]
-    pub allow_guest_tenants: bool,
-    /// Single-environment form: see `environments[].url_aliases`.
-    #[serde(default)]
-    pub url_aliases: Option<Vec<String>>,
-    /// Single-environment form: see `environments[].forward_cookies`.
-    #[serde(default)]
-    pub forward_cookies: bool,
-    /// Several organisations or customer tenants, each with a name.
-    #[serde(default)]
-    pub environments: Option<Vec<RawEnvironment>>,
-    /// How a request chooses its environment when there are several.
-    #[serde(default)]
-    pub routing: Option<RawRouting>,
-    /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
-    #[serde(default)]
-    pub retry_throttled: Option<RawRetryThrottled>,
-    /// The service-protection budget of each environment (`environments[].budget` overrides it).
-    #[serde(default)]
-    pub budget: RawBudget,
-    /// Least time between two S2S token replacements caused by Dataverse answering 401
-    /// (per token); 401s within it are passed on instead of requesting another token.
-    #[serde(default = "default_token_replace_interval")]
-    pub token_replace_interval: units::Duration,
-    /// Longest wait before retrying a failed S2S token request, whatever the token
-    /// endpoint's `Retry-After` asks for.
-    #[serde(default = "default_token_retry_max_wait")]
-    pub token_retry_max_wait: units::Duration,
+/// Declares `RawDynamics` and `RawEnvironment` with the keys of one organisation written
+/// once: they are the keys of an inline `dynamics` (one environment) and of each
+/// `dynamics.environments[]`. `#[serde(flatten)]` of a shared struct would need no macro,
+/// but serde then reads the flattened keys from a buffer: an unknown key is no longer
+/// refused with the list of known ones, and a wrong value is reported under `dynamics`
+/// instead of its own key.
+macro_rules! with_organisation_keys {
+    (
+        shared { $($(#[$sattr:meta])* $sfield:ident : $sty:ty,)* }
+        $(#[$dattr:meta])*
+        struct RawDynamics {
+            $($(#[$d1attr:meta])* $d1field:ident : $d1ty:ty,)*
+            ..
+            $($(#[$d2attr:meta])* $d2field:ident : $d2ty:ty,)*
+        }
+        $(#[$eattr:meta])*
+        struct RawEnvironment {
+            $($(#[$e1attr:meta])* $e1field:ident : $e1ty:ty,)*
+            ..
+            $($(#[$e2attr:meta])* $e2field:ident : $e2ty:ty,)*
+        }
+    ) => {
+        // The shared keys where `..` stands: serde lists known keys in this order.
+        $(#[$dattr])*
+        pub(crate) struct RawDynamics {
+            $($(#[$d1attr])* pub $d1field: $d1ty,)*
+            $($(#[$sattr])* pub $sfield: $sty,)*
+            $($(#[$d2attr])* pub $d2field: $d2ty,)*
+        }
+
+        $(#[$eattr])*
+        pub(crate) struct RawEnvironment {
+            $($(#[$e1attr])* pub $e1field: $e1ty,)*
+            $($(#[$sattr])* pub $sfield: $sty,)*
+            $($(#[$e2attr])* pub $e2field: $e2ty,)*
+        }
+
+        impl RawDynamics {
+            /// Whether any key of an inline organisation is written (beside `url` and
+            /// `tenant_id`, which the caller checks).
+            pub(crate) fn writes_organisation_keys(&self) -> bool {
+                false $(|| IsWritten::is_written(&self.$sfield))*
+            }
+
+            /// The inline organisation as the one environment, its keys moved out.
+            pub(crate) fn take_environment(
+                &mut self,
+                name: String,
+                url: String,
+                tenant_id: String,
+            ) -> RawEnvironment {
+                RawEnvironment {
+                    name,
+                    url,
+                    tenant_id,
+                    budget: None,
+                    $($sfield: std::mem::take(&mut self.$sfield),)*
+                }
+            }
+        }
+    };
+}
+
+/// A key left out reads as its default: `None`, or `false` for switches.
+trait IsWritten {
+    fn is_written(&self) -> bool;
+}
+
+impl<T> IsWritten for Option<T> {
+    fn is_written(&self) -> bool {
+        self.is_some()
+    }
+}
+
+impl IsWritten for bool {
+    fn is_written(&self) -> bool {
+        *self
+    }
+}
+
+with_organisation_keys! {
+    shared {
+        /// The app registration's client id (several environments may share one); workload
+        /// and managed identity may leave it to `$AZURE_CLIENT_ID` / the system identity.
+        #[serde(default)]
+        client_id: Option<String>,
+        /// The app registration's secret (`${VAR}` from the environment). Exactly one of
+        /// `client_secret`, `certificate`, `workload_identity`, `managed_identity`.
+        #[serde(default)]
+        client_secret: Option<String>,
+        /// A certificate: the token request carries a signed client assertion.
+        #[serde(default)]
+        certificate: Option<RawCertificate>,
+        /// Kubernetes workload identity: the projected service-account token is the assertion.
+        #[serde(default)]
+        workload_identity: Option<RawWorkloadIdentity>,
+        /// The instance metadata service's managed identity.
+        #[serde(default)]
+        managed_identity: Option<RawManagedIdentity>,
+        /// Default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
+        #[serde(default)]
+        token_url: Option<String>,
+        /// Default `<url>/.default`.
+        #[serde(default)]
+        scope: Option<String>,
+        /// Caller tenants (`tid`) this environment serves; default `[tenant_id]`; `"*"`: any.
+        #[serde(default)]
+        tenants: Option<Vec<String>>,
+        /// Lets callers whose `tid` is not `tenant_id` (users of other tenants, or tokens
+        /// without `tid`) act as a Dynamics user here in `lookup` or `static` mode. Off: only
+        /// the organisation's own tenant's users are mapped to users.
+        #[serde(default)]
+        allow_guest_tenants: bool,
+        /// Other origins the organisation answers on, e.g. `https://contoso.api.crm.dynamics.com`
+        /// next to `url` `https://contoso.crm.dynamics.com`: absolute links Dataverse writes
+        /// with any of them (scheme and host in any case) are pointed at the gateway like
+        /// links naming `url`. Requests still go to `url` only. Default: none.
+        #[serde(default)]
+        url_aliases: Option<Vec<String>>,
+        /// Pass the caller's `Cookie` to Dataverse and Dataverse's `Set-Cookie` (its
+        /// server-affinity cookies) to the caller. Off by default: one gateway serves many
+        /// apps, and Microsoft advises against affinity for throughput. Turn on only for an
+        /// environment whose one app relies on affinity.
+        #[serde(default)]
+        forward_cookies: bool,
+    }
+
+    /// Where requests go: one organisation written inline (`url`, `tenant_id`, and the
+    /// keys of an environment but `name` and `budget`), or a list of named `environments`
+    /// and a `routing` rule.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawDynamics {
+        /// Single-environment form: organisation URL, e.g. https://contoso.crm.dynamics.com
+        #[serde(default)]
+        url: Option<String>,
+        /// Single-environment form: tenant that owns the organisation.
+        #[serde(default)]
+        tenant_id: Option<String>,
+        ..
+        /// Several organisations or customer tenants, each with a name.
+        #[serde(default)]
+        environments: Option<Vec<RawEnvironment>>,
+        /// How a request chooses its environment when there are several.
+        #[serde(default)]
+        routing: Option<RawRouting>,
+        /// Waiting out Dataverse's 429 `Retry-After` for idempotent requests; off by default.
+        #[serde(default)]
+        retry_throttled: Option<RawRetryThrottled>,
+        /// The service-protection budget of each environment (`environments[].budget` overrides it).
+        #[serde(default)]
+        budget: RawBudget,
+        /// Least time between two S2S token replacements caused by Dataverse answering 401
+        /// (per token); 401s within it are passed on instead of requesting another token.
+        #[serde(default = "default_token_replace_interval")]
+        token_replace_interval: units::Duration,
+        /// Longest wait before retrying a failed S2S token request, whatever the token
+        /// endpoint's `Retry-After` asks for.
+        #[serde(default = "default_token_retry_max_wait")]
+        token_retry_max_wait: units::Duration,
+    }
+
+    /// One Dataverse organisation and the credential used for it.
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawEnvironment {
+        /// Used in path-prefix routing (`/<name>/api/data/...`), logs, metrics and `/readyz`.
+        name: String,
+        /// Organisation URL, e.g. https://contoso.crm.dynamics.com
+        url: String,
+        /// Tenant that owns the organisation (in multi-tenant use: the customer's tenant).
+        tenant_id: String,
+        ..
+        /// This environment's budget, instead of `dynamics.budget`.
+        #[serde(default)]
+        budget: Option<RawBudget>,
+    }
 }
 
 fn default_token_replace_interval() -> units::Duration {
@@ -447,64 +560,6 @@ fn default_token_replace_interval() -> units::Duration {
 
 fn default_token_retry_max_wait() -> units::Duration {
     units::Duration::secs(300)
-}
-
-/// One Dataverse organisation and the credential used for it.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RawEnvironment {
-    /// Used in path-prefix routing (`/<name>/api/data/...`), logs, metrics and `/readyz`.
-    pub name: String,
-    /// Organisation URL, e.g. https://contoso.crm.dynamics.com
-    pub url: String,
-    /// Tenant that owns the organisation (in multi-tenant use: the customer's tenant).
-    pub tenant_id: String,
-    /// The app registration's client id (several environments may share one); workload
-    /// and managed identity may leave it to `$AZURE_CLIENT_ID` / the system identity.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// The app registration's secret (`${VAR}` from the environment). Exactly one of
-    /// `client_secret`, `certificate`, `workload_identity`, `managed_identity`.
-    #[serde(default)]
-    pub client_secret: Option<String>,
-    /// A certificate: the token request carries a signed client assertion.
-    #[serde(default)]
-    pub certificate: Option<RawCertificate>,
-    /// Kubernetes workload identity: the projected service-account token is the assertion.
-    #[serde(default)]
-    pub workload_identity: Option<RawWorkloadIdentity>,
-    /// The instance metadata service's managed identity.
-    #[serde(default)]
-    pub managed_identity: Option<RawManagedIdentity>,
-    /// Default https://login.microsoftonline.com/<tenant_id>/oauth2/v2.0/token
-    #[serde(default)]
-    pub token_url: Option<String>,
-    /// Default `<url>/.default`.
-    #[serde(default)]
-    pub scope: Option<String>,
-    /// Caller tenants (`tid`) this environment serves; default `[tenant_id]`; `"*"`: any.
-    #[serde(default)]
-    pub tenants: Option<Vec<String>>,
-    /// Lets callers whose `tid` is not `tenant_id` (users of other tenants, or tokens
-    /// without `tid`) act as a Dynamics user here in `lookup` or `static` mode. Off: only
-    /// the organisation's own tenant's users are mapped to users.
-    #[serde(default)]
-    pub allow_guest_tenants: bool,
-    /// Other origins the organisation answers on, e.g. `https://contoso.api.crm.dynamics.com`
-    /// next to `url` `https://contoso.crm.dynamics.com`: absolute links Dataverse writes
-    /// with any of them (scheme and host in any case) are pointed at the gateway like
-    /// links naming `url`. Requests still go to `url` only. Default: none.
-    #[serde(default)]
-    pub url_aliases: Option<Vec<String>>,
-    /// Pass the caller's `Cookie` to Dataverse and Dataverse's `Set-Cookie` (its
-    /// server-affinity cookies) to the caller. Off by default: one gateway serves many
-    /// apps, and Microsoft advises against affinity for throughput. Turn on only for an
-    /// environment whose one app relies on affinity.
-    #[serde(default)]
-    pub forward_cookies: bool,
-    /// This environment's budget, instead of `dynamics.budget`.
-    #[serde(default)]
-    pub budget: Option<RawBudget>,
 }
 
 /// How a request chooses its environment.

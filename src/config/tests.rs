@@ -480,3 +480,28 @@ fn connection_and_body_timeouts_must_be_positive_and_the_exchange_covers_the_ans
         })
     );
 }
+
+#[test]
+fn inline_and_listed_environments_refuse_unknown_keys_naming_the_known_ones() {
+    let text = MINIMAL.replace("dynamics:\n", "dynamics:\n  clientsecret: x\n");
+    assert_eq!(
+        load(&text).unwrap_err().to_string(),
+        "dynamics.clientsecret: unknown field `clientsecret`, expected one of `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `environments`, `routing`, `retry_throttled`, `budget`, `token_replace_interval`, `token_retry_max_wait`"
+    );
+    let listed = [
+        "inbound:",
+        "  issuers:",
+        "    - { issuer: https://i.example/, audiences: [a] }",
+        "dynamics:",
+        "  environments:",
+        "    - { name: contoso, url: https://contoso.crm.dynamics.com, tenant_id: t1, client_id: c, client_secret: s, routing: x }",
+    ]
+    .join("\n");
+    assert_eq!(
+        load(&listed).unwrap_err().to_string(),
+        "dynamics.environments[0].routing: unknown field `routing`, expected one of `name`, `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `budget`"
+    );
+    let wrong_type = MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  forward_cookies: [yes]\n");
+    let err = load(&wrong_type).unwrap_err().to_string();
+    assert!(err.starts_with("dynamics.forward_cookies: "), "{err}");
+}
