@@ -157,7 +157,7 @@ pub struct AccessDenied {
 impl AccessPolicy {
     /// Validates the `access` section; `key` is its dotted config prefix (`"access"`).
     /// Errors are (dotted key, message).
-    pub fn from_raw(raw: RawAccess, key: &str) -> Result<Self, (String, String)> {
+    pub fn from_raw(raw: RawAccess, key: &str) -> Result<Self, crate::config::ConfigError> {
         raw::validate(raw, key)
     }
 

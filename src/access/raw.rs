@@ -17,6 +17,7 @@ use super::rule::{Allow, Id, Rule, TableGrant, When};
 use super::target::{is_identifier, strip_prefix_ignore_case};
 use super::touches::Operation;
 use super::{AccessPolicy, DefaultDecision, Grant, ImpersonationPolicy, DEFAULT_RULE};
+use crate::config::{invalid, ConfigError};
 
 /// Who may make which Web API requests.
 #[derive(Debug, Clone, Deserialize)]
@@ -116,11 +117,7 @@ pub struct RawAllow {
     pub control_headers: Vec<String>,
 }
 
-type Invalid = (String, String);
-
-fn invalid(key: impl Into<String>, message: impl Into<String>) -> Invalid {
-    (key.into(), message.into())
-}
+type Invalid = ConfigError;
 
 /// Methods a rule may name: those the gateway forwards (`method.rs`).
 const METHODS: [Method; 6] = [
@@ -183,16 +180,12 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
 
 /// `metadata_refresh_interval`, `metadata_max_bytes` and `metadata_timeout`.
 fn metadata_settings(raw: &RawAccess, key: &str) -> Result<MetadataSettings, Invalid> {
-    let as_invalid = |e: crate::config::ConfigError| match e {
-        crate::config::ConfigError::Invalid { key, message } => (key, message),
-        other => (key.to_string(), other.to_string()),
-    };
     let mut settings = MetadataSettings::default();
     let duration = |field: &str, text: &Option<String>, default: Duration| match text {
         None => Ok(default),
         Some(t) => {
             let key = format!("{key}.{field}");
-            let d = crate::config::parse_duration(&key, t).map_err(as_invalid)?;
+            let d = crate::config::parse_duration(&key, t)?;
             if d.is_zero() {
                 return Err(invalid(key, "must be more than zero"));
             }
@@ -207,7 +200,7 @@ fn metadata_settings(raw: &RawAccess, key: &str) -> Result<MetadataSettings, Inv
     settings.timeout = duration("metadata_timeout", &raw.metadata_timeout, settings.timeout)?;
     if let Some(t) = &raw.metadata_max_bytes {
         let key = format!("{key}.metadata_max_bytes");
-        settings.max_bytes = crate::config::parse_size(&key, t).map_err(as_invalid)?;
+        settings.max_bytes = crate::config::parse_size(&key, t)?;
         if settings.max_bytes == 0 {
             return Err(invalid(key, "must be more than zero"));
         }

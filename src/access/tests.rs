@@ -15,7 +15,9 @@ fn policy(yaml: &str) -> AccessPolicy {
 
 fn config_error(yaml: &str) -> (String, String) {
     let raw: RawAccess = serde_norway::from_str(yaml).unwrap();
-    AccessPolicy::from_raw(raw, "access").unwrap_err()
+    AccessPolicy::from_raw(raw, "access")
+        .unwrap_err()
+        .into_parts()
 }
 
 fn claims(value: Value) -> Map<String, Value> {

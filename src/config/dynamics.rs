@@ -269,7 +269,6 @@ fn credential(
             "needs exactly one credential: client_secret, certificate, workload_identity or managed_identity",
         ));
     }
-    let from = |r: Result<Credential, (String, String)>| r.map_err(|(k, m)| invalid(k, m));
     if let Some(secret) = secret {
         if secret.trim().is_empty() {
             return Err(invalid(
@@ -277,25 +276,16 @@ fn credential(
                 "is empty; set it, e.g. client_secret: ${DYNAMICS_CLIENT_SECRET}",
             ));
         }
-        return from(Credential::client_secret(
-            Secret::new(secret),
-            &format!("{key}.client_secret"),
-        ));
+        return Credential::client_secret(Secret::new(secret), &format!("{key}.client_secret"));
     }
     if let Some(raw) = certificate {
-        return from(Credential::certificate(raw, &format!("{key}.certificate")));
+        return Credential::certificate(raw, &format!("{key}.certificate"));
     }
     if let Some(raw) = workload_identity {
-        return from(Credential::workload_identity(
-            raw,
-            &format!("{key}.workload_identity"),
-        ));
+        return Credential::workload_identity(raw, &format!("{key}.workload_identity"));
     }
     match managed_identity {
-        Some(raw) => from(Credential::managed_identity(
-            raw,
-            &format!("{key}.managed_identity"),
-        )),
+        Some(raw) => Credential::managed_identity(raw, &format!("{key}.managed_identity")),
         None => Err(invalid(key, "needs a credential")),
     }
 }

@@ -42,6 +42,17 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+#[cfg(test)]
+impl ConfigError {
+    /// The key and message of a validation error, for tests that check them apart.
+    pub(crate) fn into_parts(self) -> (String, String) {
+        match self {
+            ConfigError::Invalid { key, message } => (key, message),
+            other => panic!("not a key's error: {other}"),
+        }
+    }
+}
+
 /// Longest connection or body timeout accepted.
 pub(super) const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -167,8 +178,7 @@ impl TryFrom<RawConfig> for Config {
                 redact_query: raw.audit.redact_query,
             },
             access: match raw.access {
-                Some(a) => AccessPolicy::from_raw(a, "access")
-                    .map_err(|(key, message)| invalid(key, message))?,
+                Some(a) => AccessPolicy::from_raw(a, "access")?,
                 None => AccessPolicy::allow_all(),
             },
         })

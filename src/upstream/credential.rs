@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use url::Url;
 
+use crate::config::{invalid, ConfigError};
 use crate::secret::Secret;
 
 /// `client_assertion_type` of a JWT client assertion (RFC 7523).
@@ -165,16 +166,16 @@ pub enum CredentialError {
 
 impl Credential {
     /// `client_secret:` (already interpolated): refused when empty.
-    pub fn client_secret(secret: Secret, key: &str) -> Result<Self, (String, String)> {
+    pub fn client_secret(secret: Secret, key: &str) -> Result<Self, ConfigError> {
         if secret.is_empty() {
-            return Err((key.to_owned(), "must not be empty".to_owned()));
+            return Err(invalid(key, "must not be empty"));
         }
         Ok(Self::ClientSecret(secret))
     }
 
     /// `certificate:` under the dotted key `key`: loads and checks the certificate and key
     /// now (readable, PEM, RSA, the key belongs to the certificate, not expired).
-    pub fn certificate(raw: RawCertificate, key: &str) -> Result<Self, (String, String)> {
+    pub fn certificate(raw: RawCertificate, key: &str) -> Result<Self, ConfigError> {
         Self::certificate_with_env(raw, key, &|name| std::env::var(name).ok())
     }
 
@@ -182,34 +183,34 @@ impl Credential {
         raw: RawCertificate,
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, (String, String)> {
+    ) -> Result<Self, ConfigError> {
         let cert_source = match (raw.certificate, raw.certificate_pem_env) {
             (Some(_), Some(_)) => {
-                return Err((
+                return Err(invalid(
                     format!("{key}.certificate"),
                     "give either certificate or certificate_pem_env, not both".to_owned(),
                 ))
             }
             (None, None) => {
-                return Err((
+                return Err(invalid(
                     format!("{key}.certificate"),
                     "required (a PEM file), or certificate_pem_env".to_owned(),
                 ))
             }
             (Some(path), None) => PemSource::File(path),
             (None, Some(var)) => PemSource::from_env(&var, env)
-                .map_err(|m| (format!("{key}.certificate_pem_env"), m))?,
+                .map_err(|m| invalid(format!("{key}.certificate_pem_env"), m))?,
         };
         let key_source = match (raw.private_key, raw.private_key_pem_env) {
             (Some(_), Some(_)) => {
-                return Err((
+                return Err(invalid(
                     format!("{key}.private_key"),
                     "give either private_key or private_key_pem_env, not both".to_owned(),
                 ))
             }
             (Some(path), None) => PemSource::File(path),
             (None, Some(var)) => PemSource::from_env(&var, env)
-                .map_err(|m| (format!("{key}.private_key_pem_env"), m))?,
+                .map_err(|m| invalid(format!("{key}.private_key_pem_env"), m))?,
             // A combined PEM (certificate and key in one file) is how Key Vault exports them.
             (None, None) => cert_source.clone(),
         };
@@ -228,7 +229,7 @@ impl Credential {
                     credential.private_key.key_name(key, "private_key")
                 }
             };
-            (field, e.message())
+            invalid(field, e.message())
         })?;
         credential.remember(&material);
         Ok(Self::Certificate(credential))
@@ -236,10 +237,7 @@ impl Credential {
 
     /// `workload_identity:` under the dotted key `key`, defaults from the variables the
     /// workload identity webhook sets. The token file must exist now.
-    pub fn workload_identity(
-        raw: RawWorkloadIdentity,
-        key: &str,
-    ) -> Result<Self, (String, String)> {
+    pub fn workload_identity(raw: RawWorkloadIdentity, key: &str) -> Result<Self, ConfigError> {
         Self::workload_identity_with_env(raw, key, &|name| std::env::var(name).ok())
     }
 
@@ -247,7 +245,7 @@ impl Credential {
         raw: RawWorkloadIdentity,
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Self, (String, String)> {
+    ) -> Result<Self, ConfigError> {
         let from_env = |value: Option<String>, var: &str| {
             value
                 .or_else(|| env(var))
@@ -258,7 +256,7 @@ impl Credential {
             .token_file
             .or_else(|| from_env(None, "AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
             .ok_or_else(|| {
-                (
+                invalid(
                     format!("{key}.token_file"),
                     "not set, and AZURE_FEDERATED_TOKEN_FILE is not set either (is the pod labelled azure.workload.identity/use: \"true\"?)".to_owned(),
                 )
@@ -267,14 +265,14 @@ impl Credential {
         // is a mounting mistake, not a race.
         match std::fs::read_to_string(&token_file) {
             Ok(text) if text.trim().is_empty() => {
-                return Err((
+                return Err(invalid(
                     format!("{key}.token_file"),
                     format!("{} is empty", token_file.display()),
                 ))
             }
             Ok(_) => {}
             Err(e) => {
-                return Err((
+                return Err(invalid(
                     format!("{key}.token_file"),
                     format!("cannot read {}: {e}", token_file.display()),
                 ))
@@ -283,7 +281,8 @@ impl Credential {
         let authority_host = match from_env(raw.authority_host, "AZURE_AUTHORITY_HOST") {
             None => None,
             Some(host) => Some(
-                parse_authority_host(&host).map_err(|m| (format!("{key}.authority_host"), m))?,
+                parse_authority_host(&host)
+                    .map_err(|m| invalid(format!("{key}.authority_host"), m))?,
             ),
         };
         Ok(Self::WorkloadIdentity(WorkloadIdentityCredential {
@@ -299,19 +298,19 @@ impl Credential {
     }
 
     /// `managed_identity:` under the dotted key `key`.
-    pub fn managed_identity(raw: RawManagedIdentity, key: &str) -> Result<Self, (String, String)> {
+    pub fn managed_identity(raw: RawManagedIdentity, key: &str) -> Result<Self, ConfigError> {
         let endpoint = Url::parse(raw.endpoint.trim())
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none())
             .ok_or_else(|| {
-                (
+                invalid(
                     format!("{key}.endpoint"),
                     "must be an http(s) URL without a query".to_owned(),
                 )
             })?;
         let client_id = raw.client_id.map(|c| c.trim().to_owned());
         if client_id.as_deref() == Some("") {
-            return Err((format!("{key}.client_id"), "must not be empty".to_owned()));
+            return Err(invalid(format!("{key}.client_id"), "must not be empty"));
         }
         // IMDS is link-local plain HTTP with a longer timeout: a client of its own, with the
         // same (absent) proxy policy.
@@ -319,7 +318,7 @@ impl Credential {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| (key.to_owned(), format!("cannot build the HTTP client: {e}")))?;
+            .map_err(|e| invalid(key, format!("cannot build the HTTP client: {e}")))?;
         Ok(Self::ManagedIdentity(ManagedIdentityCredential {
             endpoint,
             client_id,
@@ -1081,7 +1080,9 @@ mod tests {
         let (other_cert, _, _) = test_certificate(false);
         let (expired_cert, expired_key, _) = test_certificate(true);
         let err = |raw: RawCertificate| {
-            Credential::certificate_with_env(raw, "dynamics.certificate", &|_| None).unwrap_err()
+            Credential::certificate_with_env(raw, "dynamics.certificate", &|_| None)
+                .unwrap_err()
+                .into_parts()
         };
 
         let (k, m) = err(files(&scratch, &other_cert, &key));
@@ -1198,7 +1199,8 @@ mod tests {
             "envs.a.workload_identity",
             &|_| None,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .into_parts();
         assert_eq!(k, "envs.a.workload_identity.token_file");
         assert!(m.contains("AZURE_FEDERATED_TOKEN_FILE"), "{m}");
 
@@ -1206,7 +1208,9 @@ mod tests {
             token_file: Some(scratch.0.join("absent")),
             ..RawWorkloadIdentity::default()
         };
-        let (k, _) = Credential::workload_identity_with_env(raw, "wi", &|_| None).unwrap_err();
+        let (k, _) = Credential::workload_identity_with_env(raw, "wi", &|_| None)
+            .unwrap_err()
+            .into_parts();
         assert_eq!(k, "wi.token_file");
 
         let raw = RawWorkloadIdentity {
@@ -1214,7 +1218,9 @@ mod tests {
             authority_host: Some("login.microsoftonline.com".into()),
             ..RawWorkloadIdentity::default()
         };
-        let (k, _) = Credential::workload_identity_with_env(raw, "wi", &|_| None).unwrap_err();
+        let (k, _) = Credential::workload_identity_with_env(raw, "wi", &|_| None)
+            .unwrap_err()
+            .into_parts();
         assert_eq!(k, "wi.authority_host");
     }
 
@@ -1227,7 +1233,8 @@ mod tests {
             },
             "mi",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .into_parts();
         assert_eq!(k, "mi.endpoint");
         let (k, _) = Credential::managed_identity(
             RawManagedIdentity {
@@ -1236,7 +1243,8 @@ mod tests {
             },
             "mi",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .into_parts();
         assert_eq!(k, "mi.client_id");
         let mi = Credential::managed_identity(RawManagedIdentity::default(), "mi").unwrap();
         assert_eq!(mi.kind(), "managed_identity");
@@ -1250,8 +1258,9 @@ mod tests {
             Credential::client_secret(Secret::new("hunter2"), "dynamics.client_secret").unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.describe(), "client_secret");
-        let (k, _) =
-            Credential::client_secret(Secret::new(" "), "dynamics.client_secret").unwrap_err();
+        let (k, _) = Credential::client_secret(Secret::new(" "), "dynamics.client_secret")
+            .unwrap_err()
+            .into_parts();
         assert_eq!(k, "dynamics.client_secret");
     }
 

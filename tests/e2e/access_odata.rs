@@ -543,8 +543,11 @@ async fn an_unreadable_metadata_file_is_a_config_error_naming_the_key() {
             .join("\n"),
     )
     .unwrap();
-    let (key, message) =
-        dynamics_gateway::access::AccessPolicy::from_raw(raw, "access").unwrap_err();
+    let dynamics_gateway::config::ConfigError::Invalid { key, message } =
+        dynamics_gateway::access::AccessPolicy::from_raw(raw, "access").unwrap_err()
+    else {
+        panic!("not a key's error")
+    };
     assert_eq!(key, "access.metadata_file");
     assert!(message.contains("no-such-file.xml"), "{message}");
 }
