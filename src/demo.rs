@@ -16,21 +16,21 @@ pub const DEMO_OID: &str = "9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("cannot listen on {addr}: {source}; pass --port to choose another port")]
+    #[error("cannot listen on {addr}; pass --port to choose another port")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot start the stand-in services: {0}")]
+    #[error("cannot start the stand-in services")]
     Standins(#[source] std::io::Error),
-    #[error("cannot write the demo token file {path}: {source}")]
+    #[error("cannot write the demo token file {path}")]
     TokenFile {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("demo config: {0}")]
+    #[error("demo config")]
     Config(#[from] dynamics_gateway::config::ConfigError),
     #[error(transparent)]
     Start(#[from] dynamics_gateway::StartError),

@@ -273,7 +273,9 @@ impl ConnectionRefused {
     }
 }
 
-/// An error and its sources, `: `-joined, for one log line.
+/// An error and its sources, `: `-joined, for one log line. The gateway's own errors never
+/// print their source in `Display` (each cause is printed once, here); a source whose text
+/// is already in the line is skipped for the third-party errors that do.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
@@ -291,6 +293,33 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_print_their_cause_once_in_the_chain_and_not_in_their_own_text() {
+        use crate::identity::lookup::LookupError;
+        use crate::identity::IdentityError;
+        use crate::upstream::credential::CredentialError;
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file (os error 2)");
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(TokenError::Credential(CredentialError::Read {
+                path: "/var/run/token".into(),
+                source: io(),
+            })),
+            Box::new(IdentityError::Lookup(LookupError::Status(503))),
+            Box::new(crate::config::ConfigError::Read {
+                path: "/etc/gateway.yaml".into(),
+                source: io(),
+            }),
+        ];
+        for error in errors {
+            let own = error.to_string();
+            let source = error.source().expect("a cause").to_string();
+            assert!(!own.contains(&source), "{own} prints its cause {source}");
+            let line = chain(error.as_ref());
+            assert_eq!(line.matches(&source).count(), 1, "{line}");
+            assert!(line.starts_with(&own), "{line}");
+        }
+    }
     use crate::upstream::TokenError;
 
     /// Text that describes the gateway's credentials or dependencies.

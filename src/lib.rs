@@ -67,17 +67,17 @@ const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(15);
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("metrics registry: {0}")]
+    #[error("metrics registry")]
     Metrics(#[from] prometheus::Error),
-    #[error("HTTP client for the identity provider: {0}")]
+    #[error("HTTP client for the identity provider")]
     HttpClient(#[from] reqwest::Error),
-    #[error("Dataverse client: {0}")]
+    #[error("Dataverse client")]
     Upstream(#[from] upstream::UpstreamError),
     #[error("identity: {0}")]
     Identity(&'static str),
-    #[error("TLS on the app port: {}", error::chain(.0))]
+    #[error("TLS on the app port")]
     Tls(#[from] tls::TlsError),
-    #[error("dynamics.budget.store: {0}")]
+    #[error("dynamics.budget.store")]
     BudgetStore(#[from] upstream::budget::store::StoreError),
 }
 
@@ -469,7 +469,7 @@ async fn reload(
     let candidate = match Gateway::new(&new, metrics, draining.clone()) {
         Ok(g) => g,
         Err(e) => {
-            tracing::error!(error = %e, "reload rejected; the previous configuration stays in force");
+            tracing::error!(error = %error::chain(&e), "reload rejected; the previous configuration stays in force");
             return;
         }
     };

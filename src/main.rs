@@ -164,7 +164,11 @@ fn load(path: &std::path::Path) -> Option<Config> {
     match Config::load(path) {
         Ok(config) => Some(config),
         Err(e) => {
-            eprintln!("error: {}: {e}", path.display());
+            eprintln!(
+                "error: {}: {}",
+                path.display(),
+                dynamics_gateway::error::chain(&e)
+            );
             None
         }
     }
@@ -198,7 +202,7 @@ async fn run(path: &std::path::Path, config: Config) -> ExitCode {
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", dynamics_gateway::error::chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -233,7 +237,7 @@ fn reload_on_sighup(path: PathBuf) -> dynamics_gateway::Reloads {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "SIGHUP: reload rejected; the previous configuration stays in force")
+                    tracing::error!(path = %path.display(), error = %dynamics_gateway::error::chain(&e), "SIGHUP: reload rejected; the previous configuration stays in force")
                 }
             }
         }
@@ -440,7 +444,7 @@ async fn demo(port: u16) -> ExitCode {
     match demo::run(port, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", dynamics_gateway::error::chain(&e));
             ExitCode::FAILURE
         }
     }

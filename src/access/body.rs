@@ -364,11 +364,7 @@ impl BodyInspector {
             Some(Frame::Object {
                 key: Some(Some(name)),
                 ..
-            }) => {
-                ends_with_ignore_case(name, "@odata.bind")
-                    || name.eq_ignore_ascii_case("@odata.id")
-                    || name.eq_ignore_ascii_case("@odata.type")
-            }
+            }) => is_bind_key(name) || is_id_key(name) || is_type_key(name),
             Some(Frame::Array(ArrayKind::Binds(_))) => true,
             _ => false,
         }
@@ -531,9 +527,14 @@ impl BodyInspector {
                 key,
                 ..
             }) => match key {
-                Some(Some(name)) if ends_with_ignore_case(&name, "@odata.bind") => {
-                    ArrayKind::Binds(via_text("", &name))
+                Some(Some(name)) if is_delta_key(&name) => {
+                    // Records nested in a delta are created, updated or removed: not read
+                    // here, so only a grant on every table covers them.
+                    let via = via_text("nested delta payload", &name);
+                    self.touch(Operation::Create, Resource::Unknown, via);
+                    ArrayKind::Other(Operation::Associate)
                 }
+                Some(Some(name)) if is_bind_key(&name) => ArrayKind::Binds(via_text("", &name)),
                 Some(Some(name)) if name.contains('@') => ArrayKind::Other(Operation::Associate),
                 Some(Some(name)) => {
                     let target = self.navigation(&table, &name);
@@ -596,13 +597,23 @@ impl BodyInspector {
             self.touch(Operation::Associate, Resource::Unknown, via);
             return;
         };
-        let is_bind = ends_with_ignore_case(&name, "@odata.bind");
-        let is_id = name.eq_ignore_ascii_case("@odata.id");
+        let is_bind = is_bind_key(&name);
+        let is_id = is_id_key(&name);
         let operation = match kind {
             _ if is_bind => Operation::Associate,
             ObjectKind::Record(_) | ObjectKind::Reference if is_id => Operation::Associate,
             ObjectKind::Other(op) if is_id => op,
-            ObjectKind::Other(Operation::Read) if name.eq_ignore_ascii_case("@odata.type") => {
+            // A record typed again (a second `@odata.type`, or one naming another table than
+            // the record's): readers differ on which one counts, so the other table counts too.
+            ObjectKind::Record(ref record) if is_type_key(&name) => {
+                let table = self.typed_table(text.as_deref());
+                if &table != record {
+                    let via = via_text("record also typed", text.as_deref().unwrap_or("?"));
+                    self.touch(Operation::Read, table, via);
+                }
+                return;
+            }
+            ObjectKind::Other(Operation::Read) if is_type_key(&name) => {
                 let table = self.typed_table(text.as_deref());
                 let via = via_text("parameter of type", text.as_deref().unwrap_or("?"));
                 self.touch(Operation::Read, table.clone(), via);
@@ -630,6 +641,16 @@ impl BodyInspector {
             .and_then(|rest| rest.split_once('/').map(|(_, after)| after))
             .unwrap_or(path);
         let first = path.split(['(', '/', '?']).next().unwrap_or_default();
+        // Only `set(key)` names one record of `set`; `set(key)/nav` names a record of the
+        // table `nav` leads to, which is not followed here.
+        let after_first = &path[first.len()..];
+        let past_key = match after_first.strip_prefix('(') {
+            Some(key) => key.split_once(')').map_or("", |(_, rest)| rest),
+            None => after_first,
+        };
+        if !past_key.is_empty() && !past_key.starts_with('?') && !first.starts_with('$') {
+            return Resource::Unknown;
+        }
         let first = percent_decode_str(first).decode_utf8_lossy();
         if let Some(id) = first.strip_prefix('$') {
             return self
@@ -662,6 +683,26 @@ impl BodyInspector {
                 .map_or(Resource::Unknown, |set| Resource::Set(set.to_string())),
         }
     }
+}
+
+/// `x@odata.bind`, or OData 4.01's `x@bind`.
+fn is_bind_key(name: &str) -> bool {
+    ends_with_ignore_case(name, "@odata.bind") || ends_with_ignore_case(name, "@bind")
+}
+
+/// `@odata.id`, or OData 4.01's `@id`.
+fn is_id_key(name: &str) -> bool {
+    name.eq_ignore_ascii_case("@odata.id") || name.eq_ignore_ascii_case("@id")
+}
+
+/// `@odata.type`, or OData 4.01's `@type`.
+fn is_type_key(name: &str) -> bool {
+    name.eq_ignore_ascii_case("@odata.type") || name.eq_ignore_ascii_case("@type")
+}
+
+/// `x@odata.delta`, or OData 4.01's `x@delta`.
+fn is_delta_key(name: &str) -> bool {
+    ends_with_ignore_case(name, "@odata.delta") || ends_with_ignore_case(name, "@delta")
 }
 
 fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {

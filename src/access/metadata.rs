@@ -15,13 +15,13 @@ use quick_xml::Reader;
 /// Why a CSDL document could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("the CSDL is not well-formed XML at byte {position}: {source}")]
+    #[error("the CSDL is not well-formed XML at byte {position}")]
     Xml {
         position: u64,
         #[source]

@@ -56,13 +56,13 @@ impl Default for MetadataSettings {
 /// Why a fetch of `$metadata` gave no new map.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataFetchError {
-    #[error("{0}")]
+    #[error(transparent)]
     Request(#[from] LookupError),
     #[error("Dataverse answered {0}")]
     Status(u16),
     #[error("the document is larger than access.metadata_max_bytes ({0} bytes)")]
     TooLarge(u64),
-    #[error("the document could not be read: {0}")]
+    #[error("the document could not be read")]
     Parse(#[source] MetadataError),
     #[error("the fetch took longer than access.metadata_timeout ({})", humantime::format_duration(*.0))]
     Timeout(Duration),

@@ -37,6 +37,8 @@ pub struct QueryOptions {
     pub references: Vec<String>,
     /// Nesting beyond [`MAX_DEPTH`], or unbalanced parentheses: not fully read.
     pub unreadable: bool,
+    /// An `$expand`'s options (at any depth) name a parameter alias (`@p`).
+    pub alias_in_expand: bool,
 }
 
 /// The option a path was found in, for the message naming what touched a table.
@@ -47,6 +49,7 @@ pub enum OptionName {
     OrderBy,
     Select,
     Apply,
+    Compute,
     SavedQuery,
     UserQuery,
 }
@@ -59,6 +62,7 @@ impl OptionName {
             Self::OrderBy => "$orderby",
             Self::Select => "$select",
             Self::Apply => "$apply",
+            Self::Compute => "$compute",
             Self::SavedQuery => "savedQuery",
             Self::UserQuery => "userQuery",
         }
@@ -90,6 +94,7 @@ impl QueryOptions {
 /// `$` is optional, as OData 4.01 allows; repeated options are all read.
 pub fn parse_query(query: &str) -> QueryOptions {
     let mut options = QueryOptions::default();
+    let mut aliases = Vec::new();
     for pair in query.split('&') {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         let name = decode(name);
@@ -97,12 +102,51 @@ pub fn parse_query(query: &str) -> QueryOptions {
         let name = name.trim();
         if name.starts_with('@') {
             collect_references(&value, &mut options.references);
+            aliases.push(value);
             continue;
         }
         let bare = name.strip_prefix('$').unwrap_or(name).to_ascii_lowercase();
         read_option(&bare, &value, &mut options, 0);
     }
+    // An alias's value stands where the alias is used (`$filter=@f&@f=nav/x`): every alias
+    // that is not a plain literal is read as an expression too. Where it is used is not
+    // followed, so its paths count from the addressed table (over-reading is safe).
+    let mut expressions = aliases.iter().filter(|v| !is_literal(v)).peekable();
+    // Inside an `$expand`'s options an alias counts from the expanded table, which is not
+    // followed here: refused rather than read against the wrong table.
+    if expressions.peek().is_some() && options.alias_in_expand {
+        options.unreadable = true;
+    }
+    for value in expressions {
+        match expression_paths(value) {
+            Some(paths) => options
+                .paths
+                .extend(paths.into_iter().map(|path| (OptionName::Filter, path))),
+            None => options.unreadable = true,
+        }
+    }
     options
+}
+
+/// A literal an alias may stand for without reaching any table: a string, a number, a
+/// GUID, `true`/`false`/`null`, or a JSON object or list (entity references in those are
+/// read by [`collect_references`]).
+fn is_literal(value: &str) -> bool {
+    let v = value.trim();
+    let quoted = v.len() >= 2
+        && v.starts_with('\'')
+        && v.ends_with('\'')
+        && !v[1..v.len() - 1].replace("''", "").contains('\'');
+    quoted
+        || v.starts_with('{')
+        || v.starts_with('[')
+        || ["true", "false", "null"]
+            .iter()
+            .any(|k| v.eq_ignore_ascii_case(k))
+        || uuid::Uuid::try_parse(v).is_ok()
+        || (!v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E')))
 }
 
 /// The one stored query a query string names (`savedQuery=<id>` or `userQuery=<id>`),
@@ -145,6 +189,7 @@ fn read_option(name: &str, value: &str, options: &mut QueryOptions, depth: usize
         "orderby" => OptionName::OrderBy,
         "select" => OptionName::Select,
         "apply" => OptionName::Apply,
+        "compute" => OptionName::Compute,
         _ => return,
     };
     match expression_paths(value) {
@@ -182,6 +227,7 @@ fn read_expand(value: &str, options: &mut QueryOptions, depth: usize) {
         };
         let mut nested = QueryOptions::default();
         if let Some(inner) = inner {
+            options.alias_in_expand |= inner.contains('@');
             let Some(parts) = split_top_level(inner, b';') else {
                 options.unreadable = true;
                 continue;
@@ -199,6 +245,7 @@ fn read_expand(value: &str, options: &mut QueryOptions, depth: usize) {
             segments(path_text)
         };
         options.unreadable |= nested.unreadable;
+        options.alias_in_expand |= nested.alias_in_expand;
         options.expand.push(Expand {
             path,
             options: nested,
@@ -242,9 +289,88 @@ fn split_top_level(text: &str, separator: u8) -> Option<Vec<&str>> {
     Some(parts)
 }
 
+/// Functions and `$apply` transformations an expression may call: the OData canonical
+/// functions, lambdas, and the transformations Dataverse documents. Any other unqualified
+/// name before `(` (`aggregate(nav(...))`, `$apply=expand(...)`) could reach a table the
+/// scanner cannot see, so the expression is unreadable. Namespaced names
+/// (`Microsoft.Dynamics.CRM.Under(...)`) are Dataverse's query functions.
+const KNOWN_CALLS: &[&str] = &[
+    "any",
+    "all",
+    "contains",
+    "endswith",
+    "startswith",
+    "length",
+    "indexof",
+    "substring",
+    "tolower",
+    "toupper",
+    "trim",
+    "concat",
+    "matchespattern",
+    "year",
+    "month",
+    "day",
+    "hour",
+    "minute",
+    "second",
+    "fractionalseconds",
+    "totalseconds",
+    "date",
+    "time",
+    "totaloffsetminutes",
+    "mindatetime",
+    "maxdatetime",
+    "now",
+    "round",
+    "floor",
+    "ceiling",
+    "cast",
+    "isof",
+    "hassubset",
+    "hassubsequence",
+    "case",
+    "aggregate",
+    "groupby",
+    "filter",
+    "topcount",
+    "topsum",
+    "toppercent",
+    "bottomcount",
+    "bottomsum",
+    "bottompercent",
+    "identity",
+    "and",
+    "or",
+    "not",
+    "eq",
+    "ne",
+    "gt",
+    "ge",
+    "lt",
+    "le",
+    "has",
+    "in",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "divby",
+    "mod",
+];
+
+/// The index of the first byte at or after `i` that is not whitespace.
+fn skip_space(bytes: &[u8], mut i: usize) -> usize {
+    while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
+        i += 1;
+    }
+    i
+}
+
 /// The paths in an expression that can reach another table: those of two or more
-/// segments, and any path inside a lambda. `None` when parentheses do not balance or nest
-/// deeper than [`MAX_DEPTH`].
+/// segments, a navigation followed by `/$count`, and any path inside a lambda. `None` when
+/// parentheses do not balance or nest deeper than [`MAX_DEPTH`], or for what the scanner
+/// cannot follow (`$root`, a path after `(...)`, an unknown call).
 pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
     let bytes = text.as_bytes();
     let mut paths = Vec::new();
@@ -282,20 +408,76 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
                 lambdas.pop();
             }
             i += 1;
+            // `(nav)/x`: a path continuing a parenthesised expression is not followed; only
+            // the next `$apply` transformation may follow one (`filter(...)/groupby(...)`).
+            let slash = skip_space(bytes, i);
+            if bytes.get(slash) == Some(&b'/') {
+                let name_start = skip_space(bytes, slash + 1);
+                let name_end = name_start
+                    + bytes[name_start..]
+                        .iter()
+                        .take_while(|c| c.is_ascii_alphanumeric() || **c == b'_')
+                        .count();
+                let name = &text[name_start..name_end];
+                let transformation = bytes.get(name_end) == Some(&b'(')
+                    && KNOWN_CALLS
+                        .iter()
+                        .any(|known| name.eq_ignore_ascii_case(known));
+                if !transformation {
+                    return None;
+                }
+                i = name_start;
+            }
+            continue;
+        }
+        if b == b'$' {
+            // `$it/` and `$this/` name the current record: the path goes on from it.
+            // `$root/` reaches any table; other `$` names (`$count` after a path) add no table.
+            let name_end = i
+                + 1
+                + bytes[i + 1..]
+                    .iter()
+                    .take_while(|c| c.is_ascii_alphanumeric())
+                    .count();
+            let name = &text[i + 1..name_end];
+            if name.eq_ignore_ascii_case("root") {
+                return None;
+            }
+            let after = skip_space(bytes, name_end);
+            if (name.eq_ignore_ascii_case("it") || name.eq_ignore_ascii_case("this"))
+                && bytes.get(after) == Some(&b'/')
+            {
+                i = skip_space(bytes, after + 1);
+            } else {
+                i = name_end;
+            }
             continue;
         }
         if !(b.is_ascii_alphabetic() || b == b'_' || b == b'@') {
             i += 1;
             continue;
         }
-        // A path: identifiers (possibly namespace-qualified) joined by '/'.
-        let start = i;
-        while i < bytes.len()
-            && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.' | b'/' | b'@'))
-        {
-            i += 1;
+        // A path: identifiers (possibly namespace-qualified) joined by '/', with or
+        // without spaces around each '/' (the OData lexer skips them).
+        let mut word = String::new();
+        loop {
+            let run = i;
+            while i < bytes.len()
+                && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.' | b'@'))
+            {
+                i += 1;
+            }
+            word.push_str(&text[run..i]);
+            let next = skip_space(bytes, i);
+            if bytes.get(next) == Some(&b'/') {
+                word.push('/');
+                i = skip_space(bytes, next + 1);
+                continue;
+            }
+            break;
         }
-        let word = &text[start..i];
+        // `nav/$count`, `nav/` then anything the scanner does not read: still `nav`.
+        let continues = word.ends_with('/');
         // Digits then letters (`3f2504e0-...`) were skipped as one token by the loop above
         // only if they started with a letter; a GUID starting with a letter reads as a
         // one-segment path, which reaches nothing.
@@ -324,6 +506,13 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
                 paths.push(path);
                 continue;
             }
+            let known = last.contains('.')
+                || KNOWN_CALLS
+                    .iter()
+                    .any(|known| last.eq_ignore_ascii_case(known));
+            if !known {
+                return None;
+            }
             // A function call (`contains(...)`, `Microsoft.Dynamics.CRM.Under(...)`):
             // the name is no path; a path before it (`a/b/fn(`) still is.
             path.pop();
@@ -337,10 +526,10 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
             .is_some_and(|first| lambdas.iter().any(|(var, _, _)| var == first));
         if in_lambda {
             // The variable alone (`c: ...`) adds nothing beyond the lambda's own path.
-            if path.len() >= 2 {
+            if path.len() >= 2 || continues {
                 paths.push(continue_lambda(path, &lambdas));
             }
-        } else if path.len() >= 2 {
+        } else if path.len() >= 2 || (continues && !path.is_empty()) {
             paths.push(path);
         }
     }
@@ -475,6 +664,62 @@ mod tests {
         assert_eq!(q.fetch_xml.as_deref(), Some("<fetch></fetch>"));
         let q = parse_query("@tid={'@odata.id':'contacts(00000000-0000-0000-0000-000000000001)'}");
         assert_eq!(q.references, vec!["contacts".to_string()]);
+    }
+
+    #[test]
+    fn spaced_aliased_counted_and_computed_paths_are_read() {
+        for query in [
+            "$filter=primarycontactid%20/fullname%20eq%20'x'",
+            "$filter=primarycontactid/%20fullname eq 'x'",
+            "$filter=primarycontactid%09/%0Afullname eq 'x'",
+            "$filter=primarycontactid+/fullname+eq+'x'",
+            "$orderby=name,primarycontactid /fullname",
+            "$apply=groupby((primarycontactid /fullname))",
+            "$filter=@f eq 'x'&@f=primarycontactid/fullname",
+            "$orderby=@o&@o=primarycontactid/fullname",
+            "$filter=$it/primarycontactid/fullname eq 'x'",
+            "$compute=primarycontactid/fullname as x",
+        ] {
+            let q = parse_query(query);
+            assert!(
+                q.paths
+                    .iter()
+                    .any(|(_, p)| p.first().map(String::as_str) == Some("primarycontactid")),
+                "{query}: {q:?}"
+            );
+        }
+        let q = parse_query("$filter=contact_customer_accounts/$count gt 0");
+        assert_eq!(q.paths[0].1, path("contact_customer_accounts"));
+        let q = parse_query("$filter=contact_customer_accounts %20/any(c:c/fullname eq 'x')");
+        assert!(
+            q.paths
+                .iter()
+                .any(|(_, p)| p == &path("contact_customer_accounts/fullname")),
+            "{q:?}"
+        );
+    }
+
+    #[test]
+    fn what_the_scanner_cannot_follow_is_unreadable_and_chained_transformations_are_not() {
+        for query in [
+            "$filter=(primarycontactid)/fullname eq 'x'",
+            "$filter=$root/contacts(1)/fullname eq 'x'",
+            "$apply=expand(primarycontactid)",
+            "$apply=aggregate(contact_customer_accounts(fullname with max as m))",
+            "$expand=parentaccountid($filter=@f)&@f=primarycontactid/fullname eq 'x'",
+        ] {
+            assert!(parse_query(query).unreadable, "{query}");
+        }
+        let q = parse_query("$apply=filter(statecode eq 0)/groupby((primarycontactid/fullname),aggregate($count as n))");
+        assert!(!q.unreadable, "{q:?}");
+        assert_eq!(
+            q.paths,
+            vec![(OptionName::Apply, path("primarycontactid/fullname"))]
+        );
+        let q = parse_query("$filter=name eq @n and revenue gt @r&@n='a/b'&@r=5&@g=3f2504e0-4f89-11d3-9a0c-0305e82c3301");
+        assert!(q.paths.is_empty() && !q.unreadable, "{q:?}");
+        let q = parse_query("$filter=Microsoft.Dynamics.CRM.Today(PropertyName='createdon') and not(contains(name,'x'))");
+        assert!(!q.unreadable, "{q:?}");
     }
 
     #[test]

@@ -136,7 +136,10 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
             |e| {
                 invalid(
                     format!("{key}.metadata_file"),
-                    format!("{e}; give the environment's $metadata saved as a file"),
+                    format!(
+                        "{}; give the environment's $metadata saved as a file",
+                        crate::error::chain(&e)
+                    ),
                 )
             },
         )?)),

@@ -66,7 +66,7 @@ impl StoredQueryLookup {
         match found {
             Ok(table) => Some(table),
             Err(e) => {
-                tracing::warn!(stored_query = %id, error = %e, "the table of a stored query could not be looked up; the request needs a grant on every table");
+                tracing::warn!(stored_query = %id, error = %crate::error::chain(&e), "the table of a stored query could not be looked up; the request needs a grant on every table");
                 None
             }
         }

@@ -30,8 +30,7 @@ use std::fmt;
 
 use percent_encoding::percent_decode_str;
 
-/// Every proxied path starts with this.
-const API_PREFIX: &str = "/api/data/";
+use crate::upstream::path::API_PREFIX;
 
 /// Web API versions Dataverse answers; anything else is [`Target::Unknown`].
 const VERSIONS: [&str; 3] = ["v9.0", "v9.1", "v9.2"];

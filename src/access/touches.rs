@@ -347,7 +347,7 @@ impl Touches<'_> {
             self.push(
                 Operation::Read,
                 Resource::Unknown,
-                Some("a query option nested too deep or unbalanced".into()),
+                Some("a query option the gateway cannot follow".into()),
             );
         }
         for expand in &options.expand {

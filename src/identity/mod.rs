@@ -53,7 +53,7 @@ pub enum IdentityError {
     UserDisabled,
     #[error("more than one Dynamics user matches the caller")]
     Ambiguous,
-    #[error("looking up the caller's Dynamics user failed: {0}")]
+    #[error("looking up the caller's Dynamics user failed")]
     Lookup(#[source] LookupError),
 }
 

@@ -6,7 +6,7 @@ use url::Url;
 /// Why discovery or a key fetch failed; logged, and counted, never shown to callers.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("GET {url} failed: {source}")]
+    #[error("GET {url} failed")]
     Http {
         url: String,
         #[source]
@@ -16,13 +16,13 @@ pub enum FetchError {
     Status { url: String, status: u16 },
     /// Too large, or cut off: the read stops at the cap so a dependency streaming without
     /// end costs bounded memory.
-    #[error("reading the answer of {url} failed: {source}")]
+    #[error("reading the answer of {url} failed")]
     Body {
         url: String,
         #[source]
         source: crate::body::CappedReadError,
     },
-    #[error("{url} did not return the expected JSON: {source}")]
+    #[error("{url} did not return the expected JSON")]
     Json {
         url: String,
         #[source]

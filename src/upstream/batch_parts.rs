@@ -390,6 +390,9 @@ fn kind_text(kind: &CallerOnlyHeader) -> &'static str {
         CallerOnlyHeader::Cookie => "cookies",
         CallerOnlyHeader::MethodOverride => "a method override",
         CallerOnlyHeader::PathOverride => "a path override",
+        CallerOnlyHeader::Encoding => {
+            "a compressed body (Content-Encoding) the gateway cannot check"
+        }
     }
 }
 

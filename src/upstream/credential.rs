@@ -145,7 +145,7 @@ pub enum Credential {
 /// assertion.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -156,7 +156,7 @@ pub enum CredentialError {
     Invalid { origin: String, reason: String },
     #[error("signing the client assertion failed")]
     Sign,
-    #[error("token request to {url} failed: {source}")]
+    #[error("token request to {url} failed")]
     Http {
         url: String,
         #[source]

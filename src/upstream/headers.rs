@@ -172,6 +172,9 @@ pub enum CallerOnlyHeader {
     MethodOverride,
     /// `X-Original-URL`, `X-Rewrite-URL`.
     PathOverride,
+    /// `Content-Encoding`: a part's body is read for its access pairs and links, so it
+    /// must arrive as written.
+    Encoding,
 }
 
 /// The rule a header name inside a `$batch` part falls under, if any: the same names the
@@ -193,6 +196,8 @@ pub(crate) fn caller_only_header(name: &str) -> Option<CallerOnlyHeader> {
         Some(CallerOnlyHeader::MethodOverride)
     } else if PATH_OVERRIDE_HEADERS.contains(&dashed.as_str()) {
         Some(CallerOnlyHeader::PathOverride)
+    } else if dashed == "content-encoding" {
+        Some(CallerOnlyHeader::Encoding)
     } else {
         None
     }

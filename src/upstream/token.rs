@@ -62,9 +62,9 @@ impl S2sToken {
 /// Why no token could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
-    #[error("credential: {0}")]
+    #[error("the credential could not be used")]
     Credential(#[from] CredentialError),
-    #[error("reading the answer of token endpoint {url} failed: {source}")]
+    #[error("reading the answer of token endpoint {url} failed")]
     Body {
         url: String,
         #[source]
@@ -361,7 +361,7 @@ impl TokenSource {
             }
             Err(e) => {
                 if let Ok(mut g) = self.last_error.lock() {
-                    *g = Some(e.to_string());
+                    *g = Some(crate::error::chain(&e));
                 }
                 Err(e)
             }

@@ -235,6 +235,201 @@ async fn every_table_a_request_touches_needs_a_grant() {
 }
 
 #[tokio::test]
+async fn spelling_a_path_another_way_does_not_hide_the_table_it_reaches() {
+    // Round two of the outside attack: each of these reached Dataverse under a rule that
+    // allows only GET (or POST) on accounts.
+    let env = env().identity(&policy(true)).start().await;
+    let r = "Accounts.Read";
+    let c = "Accounts.Create";
+    let contacts = "read on contacts";
+    let cannot = "a query option the gateway cannot follow";
+    let cases: Vec<(&str, &str, String, &str, Expect)> = vec![
+        (
+            r,
+            "GET",
+            "accounts?$filter=primarycontactid%20/fullname%20eq%20'x'".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=primarycontactid/%20fullname%20eq%20'x'".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=primarycontactid%09/fullname%20eq%20'x'".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=primarycontactid+/fullname+eq+'x'".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$orderby=name,primarycontactid%20/fullname".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$apply=groupby((primarycontactid%20/fullname))".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=contact_customer_accounts%20/any(c:c/fullname%20eq%20'x')".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=@f%20eq%20'x'&@f=primarycontactid/fullname".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$orderby=@o&@o=primarycontactid/fullname".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=contact_customer_accounts/$count%20gt%200".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$compute=primarycontactid/fullname%20as%20x".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=$it/primarycontactid/fullname%20eq%20'x'".into(),
+            "",
+            Refused(contacts),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=(primarycontactid)/fullname%20eq%20'x'".into(),
+            "",
+            Refused(cannot),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$filter=$root/contacts(1)/fullname%20eq%20'x'".into(),
+            "",
+            Refused(cannot),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$apply=expand(primarycontactid)".into(),
+            "",
+            Refused(cannot),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$apply=aggregate(contact_customer_accounts(fullname%20with%20max%20as%20m))"
+                .into(),
+            "",
+            Refused(cannot),
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$expand=parentaccountid($filter=@f)&@f=primarycontactid/fullname%20eq%20'x'"
+                .into(),
+            "",
+            Refused(cannot),
+        ),
+        // What stays allowed: literals in aliases, chained transformations, namespaced functions.
+        (
+            r,
+            "GET",
+            "accounts?$filter=name%20eq%20@n&@n='a/b'".into(),
+            "",
+            Forwarded,
+        ),
+        (
+            r,
+            "GET",
+            "accounts?$apply=filter(statecode%20eq%200)/groupby((name))".into(),
+            "",
+            Forwarded,
+        ),
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"name":"x","@odata.type":"Microsoft.Dynamics.CRM.account"}"#,
+            Forwarded,
+        ),
+        // Bodies: a second @odata.type, bind URLs past set(key), OData 4.01 short names.
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"parentaccountid":{"@odata.type":"Microsoft.Dynamics.CRM.account","@odata.type":"Microsoft.Dynamics.CRM.contact"}}"#,
+            Refused("contacts"),
+        ),
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"name":"x","primarycontactid@odata.bind":"/accounts(00000000-0000-0000-0000-000000000001)/primarycontactid"}"#,
+            Refused("associate"),
+        ),
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"name":"x","parentaccountid@bind":"/contacts(00000000-0000-0000-0000-000000000001)"}"#,
+            Refused("associate on contacts"),
+        ),
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"name":"x","parentaccountid":{"@id":"/contacts(00000000-0000-0000-0000-000000000001)"}}"#,
+            Refused("contacts"),
+        ),
+        (
+            c,
+            "POST",
+            "accounts".into(),
+            r#"{"name":"x","contact_customer_accounts@odata.delta":[{"lastname":"x"}]}"#,
+            Refused("delta"),
+        ),
+    ];
+    for (role, method, path, body, expect) in cases {
+        check(&env, role, method, &path, body, expect).await;
+    }
+}
+
+#[tokio::test]
 async fn a_body_is_read_as_dataverse_reads_it_whatever_its_declared_type() {
     let env = env().identity(&policy(true)).start().await;
     let deep = r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#;

@@ -116,6 +116,8 @@ async fn a_part_with_identity_credentials_cookies_or_overrides_refuses_the_whole
         "X_Method_Override: DELETE".to_string(),
         "X-Original-URL: /api/data/v9.2/systemusers".to_string(),
         "x_rewrite_url: /api/data/v9.2/systemusers".to_string(),
+        // A body the gateway could not read for its pairs and links.
+        "Content-Encoding: gzip".to_string(),
     ];
     for header in &headers {
         let name = header.split(':').next().unwrap();

@@ -347,8 +347,9 @@ async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() 
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let error = dynamics_gateway::run(config, listener, admin, std::future::pending())
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    // As the binary prints it: the error and its causes.
+    let error = dynamics_gateway::error::chain(&error);
     assert!(
         error.contains("server.tls.certificate") && error.contains("server.pem"),
         "{error}"
@@ -366,8 +367,8 @@ async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() 
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let error = dynamics_gateway::run(config, listener, admin, std::future::pending())
         .await
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    let error = dynamics_gateway::error::chain(&error);
     assert!(error.contains("does not fit the certificate"), "{error}");
 }
 
