@@ -358,9 +358,11 @@ mod tests {
             GatewayError::Auth(AuthError::KeysUnavailable {
                 issuer: CAUSE.into(),
             }),
-            GatewayError::Identity(IdentityError::Lookup(LookupError::NoToken(CAUSE.into()))),
+            GatewayError::Identity(IdentityError::Lookup(LookupError::NoToken(
+                std::sync::Arc::new(TokenError::InvalidResponse(CAUSE.into())),
+            ))),
             GatewayError::Identity(IdentityError::Lookup(LookupError::Unreachable(
-                CAUSE.into(),
+                std::sync::Arc::from(io()),
             ))),
             GatewayError::Identity(IdentityError::Lookup(LookupError::Status(401))),
             GatewayError::Internal,

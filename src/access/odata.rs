@@ -359,10 +359,15 @@ const KNOWN_CALLS: &[&str] = &[
     "mod",
 ];
 
-/// The index of the first byte at or after `i` that is not whitespace.
-fn skip_space(bytes: &[u8], mut i: usize) -> usize {
-    while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
-        i += 1;
+/// The index of the first byte at or after `i` that does not start whitespace, Unicode's
+/// included (vertical tab, no-break space, ...): the OData lexer skips every character
+/// .NET counts as white space.
+fn skip_space(text: &str, mut i: usize) -> usize {
+    while let Some(c) = text.get(i..).and_then(|rest| rest.chars().next()) {
+        if !c.is_whitespace() {
+            break;
+        }
+        i += c.len_utf8();
     }
     i
 }
@@ -410,9 +415,9 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
             i += 1;
             // `(nav)/x`: a path continuing a parenthesised expression is not followed; only
             // the next `$apply` transformation may follow one (`filter(...)/groupby(...)`).
-            let slash = skip_space(bytes, i);
+            let slash = skip_space(text, i);
             if bytes.get(slash) == Some(&b'/') {
-                let name_start = skip_space(bytes, slash + 1);
+                let name_start = skip_space(text, slash + 1);
                 let name_end = name_start
                     + bytes[name_start..]
                         .iter()
@@ -443,11 +448,11 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
             if name.eq_ignore_ascii_case("root") {
                 return None;
             }
-            let after = skip_space(bytes, name_end);
+            let after = skip_space(text, name_end);
             if (name.eq_ignore_ascii_case("it") || name.eq_ignore_ascii_case("this"))
                 && bytes.get(after) == Some(&b'/')
             {
-                i = skip_space(bytes, after + 1);
+                i = skip_space(text, after + 1);
             } else {
                 i = name_end;
             }
@@ -468,13 +473,17 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
                 i += 1;
             }
             word.push_str(&text[run..i]);
-            let next = skip_space(bytes, i);
+            let next = skip_space(text, i);
             if bytes.get(next) == Some(&b'/') {
                 word.push('/');
-                i = skip_space(bytes, next + 1);
+                i = skip_space(text, next + 1);
                 continue;
             }
             break;
+        }
+        // `@a/x`: an alias standing for the start of a path is not followed.
+        if word.starts_with('@') && word.contains('/') {
+            return None;
         }
         // `nav/$count`, `nav/` then anything the scanner does not read: still `nav`.
         let continues = word.ends_with('/');
@@ -514,9 +523,13 @@ pub fn expression_paths(text: &str) -> Option<Vec<Path>> {
                 return None;
             }
             // A function call (`contains(...)`, `Microsoft.Dynamics.CRM.Under(...)`):
-            // the name is no path; a path before it (`a/b/fn(`) still is.
-            path.pop();
-            if path.len() >= 2 || !lambdas.is_empty() {
+            // the name is no path (a namespaced one was never in it); a path before it
+            // (`nav/fn(`, `a/b/fn(`) is a call on what the path reaches.
+            if !last.contains('.') {
+                path.pop();
+            }
+            let called_on_a_path = word.contains('/');
+            if (called_on_a_path && !path.is_empty()) || path.len() >= 2 || !lambdas.is_empty() {
                 paths.push(continue_lambda(path, &lambdas));
             }
             continue;
@@ -688,6 +701,19 @@ mod tests {
                 "{query}: {q:?}"
             );
         }
+        for space in [
+            "%0B",
+            "%C2%A0",
+            "%E2%80%83",
+            "%E3%80%80",
+            "%C2%85",
+            "%E2%80%A8",
+        ] {
+            let q = parse_query(&format!("$filter=primarycontactid{space}/fullname eq 'x'"));
+            assert_eq!(q.paths[0].1, path("primarycontactid/fullname"), "{space}");
+        }
+        let q = parse_query("$filter=primarycontactid/Microsoft.Dynamics.CRM.Foo() eq 1");
+        assert_eq!(q.paths[0].1, path("primarycontactid"), "{q:?}");
         let q = parse_query("$filter=contact_customer_accounts/$count gt 0");
         assert_eq!(q.paths[0].1, path("contact_customer_accounts"));
         let q = parse_query("$filter=contact_customer_accounts %20/any(c:c/fullname eq 'x')");
@@ -707,6 +733,7 @@ mod tests {
             "$apply=expand(primarycontactid)",
             "$apply=aggregate(contact_customer_accounts(fullname with max as m))",
             "$expand=parentaccountid($filter=@f)&@f=primarycontactid/fullname eq 'x'",
+            "$filter=@a/fullname eq 'x'&@a=primarycontactid",
         ] {
             assert!(parse_query(query).unreadable, "{query}");
         }

@@ -41,12 +41,12 @@ const FILTER_VALUE: &AsciiSet = &NON_ALPHANUMERIC
 /// in-flight lookup gets the same failure.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LookupError {
-    #[error("no S2S token ({0})")]
-    NoToken(String),
+    #[error("no S2S token")]
+    NoToken(#[source] Arc<crate::upstream::TokenError>),
     #[error("Dynamics did not answer within {}s", .0.as_secs())]
     Timeout(Duration),
-    #[error("Dynamics is unreachable ({0})")]
-    Unreachable(String),
+    #[error("Dynamics is unreachable")]
+    Unreachable(#[source] Arc<dyn std::error::Error + Send + Sync>),
     #[error("Dynamics answered {0}")]
     Status(u16),
     #[error("Dynamics' answer was not the expected JSON")]
@@ -56,9 +56,9 @@ pub enum LookupError {
 impl From<UpstreamError> for LookupError {
     fn from(e: UpstreamError) -> Self {
         match e {
-            UpstreamError::NoToken(t) => Self::NoToken(t.to_string()),
+            UpstreamError::NoToken(t) => Self::NoToken(Arc::new(t)),
             UpstreamError::Timeout(d) => Self::Timeout(d),
-            other => Self::Unreachable(crate::error::chain(&other)),
+            other => Self::Unreachable(Arc::new(other)),
         }
     }
 }
@@ -287,7 +287,7 @@ async fn send(
     }
     match tokio::time::timeout(timeout, client.send(request)).await {
         Err(_) => Err(LookupError::Timeout(timeout)),
-        Ok(Err(e)) => Err(LookupError::Unreachable(crate::error::chain(&e))),
+        Ok(Err(e)) => Err(LookupError::Unreachable(Arc::new(e))),
         Ok(Ok(response)) => Ok(response),
     }
 }
