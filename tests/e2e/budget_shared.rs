@@ -575,7 +575,7 @@ async fn an_endless_reply_from_the_store_is_cut_off_and_its_connection_dropped()
 #[tokio::test]
 async fn requests_admitted_on_the_local_shares_keep_the_shares_after_the_store_returns() {
     let mut store = Store::start().await;
-    let r = replicas(&store, at_most(4), 4, "").await;
+    let r = replicas(&store, Throttling::default(), 4, "").await;
     until_degraded(&r.a, 0.0).await;
     until_degraded(&r.b, 0.0).await;
     store.kill().await;
@@ -583,7 +583,7 @@ async fn requests_admitted_on_the_local_shares_keep_the_shares_after_the_store_r
     until_degraded(&r.b, 1.0).await;
     // Each replica its share (2) of long requests, admitted while the store is away: the
     // store holds no lease for them.
-    r.dataverse.set_delay(Duration::from_secs(3));
+    r.dataverse.set_delay(Duration::from_secs(6));
     let long = {
         let (client, token) = (client(), r.token());
         (0..4)
@@ -607,20 +607,22 @@ async fn requests_admitted_on_the_local_shares_keep_the_shares_after_the_store_r
     until_degraded(&r.a, 0.0).await;
     until_degraded(&r.b, 0.0).await;
     r.dataverse.set_delay(Duration::from_millis(100));
-    r.dataverse.reset_max_in_flight();
+    let before = r.dataverse.request_count();
     // The store answers again, but counts none of the four: taking the whole limit from it
-    // now would put 8 in flight.
-    let statuses = burst(&r, 20, false).await;
+    // now would put 8 in flight. While they run, nothing more is sent.
+    let (statuses, ()) = tokio::join!(burst(&r, 20, false), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(r.dataverse.in_flight(), 4, "the long requests still run");
+        assert_eq!(
+            r.dataverse.request_count(),
+            before,
+            "a replica took slots from the store on top of its unleased requests"
+        );
+    });
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     for request in long {
         assert_eq!(request.await.unwrap(), 200);
     }
-    assert!(
-        r.dataverse.max_in_flight() <= 4,
-        "{} in flight at Dataverse with a shared limit of 4",
-        r.dataverse.max_in_flight()
-    );
-    assert_eq!(r.dataverse.throttled_count(), 0);
     // Once they ended, the whole limit is shared again.
     assert!(burst(&r, 8, false).await.iter().all(|s| *s == 200));
     for replica in [&r.a, &r.b] {
@@ -691,9 +693,14 @@ async fn a_store_that_answers_ping_but_refuses_writes_is_not_taken_back() {
     tokio::spawn(store.clone().probe(stop.clone()));
     assert!(store.acquire("t:budget:x:application", 2).await.is_err());
     // Three probe rounds (twice a second): each asks the store to write, and is refused.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    for _ in 0..200 {
+        if refused.load(Ordering::SeqCst) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
-        refused.load(Ordering::SeqCst) >= 3,
+        refused.load(Ordering::SeqCst) >= 4,
         "the probe asked {} times",
         refused.load(Ordering::SeqCst)
     );
