@@ -75,6 +75,7 @@ impl Fixture {
             metadata: Some(&self.metadata),
             claims: &self.claims,
             issuer: "https://issuer.example",
+            tenant: Some("t"),
             kind: CallerKind::User,
             stored_query_table: None,
         }

@@ -233,6 +233,7 @@ impl Pipeline {
             metadata: metadata.as_ref(),
             claims: &caller.claims,
             issuer: &caller.issuer,
+            tenant: caller.tenant(),
             kind: caller.kind,
             stored_query_table: stored_query_table.as_deref(),
         };

@@ -99,7 +99,7 @@ impl Router {
         prefix: Option<&str>,
         caller: &Caller,
     ) -> Result<&Arc<Environment>, RouteError> {
-        let tid = caller.claim_str("tid");
+        let tid = caller.tenant();
         let environment = match self.routing {
             Routing::PathPrefix => {
                 let name = prefix.unwrap_or_default();

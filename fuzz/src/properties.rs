@@ -89,6 +89,7 @@ rules:
         metadata: Some(&metadata),
         claims: &claims,
         issuer: "fuzz",
+        tenant: None,
         kind: CallerKind::User,
         stored_query_table: None,
     };

@@ -111,6 +111,8 @@ pub struct AccessRequest<'a> {
     pub claims: &'a Map<String, Value>,
     /// The caller's verified issuer.
     pub issuer: &'a str,
+    /// The caller's tenant (`tid`), as the inbound stage read it.
+    pub tenant: Option<&'a str>,
     /// User or application, as the inbound stage decided.
     pub kind: CallerKind,
     /// The logical name of the table the request's `savedQuery` / `userQuery` reads, when

@@ -61,7 +61,9 @@ impl When {
         }) && check(&self.issuers, |issuers| {
             issuers.iter().any(|want| want == request.issuer)
         }) && check(&self.tenants, |tenants| {
-            claim_str(claims, "tid").is_some_and(|tid| tenants.iter().any(|want| want.is(tid)))
+            request
+                .tenant
+                .is_some_and(|tid| tenants.iter().any(|want| want.is(tid)))
         }) && check(&self.app_ids, |app_ids| {
             // v2 tokens name the client in `azp`, v1 tokens in `appid`.
             ["azp", "appid"]

@@ -57,6 +57,8 @@ fn decide_as(
         metadata: None,
         claims,
         issuer,
+        // What the inbound stage reads from a verified token.
+        tenant: claims.get("tid").and_then(Value::as_str),
         kind: CallerKind::from_claims(&AppOnlyEvidence::Entra, claims),
         stored_query_table: None,
     })

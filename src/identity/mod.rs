@@ -122,7 +122,7 @@ impl IdentityResolver {
             .claim_str(&self.claim)
             .filter(|v| !v.is_empty())
             .ok_or_else(|| IdentityError::MissingClaim(self.claim.clone()))?;
-        let tid = caller.claim_str("tid").unwrap_or_default();
+        let tid = caller.tenant().unwrap_or_default();
         let own_tenant = tid.eq_ignore_ascii_case(&self.tenant_id);
         match &self.mode {
             Mode::CallerObjectId => {

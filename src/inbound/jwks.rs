@@ -198,12 +198,8 @@ impl JwksCache {
                 return Err(AuthError::TenantNotAllowed);
             }
         }
-        Ok(Caller {
-            issuer,
-            configured_issuer: self.issuer.clone(),
-            kind: CallerKind::from_claims(&self.config.app_only_evidence, &claims),
-            claims: Arc::new(claims),
-        })
+        let kind = CallerKind::from_claims(&self.config.app_only_evidence, &claims);
+        Ok(Caller::new(issuer, self.issuer.clone(), kind, claims))
     }
 
     /// Refuses signed tokens that are not access tokens for an API: ID tokens (they carry

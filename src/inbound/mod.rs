@@ -25,9 +25,15 @@ pub struct Caller {
     /// The issuer as written in `inbound.issuers` (a template stays a template): what
     /// config entries that trust an issuer name.
     pub configured_issuer: Arc<str>,
+    /// The token's `sub` when it is a string.
+    pub subject: Option<Arc<str>>,
+    /// The token's `tid` (the caller's tenant) when it is a string: what routing, access
+    /// and identity decide on, read once here.
+    pub tenant: Option<Arc<str>>,
     /// User or application, decided once here from the issuer's evidence.
     pub kind: CallerKind,
-    /// Every claim of the verified token.
+    /// Every claim of the verified token, for the claims config names (identity's
+    /// `claim`, access rules' `roles`, `scp`, `claims`).
     pub claims: Arc<Map<String, Value>>,
 }
 
@@ -79,6 +85,29 @@ fn claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
 }
 
 impl Caller {
+    /// The caller of verified claims: the typed fields are read from them here, once.
+    pub(crate) fn new(
+        issuer: Arc<str>,
+        configured_issuer: Arc<str>,
+        kind: CallerKind,
+        claims: Map<String, Value>,
+    ) -> Self {
+        let string = |name| claim(&claims, name).map(Arc::from);
+        Self {
+            issuer,
+            configured_issuer,
+            subject: string("sub"),
+            tenant: string("tid"),
+            kind,
+            claims: Arc::new(claims),
+        }
+    }
+
+    /// The tenant, when the token names one.
+    pub fn tenant(&self) -> Option<&str> {
+        self.tenant.as_deref()
+    }
+
     /// A claim's value when it is a string.
     pub(crate) fn claim_str(&self, name: &str) -> Option<&str> {
         self.claims.get(name).and_then(Value::as_str)
@@ -86,7 +115,7 @@ impl Caller {
 
     /// `sub`, for logs.
     pub fn subject(&self) -> &str {
-        self.claim_str("sub").unwrap_or("-")
+        self.subject.as_deref().unwrap_or("-")
     }
 }
 

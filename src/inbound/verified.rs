@@ -96,12 +96,12 @@ mod tests {
 
     fn caller(exp: u64) -> Caller {
         let claims = serde_json::json!({"exp": exp, "oid": "x"});
-        Caller {
-            issuer: Arc::from("https://issuer"),
-            configured_issuer: Arc::from("https://issuer"),
-            kind: super::super::CallerKind::User,
-            claims: Arc::new(claims.as_object().cloned().unwrap()),
-        }
+        Caller::new(
+            Arc::from("https://issuer"),
+            Arc::from("https://issuer"),
+            super::super::CallerKind::User,
+            claims.as_object().cloned().unwrap(),
+        )
     }
 
     #[test]

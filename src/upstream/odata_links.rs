@@ -2372,6 +2372,7 @@ rules:
                 metadata: None,
                 claims: &claims,
                 issuer: "i",
+                tenant: None,
                 kind: CallerKind::User,
                 stored_query_table: None,
             };
