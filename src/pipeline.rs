@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
-use crate::access::{AccessPolicy, AccessRequest, ImpersonationPolicy};
+use crate::access::{AccessPolicy, AccessRequest, BodyAccess, Grant, ImpersonationPolicy};
 use crate::audit::{Audit, AuditRecord};
 use crate::body::GatewayBody;
 use crate::error::GatewayError;
@@ -24,7 +24,7 @@ use crate::routing::{Environment, Router};
 use crate::telemetry::{self, SPAN_TARGET};
 use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use crate::upstream::path::{request_target, PathError};
+use crate::upstream::path::{request_target, PathError, RequestTarget};
 use crate::upstream::{ForwardContext, UpstreamError};
 
 /// The three stages and what they share.
@@ -42,13 +42,27 @@ pub struct Pipeline {
 }
 
 /// Who the request turned out to be and where it went, for the audit line and metrics.
+/// [`Pipeline::handle`] records each fact as soon as a stage returns it, so a caller who
+/// hangs up mid-request is still audited with what was known by then.
 #[derive(Default)]
-struct Outcome {
+struct Facts {
     /// The environment the request was routed to; `None` when refused before routing.
     environment: Option<Arc<Environment>>,
     caller: Option<Caller>,
     caller_key: Option<String>,
     impersonated: Option<Impersonation>,
+}
+
+/// What the cheap checks found: where the request goes, and the base for links handed back.
+struct Admitted<'a> {
+    target: RequestTarget<'a>,
+    public_base: String,
+}
+
+/// What the access stage granted.
+struct Authorized {
+    grant: Grant,
+    body_access: Option<BodyAccess>,
 }
 
 /// The status recorded for a request whose caller hung up before its answer's head
@@ -68,7 +82,7 @@ struct Accounting {
     /// Subject of the connection's client certificate (mutual TLS).
     client_certificate: Option<Arc<str>>,
     trace_id: Option<String>,
-    outcome: Outcome,
+    facts: Facts,
     /// The answer's status; `None` until it is known.
     status: Option<StatusCode>,
     refusal: Option<GatewayError>,
@@ -80,7 +94,7 @@ impl Drop for Accounting {
         let elapsed = self.started.elapsed();
         let metrics = &self.pipeline.metrics;
         let environment_label = self
-            .outcome
+            .facts
             .environment
             .as_ref()
             .map_or(NO_ENVIRONMENT, |e| e.name());
@@ -102,7 +116,7 @@ impl Drop for Accounting {
             .request_duration_seconds
             .with_label_values(&[environment_label, method_label])
             .observe(elapsed.as_secs_f64());
-        let outcome = &self.outcome;
+        let facts = &self.facts;
         self.pipeline.audit.request(
             &AuditRecord {
                 request_id: self.request_id.to_str().unwrap_or("-"),
@@ -111,10 +125,10 @@ impl Drop for Accounting {
                 path_and_query: self.uri.path_and_query().map_or("", |p| p.as_str()),
                 status,
                 duration: elapsed,
-                issuer: outcome.caller.as_ref().map(|c| &*c.issuer),
-                subject: outcome.caller.as_ref().map(|c| c.subject()),
-                caller: outcome.caller_key.as_deref(),
-                impersonated: outcome.impersonated,
+                issuer: facts.caller.as_ref().map(|c| &*c.issuer),
+                subject: facts.caller.as_ref().map(|c| c.subject()),
+                caller: facts.caller_key.as_deref(),
+                impersonated: facts.impersonated,
                 client_certificate: self.client_certificate.as_deref(),
                 trace_id: self.trace_id.as_deref(),
             },
@@ -152,17 +166,45 @@ impl Pipeline {
                 .get::<crate::tls::ClientCertificate>()
                 .map(|c| c.0.clone()),
             trace_id: telemetry::trace_id(&span, request.headers()),
-            outcome: Outcome::default(),
+            facts: Facts::default(),
             status: None,
             refusal: None,
         };
         let uri = accounting.uri.clone();
         let request_id = accounting.request_id.clone();
-        let response = match self
-            .process(request, &uri, peer, &request_id, &mut accounting.outcome)
-            .instrument(span.clone())
-            .await
-        {
+        let facts = &mut accounting.facts;
+        // The stages in order; each returns what it found, and the facts the audit line
+        // needs are recorded here the moment they are known.
+        let result = async {
+            let admitted = self.admit(&request, &uri)?;
+            let caller = &*facts.caller.insert(self.authenticate(&request).await?);
+            let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access");
+            let environment =
+                deciding.in_scope(|| self.router.route(admitted.target.environment, caller))?;
+            facts.environment = Some(environment.clone());
+            facts.caller_key = Some(environment.identity.caller_key(caller).to_string());
+            let authorized = self
+                .authorize(&request, &admitted.target, caller, environment)
+                .instrument(deciding)
+                .await?;
+            let impersonation = *facts.impersonated.insert(
+                self.impersonate(&authorized.grant, caller, environment)
+                    .await?,
+            );
+            let ctx = ForwardContext {
+                peer,
+                request_id: &request_id,
+                impersonation: &impersonation,
+                grant: &authorized.grant,
+                body_access: authorized.body_access.as_ref(),
+                public_base: &admitted.public_base,
+                path_and_query: admitted.target.path_and_query,
+            };
+            self.forward(request, environment, ctx).await
+        }
+        .instrument(span.clone())
+        .await;
+        let response = match result {
             Ok(response) => response,
             Err(error) => {
                 if let GatewayError::Auth(e) = &error {
@@ -181,47 +223,51 @@ impl Pipeline {
         response
     }
 
-    async fn process(
+    /// Cheap checks first: a method, path or Host that is never forwarded costs no key
+    /// lookup, and no identity lookup at Dataverse.
+    fn admit<'u>(
         &self,
-        request: Request<Incoming>,
-        uri: &Uri,
-        peer: SocketAddr,
-        request_id: &HeaderValue,
-        outcome: &mut Outcome,
-    ) -> Result<Response<GatewayBody>, GatewayError> {
-        // Cheap checks first: a method, path or Host that is never forwarded costs no key
-        // lookup, and no identity lookup at Dataverse.
+        request: &Request<Incoming>,
+        uri: &'u Uri,
+    ) -> Result<Admitted<'u>, GatewayError> {
         WebApiMethod::from_http(request.method())?;
         let target = request_target(uri, self.router.uses_path_prefix())?;
         // Links handed back keep the environment prefix, so apps stay on the same route.
-        let mut public_base = self.public_base(&request)?;
+        let mut public_base = self.public_base(request)?;
         if let Some(prefix) = target.environment {
             public_base.push('/');
             public_base.push_str(prefix);
         }
-        let caller: &Caller = outcome.caller.insert(
-            self.inbound
-                .authenticate(request.headers())
-                .instrument(tracing::info_span!(target: SPAN_TARGET, "inbound.validate"))
-                .await?,
-        );
-        let deciding = tracing::info_span!(target: SPAN_TARGET, "routing.access");
-        let environment = deciding.in_scope(|| self.router.route(target.environment, caller))?;
-        outcome.environment = Some(environment.clone());
-        outcome.caller_key = Some(environment.identity.caller_key(caller).to_string());
+        Ok(Admitted {
+            target,
+            public_base,
+        })
+    }
+
+    /// Inbound: who is calling?
+    async fn authenticate(&self, request: &Request<Incoming>) -> Result<Caller, GatewayError> {
+        Ok(self
+            .inbound
+            .authenticate(request.headers())
+            .instrument(tracing::info_span!(target: SPAN_TARGET, "inbound.validate"))
+            .await?)
+    }
+
+    /// Access: may this caller do this, there? Counts a refusal by the rule that refused.
+    async fn authorize(
+        &self,
+        request: &Request<Incoming>,
+        target: &RequestTarget<'_>,
+        caller: &Caller,
+        environment: &Environment,
+    ) -> Result<Authorized, GatewayError> {
         // The path without the environment prefix.
         let (path, query) = target
             .path_and_query
             .split_once('?')
             .unwrap_or((target.path_and_query, ""));
         let stored_query_table = match self.access.reads_stored_queries() {
-            true => {
-                environment
-                    .stored_queries
-                    .table_of(query)
-                    .instrument(deciding.clone())
-                    .await
-            }
+            true => environment.stored_queries.table_of(query).await,
             false => None,
         };
         // Fetched from Dataverse; `None` (and then `access.metadata_file`, if any) until then.
@@ -237,16 +283,24 @@ impl Pipeline {
             kind: caller.kind,
             stored_query_table: stored_query_table.as_deref(),
         };
-        let grant = deciding
-            .in_scope(|| self.access.decide(&access_request))
-            .inspect_err(|denied| {
-                self.metrics
-                    .access_denied_total
-                    .with_label_values(&[&denied.rule])
-                    .inc();
-            })?;
+        let grant = self.access.decide(&access_request).inspect_err(|denied| {
+            self.metrics
+                .access_denied_total
+                .with_label_values(&[&denied.rule])
+                .inc();
+        })?;
         let body_access = self.access.body_access(&access_request, &grant);
-        let impersonation = match grant.impersonation {
+        Ok(Authorized { grant, body_access })
+    }
+
+    /// Identity: as whom does the request run at Dataverse?
+    async fn impersonate(
+        &self,
+        grant: &Grant,
+        caller: &Caller,
+        environment: &Environment,
+    ) -> Result<Impersonation, GatewayError> {
+        Ok(match grant.impersonation {
             ImpersonationPolicy::AppOnly => Impersonation::ApplicationUser,
             ImpersonationPolicy::Required => {
                 environment
@@ -255,17 +309,16 @@ impl Pipeline {
                     .instrument(tracing::info_span!(target: SPAN_TARGET, "identity.resolve"))
                     .await?
             }
-        };
-        outcome.impersonated = Some(impersonation);
-        let ctx = ForwardContext {
-            peer,
-            request_id,
-            impersonation: &impersonation,
-            grant: &grant,
-            body_access: body_access.as_ref(),
-            public_base: &public_base,
-            path_and_query: target.path_and_query,
-        };
+        })
+    }
+
+    /// Upstream: forwards to the environment's Dataverse.
+    async fn forward(
+        &self,
+        request: Request<Incoming>,
+        environment: &Environment,
+        ctx: ForwardContext<'_>,
+    ) -> Result<Response<GatewayBody>, GatewayError> {
         let response = environment
             .upstream
             .forward(request, ctx)
