@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use dynamics_gateway::access::{AccessPolicy, AccessRequest, Grant, Metadata, RawAccess};
+use dynamics_gateway::access::{AccessPolicy, AccessRequest, Grant, Metadata, RawAccess, Target};
 use dynamics_gateway::inbound::CallerKind;
 use dynamics_gateway::upstream::batch_parts::PartRules;
 use dynamics_gateway::upstream::odata_links::{
@@ -66,12 +66,14 @@ impl Fixture {
         &'a self,
         method: &'a Method,
         path: &'a str,
+        target: &'a Target,
         query: &'a str,
     ) -> AccessRequest<'a> {
         AccessRequest {
             method,
             path,
             query,
+            target,
             metadata: Some(&self.metadata),
             claims: &self.claims,
             issuer: "https://issuer.example",
@@ -82,7 +84,10 @@ impl Fixture {
     }
 
     fn grant(&self, method: &Method, path: &str) -> Grant {
-        self.policy.decide(&self.request(method, path, "")).unwrap()
+        let target = Target::from_path(path);
+        self.policy
+            .decide(&self.request(method, path, &target, ""))
+            .unwrap()
     }
 }
 
@@ -193,7 +198,8 @@ fn benches(c: &mut Criterion) {
         ),
         ("decide/filter_path", "$filter=primarycontactid/fullname eq 'a/b' and revenue gt 10"),
     ] {
-        let request = fx.request(&Method::GET, accounts, query);
+        let target = Target::from_path(accounts);
+        let request = fx.request(&Method::GET, accounts, &target, query);
         assert!(fx.policy.decide(&request).is_ok(), "{name}");
         c.bench_function(name, |b| b.iter(|| black_box(fx.policy.decide(black_box(&request)))));
     }
@@ -211,7 +217,8 @@ fn benches(c: &mut Criterion) {
     .unwrap();
     let rewrite = LinkRewrite::new("http://127.0.0.1:8080", "https://contoso.crm.dynamics.com");
     let post = Method::POST;
-    let request = fx.request(&post, accounts, "");
+    let target = Target::from_path(accounts);
+    let request = fx.request(&post, accounts, &target, "");
     let grant = fx.policy.decide(&request).unwrap();
     let access = fx.policy.body_access(&request, &grant).unwrap();
     let mut group = c.benchmark_group("body");
@@ -248,7 +255,8 @@ fn benches(c: &mut Criterion) {
     }
     batch.push_str("--cs--\r\n--batch--\r\n");
     let batch_path = "/api/data/v9.2/$batch";
-    let envelope = fx.request(&post, batch_path, "");
+    let batch_target = Target::from_path(batch_path);
+    let envelope = fx.request(&post, batch_path, &batch_target, "");
     let batch_grant = fx.grant(&post, batch_path);
     let batch_access = fx.policy.body_access(&envelope, &batch_grant).unwrap();
     let mut group = c.benchmark_group("batch_100_parts");

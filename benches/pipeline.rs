@@ -24,11 +24,11 @@ use std::net::SocketAddr;
 use common::{bearer_headers, Alg, Fixture};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamics_gateway::identity::Impersonation;
+use dynamics_gateway::request_target::proxied_path_and_query;
 use dynamics_gateway::upstream::headers::{prepare_upstream_request, strip_hop_by_hop};
 use dynamics_gateway::upstream::odata_links::{
     rewrite_json, JsonKeys, JsonLinkRewriter, LinkRewrite,
 };
-use dynamics_gateway::upstream::path::proxied_path_and_query;
 use http::{HeaderMap, HeaderValue, Uri};
 use serde_json::json;
 

@@ -14,11 +14,11 @@ use crate::body::{self, GatewayBody};
 use crate::identity::{IdentityError, LookupError};
 use crate::inbound::AuthError;
 use crate::method::{self, MethodNotAllowed};
+use crate::request_target::PathError;
 use crate::routing::RouteError;
 use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::budget::{self, BudgetError, ThrottleCode};
 use crate::upstream::headers::X_REQUEST_ID;
-use crate::upstream::path::PathError;
 use crate::upstream::UpstreamError;
 
 /// Everything that can stop a request inside the gateway.

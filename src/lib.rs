@@ -19,6 +19,7 @@ pub(crate) mod method;
 pub mod metrics;
 pub(crate) mod outbound;
 pub(crate) mod pipeline;
+pub mod request_target;
 pub(crate) mod routing;
 pub mod secret;
 pub(crate) mod server;

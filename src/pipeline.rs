@@ -20,11 +20,11 @@ use crate::identity::Impersonation;
 use crate::inbound::{Authenticator, Caller};
 use crate::method::WebApiMethod;
 use crate::metrics::{Metrics, NO_ENVIRONMENT};
+use crate::request_target::{request_target, PathError, RequestTarget};
 use crate::routing::{Environment, Router};
 use crate::telemetry::{self, SPAN_TARGET};
 use crate::upstream::batch_parts::BatchRefusal;
 use crate::upstream::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID};
-use crate::upstream::path::{request_target, PathError, RequestTarget};
 use crate::upstream::{ForwardContext, UpstreamError};
 
 /// The three stages and what they share.
@@ -261,21 +261,17 @@ impl Pipeline {
         caller: &Caller,
         environment: &Environment,
     ) -> Result<Authorized, GatewayError> {
-        // The path without the environment prefix.
-        let (path, query) = target
-            .path_and_query
-            .split_once('?')
-            .unwrap_or((target.path_and_query, ""));
         let stored_query_table = match self.access.reads_stored_queries() {
-            true => environment.stored_queries.table_of(query).await,
+            true => environment.stored_queries.table_of(target.query).await,
             false => None,
         };
         // Fetched from Dataverse; `None` (and then `access.metadata_file`, if any) until then.
         let metadata = environment.metadata.as_ref().and_then(|m| m.current());
         let access_request = AccessRequest {
             method: request.method(),
-            path,
-            query,
+            path: target.path,
+            query: target.query,
+            target: &target.resource,
             metadata: metadata.as_ref(),
             claims: &caller.claims,
             issuer: &caller.issuer,

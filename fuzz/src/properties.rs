@@ -38,13 +38,13 @@ use dynamics_gateway::identity::lookup::filter;
 use dynamics_gateway::inbound::jwt::{UnverifiedToken, MAX_TOKEN_BYTES};
 use dynamics_gateway::inbound::AuthError;
 use dynamics_gateway::inbound::CallerKind;
+use dynamics_gateway::request_target::{proxied_path_and_query, API_PREFIX};
 use dynamics_gateway::upstream::batch_parts::PartRules;
 use dynamics_gateway::upstream::link_body::ChunkRewriter;
 use dynamics_gateway::upstream::odata_links::{
     rewrite_batch_request, rewrite_batch_response, rewrite_json, BatchLinkRewriter, JsonKeys,
     JsonLinkRewriter, LinkRewrite,
 };
-use dynamics_gateway::upstream::path::{proxied_path_and_query, API_PREFIX};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 
@@ -86,6 +86,7 @@ rules:
         method: &http::Method::POST,
         path: "/api/data/v9.2/accounts",
         query: "",
+        target: &dynamics_gateway::access::Target::from_path("/api/data/v9.2/accounts"),
         metadata: Some(&metadata),
         claims: &claims,
         issuer: "fuzz",

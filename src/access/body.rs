@@ -82,14 +82,20 @@ pub struct BodyAccess {
 impl BodyAccess {
     pub(super) fn new(shared: Arc<Shared>, request: &AccessRequest<'_>) -> Self {
         let (method, path) = (request.method, request.path);
-        let target = Target::from_path(path);
-        let batch = target == Target::Batch;
+        let batch = *request.target == Target::Batch;
         let (touches, root) = if batch {
             (Vec::new(), BodyRoot::Opaque)
         } else {
             let metadata = shared.metadata.as_deref();
             let stored = request.stored_query_table;
-            touches::request_pairs(method, path, request.query, metadata, stored)
+            touches::request_pairs(
+                method,
+                request.target,
+                path,
+                request.query,
+                metadata,
+                stored,
+            )
         };
         let candidates = shared
             .for_caller
@@ -98,7 +104,7 @@ impl BodyAccess {
             .filter(|&i| {
                 shared.rules[i]
                     .allow
-                    .covers(method, &target, &touches)
+                    .covers(method, request.target, &touches)
                     .is_ok()
             })
             .collect();
@@ -168,7 +174,8 @@ impl BatchPart {
         // A part's stored query is not looked up: the part check runs synchronously as the
         // body streams, and a lookup (a Dataverse round trip) cannot be awaited there
         // without holding the whole batch. So it needs a grant on every table.
-        let (touches, root) = touches::request_pairs(&method, &path, &query, metadata, None);
+        let (touches, root) =
+            touches::request_pairs(&method, &target, &path, &query, metadata, None);
         let rules = &self.shared.rules;
         let candidates: Vec<usize> = self
             .shared

@@ -47,7 +47,7 @@ pub mod odata;
 mod raw;
 mod rule;
 mod stored_query;
-pub(crate) mod target;
+pub mod target;
 pub(crate) mod touches;
 
 use std::sync::Arc;
@@ -69,7 +69,7 @@ pub use metadata::Metadata;
 pub(crate) use metadata_fetch::{EnvironmentMetadata, MetadataSettings};
 pub use raw::RawAccess;
 pub(crate) use stored_query::StoredQueryLookup;
-pub(crate) use target::Target;
+pub use target::Target;
 pub(crate) use touches::{Resource, Touch};
 
 use rule::Rule;
@@ -105,6 +105,8 @@ pub struct AccessRequest<'a> {
     pub path: &'a str,
     /// The raw query string, without `?` (empty when there is none).
     pub query: &'a str,
+    /// What `path` addresses, read once by [`crate::request_target`].
+    pub target: &'a Target,
     /// The environment's metadata, when in hand; `access.metadata_file` otherwise.
     pub metadata: Option<&'a Arc<Metadata>>,
     /// The caller's verified token claims.
@@ -244,13 +246,14 @@ impl AccessPolicy {
 
     /// Grants or refuses one request: a rule must grant every pair it touches.
     pub fn decide(&self, request: &AccessRequest<'_>) -> Result<Grant, AccessDenied> {
-        let target = Target::from_path(request.path);
+        let target = request.target;
         let metadata = request.metadata.or(self.metadata.as_ref()).map(|m| &**m);
         let touches = match target {
             Target::Batch => Vec::new(),
             _ => {
                 touches::request_pairs(
                     request.method,
+                    target,
                     request.path,
                     request.query,
                     metadata,
@@ -263,7 +266,7 @@ impl AccessPolicy {
         let granted = for_caller.iter().find(|&&i| {
             self.rules[i]
                 .allow
-                .covers(request.method, &target, &touches)
+                .covers(request.method, target, &touches)
                 .is_ok()
         });
         match granted {
@@ -273,7 +276,7 @@ impl AccessPolicy {
                 &self.rules,
                 &for_caller,
                 request.method,
-                &target,
+                target,
                 &touches,
                 metadata.is_some(),
             )),

@@ -30,7 +30,7 @@ use std::fmt;
 
 use percent_encoding::percent_decode_str;
 
-use crate::upstream::path::API_PREFIX;
+use crate::request_target::API_PREFIX;
 
 /// Web API versions Dataverse answers; anything else is [`Target::Unknown`].
 const VERSIONS: [&str; 3] = ["v9.0", "v9.1", "v9.2"];
@@ -47,7 +47,7 @@ const PASCAL_CASE_ENTITY_SETS: [&str; 4] = [
 ];
 
 /// Rounds of percent-decoding applied when looking for a hidden `$batch`, as in
-/// `upstream::path` (which refuses paths still changing after that many).
+/// `request_target` (which refuses paths still changing after that many).
 const DECODE_ROUNDS: usize = 4;
 
 /// What a request path addresses, as far as the access rules are concerned.
@@ -92,7 +92,7 @@ impl Target {
             [first, after @ ..] => (*first, after),
         };
         // Something downstream could normalise these into a different target than the one
-        // checked here (`upstream::path` refuses them too; this keeps the module safe alone).
+        // checked here (`request_target` refuses them too; this keeps the module safe alone).
         if after
             .iter()
             .any(|s| matches!(decode(s).as_deref(), None | Some("" | "." | "..")))

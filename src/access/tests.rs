@@ -54,6 +54,8 @@ fn decide_as(
         method: &method,
         path,
         query,
+        // What the request target parser reads from the path.
+        target: &Target::from_path(path),
         metadata: None,
         claims,
         issuer,

@@ -139,15 +139,25 @@ pub(crate) fn touches(
     query: &str,
     metadata: Option<&Metadata>,
 ) -> Vec<Touch> {
-    request_pairs(method, path, query, metadata, None).0
+    request_pairs(
+        method,
+        &Target::from_path(path),
+        path,
+        query,
+        metadata,
+        None,
+    )
+    .0
 }
 
 /// The pairs of a request other than `$batch` (whose envelope the rules decide alone), and
-/// what the request's body is read as. `path` starts `/api/data/`; `query` is the raw
+/// what the request's body is read as. `target` is what `path` addresses, read once by
+/// the caller (`Target::from_path`). `path` starts `/api/data/`; `query` is the raw
 /// query string without `?`. `stored_table`: the logical name of the table the request's
 /// `savedQuery` / `userQuery` reads (its `returnedtypecode`), when it was looked up.
 pub fn request_pairs(
     method: &Method,
+    target: &Target,
     path: &str,
     query: &str,
     metadata: Option<&Metadata>,
@@ -159,9 +169,8 @@ pub fn request_pairs(
         list: Vec::new(),
     };
     let options = odata::parse_query(query);
-    let target = Target::from_path(path);
     let root = match target {
-        Target::EntitySet(set) => match out.walk_path(method, &set, path, &options) {
+        Target::EntitySet(set) => match out.walk_path(method, set, path, &options) {
             PathEnd::Set(set) => {
                 out.options(&set, &options, None);
                 BodyRoot::Record(Resource::Set(set))
@@ -173,7 +182,7 @@ pub fn request_pairs(
         },
         Target::Function(name) => {
             out.push(Operation::Execute, Resource::Function(name.clone()), None);
-            out.parameters(&name, path, &options);
+            out.parameters(name, path, &options);
             BodyRoot::Parameters
         }
         Target::Metadata | Target::ServiceRoot => {

@@ -12,10 +12,10 @@ use std::ops::Range;
 use http::HeaderName;
 
 use super::headers::{caller_only_header, CallerOnlyHeader};
-use super::path::{self, PathError};
 use crate::access::{
     decide_control_header, BatchPart, BodyInspector, ControlHeaderDecision, Grant,
 };
+use crate::request_target::{self as path, PathError};
 
 /// Longest `Content-ID` quoted back in an error.
 const MAX_SHOWN: usize = 64;

@@ -14,7 +14,6 @@ pub(crate) mod forward;
 pub mod headers;
 pub mod link_body;
 pub mod odata_links;
-pub mod path;
 pub(crate) mod token;
 
 use std::time::Duration;

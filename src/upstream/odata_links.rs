@@ -2333,7 +2333,7 @@ mod tests {
     /// The access checks of a body, under a policy with the CSDL fixture.
     mod inspected {
         use super::*;
-        use crate::access::{AccessPolicy, AccessRequest, RawAccess};
+        use crate::access::{AccessPolicy, AccessRequest, RawAccess, Target};
         use crate::inbound::CallerKind;
         use http::Method;
         use serde_json::json;
@@ -2365,10 +2365,12 @@ rules:
                 serde_json::Value::Object(map) => map,
                 _ => unreachable!(),
             };
+            let target = Target::from_path(path);
             let request = AccessRequest {
                 method: &Method::POST,
                 path,
                 query: "",
+                target: &target,
                 metadata: None,
                 claims: &claims,
                 issuer: "i",

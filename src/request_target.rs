@@ -4,6 +4,8 @@
 
 use http::Uri;
 
+use crate::access::Target;
+
 /// Why a path is not forwarded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -48,22 +50,42 @@ pub(crate) fn check_relative_path(path: &str) -> Result<(), PathError> {
     check_unambiguous(&format!("/{path}"))
 }
 
-/// A checked request target: the environment named by a path prefix, if routing uses
-/// one, and the path and query to send upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RequestTarget<'a> {
+/// A checked request target, parsed once for every stage: routing reads the environment
+/// prefix, access what the path addresses, forwarding the path and query to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestTarget<'a> {
+    /// The environment named by the path prefix, in path-prefix routing.
     pub environment: Option<&'a str>,
+    /// What goes upstream: the path without the environment prefix, and the query.
     pub path_and_query: &'a str,
+    /// `path_and_query` up to the `?`: it starts `/api/data/`.
+    pub path: &'a str,
+    /// The raw query string, without `?`; empty when there is none.
+    pub query: &'a str,
+    /// What the path addresses, for the access rules.
+    pub resource: Target,
 }
 
-/// As [`proxied_path_and_query`]; with `prefixed`, the path must be
-/// `/<environment>/api/data/...` and the prefix is split off.
-pub(crate) fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
-    if !prefixed {
-        return proxied_path_and_query(uri).map(|path_and_query| RequestTarget {
-            environment: None,
+impl<'a> RequestTarget<'a> {
+    fn new(environment: Option<&'a str>, path_and_query: &'a str) -> Self {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        Self {
+            environment,
             path_and_query,
-        });
+            path,
+            query,
+            resource: Target::from_path(path),
+        }
+    }
+}
+
+/// The one parser of a request's target. As [`proxied_path_and_query`]; with `prefixed`,
+/// the path must be `/<environment>/api/data/...` and the prefix is split off.
+pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
+    if !prefixed {
+        return proxied_path_and_query(uri).map(|pq| RequestTarget::new(None, pq));
     }
     let path = uri.path();
     check_unambiguous(path)?;
@@ -77,10 +99,10 @@ pub(crate) fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<
         return Err(PathError::NotProxied);
     }
     let path_and_query = uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path);
-    Ok(RequestTarget {
-        environment: Some(name),
-        path_and_query: &path_and_query[1 + name.len()..],
-    })
+    Ok(RequestTarget::new(
+        Some(name),
+        &path_and_query[1 + name.len()..],
+    ))
 }
 
 /// Refuses dot segments, backslashes, empty segments and control characters in the path
@@ -162,6 +184,8 @@ mod tests {
         let t = request_target(&uri, true).unwrap();
         assert_eq!(t.environment, Some("contoso"));
         assert_eq!(t.path_and_query, "/api/data/v9.2/accounts?$top=1");
+        assert_eq!((t.path, t.query), ("/api/data/v9.2/accounts", "$top=1"));
+        assert_eq!(t.resource, Target::EntitySet("accounts".into()));
         for bad in [
             "/api/data/v9.2/accounts",
             "/contoso/x/api/data/",
