@@ -2,6 +2,8 @@
 //! path check -> inbound (who is calling?) -> routing (which organisation?) -> access
 //! (may it do this?) -> identity (as whom?) -> upstream (forward).
 //! Each stage returns a typed value or an error; errors become responses in `error.rs`.
+//! The audit facts (caller, environment, impersonation) are recorded into the request's
+//! drop-safe accounting by [`Pipeline::handle`] as each stage returns them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

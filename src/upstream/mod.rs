@@ -1,5 +1,5 @@
 //! Upstream: everything about the hop to Dataverse. `token` holds the S2S token,
-//! `headers` strips and sets headers, `path` decides which paths may go, `forward`
+//! `headers` strips and sets headers (which paths may go is `crate::request_target`), `forward`
 //! streams the request and response, `odata_links` and `link_body` rewrite absolute
 //! URLs between Dataverse and the gateway, `encoding` decides and applies compression, `client` is the pooled connection to Dataverse,
 //! `budget` keeps Dataverse's service-protection budget (the concurrency and 429 gate).
