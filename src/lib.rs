@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod inbound;
+pub mod log_writer;
 pub(crate) mod method;
 pub mod metrics;
 pub(crate) mod outbound;

@@ -78,8 +78,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let telemetry = match init_tracing(cli.log_format) {
-        Ok(telemetry) => telemetry,
+    // Held to the end of `main`: dropping it writes out the queued log lines.
+    let (telemetry, _log_flushed_at_exit) = match init_tracing(cli.log_format) {
+        Ok(pair) => pair,
         Err(e) => {
             eprintln!("error: {}", dynamics_gateway::error::chain(&e));
             return ExitCode::from(2);
@@ -130,7 +131,15 @@ fn main() -> ExitCode {
 }
 
 /// The log on stderr, and span export when `OTEL_EXPORTER_OTLP_ENDPOINT` asks for it.
-fn init_tracing(format: LogFormat) -> Result<Option<Telemetry>, TelemetryError> {
+fn init_tracing(
+    format: LogFormat,
+) -> Result<
+    (
+        Option<Telemetry>,
+        tracing_appender::non_blocking::WorkerGuard,
+    ),
+    TelemetryError,
+> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -142,9 +151,10 @@ fn init_tracing(format: LogFormat) -> Result<Option<Telemetry>, TelemetryError> 
     }
     // Colours only for a terminal: log files and collectors get plain text.
     use std::io::IsTerminal;
+    let (writer, flush_at_exit) = dynamics_gateway::log_writer::stderr();
     let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let log = match format {
         LogFormat::Text => log.with_filter(filter).boxed(),
         LogFormat::Json => log.json().flatten_event(true).with_filter(filter).boxed(),
@@ -157,7 +167,7 @@ fn init_tracing(format: LogFormat) -> Result<Option<Telemetry>, TelemetryError> 
         Some(telemetry) => registry.with(telemetry.layer()).init(),
         None => registry.init(),
     }
-    Ok(telemetry)
+    Ok((telemetry, flush_at_exit))
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {

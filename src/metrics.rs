@@ -59,6 +59,8 @@ pub struct Metrics {
     pub budget_store_errors_total: IntCounter,
     /// Switches from the shared budget to the local shares.
     pub budget_store_fallbacks_total: IntCounter,
+    /// Lines the log writer dropped (src/log_writer.rs); brought up to date at each scrape.
+    log_lines_dropped_total: IntCounter,
 }
 
 fn gauge(
@@ -70,6 +72,16 @@ fn gauge(
     let g = IntGaugeVec::new(Opts::new(name, help).namespace(PREFIX), labels)?;
     registry.register(Box::new(g.clone()))?;
     Ok(g)
+}
+
+fn single_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+) -> Result<IntCounter, prometheus::Error> {
+    let c = IntCounter::with_opts(Opts::new(name, help).namespace(PREFIX))?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn counter(
@@ -139,23 +151,23 @@ impl Metrics {
             .namespace(PREFIX),
         )?;
         registry.register(Box::new(budget_store_degraded.clone()))?;
-        let budget_store_errors_total = IntCounter::with_opts(
-            Opts::new(
-                "budget_store_errors_total",
-                "Budget store commands that failed or timed out",
-            )
-            .namespace(PREFIX),
+        let budget_store_errors_total = single_counter(
+            &registry,
+            "budget_store_errors_total",
+            "Budget store commands that failed or timed out",
         )?;
-        registry.register(Box::new(budget_store_errors_total.clone()))?;
-        let budget_store_fallbacks_total = IntCounter::with_opts(
-            Opts::new(
-                "budget_store_fallbacks_total",
-                "Switches from the budget shared in the store to each replica's local share",
-            )
-            .namespace(PREFIX),
+        let budget_store_fallbacks_total = single_counter(
+            &registry,
+            "budget_store_fallbacks_total",
+            "Switches from the budget shared in the store to each replica's local share",
         )?;
-        registry.register(Box::new(budget_store_fallbacks_total.clone()))?;
+        let log_lines_dropped_total = single_counter(
+            &registry,
+            "log_lines_dropped_total",
+            "Log and audit lines dropped because the writer's queue was full (stderr too slow)",
+        )?;
         let metrics = Self {
+            log_lines_dropped_total,
             budget_store_degraded,
             budget_store_errors_total,
             budget_store_fallbacks_total,
@@ -300,6 +312,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub(crate) fn render(&self) -> String {
+        let dropped = crate::log_writer::dropped_lines();
+        self.log_lines_dropped_total
+            .inc_by(dropped.saturating_sub(self.log_lines_dropped_total.get()));
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "encoding metrics failed");

@@ -9,7 +9,7 @@ use crate::support::binary;
 
 use std::time::Duration;
 
-use binary::{binary_config, free_port, standins, start_binary};
+use binary::{binary_config, free_port, standins, start_binary, start_binary_with_unread_stderr};
 use support::{client, ALICE_OID, ALICE_SYSTEMUSERID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
@@ -250,6 +250,57 @@ async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
     assert!(
         refusals as u64 <= 20 * windows,
         "{refusals} refusal lines for 100 refusals within {windows} one-second windows"
+    );
+}
+
+/// A log collector that stops reading (a full pipe) must not stop the gateway: before the
+/// log writer had its own thread, each audit line was a blocking `write` on a request's
+/// worker thread, and the gateway froze once the pipe's 64 KiB were full.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway =
+        start_binary_with_unread_stderr(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    let token = idp.token_for(ALICE_OID);
+    // Long paths make each audit line about 1 KiB: 2,000 of them are 30 pipe buffers.
+    let url = format!(
+        "{}{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'{}'",
+        gateway.url,
+        "a".repeat(900)
+    );
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let mut answered = 0;
+    for batch in 0..40 {
+        let requests: Vec<_> = (0..50)
+            .map(|_| {
+                let request = http.get(&url).bearer_auth(&token).send();
+                tokio::spawn(async move { request.await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        for request in requests {
+            match request.await.unwrap() {
+                Ok(200) => answered += 1,
+                other => panic!("batch {batch}: {other:?} after {answered} answered"),
+            }
+        }
+    }
+    assert_eq!(answered, 2000);
+    let metrics = http
+        .get(format!("{}/metrics", gateway.admin_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dynamics_gateway_log_lines_dropped_total "),
+        "dropped lines are counted: {metrics}"
     );
 }
 

@@ -104,18 +104,38 @@ pub async fn start_binary_with_env(
     ports: (u16, u16),
     vars: &[(&str, String)],
 ) -> Binary {
+    spawn(yaml, ports, vars, false).await
+}
+
+/// [`start_binary`] with its stderr a pipe nobody reads: once the pipe's buffer is full,
+/// every write to it blocks (a collector that stalls). `log()` is empty.
+pub async fn start_binary_with_unread_stderr(yaml: &str, ports: (u16, u16)) -> Binary {
+    spawn(yaml, ports, &[], true).await
+}
+
+async fn spawn(
+    yaml: &str,
+    ports: (u16, u16),
+    vars: &[(&str, String)],
+    unread_stderr: bool,
+) -> Binary {
     let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
     let log = dir.join("stderr.log");
     std::fs::write(&config, yaml).unwrap();
+    let stderr = if unread_stderr {
+        std::process::Stdio::piped()
+    } else {
+        std::fs::File::create(&log).unwrap().into()
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info")
         .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap();
