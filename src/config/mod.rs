@@ -25,7 +25,6 @@ pub(crate) use inbound::TENANT_PLACEHOLDER;
 pub use inbound::{token_type, AppOnlyEvidence, InboundConfig, IssuerConfig};
 use raw::RawConfig;
 pub use server::{ServerConfig, TlsConfig};
-pub(crate) use units::{parse_duration, parse_size};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
