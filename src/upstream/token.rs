@@ -235,7 +235,7 @@ pub struct TokenSource {
 
 /// A token endpoint stand-in: `Ok((expires_in, refresh_in))` or the error it answers with.
 #[cfg(test)]
-type FakeFetch = Box<dyn FnMut() -> Result<(u64, Option<u64>), TokenError> + Send>;
+pub(crate) type FakeFetch = Box<dyn FnMut() -> Result<(u64, Option<u64>), TokenError> + Send>;
 
 impl TokenSource {
     /// `environments` names the environments this token serves (from config), for logs,
@@ -516,31 +516,32 @@ impl Drop for FirstAttemptDone<'_> {
     }
 }
 
+/// A source for `contoso` whose token endpoint is `fake` (for refresher unit tests).
+#[cfg(test)]
+pub(crate) fn source_with(fake: FakeFetch) -> Arc<TokenSource> {
+    let config = crate::config::Config::from_yaml(
+        "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://dynamics-gateway]\ndynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n",
+        &|_| None,
+    )
+    .unwrap();
+    let source = TokenSource::new(
+        &config.dynamics.environments[0],
+        vec!["contoso".into()],
+        reqwest::Client::new(),
+        TokenPolicy {
+            replace_interval: Duration::from_secs(5),
+            retry_max_wait: Duration::from_secs(300),
+            first_fetch_wait: Duration::from_secs(1),
+        },
+        Metrics::new().unwrap(),
+    );
+    *source.fake_fetch.lock().unwrap() = Some(fake);
+    Arc::new(source)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A source whose token endpoint is `fake`.
-    fn source_with(fake: FakeFetch) -> Arc<TokenSource> {
-        let config = crate::config::Config::from_yaml(
-            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://dynamics-gateway]\ndynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n",
-            &|_| None,
-        )
-        .unwrap();
-        let source = TokenSource::new(
-            &config.dynamics.environments[0],
-            vec!["contoso".into()],
-            reqwest::Client::new(),
-            TokenPolicy {
-                replace_interval: Duration::from_secs(5),
-                retry_max_wait: Duration::from_secs(300),
-                first_fetch_wait: Duration::from_secs(1),
-            },
-            Metrics::new().unwrap(),
-        );
-        *source.fake_fetch.lock().unwrap() = Some(fake);
-        Arc::new(source)
-    }
 
     #[tokio::test(start_paused = true)]
     async fn the_refresher_replaces_the_token_at_half_life_and_stops_sending_it_after_its_margin() {
