@@ -367,9 +367,7 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
         .token_endpoint(TokenEndpointMode::Hang)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);

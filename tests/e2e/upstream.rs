@@ -183,9 +183,7 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
         .token_endpoint(TokenEndpointMode::InvalidClient)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
