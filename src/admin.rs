@@ -185,39 +185,11 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::upstream::TokenPolicy;
-    use std::time::Duration;
 
     #[test]
     fn readyz_shows_refresher_restarts() {
-        let config = Config::from_yaml(
-            r#"
-inbound:
-  issuers:
-    - issuer: https://login.microsoftonline.com/t/v2.0
-      audiences: [api://dynamics-gateway]
-dynamics:
-  url: https://contoso.crm.dynamics.com
-  tenant_id: t
-  client_id: c
-  client_secret: s
-"#,
-            &|_| None,
-        )
-        .unwrap();
         let metrics = Metrics::new().unwrap();
-        let tokens = Arc::new(TokenSource::new(
-            &config.dynamics.environments[0],
-            vec!["contoso".into()],
-            reqwest::Client::new(),
-            TokenPolicy {
-                replace_interval: Duration::from_secs(5),
-                retry_max_wait: Duration::from_secs(300),
-                first_fetch_wait: Duration::from_secs(1),
-            },
-            metrics.clone(),
-        ));
+        let tokens = crate::upstream::token::source_with(Box::new(|| Ok((3600, None))));
         let admin = Admin {
             readiness: Readiness {
                 issuers: Vec::new(),

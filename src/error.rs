@@ -310,6 +310,10 @@ mod tests {
                 path: "/etc/gateway.yaml".into(),
                 source: io(),
             }),
+            Box::new(
+                crate::config::Config::from_yaml("server: [unclosed", &|_| None)
+                    .expect_err("not YAML"),
+            ),
         ];
         for error in errors {
             let own = error.to_string();

@@ -107,7 +107,14 @@ pub struct EnvironmentMetadata {
     /// Times the refresher was restarted after a panic.
     refresher_restarts: Arc<AtomicU64>,
     metrics: Metrics,
+    /// Stands in for Dataverse in unit tests, so the refresher's schedule can be driven
+    /// under paused time with no sockets.
+    #[cfg(test)]
+    fake_fetch: Mutex<Option<FakeFetch>>,
 }
+
+#[cfg(test)]
+type FakeFetch = Box<dyn FnMut() -> Result<Fetched, MetadataFetchError> + Send>;
 
 impl EnvironmentMetadata {
     pub fn new(
@@ -135,6 +142,8 @@ impl EnvironmentMetadata {
             last_error: Mutex::new(None),
             refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
+            #[cfg(test)]
+            fake_fetch: Mutex::new(None),
         }
     }
 
@@ -229,6 +238,10 @@ impl EnvironmentMetadata {
     }
 
     async fn fetch(&self) -> Result<Fetched, MetadataFetchError> {
+        #[cfg(test)]
+        if let Some(fake) = self.fake_fetch.lock().unwrap().as_mut() {
+            return fake();
+        }
         let deadline = Instant::now() + self.settings.timeout;
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/xml"));
@@ -341,6 +354,77 @@ mod tests {
     use http_body_util::Full;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/csdl.xml");
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_fetches_every_interval_and_keeps_the_last_good_map_on_failure() {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (f, down) = (fetches.clone(), failing.clone());
+        let tokens = crate::upstream::token::source_with(Box::new(|| Ok((3600, None))));
+        let metadata = Arc::new(EnvironmentMetadata::new(
+            "contoso",
+            DataverseClient::new(&"https://contoso.crm.dynamics.com".parse().unwrap()).unwrap(),
+            tokens,
+            MetadataSettings {
+                refresh_interval: Duration::from_secs(60),
+                ..MetadataSettings::default()
+            },
+            Metrics::new().unwrap(),
+        ));
+        let map = Arc::new(
+            Metadata::from_file(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/csdl.xml"
+            )))
+            .unwrap(),
+        );
+        *metadata.fake_fetch.lock().unwrap() = Some(Box::new(move || {
+            let n = f.fetch_add(1, Ordering::SeqCst);
+            if down.load(Ordering::SeqCst) {
+                Err(MetadataFetchError::Status(503))
+            } else if n == 0 {
+                Ok(Fetched::New(map.clone(), None))
+            } else {
+                Ok(Fetched::NotModified)
+            }
+        }));
+        let cancel = CancellationToken::new();
+        let refresher = tokio::spawn(metadata.clone().run(cancel.clone()));
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+
+        tokio::time::sleep_until(at(59_900)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched once at start");
+        assert!(metadata.current().is_some());
+        tokio::time::sleep_until(at(60_100)).await;
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            2,
+            "fetched again after the interval"
+        );
+
+        // Dataverse fails from the next refresh on: retried with backoff, the map kept.
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep_until(at(125_000)).await;
+        assert!(fetches.load(Ordering::SeqCst) > 4, "failures are retried");
+        assert!(metadata.current().is_some(), "last good map kept");
+        assert!(
+            metadata.state().contains("last refresh failed"),
+            "{}",
+            metadata.state()
+        );
+
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep_until(at(125_000 + 61_000)).await;
+        assert!(
+            metadata.state().starts_with("metadata loaded ("),
+            "{}",
+            metadata.state()
+        );
+        assert!(!metadata.state().contains("failed"), "{}", metadata.state());
+        cancel.cancel();
+        refresher.await.unwrap();
+    }
 
     fn later() -> Instant {
         Instant::now() + Duration::from_secs(60)

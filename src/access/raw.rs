@@ -40,14 +40,14 @@ pub struct RawAccess {
     /// Without `metadata_file`, how often each environment's `$metadata` is fetched again
     /// (revalidated with its ETag). Default `1h`.
     #[serde(default)]
-    pub metadata_refresh_interval: Option<String>,
+    pub metadata_refresh_interval: Option<crate::config::units::Duration>,
     /// The largest `$metadata` document accepted; a larger one fails the fetch and the
     /// last good map stays in force. Default `64MiB`.
     #[serde(default)]
-    pub metadata_max_bytes: Option<String>,
+    pub metadata_max_bytes: Option<crate::config::units::ByteSize>,
     /// The longest one fetch of `$metadata` may take, body included. Default `120s`.
     #[serde(default)]
-    pub metadata_timeout: Option<String>,
+    pub metadata_timeout: Option<crate::config::units::Duration>,
 }
 
 /// One access rule.
@@ -184,29 +184,29 @@ pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invali
 /// `metadata_refresh_interval`, `metadata_max_bytes` and `metadata_timeout`.
 fn metadata_settings(raw: &RawAccess, key: &str) -> Result<MetadataSettings, Invalid> {
     let mut settings = MetadataSettings::default();
-    let duration = |field: &str, text: &Option<String>, default: Duration| match text {
+    let duration = |field: &str,
+                    value: Option<crate::config::units::Duration>,
+                    default: Duration| match value {
         None => Ok(default),
-        Some(t) => {
-            let key = format!("{key}.{field}");
-            let d = crate::config::parse_duration(&key, t)?;
-            if d.is_zero() {
-                return Err(invalid(key, "must be more than zero"));
-            }
-            Ok(d)
+        Some(d) if d.0.is_zero() => {
+            Err(invalid(format!("{key}.{field}"), "must be more than zero"))
         }
+        Some(d) => Ok(d.0),
     };
     settings.refresh_interval = duration(
         "metadata_refresh_interval",
-        &raw.metadata_refresh_interval,
+        raw.metadata_refresh_interval,
         settings.refresh_interval,
     )?;
-    settings.timeout = duration("metadata_timeout", &raw.metadata_timeout, settings.timeout)?;
-    if let Some(t) = &raw.metadata_max_bytes {
-        let key = format!("{key}.metadata_max_bytes");
-        settings.max_bytes = crate::config::parse_size(&key, t)?;
-        if settings.max_bytes == 0 {
-            return Err(invalid(key, "must be more than zero"));
+    settings.timeout = duration("metadata_timeout", raw.metadata_timeout, settings.timeout)?;
+    if let Some(size) = raw.metadata_max_bytes {
+        if size.0 == 0 {
+            return Err(invalid(
+                format!("{key}.metadata_max_bytes"),
+                "must be more than zero",
+            ));
         }
+        settings.max_bytes = size.0;
     }
     Ok(settings)
 }

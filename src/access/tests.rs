@@ -13,8 +13,14 @@ fn policy(yaml: &str) -> AccessPolicy {
     AccessPolicy::from_raw(raw, "access").unwrap()
 }
 
+/// The key and message of the error `yaml` (an `access` section) is refused with, whether
+/// serde refuses a value (named by its path, as `Config::from_yaml` names it) or validation.
 fn config_error(yaml: &str) -> (String, String) {
-    let raw: RawAccess = serde_norway::from_str(yaml).unwrap();
+    let raw: RawAccess =
+        match serde_path_to_error::deserialize(serde_norway::Deserializer::from_str(yaml)) {
+            Ok(raw) => raw,
+            Err(e) => return (format!("access.{}", e.path()), e.into_inner().to_string()),
+        };
     AccessPolicy::from_raw(raw, "access")
         .unwrap_err()
         .into_parts()
@@ -624,4 +630,6 @@ fn metadata_is_fetched_when_rules_need_it_with_settings_checked() {
     ] {
         assert_eq!(config_error(&format!("{yaml}\n{rules}")).0, key, "{yaml}");
     }
+    let (_, message) = config_error(&format!("metadata_max_bytes: 64\n{rules}"));
+    assert_eq!(message, "\"64\" has no unit; use e.g. \"64MiB\"");
 }

@@ -25,7 +25,6 @@ pub(crate) use inbound::TENANT_PLACEHOLDER;
 pub use inbound::{token_type, AppOnlyEvidence, InboundConfig, IssuerConfig};
 use raw::RawConfig;
 pub use server::{ServerConfig, TlsConfig};
-pub(crate) use units::{parse_duration, parse_size};
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +35,8 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config is not valid YAML: {0}")]
-    Yaml(String),
+    #[error("config is not valid YAML")]
+    Yaml(#[source] serde_norway::Error),
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
 }
@@ -99,7 +98,7 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let mut value: serde_norway::Value =
-            serde_norway::from_str(text).map_err(|e| ConfigError::Yaml(e.to_string()))?;
+            serde_norway::from_str(text).map_err(ConfigError::Yaml)?;
         env_vars::substitute_env(&mut value, "", env)?;
         let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();

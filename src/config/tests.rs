@@ -116,17 +116,6 @@ fn keywords_and_units_are_refused_under_their_own_key_with_what_was_expected() {
 }
 
 #[test]
-fn sizes_need_units() {
-    assert_eq!(parse_size("k", "128MiB").unwrap(), 128 << 20);
-    assert_eq!(parse_size("k", "1KB").unwrap(), 1000);
-    assert!(parse_size("k", "128")
-        .unwrap_err()
-        .to_string()
-        .contains("no unit"));
-    assert!(parse_size("k", "12 parsecs").is_err());
-}
-
-#[test]
 fn max_batch_part_defaults_to_4_mib_and_must_hold_a_request_line() {
     assert_eq!(load(MINIMAL).unwrap().server.max_batch_part, 4 << 20);
     let text = format!("server:\n  max_batch_part: 16KiB\n{MINIMAL}");

@@ -7,8 +7,6 @@ use std::str::FromStr;
 
 use serde::{de, Deserialize, Deserializer};
 
-use super::{invalid, ConfigError};
-
 /// A duration that must carry a unit (`60s`, `15m`, `1h30m`): a bare number is refused
 /// rather than guessed at (seconds? milliseconds?).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,20 +86,6 @@ impl FromStr for ByteSize {
             .map(Self)
             .ok_or_else(|| format!("\"{t}\" is too large"))
     }
-}
-
-/// Parses a duration that must carry a unit, naming `key` when it is wrong.
-pub(crate) fn parse_duration(key: &str, text: &str) -> Result<std::time::Duration, ConfigError> {
-    text.parse::<Duration>()
-        .map(|d| d.0)
-        .map_err(|message| invalid(key, message))
-}
-
-/// Parses a size that must carry a unit, naming `key` when it is wrong.
-pub(crate) fn parse_size(key: &str, text: &str) -> Result<u64, ConfigError> {
-    text.parse::<ByteSize>()
-        .map(|s| s.0)
-        .map_err(|message| invalid(key, message))
 }
 
 /// Reads a string and parses it with `FromStr`, the parser's message becoming serde's

@@ -226,7 +226,16 @@ pub struct TokenSource {
     /// Times the refresher was restarted after a panic.
     refresher_restarts: Arc<AtomicU64>,
     metrics: Metrics,
+    /// Stands in for the token endpoint in unit tests, so the refresher's schedule can be
+    /// driven under paused time with no sockets (paused time fires timers while real I/O
+    /// is pending).
+    #[cfg(test)]
+    fake_fetch: Mutex<Option<FakeFetch>>,
 }
+
+/// A token endpoint stand-in: `Ok((expires_in, refresh_in))` or the error it answers with.
+#[cfg(test)]
+pub(crate) type FakeFetch = Box<dyn FnMut() -> Result<(u64, Option<u64>), TokenError> + Send>;
 
 impl TokenSource {
     /// `environments` names the environments this token serves (from config), for logs,
@@ -258,6 +267,8 @@ impl TokenSource {
             last_error: Mutex::new(None),
             refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
+            #[cfg(test)]
+            fake_fetch: Mutex::new(None),
         }
     }
 
@@ -371,8 +382,18 @@ impl TokenSource {
     // The target is `telemetry::SPAN_TARGET` (the attribute takes a literal).
     #[tracing::instrument(target = "dynamics_gateway::span", name = "s2s_token.fetch", skip_all)]
     async fn fetch(&self) -> Result<S2sToken, TokenError> {
-        let url = self.config.token_url.clone();
         let sent_at = Instant::now();
+        #[cfg(test)]
+        if let Some(fake) = self.fake_fetch.lock().unwrap().as_mut() {
+            let (expires_in, refresh_in) = fake()?;
+            let times = TokenTimes::from_response(expires_in, refresh_in)?;
+            return Ok(S2sToken {
+                authorization: HeaderValue::from_static("Bearer fake"),
+                usable_until: backoff::instant_after(sent_at, times.usable_for),
+                refresh_at: backoff::instant_after(sent_at, times.refresh_after),
+            });
+        }
+        let url = self.config.token_url.clone();
         let response = self
             .config
             .credential
@@ -495,9 +516,80 @@ impl Drop for FirstAttemptDone<'_> {
     }
 }
 
+/// A source for `contoso` whose token endpoint is `fake` (for refresher unit tests).
+#[cfg(test)]
+pub(crate) fn source_with(fake: FakeFetch) -> Arc<TokenSource> {
+    let config = crate::config::Config::from_yaml(
+        "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://dynamics-gateway]\ndynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n",
+        &|_| None,
+    )
+    .unwrap();
+    let source = TokenSource::new(
+        &config.dynamics.environments[0],
+        vec!["contoso".into()],
+        reqwest::Client::new(),
+        TokenPolicy {
+            replace_interval: Duration::from_secs(5),
+            retry_max_wait: Duration::from_secs(300),
+            first_fetch_wait: Duration::from_secs(1),
+        },
+        Metrics::new().unwrap(),
+    );
+    *source.fake_fetch.lock().unwrap() = Some(fake);
+    Arc::new(source)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_replaces_the_token_at_half_life_and_stops_sending_it_after_its_margin() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let fetches = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (f, down) = (fetches.clone(), failing.clone());
+        // expires_in 12 s: refreshed at 6 s, not sent after 9 s (a quarter as margin).
+        let source = source_with(Box::new(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+            if down.load(Ordering::SeqCst) {
+                Err(TokenError::Status {
+                    status: 500,
+                    retry_after: None,
+                })
+            } else {
+                Ok((12, None))
+            }
+        }));
+        let cancel = CancellationToken::new();
+        let refresher = tokio::spawn(source.clone().run(cancel.clone()));
+        let start = Instant::now();
+        let at = |secs_tenths: u64| start + Duration::from_millis(secs_tenths * 100);
+
+        tokio::time::sleep_until(at(59)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "one fetch at start");
+        assert!(source.is_ready());
+        tokio::time::sleep_until(at(61)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 2, "refreshed at half life");
+
+        // The endpoint fails from now on: the token fetched at 6 s serves until 6 + 9 s.
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep_until(at(149)).await;
+        assert!(source.is_ready(), "current token used while valid");
+        assert!(fetches.load(Ordering::SeqCst) > 3, "failures are retried");
+        tokio::time::sleep_until(at(151)).await;
+        assert!(matches!(
+            source.current(),
+            Err(TokenError::NoValidToken { .. })
+        ));
+
+        // Back up: the retry (backoff at most 60 s) gets a token without a restart.
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep_until(at(151 + 610)).await;
+        assert!(source.is_ready(), "recovered without restart");
+        cancel.cancel();
+        refresher.await.unwrap();
+    }
 
     fn times(expires_in: u64, refresh_in: Option<u64>) -> TokenTimes {
         TokenTimes::from_response(expires_in, refresh_in).unwrap()

@@ -112,9 +112,7 @@ async fn an_endless_token_response_is_cut_at_the_cap() {
         .token_endpoint(TokenEndpointMode::Endless)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let served = settled(|| env.idp.absurd_bytes_served()).await;
     assert!(served > CAP, "{served}");
     // The refresher retries meanwhile: the bound holds per request.
@@ -191,9 +189,7 @@ async fn absurd_token_numbers_neither_panic_nor_stall_the_refresher() {
         .token_endpoint(TokenEndpointMode::HugeRetryAfter)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     assert_eq!(env.gateway.readyz().await.status(), 503);
     env.idp
         .set_token_endpoint_mode(TokenEndpointMode::HugeNumbers);
@@ -286,9 +282,7 @@ async fn a_refused_client_secret_is_logged_never_shown_to_the_caller() {
         .token_endpoint(TokenEndpointMode::InvalidClient)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let request_id = "hostile-deps-invalid-client-1";
     let response = support::client()
         .get(format!("{}{ACCOUNTS}", env.gateway.url()))

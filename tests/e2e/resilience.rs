@@ -241,7 +241,7 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
 }
 
 #[tokio::test]
-async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
+async fn s2s_token_is_refreshed_in_the_background_and_the_new_one_is_sent() {
     // expires_in 12 s: refreshed at 6 s, not sent after 9 s.
     let env = env()
         .idp(|i| i.s2s_token_lifetime(12).expires_in_as_string(true))
@@ -265,24 +265,8 @@ async fn s2s_token_is_refreshed_in_the_background_and_503_once_none_is_valid() {
             .header("authorization"),
         Some(format!("Bearer {}", s2s[1]).as_str())
     );
-
-    // Token endpoint down from now on: the current token serves until its margin, then 503.
-    env.idp
-        .set_token_endpoint_mode(TokenEndpointMode::ServerError);
-    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
-    assert_eq!(response.status(), 200, "current token used while valid");
-    tokio::time::sleep(Duration::from_millis(9500)).await;
-    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.NoUpstreamToken")
-    );
-
-    env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
-    env.gateway.wait_ready().await;
-    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
-    assert_eq!(response.status(), 200, "recovered without restart");
+    // The margin, the 503 once no token is usable and the recovery are the refresher's
+    // schedule, driven under paused time in `upstream::token`'s unit tests.
 }
 
 #[tokio::test]
@@ -383,9 +367,7 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
         .token_endpoint(TokenEndpointMode::Hang)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);

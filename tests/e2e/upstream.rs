@@ -183,9 +183,7 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
         .token_endpoint(TokenEndpointMode::InvalidClient)
         .start_unready()
         .await;
-    while env.idp.token_requests() == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
@@ -244,19 +242,7 @@ async fn twenty_mib_upload_and_download_stream_through_intact() {
 #[tokio::test]
 async fn body_over_the_limit_is_413_and_never_sent() {
     let env = env().server("  max_request_body: 1KiB\n").start().await;
-    let response = client()
-        .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .body(vec![b'x'; 4096])
-        .send()
-        .await
-        .unwrap();
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (413, "DynamicsGateway.RequestBodyTooLarge")
-    );
-    assert_eq!(env.dataverse.request_count(), 0);
+    upload_is_refused_413_and_never_sent(&env, 4096).await;
 }
 
 #[tokio::test]
@@ -417,19 +403,7 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
 async fn a_declared_body_over_the_limit_is_refused_before_anything_is_sent() {
     // Larger than the 64 KiB the gateway reads ahead, so only the declared length can stop it.
     let env = env().server("  max_request_body: 1MiB\n").start().await;
-    let response = client()
-        .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .body(vec![b'x'; 3 << 20])
-        .send()
-        .await
-        .unwrap();
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (413, "DynamicsGateway.RequestBodyTooLarge")
-    );
-    assert_eq!(env.dataverse.request_count(), 0);
+    upload_is_refused_413_and_never_sent(&env, 3 << 20).await;
 }
 
 #[tokio::test]
@@ -446,4 +420,21 @@ async fn path_override_headers_never_reach_dynamics() {
     assert_eq!(response.status(), 200);
     let seen = env.dataverse.requests().pop().unwrap();
     assert!(seen.header("x-original-url").is_none() && seen.header("x-rewrite-url").is_none());
+}
+
+/// POSTs `size` bytes to the stand-in's echo as Alice: refused 413, and Dataverse got nothing.
+async fn upload_is_refused_413_and_never_sent(env: &support::Env, size: usize) {
+    let response = client()
+        .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .body(vec![b'x'; size])
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = error_body(response).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (413, "DynamicsGateway.RequestBodyTooLarge")
+    );
+    assert_eq!(env.dataverse.request_count(), 0);
 }

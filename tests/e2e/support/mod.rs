@@ -33,6 +33,16 @@ pub struct Env {
     pub bob_disabled: DirectoryUser,
 }
 
+impl Env {
+    /// Waits until the gateway has asked the identity provider for its first S2S token.
+    pub async fn first_token_request(&self) {
+        eventually("the first S2S token request", || async {
+            self.idp.token_requests() > 0
+        })
+        .await;
+    }
+}
+
 /// A running gateway; dropping it shuts the gateway down.
 pub struct GatewayHandle {
     pub addr: SocketAddr,
