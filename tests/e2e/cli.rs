@@ -224,11 +224,14 @@ async fn healthcheck_exits_zero_only_when_ready() {
 #[tokio::test]
 async fn demo_serves_whoami_for_alice_with_the_token_it_wrote() {
     use tokio::io::{AsyncBufReadExt, BufReader};
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The demo's admin port is the next one up: both must be free.
+    let port = loop {
+        let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = app.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            break port;
+        }
+    };
     let mut child = tokio::process::Command::from(gateway_command())
         .args(["demo", "--port", &port.to_string()])
         .stdout(std::process::Stdio::piped())

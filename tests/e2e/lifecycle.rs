@@ -22,7 +22,15 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     dataverse.set_delay(Duration::from_millis(2000));
     let (url, token) = (format!("{}{WHOAMI}", gateway.url), idp.token_for(ALICE_OID));
     let in_flight = tokio::spawn(async move { client().get(url).bearer_auth(token).send().await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The request is in flight once Dataverse holds it (not after a guess at how long that
+    // takes on a loaded machine).
+    for _ in 0..200 {
+        if dataverse.in_flight() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(dataverse.in_flight(), 1, "the request reached Dataverse");
     gateway.signal("TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
