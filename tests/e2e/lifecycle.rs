@@ -277,11 +277,7 @@ async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
         gateway.url,
         "a".repeat(900)
     );
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap();
+    let http = client();
     let mut answered = 0;
     for batch in 0..40 {
         let requests: Vec<_> = (0..50)
@@ -298,14 +294,7 @@ async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
         }
     }
     assert_eq!(answered, 2000);
-    let metrics = http
-        .get(format!("{}/metrics", gateway.admin_url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_text(&gateway.admin_url).await;
     assert!(
         metrics.contains("dynamics_gateway_log_lines_dropped_total "),
         "dropped lines are counted: {metrics}"
