@@ -2,12 +2,11 @@
 //! type its navigation properties and the type each leads to, which entity set holds each
 //! type (Dataverse names a type by its table's logical name, so this also maps
 //! `link-entity name="contact"` to `contacts`), and the parameter types of functions and
-//! actions. A real organisation's CSDL is 10-50 MB: it is read streaming (`quick-xml`),
+//! actions. A real organisation's CSDL is 10-50 MB: it is parsed as it streams (`quick-xml`),
 //! keeping only these maps, with names lowercased (comparisons ignore ASCII case).
 
 use std::collections::HashMap;
 use std::io::BufRead;
-use std::path::Path;
 
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
@@ -15,12 +14,6 @@ use quick_xml::Reader;
 /// Why a CSDL document could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum MetadataError {
-    #[error("cannot read {path}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("the CSDL is not well-formed XML at byte {position}")]
     Xml {
         position: u64,
@@ -57,15 +50,6 @@ struct EntityType {
 const ANY_ENTITY: &str = "crmbaseentity";
 
 impl Metadata {
-    /// Reads a CSDL file (`access.metadata_file`).
-    pub(crate) fn from_file(path: &Path) -> Result<Self, MetadataError> {
-        let file = std::fs::File::open(path).map_err(|source| MetadataError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::from_reader(std::io::BufReader::new(file))
-    }
-
     /// Reads a CSDL document as it streams.
     pub fn from_reader(input: impl BufRead) -> Result<Self, MetadataError> {
         let mut reader = Reader::from_reader(input);

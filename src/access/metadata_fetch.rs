@@ -372,10 +372,13 @@ mod tests {
             Metrics::new().unwrap(),
         ));
         let map = Arc::new(
-            Metadata::from_file(std::path::Path::new(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/csdl.xml"
-            )))
+            Metadata::from_reader(
+                &std::fs::read(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/csdl.xml"
+                ))
+                .unwrap()[..],
+            )
             .unwrap(),
         );
         *metadata.fake_fetch.lock().unwrap() = Some(Box::new(move || {

@@ -162,7 +162,17 @@ impl AccessPolicy {
     /// Validates the `access` section; `key` is its dotted config prefix (`"access"`).
     /// Errors are (dotted key, message).
     pub fn from_raw(raw: RawAccess, key: &str) -> Result<Self, crate::config::ConfigError> {
-        raw::validate(raw, key)
+        let files = crate::config::LoadedFiles::read(crate::config::files::access_paths(&raw));
+        Self::from_raw_loaded(raw, key, &files)
+    }
+
+    /// [`AccessPolicy::from_raw`] with `metadata_file` already read into `files`.
+    pub(crate) fn from_raw_loaded(
+        raw: RawAccess,
+        key: &str,
+        files: &crate::config::LoadedFiles,
+    ) -> Result<Self, crate::config::ConfigError> {
+        raw::validate(raw, key, files)
     }
 
     /// The policy used when the config has no `access` section: everything is allowed,

@@ -17,7 +17,7 @@ use super::rule::{Allow, Id, Rule, TableGrant, When};
 use super::target::{is_identifier, strip_prefix_ignore_case};
 use super::touches::Operation;
 use super::{AccessPolicy, DefaultDecision, Grant, ImpersonationPolicy, DEFAULT_RULE};
-use crate::config::{invalid, ConfigError};
+use crate::config::{invalid, ConfigError, LoadedFiles};
 
 /// Who may make which Web API requests.
 #[derive(Debug, Clone, Deserialize)]
@@ -129,20 +129,25 @@ const METHODS: [Method; 6] = [
     Method::DELETE,
 ];
 
-pub(super) fn validate(raw: RawAccess, key: &str) -> Result<AccessPolicy, Invalid> {
+pub(super) fn validate(
+    raw: RawAccess,
+    key: &str,
+    files: &LoadedFiles,
+) -> Result<AccessPolicy, Invalid> {
     let metadata = match &raw.metadata_file {
         None => None,
-        Some(path) => Some(std::sync::Arc::new(Metadata::from_file(path).map_err(
-            |e| {
+        Some(path) => {
+            let unusable = |problem: String| {
                 invalid(
                     format!("{key}.metadata_file"),
-                    format!(
-                        "{}; give the environment's $metadata saved as a file",
-                        crate::error::chain(&e)
-                    ),
+                    format!("{problem}; give the environment's $metadata saved as a file"),
                 )
-            },
-        )?)),
+            };
+            let csdl = files.contents(path).map_err(unusable)?;
+            let metadata =
+                Metadata::from_reader(csdl).map_err(|e| unusable(crate::error::chain(&e)))?;
+            Some(std::sync::Arc::new(metadata))
+        }
     };
     let settings = metadata_settings(&raw, key)?;
     let default =

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::files::LoadedFiles;
 use super::raw::{RawBudget, RawBudgetStore, RawDynamics, RoutingRule};
-use super::{invalid, parse_secure_url, ConfigError, MAX_CONNECTION_TIMEOUT};
+use super::{invalid, parse_secure_url, process_env, ConfigError, MAX_CONNECTION_TIMEOUT};
 use crate::secret::Secret;
 use crate::upstream::credential::{
     Credential, RawCertificate, RawManagedIdentity, RawWorkloadIdentity,
@@ -253,6 +254,7 @@ fn credential(
     certificate: Option<RawCertificate>,
     workload_identity: Option<RawWorkloadIdentity>,
     managed_identity: Option<RawManagedIdentity>,
+    files: &LoadedFiles,
 ) -> Result<Credential, ConfigError> {
     let given = [
         secret.is_some(),
@@ -279,10 +281,20 @@ fn credential(
         return Credential::client_secret(Secret::new(secret), &format!("{key}.client_secret"));
     }
     if let Some(raw) = certificate {
-        return Credential::certificate(raw, &format!("{key}.certificate"));
+        return Credential::certificate_loaded(
+            raw,
+            &format!("{key}.certificate"),
+            &process_env,
+            files,
+        );
     }
     if let Some(raw) = workload_identity {
-        return Credential::workload_identity(raw, &format!("{key}.workload_identity"));
+        return Credential::workload_identity_loaded(
+            raw,
+            &format!("{key}.workload_identity"),
+            &process_env,
+            files,
+        );
     }
     match managed_identity {
         Some(raw) => Credential::managed_identity(raw, &format!("{key}.managed_identity")),
@@ -302,7 +314,10 @@ fn is_plain_name(name: &str) -> bool {
         && name != crate::metrics::NO_ENVIRONMENT
 }
 
-pub(super) fn dynamics_config(mut d: RawDynamics) -> Result<DynamicsConfig, ConfigError> {
+pub(super) fn dynamics_config(
+    mut d: RawDynamics,
+    files: &LoadedFiles,
+) -> Result<DynamicsConfig, ConfigError> {
     let single = d.url.is_some() || d.tenant_id.is_some() || d.writes_organisation_keys();
     let (raw_envs, in_list) = match d.environments.take() {
         Some(_) if single => {
@@ -356,6 +371,7 @@ pub(super) fn dynamics_config(mut d: RawDynamics) -> Result<DynamicsConfig, Conf
             e.certificate,
             e.workload_identity,
             e.managed_identity,
+            files,
         )?;
         let client_id = match e
             .client_id

@@ -11,6 +11,7 @@ use crate::access::AccessPolicy;
 
 mod dynamics;
 mod env_vars;
+pub(crate) mod files;
 mod identity;
 mod inbound;
 mod raw;
@@ -20,6 +21,7 @@ pub(crate) mod units;
 pub use dynamics::{
     BudgetBucket, BudgetConfig, BudgetStoreConfig, DynamicsConfig, EnvironmentConfig, Routing,
 };
+pub use files::LoadedFiles;
 pub use identity::{IdentityConfig, IdentityMode, LookupAttribute, StaticUser};
 pub(crate) use inbound::TENANT_PLACEHOLDER;
 pub use inbound::{token_type, AppOnlyEvidence, InboundConfig, IssuerConfig};
@@ -55,6 +57,12 @@ impl ConfigError {
 /// Longest connection or body timeout accepted.
 pub(super) const MAX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The process environment, which credentials fall back on (`$AZURE_CLIENT_ID`, …) and
+/// `*_pem_env` names; `${VAR}` substitution takes its own resolver.
+pub(crate) fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -83,31 +91,40 @@ pub struct AuditConfig {
 // ---------------------------------------------------------------- loading
 
 impl Config {
-    /// Reads, substitutes `${VAR}` from the environment, and validates.
+    /// Reads, substitutes `${VAR}` from the environment, reads the files it names, and
+    /// validates. All of the gateway's file reads at load happen here (blocking: a reload
+    /// runs it off the runtime).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_yaml(&text, &|name| std::env::var(name).ok())
+        Self::from_yaml(&text, &process_env)
     }
 
-    /// Parses YAML text; `env` resolves `${VAR}` references.
+    /// Parses YAML text, reads the files it names and validates; `env` resolves `${VAR}`
+    /// references.
     pub fn from_yaml(
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        let raw = Self::parse(text, env)?;
+        let files = LoadedFiles::of_config(&raw, &process_env);
+        Config::validate(raw, &files)
+    }
+
+    /// YAML text to the file as written, `${VAR}` substituted.
+    fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<RawConfig, ConfigError> {
         let mut value: serde_norway::Value =
             serde_norway::from_str(text).map_err(ConfigError::Yaml)?;
         env_vars::substitute_env(&mut value, "", env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        serde_path_to_error::deserialize(value).map_err(|e| {
             let key = e.path().to_string();
             invalid(
                 if key == "." { "config".into() } else { key },
                 e.into_inner().to_string(),
             )
-        })?;
-        Config::try_from(raw)
+        })
     }
 }
 
@@ -142,14 +159,14 @@ pub(crate) fn is_loopback(url: &Url) -> bool {
     }
 }
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Self, Self::Error> {
+impl Config {
+    /// Validates the file as written; what the files it names held comes from `files`
+    /// (validation reads nothing from disk).
+    fn validate(raw: RawConfig, files: &LoadedFiles) -> Result<Self, ConfigError> {
         let server = server::server_config(raw.server)?;
         let inbound = inbound::inbound_config(raw.inbound)?;
         let identity = identity::identity_config(raw.identity, &inbound.issuers)?;
-        let dynamics = dynamics::dynamics_config(raw.dynamics)?;
+        let dynamics = dynamics::dynamics_config(raw.dynamics, files)?;
         issuers_bound_to_tenants(&inbound, &dynamics)?;
         if identity.mode == IdentityMode::CallerObjectId {
             if let Some(n) = dynamics
@@ -177,7 +194,7 @@ impl TryFrom<RawConfig> for Config {
                 redact_query: raw.audit.redact_query,
             },
             access: match raw.access {
-                Some(a) => AccessPolicy::from_raw(a, "access")?,
+                Some(a) => AccessPolicy::from_raw_loaded(a, "access", files)?,
                 None => AccessPolicy::allow_all(),
             },
         })

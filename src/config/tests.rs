@@ -494,3 +494,70 @@ fn inline_and_listed_environments_refuse_unknown_keys_naming_the_known_ones() {
     let err = load(&wrong_type).unwrap_err().to_string();
     assert!(err.starts_with("dynamics.forward_cookies: "), "{err}");
 }
+
+/// A config naming a token file and a CSDL file under a directory that does not exist.
+fn naming_absent_files() -> (String, &'static str, &'static str) {
+    let token = "/nonexistent/dynamics-gateway-test/token";
+    let csdl = "/nonexistent/dynamics-gateway-test/csdl.xml";
+    let yaml = MINIMAL.replace(
+        "  client_secret: ${SECRET}\n",
+        &format!(
+            "  workload_identity: {{ token_file: {token}, authority_host: https://login.microsoftonline.com }}\naccess:\n  metadata_file: {csdl}\n  rules:\n    - {{ name: r, when: {{}}, allow: {{ methods: [GET], entity_sets: [accounts] }} }}\n"
+        ),
+    );
+    (yaml, token, csdl)
+}
+
+#[test]
+fn validation_takes_the_files_from_loaded_files_and_never_from_disk() {
+    let (yaml, token, csdl) = naming_absent_files();
+    let mut files = LoadedFiles::default();
+    files.insert(token, "header.payload.signature\n");
+    files.insert(
+        csdl,
+        &include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/csdl.xml"
+        ))[..],
+    );
+    let c = Config::validate(Config::parse(&yaml, &env).unwrap(), &files).unwrap();
+    assert_eq!(
+        c.dynamics.environments[0].credential.describe(),
+        format!("workload_identity (token file {token})")
+    );
+    // The CSDL came from the bytes given: no fetch is needed, and other bytes are parsed.
+    assert!(!c.access.fetches_metadata());
+    files.insert(csdl, "<edmx:Edmx></edmx:Edmx>");
+    let (key, message) = Config::validate(Config::parse(&yaml, &env).unwrap(), &files)
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(key, "access.metadata_file");
+    assert!(message.contains("no entity sets"), "{message}");
+}
+
+#[test]
+fn a_file_that_cannot_be_read_is_an_error_naming_its_key_and_path() {
+    let (yaml, token, csdl) = naming_absent_files();
+    let (key, message) = load(&yaml).unwrap_err().into_parts();
+    assert_eq!(key, "dynamics.workload_identity.token_file");
+    assert!(
+        message.starts_with(&format!("cannot read {token}: ")),
+        "{message}"
+    );
+
+    // The CSDL read (and not found) as `Config::load` reads it, the token file given.
+    let mut files = LoadedFiles::read([Path::new(csdl)]);
+    files.insert(token, "header.payload.signature\n");
+    let (key, message) = Config::validate(Config::parse(&yaml, &env).unwrap(), &files)
+        .unwrap_err()
+        .into_parts();
+    assert_eq!(key, "access.metadata_file");
+    assert!(
+        message.starts_with(&format!("cannot read {csdl}: ")),
+        "{message}"
+    );
+    assert!(
+        message.ends_with("give the environment's $metadata saved as a file"),
+        "{message}"
+    );
+}

@@ -26,6 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use url::Url;
 
+use crate::config::files::{certificate_paths, LoadedFiles};
 use crate::config::{invalid, ConfigError};
 use crate::secret::Secret;
 
@@ -184,6 +185,17 @@ impl Credential {
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        let files = LoadedFiles::read(certificate_paths(&raw));
+        Self::certificate_loaded(raw, key, env, &files)
+    }
+
+    /// [`Credential::certificate`] with its files already read into `files`.
+    pub(crate) fn certificate_loaded(
+        raw: RawCertificate,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        files: &LoadedFiles,
+    ) -> Result<Self, ConfigError> {
         let cert_source = match (raw.certificate, raw.certificate_pem_env) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -220,7 +232,7 @@ impl Credential {
             algorithm: raw.algorithm,
             last_seen: Arc::new(Mutex::new(String::new())),
         };
-        let material = credential.load_blocking().map_err(|e| {
+        let material = credential.load_from(files).map_err(|e| {
             let field = match &e {
                 MaterialError::Certificate(_) => {
                     credential.certificate.key_name(key, "certificate")
@@ -246,16 +258,24 @@ impl Credential {
         key: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
+        let files = LoadedFiles::read(raw.token_file_path(env).as_deref());
+        Self::workload_identity_loaded(raw, key, env, &files)
+    }
+
+    /// [`Credential::workload_identity`] with the token file already read into `files`.
+    pub(crate) fn workload_identity_loaded(
+        raw: RawWorkloadIdentity,
+        key: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        files: &LoadedFiles,
+    ) -> Result<Self, ConfigError> {
         let from_env = |value: Option<String>, var: &str| {
             value
                 .or_else(|| env(var))
                 .map(|v| v.trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let token_file = raw
-            .token_file
-            .or_else(|| from_env(None, "AZURE_FEDERATED_TOKEN_FILE").map(PathBuf::from))
-            .ok_or_else(|| {
+        let token_file = raw.token_file_path(env).ok_or_else(|| {
                 invalid(
                     format!("{key}.token_file"),
                     "not set, and AZURE_FEDERATED_TOKEN_FILE is not set either (is the pod labelled azure.workload.identity/use: \"true\"?)".to_owned(),
@@ -263,7 +283,9 @@ impl Credential {
             })?;
         // Kubelet writes the projected token before the container starts: a missing file
         // is a mounting mistake, not a race.
-        match std::fs::read_to_string(&token_file) {
+        let text = files.get(&format!("{key}.token_file"), &token_file)?;
+        // Read as text at every request: a file that is not UTF-8 fails here as it would there.
+        match std::str::from_utf8(text) {
             Ok(text) if text.trim().is_empty() => {
                 return Err(invalid(
                     format!("{key}.token_file"),
@@ -271,10 +293,13 @@ impl Credential {
                 ))
             }
             Ok(_) => {}
-            Err(e) => {
+            Err(_) => {
                 return Err(invalid(
                     format!("{key}.token_file"),
-                    format!("cannot read {}: {e}", token_file.display()),
+                    format!(
+                        "cannot read {}: stream did not contain valid UTF-8",
+                        token_file.display()
+                    ),
                 ))
             }
         }
@@ -479,12 +504,11 @@ impl PemSource {
         }
     }
 
-    fn read_blocking(&self) -> Result<Vec<u8>, String> {
+    /// The PEM as loaded with the configuration.
+    fn loaded<'a>(&'a self, files: &'a LoadedFiles) -> Result<&'a [u8], String> {
         match self {
-            Self::File(p) => {
-                std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
-            }
-            Self::Env { pem, .. } => Ok(pem.expose().as_bytes().to_vec()),
+            Self::File(p) => files.contents(p),
+            Self::Env { pem, .. } => Ok(pem.expose().as_bytes()),
         }
     }
 
@@ -544,16 +568,17 @@ impl MaterialError {
 }
 
 impl CertificateCredential {
-    fn load_blocking(&self) -> Result<Material, MaterialError> {
+    /// The material from the files read with the configuration (no disk access).
+    fn load_from(&self, files: &LoadedFiles) -> Result<Material, MaterialError> {
         let cert = self
             .certificate
-            .read_blocking()
+            .loaded(files)
             .map_err(MaterialError::Certificate)?;
         let key = self
             .private_key
-            .read_blocking()
+            .loaded(files)
             .map_err(MaterialError::PrivateKey)?;
-        self.parse(&cert, &key)
+        self.parse(cert, key)
     }
 
     async fn load(&self) -> Result<Material, CredentialError> {
@@ -734,6 +759,18 @@ impl WorkloadIdentityCredential {
             .as_ref()?
             .join(&format!("{tenant}/oauth2/v2.0/token"))
             .ok()
+    }
+}
+
+impl RawWorkloadIdentity {
+    /// `token_file`, else `$AZURE_FEDERATED_TOKEN_FILE` (trimmed, not empty).
+    pub(crate) fn token_file_path(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+        self.token_file.clone().or_else(|| {
+            env("AZURE_FEDERATED_TOKEN_FILE")
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
     }
 }
 
@@ -1126,6 +1163,37 @@ mod tests {
         // Whatever the error, no key material in it.
         let (_, m) = err(files(&scratch, &key, &cert));
         assert!(!m.contains(key.lines().nth(1).unwrap()), "{m}");
+    }
+
+    #[tokio::test]
+    async fn the_certificate_is_checked_from_the_loaded_files_and_rotated_from_disk() {
+        let (cert, key, der) = test_certificate(false);
+        let absent = PathBuf::from("/nonexistent/dynamics-gateway-test/combined.pem");
+        let mut files = LoadedFiles::default();
+        files.insert(absent.clone(), format!("{cert}{key}"));
+        let raw = RawCertificate {
+            certificate: Some(absent.clone()),
+            ..RawCertificate::default()
+        };
+        let credential =
+            Credential::certificate_loaded(raw.clone(), "c", &|_| None, &files).unwrap();
+        assert!(
+            credential.describe().contains(&x5t_s256(&der)),
+            "{}",
+            credential.describe()
+        );
+        // Each assertion reads the file again (rotation), and it is not on disk.
+        let Credential::Certificate(inner) = &credential else {
+            panic!("not a certificate credential")
+        };
+        let err = inner.assertion(&token_url(), "app-1").await.unwrap_err();
+        assert!(matches!(err, CredentialError::Read { .. }), "{err}");
+
+        let (k, m) = Credential::certificate_loaded(raw, "c", &|_| None, &LoadedFiles::default())
+            .unwrap_err()
+            .into_parts();
+        assert_eq!(k, "c.certificate");
+        assert!(m.contains("combined.pem"), "{m}");
     }
 
     #[test]
