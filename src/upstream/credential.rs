@@ -276,11 +276,11 @@ impl Credential {
                 .filter(|v| !v.is_empty())
         };
         let token_file = raw.token_file_path(env).ok_or_else(|| {
-                invalid(
-                    format!("{key}.token_file"),
-                    "not set, and AZURE_FEDERATED_TOKEN_FILE is not set either (is the pod labelled azure.workload.identity/use: \"true\"?)".to_owned(),
-                )
-            })?;
+            invalid(
+                format!("{key}.token_file"),
+                "not set, and AZURE_FEDERATED_TOKEN_FILE is not set either (is the pod labelled azure.workload.identity/use: \"true\"?)".to_owned(),
+            )
+        })?;
         // Kubelet writes the projected token before the container starts: a missing file
         // is a mounting mistake, not a race.
         let text = files.get(&format!("{key}.token_file"), &token_file)?;
