@@ -22,7 +22,7 @@ use crate::upstream::credential::RawCertificate;
 
 /// What each named file held when it was read, or why it could not be read.
 #[derive(Debug, Default)]
-pub struct LoadedFiles {
+pub(crate) struct LoadedFiles {
     files: HashMap<PathBuf, Result<Vec<u8>, io::Error>>,
 }
 

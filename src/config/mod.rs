@@ -21,7 +21,7 @@ pub(crate) mod units;
 pub use dynamics::{
     BudgetBucket, BudgetConfig, BudgetStoreConfig, DynamicsConfig, EnvironmentConfig, Routing,
 };
-pub use files::LoadedFiles;
+pub(crate) use files::LoadedFiles;
 pub use identity::{IdentityConfig, IdentityMode, LookupAttribute, StaticUser};
 pub(crate) use inbound::TENANT_PLACEHOLDER;
 pub use inbound::{token_type, AppOnlyEvidence, InboundConfig, IssuerConfig};
