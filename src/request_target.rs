@@ -11,7 +11,7 @@ use crate::access::Target;
 pub enum PathError {
     #[error("only paths under /api/data/ are proxied")]
     NotProxied,
-    #[error("the path contains a dot segment (`.`, `..`, `...`), backslash, empty segment, control character or malformed escape (in any encoding); send a plain normalised path")]
+    #[error("the path contains a dot segment (`.`, `..`, `...`), backslash, encoded slash (`%2F`), empty segment, control character or malformed escape (in any encoding); send a plain normalised path")]
     Ambiguous,
     #[error("the Host header is missing or not a plain host[:port]")]
     BadHost,
@@ -105,8 +105,11 @@ pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, Pa
     ))
 }
 
-/// Refuses dot segments, backslashes, empty segments and control characters in the path
-/// as written and after each of up to three rounds of percent-decoding (double encoding).
+/// Refuses dot segments, backslashes, encoded slashes, empty segments and control
+/// characters in the path as written and after each of up to three rounds of
+/// percent-decoding (double encoding). An encoded slash (`%2F`) is one segment here but two
+/// to a front end that decodes it before routing (IIS can), so `accounts(1)%2Fcontacts`
+/// would be checked as `accounts` and answered as a navigation to contacts.
 /// A `%` not followed by two hex digits as written (`%u002e` is a dot to IIS's http.sys) and
 /// escapes that decode to invalid UTF-8 (overlong `%c0%ae` dots) are refused too: other
 /// decoders read them differently from the one here.
@@ -117,6 +120,7 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
     let mut current = path.to_string();
     for _ in 0..4 {
         if current.contains('\\')
+            || contains_encoded_slash(&current)
             || current.contains("//")
             || current.chars().any(|c| c.is_control())
         {
@@ -136,6 +140,13 @@ fn check_unambiguous(path: &str) -> Result<(), PathError> {
     }
     // Still changing after four decodings: nobody writes paths like that on purpose.
     Err(PathError::Ambiguous)
+}
+
+/// `%2F` in either case.
+fn contains_encoded_slash(text: &str) -> bool {
+    text.as_bytes()
+        .windows(3)
+        .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'))
 }
 
 /// `.`, `..`, and any other segment made only of dots: `...` means `..` to some
@@ -240,6 +251,12 @@ mod tests {
             "/api/data/v9.2/accounts%2",
             "/x/../api/data/v9.2/accounts",
             "/%2e%2e/api/data/v9.2/accounts",
+            "/api/data/v9.2/accounts(1)%2Fcontact_customer_accounts",
+            "/api/data/v9.2/accounts%281%29%2fprimarycontactid",
+            "/api/data/v9.2/accounts%2Fcontacts",
+            "/api/data/v9.2/accounts(1)%252Fcontact_customer_accounts",
+            "/api/data/v9.2/accounts(1)%25252fx",
+            "/alpha%2Fapi/data/v9.2/accounts",
         ] {
             assert!(matches!(check(p), Err(PathError::Ambiguous)), "{p}");
         }

@@ -131,6 +131,12 @@ impl PartRules {
             problem,
         };
         let text = std::str::from_utf8(target).map_err(|_| refused(TargetProblem::NotUtf8))?;
+        // A request target never has a fragment (RFC 9112 3.2), and readers disagree on
+        // where one starts: `http://host#/api/data/...` is the service root to RFC 3986 and
+        // a path to a reader that looks for the first `/`.
+        if text.contains('#') {
+            return Err(refused(TargetProblem::Fragment));
+        }
         let (rewritten, path) = if has_scheme(text) {
             let (origin, rest) = split_origin(text).ok_or(refused(TargetProblem::OtherHost))?;
             let (gw_origin, gw_path) = split_origin(gateway_base).unwrap_or((gateway_base, ""));
@@ -341,6 +347,8 @@ pub enum TargetProblem {
     NestedBatch,
     #[error("it is not UTF-8")]
     NotUtf8,
+    #[error("it has a fragment (`#`), which a request target never carries; leave it out, or percent-encode a `#` that is data (`%23`)")]
+    Fragment,
 }
 
 /// Why a `$batch` request is refused before Dataverse runs any of it.
@@ -583,6 +591,15 @@ mod tests {
             ("http://127.0.0.1:8080/XRMServices", false),
             ("/api/data/v9.2/$batch", false),
             ("$batch", false),
+            ("http://127.0.0.1:8080#/api/data/v9.2/accounts", false),
+            ("https://contoso.crm.dynamics.com#/api/data/v9.2/x", false),
+            ("/api/data/v9.2/accounts#/../contacts", false),
+            ("accounts?$filter=name eq '#'", false),
+            (
+                "/api/data/v9.2/accounts(1)%2Fcontact_customer_accounts",
+                false,
+            ),
+            ("$1%2fprimarycontactid", false),
         ] {
             let e = target(bad).unwrap_err();
             let BatchRefusal::Target { problem, .. } = e else {

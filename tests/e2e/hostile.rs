@@ -1173,6 +1173,37 @@ async fn ambiguous_paths_in_any_encoding_are_400_and_never_forwarded() {
     }
 }
 
+/// An encoded slash is one segment to the gateway and two to a front end that decodes it
+/// before routing: `accounts(1)%2Fcontact_customer_accounts` would be decided as a read of
+/// accounts and answered with contacts. Refused in the path in any case and encoding (as
+/// `%5C` is); in the query it stays data.
+#[tokio::test]
+async fn encoded_slashes_in_the_path_are_400_and_never_forwarded() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let ambiguous = refusal(400, "AmbiguousPath", "encoded slash (`%2F`)");
+    for target in [
+        "/api/data/v9.2/accounts(1)%2Fcontact_customer_accounts",
+        "/api/data/v9.2/accounts(1)%2fcontact_customer_accounts",
+        "/api/data/v9.2/accounts%281%29%2Fprimarycontactid",
+        "/api/data/v9.2/accounts%2Fcontacts",
+        "/api/data/v9.2/accounts(name='a%2Fb')",
+        "/api/data%2Fv9.2/accounts",
+        "/api/data/v9.2/accounts(1)%252Fcontact_customer_accounts",
+        "/api/data/v9.2/accounts(1)%252fcontact_customer_accounts",
+        "/api/data/v9.2/accounts(1)%25252Fcontact_customer_accounts",
+    ] {
+        let answer = raw_get(&env, target, &token, "").await;
+        assert_refused(&env, target, &answer, &ambiguous, &token, 0);
+    }
+    let query = "/api/data/v9.2/accounts?$filter=name%20eq%20'a%2Fb'";
+    let answer = raw_get(&env, query, &token, "").await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = env.dataverse.requests();
+    assert_eq!(seen.len(), 1, "only the query with %2F reached Dataverse");
+    assert_eq!(seen[0].path_and_query, query);
+}
+
 #[tokio::test]
 async fn query_strings_full_of_quotes_and_escapes_pass_byte_for_byte() {
     let env = env().start().await;

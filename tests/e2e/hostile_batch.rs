@@ -278,6 +278,86 @@ async fn parts_naming_another_host_or_a_path_outside_api_data_are_refused() {
     assert!(batches(&env).is_empty());
 }
 
+/// A part's request target with a `#`: RFC 3986 ends the path at it (so
+/// `http://host#/api/data/v9.2/accounts` is the service root), a reader looking for the
+/// first `/` does not, so the path checks and the access decision could read different
+/// strings. A request target never has a fragment: refused, naming the part.
+#[tokio::test]
+async fn a_part_target_with_a_fragment_is_refused_naming_the_part() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let gw = env.gateway.url();
+    let dv = env.dataverse.url();
+    for target in [
+        format!("{gw}#/api/data/v9.2/accounts"),
+        format!("{dv}#/api/data/v9.2/accounts"),
+        format!("{gw}#@evil.example/api/data/v9.2/accounts"),
+        format!("{gw}/api/data/v9.2/accounts#/../contacts"),
+        "/api/data/v9.2/accounts#x".to_string(),
+        "accounts?$filter=name eq '#'".to_string(),
+    ] {
+        let body = format!(
+            "--{BOUNDARY}\r\nContent-Type: application/http\r\nContent-ID: 7\r\n\r\nGET {target} HTTP/1.1\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+        );
+        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "DynamicsGateway.BatchPartRefused"),
+            "{target}: {message}"
+        );
+        assert!(
+            message.contains("part 1 (Content-ID 7)"),
+            "{target}: {message}"
+        );
+        assert!(message.contains("fragment (`#`)"), "{target}: {message}");
+    }
+    assert!(batches(&env).is_empty(), "no batch reached Dataverse");
+}
+
+/// An encoded slash in a part's path is refused as at top level (400, naming the part);
+/// in its query it is data.
+#[tokio::test]
+async fn encoded_slashes_in_part_paths_are_refused_and_in_queries_pass() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let gw = env.gateway.url();
+    for target in [
+        "/api/data/v9.2/accounts(1)%2Fcontact_customer_accounts".to_string(),
+        format!("{gw}/api/data/v9.2/accounts%281%29%2fprimarycontactid"),
+        "accounts(1)%2Fcontact_customer_accounts".to_string(),
+        "$1%2Fprimarycontactid".to_string(),
+        "accounts(1)%252Fcontact_customer_accounts".to_string(),
+    ] {
+        let body = format!(
+            "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nGET {target} HTTP/1.1\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+        );
+        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "DynamicsGateway.BatchPartRefused"),
+            "{target}: {message}"
+        );
+        assert!(message.contains("part 1"), "{target}: {message}");
+        assert!(
+            message.contains("encoded slash (`%2F`)"),
+            "{target}: {message}"
+        );
+    }
+    assert!(batches(&env).is_empty(), "no batch reached Dataverse");
+    let line = "GET /api/data/v9.2/accounts?$filter=name%20eq%20'a%2Fb' HTTP/1.1";
+    let body = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\n{line}\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+    );
+    let response = post_batch(&env, &token, body).await;
+    assert_eq!(response.status(), 200);
+    let seen = batches(&env);
+    assert_eq!(seen.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&seen[0].body).contains(line),
+        "the part went on as written"
+    );
+}
+
 /// Two readings of one Content-Type: `boundary` and `boundary*` (RFC 2231), or a quoted
 /// boundary with a backslash that one reader unescapes and another keeps. A part hidden
 /// under the other reading (impersonating, naming another host) would go unchecked, so
