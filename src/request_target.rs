@@ -34,20 +34,106 @@ pub fn proxied_path_and_query(uri: &Uri) -> Result<&str, PathError> {
     Ok(uri.path_and_query().map(|pq| pq.as_str()).unwrap_or(path))
 }
 
-/// A `$batch` part's absolute path (without query): the same rules as a top-level path.
-pub(crate) fn check_proxied_path(path: &str) -> Result<(), PathError> {
-    check_unambiguous(path)?;
-    if path.starts_with(API_PREFIX) {
-        Ok(())
-    } else {
-        Err(PathError::NotProxied)
+/// Why a `$batch` part's path and query are not forwarded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PartTargetError {
+    Path(PathError),
+    /// The part is itself a `$batch`.
+    NestedBatch,
+}
+
+/// A `$batch` part's path and query (what follows the origin of an absolute URL), parsed
+/// and checked once: the part rules (`upstream::batch_parts`) check it, the access rules
+/// (`access::body`) read what it addresses from it ([`PartTarget::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartTarget<'a> {
+    pub path: PartPath<'a>,
+    /// The raw query string, without `?`; empty when there is none.
+    pub query: &'a str,
+}
+
+/// The three forms of a part's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PartPath<'a> {
+    /// `/api/data/...`, as a top-level request's path.
+    Absolute(&'a str),
+    /// `accounts(1)`: resolved by Dataverse against the batch's `/api/data/v9.x/`.
+    Relative(&'a str),
+    /// `$1/...`: the record an earlier part's `Content-ID` names, and what follows it.
+    Reference { id: &'a str, rest: &'a str },
+}
+
+impl<'a> PartTarget<'a> {
+    /// Absolute paths meet the rules of a top-level path; relative ones (`$n/...` too) are
+    /// unambiguous, so they cannot climb out of the batch's base; neither is a `$batch`.
+    pub(crate) fn parse(path_and_query: &'a str) -> Result<Self, PartTargetError> {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        let path = if path.starts_with('/') {
+            check_unambiguous(path).map_err(PartTargetError::Path)?;
+            if !path.starts_with(API_PREFIX) {
+                return Err(PartTargetError::Path(PathError::NotProxied));
+            }
+            PartPath::Absolute(path)
+        } else {
+            check_unambiguous(&format!("/{path}")).map_err(PartTargetError::Path)?;
+            match path.strip_prefix('$') {
+                Some(reference) => {
+                    let (id, rest) = reference.split_once('/').unwrap_or((reference, ""));
+                    PartPath::Reference { id, rest }
+                }
+                None => PartPath::Relative(path),
+            }
+        };
+        let written = match &path {
+            PartPath::Absolute(p) | PartPath::Relative(p) => p,
+            PartPath::Reference { .. } => path_and_query.split('?').next().unwrap_or_default(),
+        };
+        let last = written.rsplit('/').next().unwrap_or_default();
+        if last.eq_ignore_ascii_case("$batch") {
+            return Err(PartTargetError::NestedBatch);
+        }
+        Ok(Self { path, query })
+    }
+
+    /// The `/api/data/` path the part addresses and what that is for the access rules, read
+    /// as a top-level request's. `base` is the batch's `/api/data/v9.x/`; `reference_set`
+    /// the entity set of the earlier part a `$n` names, when known. The key of `$n` is
+    /// opaque to the rules: the table is what counts.
+    pub(crate) fn resolve(&self, base: &str, reference_set: Option<&str>) -> (String, Target) {
+        let path = match (&self.path, reference_set) {
+            (PartPath::Absolute(path), _) => (*path).to_string(),
+            (PartPath::Relative(path), _) => format!("{base}{path}"),
+            (PartPath::Reference { id, rest }, Some(set)) => format!("{base}{set}(${id})/{rest}")
+                .trim_end_matches('/')
+                .to_string(),
+            (PartPath::Reference { .. }, None) => format!("{base}$unknown-reference"),
+        };
+        let resource = Target::from_path(&path);
+        (path, resource)
     }
 }
 
-/// A `$batch` part's relative path (`accounts(1)`, `$1/...`), resolved by Dataverse against
-/// the batch's `/api/data/v9.x/`: unambiguous, so it cannot climb out of it.
-pub(crate) fn check_relative_path(path: &str) -> Result<(), PathError> {
-    check_unambiguous(&format!("/{path}"))
+/// `scheme:` at the start (RFC 3986 3.1), which makes a URL absolute.
+pub(crate) fn has_scheme(text: &str) -> bool {
+    let mut chars = text.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars
+            .take_while(|c| *c != ':')
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && text.contains(':')
+}
+
+/// `scheme://authority` and the rest (path, query, fragment), or None without `://`. The
+/// authority ends at the first `/`, `?` or `#` (RFC 3986 3.2).
+pub(crate) fn split_origin(url: &str) -> Option<(&str, &str)> {
+    let scheme_end = url.find("://")?;
+    let after = scheme_end + 3;
+    let end = url[after..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after + i);
+    Some((&url[..end], &url[end..]))
 }
 
 /// A checked request target, parsed once for every stage: routing reads the environment
@@ -208,6 +294,67 @@ mod tests {
         }
         let uri: Uri = "/api/data/v9.2/accounts".parse().unwrap();
         assert_eq!(request_target(&uri, false).unwrap().environment, None);
+    }
+
+    #[test]
+    fn part_targets_are_parsed_once_into_the_path_access_reads() {
+        let base = "/api/data/v9.2/";
+        let parse = |t| PartTarget::parse(t).unwrap();
+        let p = parse("/api/data/v9.1/accounts(1)?$select=name");
+        assert_eq!(p.path, PartPath::Absolute("/api/data/v9.1/accounts(1)"));
+        assert_eq!(p.query, "$select=name");
+        assert_eq!(
+            p.resolve(base, None),
+            (
+                "/api/data/v9.1/accounts(1)".to_string(),
+                Target::EntitySet("accounts".into())
+            )
+        );
+        let p = parse("contacts?$top=1");
+        assert_eq!(p.path, PartPath::Relative("contacts"));
+        assert_eq!(
+            p.resolve(base, None).1,
+            Target::EntitySet("contacts".into())
+        );
+        assert_eq!(parse("").resolve(base, None).1, Target::ServiceRoot);
+        let p = parse("$1/primarycontactid");
+        assert_eq!(
+            p.path,
+            PartPath::Reference {
+                id: "1",
+                rest: "primarycontactid"
+            }
+        );
+        assert_eq!(
+            p.resolve(base, Some("accounts")).0,
+            "/api/data/v9.2/accounts($1)/primarycontactid"
+        );
+        assert_eq!(p.resolve(base, None).1, Target::Unknown);
+        for (bad, expected) in [
+            ("/api/data/v9.2/$batch", PartTargetError::NestedBatch),
+            ("$BATCH", PartTargetError::NestedBatch),
+            ("$1/$batch", PartTargetError::NestedBatch),
+            (
+                "/XRMServices/2011",
+                PartTargetError::Path(PathError::NotProxied),
+            ),
+            ("../x", PartTargetError::Path(PathError::Ambiguous)),
+            ("$1%2Fx", PartTargetError::Path(PathError::Ambiguous)),
+        ] {
+            assert_eq!(PartTarget::parse(bad), Err(expected), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins_end_at_the_first_slash_question_mark_or_fragment() {
+        assert_eq!(
+            split_origin("https://h:1/api?x"),
+            Some(("https://h:1", "/api?x"))
+        );
+        assert_eq!(split_origin("http://h#/api"), Some(("http://h", "#/api")));
+        assert_eq!(split_origin("http://h?a/b"), Some(("http://h", "?a/b")));
+        assert_eq!(split_origin("accounts(1)"), None);
+        assert!(has_scheme("HTTP://h") && !has_scheme("/a:b") && !has_scheme("accounts"));
     }
 
     #[test]

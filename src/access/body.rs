@@ -23,6 +23,7 @@ use super::rule::Rule;
 use super::target::{is_identifier, strip_prefix_ignore_case, Target};
 use super::touches::{self, via_text, BodyRoot, Operation, Resource, Touch};
 use super::{denied_pair, refusal, AccessDenied, AccessRequest};
+use crate::request_target::{split_origin, PartPath, PartTarget};
 
 /// Deepest nesting of a body followed; deeper structure needs a grant on every table.
 const MAX_DEPTH: usize = 64;
@@ -158,24 +159,28 @@ pub struct BatchPart {
 }
 
 impl BatchPart {
-    /// Decides a part's request line (`target` as written, relative or absolute, already
-    /// checked to stay on this gateway or Dataverse under `/api/data/`); returns the
-    /// scanner for its body, if it has one the rules read.
-    pub fn decide(
+    /// Decides a part's request line (its path and query as `request_target` parsed and
+    /// checked them: on this gateway or Dataverse, under `/api/data/`); returns the scanner
+    /// for its body, if it has one the rules read.
+    pub(crate) fn decide(
         &mut self,
         method: &[u8],
-        target: &str,
+        target: &PartTarget<'_>,
         content_id: Option<&str>,
     ) -> Result<Option<BodyInspector>, AccessDenied> {
         let method = Method::from_bytes(method).unwrap_or(Method::POST);
-        let (path, query) = self.resolve(target);
+        let reference_set = match target.path {
+            PartPath::Reference { id, .. } => self.reference_set(id),
+            _ => None,
+        };
+        let query = target.query;
+        let (path, target) = target.resolve(&self.api_base, reference_set);
         let metadata = self.shared.metadata.as_deref();
-        let target = Target::from_path(&path);
         // A part's stored query is not looked up: the part check runs synchronously as the
         // body streams, and a lookup (a Dataverse round trip) cannot be awaited there
         // without holding the whole batch. So it needs a grant on every table.
         let (touches, root) =
-            touches::request_pairs(&method, &target, &path, &query, metadata, None);
+            touches::request_pairs(&method, &target, &path, query, metadata, None);
         let rules = &self.shared.rules;
         let candidates: Vec<usize> = self
             .shared
@@ -230,45 +235,22 @@ impl BatchPart {
         )))
     }
 
-    /// The part's path (from `/api/data/`) and query. A `$n` first segment names the
-    /// record an earlier part addressed: it stands for that part's table.
-    fn resolve(&self, target: &str) -> (String, String) {
-        let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        let path = match split_origin(path) {
-            Some(rest) => rest.to_string(),
-            None => path.to_string(),
-        };
-        let path = if path.starts_with('/') {
-            path
-        } else if let Some(reference) = path.strip_prefix('$') {
-            let (id, rest) = reference.split_once('/').unwrap_or((reference, ""));
-            let table = self
-                .content_ids
-                .iter()
-                .rev()
-                .find(|(known, _)| known == id)
-                .and_then(|(_, table)| match table {
-                    Resource::Set(set) => Some(set.clone()),
-                    _ => None,
-                });
-            match table {
-                // The key is opaque to the rules; the table is what counts.
-                Some(set) => format!("{}{set}(${id})/{rest}", self.api_base)
-                    .trim_end_matches('/')
-                    .to_string(),
-                None => format!("{}$unknown-reference", self.api_base),
-            }
-        } else {
-            format!("{}{path}", self.api_base)
-        };
-        (path, query.to_string())
+    /// The entity set of the record the part with Content-ID `id` addressed, if known.
+    fn reference_set(&self, id: &str) -> Option<&str> {
+        self.content_ids
+            .iter()
+            .rev()
+            .find(|(known, _)| known == id)
+            .and_then(|(_, table)| match table {
+                Resource::Set(set) => Some(set.as_str()),
+                _ => None,
+            })
     }
 }
 
 /// The path after `scheme://authority`, when the URL has one.
-fn split_origin(url: &str) -> Option<&str> {
-    let after = &url[url.find("://")? + 3..];
-    Some(after.find('/').map_or("", |i| &after[i..]))
+fn path_after_origin(url: &str) -> Option<&str> {
+    split_origin(url).map(|(_, rest)| rest)
 }
 
 /// `$batch` Content-IDs and the tables of their parts.
@@ -642,7 +624,7 @@ impl BodyInspector {
         let Some(url) = url else {
             return Resource::Unknown;
         };
-        let path = split_origin(url).unwrap_or(url);
+        let path = path_after_origin(url).unwrap_or(url);
         let path = path.trim_start_matches('/');
         let path = strip_prefix_ignore_case(path, "api/data/")
             .and_then(|rest| rest.split_once('/').map(|(_, after)| after))

@@ -15,7 +15,7 @@ use super::headers::{caller_only_header, CallerOnlyHeader};
 use crate::access::{
     decide_control_header, BatchPart, BodyInspector, ControlHeaderDecision, Grant,
 };
-use crate::request_target::{self as path, PathError};
+use crate::request_target::{has_scheme, split_origin, PartTarget, PartTargetError, PathError};
 
 /// Longest `Content-ID` quoted back in an error.
 const MAX_SHOWN: usize = 64;
@@ -67,7 +67,7 @@ impl PartRules {
     pub(super) fn decide(
         &mut self,
         method: &[u8],
-        target: &str,
+        target: &PartTarget<'_>,
         part: &PartName,
     ) -> Result<Option<BodyInspector>, BatchRefusal> {
         let Some(access) = self.access.as_mut() else {
@@ -117,14 +117,15 @@ impl PartRules {
     }
 
     /// Checks a part's request target; returns the target to send when it changes (the
-    /// gateway's own base replaced by the Dataverse origin).
-    pub(super) fn target(
+    /// gateway's own base replaced by the Dataverse origin), and the path and query parsed
+    /// for the access rules.
+    pub(super) fn target<'t>(
         &self,
-        target: &[u8],
+        target: &'t [u8],
         gateway_base: &str,
         dataverse_origin: &str,
         part: &PartName,
-    ) -> Result<Option<Vec<u8>>, BatchRefusal> {
+    ) -> Result<(Option<Vec<u8>>, PartTarget<'t>), BatchRefusal> {
         let refused = |problem: TargetProblem| BatchRefusal::Target {
             part: part.clone(),
             target: shown(target),
@@ -159,19 +160,13 @@ impl PartRules {
         } else {
             (None, text)
         };
-        let path_only = path.split(['?', '#']).next().unwrap_or_default();
-        let relative = !path_only.starts_with('/');
-        let checked = if relative {
-            path::check_relative_path(path_only)
-        } else {
-            path::check_proxied_path(path_only)
-        };
-        checked.map_err(|e| refused(TargetProblem::Path(e)))?;
-        let last = path_only.rsplit('/').next().unwrap_or_default();
-        if last.eq_ignore_ascii_case("$batch") {
-            return Err(refused(TargetProblem::NestedBatch));
-        }
-        Ok(rewritten)
+        let parsed = PartTarget::parse(path).map_err(|e| {
+            refused(match e {
+                PartTargetError::Path(e) => TargetProblem::Path(e),
+                PartTargetError::NestedBatch => TargetProblem::NestedBatch,
+            })
+        })?;
+        Ok((rewritten, parsed))
     }
 
     /// A part's `Host` value: the gateway's host becomes Dataverse's, Dataverse's stays,
@@ -208,26 +203,6 @@ impl PartRules {
             })
         }
     }
-}
-
-/// `scheme:` at the start (RFC 3986 3.1), which makes a target absolute.
-fn has_scheme(text: &str) -> bool {
-    let mut chars = text.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars
-            .take_while(|c| *c != ':')
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        && text.contains(':')
-}
-
-/// `scheme://authority` and the rest (path, query), or None without `//`.
-fn split_origin(url: &str) -> Option<(&str, &str)> {
-    let scheme_end = url.find("://")?;
-    let after = scheme_end + 3;
-    let end = url[after..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| after + i);
-    Some((&url[..end], &url[end..]))
 }
 
 /// Caller bytes for an error message: lossy UTF-8, control characters replaced, cut short.
@@ -555,7 +530,7 @@ mod tests {
     fn target(t: &str) -> Result<Option<String>, BatchRefusal> {
         rules(&[])
             .target(t.as_bytes(), GW, DV, &PartName::default())
-            .map(|o| o.map(|v| String::from_utf8(v).unwrap()))
+            .map(|(o, _)| o.map(|v| String::from_utf8(v).unwrap()))
     }
 
     #[test]
@@ -625,7 +600,8 @@ mod tests {
                 DV,
                 &p
             )
-            .unwrap(),
+            .unwrap()
+            .0,
             Some(format!("{DV}/api/data/v9.2/x").into_bytes())
         );
         assert!(r

@@ -1267,12 +1267,10 @@ impl BatchLinkRewriter {
                     return Err(c.malformed("a request line without an HTTP version"));
                 }
                 let target = &content[first + 1..last];
-                let rewritten =
+                let (rewritten, parsed) =
                     c.rules
                         .target(target, self.rewrite.from(), self.rewrite.to(), &c.part)?;
-                // Checked by `target`: UTF-8, on this gateway or Dataverse.
-                let sent = String::from_utf8_lossy(rewritten.as_deref().unwrap_or(target));
-                c.part_body = c.rules.decide(method, &sent, &c.part)?;
+                c.part_body = c.rules.decide(method, &parsed, &c.part)?;
                 match rewritten {
                     Some(url) => {
                         out.extend_from_slice(&content[..=first]);
