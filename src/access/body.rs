@@ -20,10 +20,10 @@ use percent_encoding::percent_decode_str;
 
 use super::metadata::Metadata;
 use super::rule::Rule;
-use super::target::{is_identifier, strip_prefix_ignore_case, Target};
+use super::target::{after_api_version, is_identifier, strip_prefix_ignore_case, Target};
 use super::touches::{self, via_text, BodyRoot, Operation, Resource, Touch};
 use super::{denied_pair, refusal, AccessDenied, AccessRequest};
-use crate::request_target::{split_origin, PartPath, PartTarget};
+use crate::request_target::{split_origin, PartPath, PartTarget, API_PREFIX};
 
 /// Deepest nesting of a body followed; deeper structure needs a grant on every table.
 const MAX_DEPTH: usize = 64;
@@ -625,19 +625,23 @@ impl BodyInspector {
             return Resource::Unknown;
         };
         let path = path_after_origin(url).unwrap_or(url);
-        let path = path.trim_start_matches('/');
-        let path = strip_prefix_ignore_case(path, "api/data/")
-            .and_then(|rest| rest.split_once('/').map(|(_, after)| after))
-            .unwrap_or(path);
+        // Under the Web API's prefix and version as a request path is read, or relative to
+        // the service root (`/contacts(1)`, `contacts(1)`); anything else names no table
+        // the gateway can read.
+        let path = match after_api_version(path) {
+            Some(rest) => rest,
+            None if path.starts_with(API_PREFIX) => return Resource::Unknown,
+            None => path.strip_prefix('/').unwrap_or(path),
+        };
         let first = path.split(['(', '/', '?']).next().unwrap_or_default();
-        // Only `set(key)` names one record of `set`; `set(key)/nav` names a record of the
-        // table `nav` leads to, which is not followed here.
+        // Only `set(key)` (or `$n`) names one record; `set(key)/nav` and `$n/nav` name a
+        // record of the table `nav` leads to, which is not followed here.
         let after_first = &path[first.len()..];
         let past_key = match after_first.strip_prefix('(') {
             Some(key) => key.split_once(')').map_or("", |(_, rest)| rest),
             None => after_first,
         };
-        if !past_key.is_empty() && !past_key.starts_with('?') && !first.starts_with('$') {
+        if !past_key.is_empty() && !past_key.starts_with('?') {
             return Resource::Unknown;
         }
         let first = percent_decode_str(first).decode_utf8_lossy();

@@ -82,8 +82,7 @@ impl Target {
             return Target::Batch;
         }
         let mut segments = rest.split('/');
-        let version = segments.next().unwrap_or_default();
-        if !decode(version).is_some_and(|v| VERSIONS.iter().any(|k| k.eq_ignore_ascii_case(&v))) {
+        if !is_version(segments.next().unwrap_or_default()) {
             return Target::Unknown;
         }
         let segments: Vec<&str> = segments.collect();
@@ -115,6 +114,18 @@ impl Target {
         }
         classify_resource(&first)
     }
+}
+
+/// A Web API version segment Dataverse answers (`v9.2`, `V9.1`, `v9%2E0`).
+fn is_version(segment: &str) -> bool {
+    decode(segment).is_some_and(|v| VERSIONS.iter().any(|k| k.eq_ignore_ascii_case(&v)))
+}
+
+/// What follows `/api/data/<version>/` in `path`, read as [`Target::from_path`] reads the
+/// prefix and version; `None` when `path` does not start so.
+pub(crate) fn after_api_version(path: &str) -> Option<&str> {
+    let (version, rest) = path.strip_prefix(API_PREFIX)?.split_once('/')?;
+    is_version(version).then_some(rest)
 }
 
 impl fmt::Display for Target {

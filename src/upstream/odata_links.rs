@@ -2411,6 +2411,33 @@ rules:
         }
 
         #[test]
+        fn bind_urls_name_a_table_only_as_a_request_path_would() {
+            let bind = |url: &str| format!(r#"{{"parentaccountid@odata.bind":"{url}"}}"#);
+            for url in [
+                format!("{GW}/api/data/v9.2/accounts(1)"),
+                format!("{GW}/api/data/V9.1/accounts(1)?x=1"),
+                "/accounts(1)".to_string(),
+                "accounts(1)".to_string(),
+            ] {
+                let refused = run("x", "/api/data/v9.2/accounts", &bind(&url), 4).1;
+                assert_eq!(refused, None, "{url}");
+            }
+            // Another version, past `set(key)`, an encoded slash, a fragment, a second
+            // prefix: no table the gateway can read, so only a grant on every table.
+            for url in [
+                format!("{GW}/api/data/v8.2/accounts(1)"),
+                format!("{GW}/api/data/v9.2/accounts(1)/primarycontactid"),
+                format!("{GW}/api/data/v9.2/accounts(1)%2Fprimarycontactid"),
+                format!("{GW}#/api/data/v9.2/accounts(1)"),
+                "api/data/v9.2/accounts(1)".to_string(),
+                "$1/primarycontactid".to_string(),
+            ] {
+                let refused = run("x", "/api/data/v9.2/accounts", &bind(&url), 4).1;
+                assert!(refused.is_some(), "{url}");
+            }
+        }
+
+        #[test]
         fn a_list_where_a_record_is_expected_is_read_as_records() {
             let body = r#"[{"name":"x"},{"primarycontactid":{"lastname":"y"}}]"#;
             let refused = run("x", "/api/data/v9.2/accounts", body, 4).1.unwrap();
