@@ -17,6 +17,7 @@ use quick_xml::Reader;
 use super::metadata::Metadata;
 use super::odata::{self, QueryOptions};
 use super::target::{strip_prefix_ignore_case, Target};
+use crate::request_target::API_PREFIX;
 
 /// What a request does to a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -531,7 +532,7 @@ fn is_operation(bare: &str, segment: &str, metadata: Option<&Metadata>) -> bool 
 /// outside parentheses and quotes (a key value may hold a `/`).
 fn segments_after_first(path: &str) -> Vec<String> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
-    let rest = path.strip_prefix("/api/data/").unwrap_or_default();
+    let rest = path.strip_prefix(API_PREFIX).unwrap_or_default();
     let mut parts = Vec::new();
     let mut depth = 0usize;
     let mut in_string = false;
