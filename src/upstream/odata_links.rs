@@ -86,14 +86,7 @@ impl Cased {
 
 /// `scheme://authority` at the start of `url` (all of it when there is no path).
 fn origin_part(url: &str) -> &str {
-    let Some(scheme_end) = url.find("://") else {
-        return "";
-    };
-    let after = scheme_end + 3;
-    let end = url[after..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| after + i);
-    &url[..end]
+    crate::request_target::split_origin(url).map_or("", |(origin, _)| origin)
 }
 
 /// Outcome of matching the (raw, still escaped) start of a JSON string against `from`.
