@@ -362,6 +362,9 @@ fn check_target(target: &[u8]) {
             && !current.windows(2).any(|w| w == b"//")
             && !current.iter().any(|&b| b < 0x20 || b == 0x7f)
             && !current
+                .windows(3)
+                .any(|w| w[0] == b'%' && w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f'))
+            && !current
                 .split(|&b| b == b'/')
                 .any(|seg| seg == b"." || seg == b"..");
         assert!(
