@@ -365,13 +365,14 @@ async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
 async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     let env = env()
         .token_endpoint(TokenEndpointMode::Hang)
+        .dynamics("  token_timeout: 500ms\n")
         .start_unready()
         .await;
     env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
-    // The hung request is abandoned after the client timeout (15 s), counted, and retried.
+    // The hung request is abandoned after `dynamics.token_timeout`, counted, and retried.
     for _ in 0..300 {
         if metric(
             &env.gateway,
