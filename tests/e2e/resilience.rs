@@ -7,7 +7,7 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{client, env, error_body, metric, raw_request, ALICE_OID};
+use support::{client, env, error_body, expect_error, metric, raw_request, ALICE_OID};
 use testkit::TokenEndpointMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -178,8 +178,7 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
         "answered at once, not queued"
     );
     assert_eq!(response.headers()["retry-after"], "1");
-    let (status, code, _) = error_body(response).await;
-    assert_eq!((status, code.as_str()), (503, "DynamicsGateway.Overloaded"));
+    expect_error(response, 503, "DynamicsGateway.Overloaded").await;
     for t in slow {
         assert_eq!(t.await.unwrap(), 200);
     }
@@ -203,11 +202,7 @@ async fn idp_down_at_start_up_leaves_the_gateway_unready_until_it_returns() {
     let why = ready.text().await.unwrap();
     assert!(why.contains("signing keys"), "{why}");
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.IdentityProviderUnavailable")
-    );
+    expect_error(response, 503, "DynamicsGateway.IdentityProviderUnavailable").await;
 
     env.idp.set_available(true);
     env.gateway.wait_ready().await;
@@ -316,14 +311,14 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     // Not idempotent: POST is never retried.
     env.dataverse
         .respond_next(1, 429, vec![("Retry-After".into(), "1".into())], "{}");
-    let response = client()
-        .post(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .header("content-type", "application/json")
-        .body(r#"{"name":"x"}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = support::post(
+        &env.gateway,
+        ACCOUNTS,
+        env.idp.token_for(ALICE_OID),
+        "application/json",
+        r#"{"name":"x"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 429);
     assert_eq!(env.dataverse.request_count(), 3);
 }
