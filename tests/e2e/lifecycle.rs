@@ -17,17 +17,28 @@ use testkit::IdpHandle;
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 
-/// Sends one more (audited) request and waits for its audit line: one thread writes the
-/// log in order, so every line of the requests before it is in the log by then.
-async fn flush_log(gateway: &Binary, idp: &IdpHandle) {
+/// GETs `path` with `token` and an `x-request-id` to find its audit line by; it must be 200.
+async fn get_tagged(gateway: &Binary, path: &str, token: &str, request_id: &str) {
     let response = client()
-        .get(format!("{}{WHOAMI}", gateway.url))
-        .bearer_auth(idp.token_for(ALICE_OID))
-        .header("x-request-id", "log-flush-marker")
+        .get(format!("{}{path}", gateway.url))
+        .bearer_auth(token)
+        .header("x-request-id", request_id)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
+}
+
+/// Sends one more (audited) request and waits for its audit line: one thread writes the
+/// log in order, so every line of the requests before it is in the log by then.
+async fn flush_log(gateway: &Binary, idp: &IdpHandle) {
+    get_tagged(
+        gateway,
+        WHOAMI,
+        &idp.token_for(ALICE_OID),
+        "log-flush-marker",
+    )
+    .await;
     support::eventually("the marker's audit line is written", || async {
         gateway.log().contains("log-flush-marker")
     })
@@ -231,17 +242,8 @@ async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
     let ports = (free_port(), free_port());
     let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
     let token = idp.token_for(ALICE_OID);
-    let response = client()
-        .get(format!(
-            "{}{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'Alice'",
-            gateway.url
-        ))
-        .bearer_auth(&token)
-        .header("x-request-id", "audit-me-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let query = format!("{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'Alice'");
+    get_tagged(&gateway, &query, &token, "audit-me-1").await;
     // A flood of bad tokens: each is answered, but only 20 refusals a second are logged.
     let flood_started = std::time::Instant::now();
     let http = client();
@@ -365,14 +367,13 @@ async fn a_flood_of_token_less_requests_with_huge_queries_cannot_fill_the_log() 
     let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
     // An authenticated request with a huge query: audited, but its path is cut to the bound.
     let huge_query = format!("{WHOAMI}?$filter={}", "a".repeat(60_000));
-    let response = client()
-        .get(format!("{}{huge_query}", gateway.url))
-        .bearer_auth(idp.token_for(ALICE_OID))
-        .header("x-request-id", "huge-authenticated")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    get_tagged(
+        &gateway,
+        &huge_query,
+        &idp.token_for(ALICE_OID),
+        "huge-authenticated",
+    )
+    .await;
     let log_before = gateway.log().len();
     // 2,000 token-less requests, each naming 60 KB of query: 120 MB if each were logged.
     let flood_started = std::time::Instant::now();
