@@ -63,7 +63,7 @@ use crate::upstream::budget::store::Store;
 use crate::upstream::budget::Gate;
 use crate::upstream::{DataverseClient, Forwarder, TokenPolicy, TokenSource};
 
-/// Longest any one request to the identity provider or token endpoint may take.
+/// Longest any one request to the identity provider (discovery, JWKS) may take.
 const DEPENDENCY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why the gateway could not start.
@@ -100,15 +100,20 @@ impl Gateway {
         metrics: Metrics,
         draining: Arc<AtomicBool>,
     ) -> Result<Self, StartError> {
-        let http = crate::outbound::http_client()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(DEPENDENCY_TIMEOUT)
-            // Identity provider and token endpoint URLs come from config; a redirect
-            // must not send the client secret or key fetches somewhere else.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("dynamics-gateway/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        let inbound = Authenticator::new(&config.inbound, http.clone(), metrics.clone());
+        // Identity provider and token endpoint URLs come from config; a redirect must not
+        // send the client secret or key fetches somewhere else.
+        let dependency_client = |timeout: Duration| {
+            crate::outbound::http_client()
+                .connect_timeout(Duration::from_secs(5).min(timeout))
+                .timeout(timeout)
+                .redirect(reqwest::redirect::Policy::none())
+                .user_agent(concat!("dynamics-gateway/", env!("CARGO_PKG_VERSION")))
+                .build()
+        };
+        let http = dependency_client(DEPENDENCY_TIMEOUT)?;
+        // Its own timeout (`dynamics.token_timeout`), hence its own client.
+        let token_http = dependency_client(config.dynamics.token_timeout)?;
+        let inbound = Authenticator::new(&config.inbound, http, metrics.clone());
         // One token per (token endpoint, client, resource): environments that share an app
         // registration and organisation share the token and its refresher.
         let mut groups: Vec<Vec<&EnvironmentConfig>> = Vec::new();
@@ -139,11 +144,11 @@ impl Gateway {
             let env_tokens = Arc::new(TokenSource::new(
                 first,
                 group.iter().map(|e| e.name.clone()).collect(),
-                http.clone(),
+                token_http.clone(),
                 TokenPolicy {
                     replace_interval: config.dynamics.token_replace_interval,
                     retry_max_wait: config.dynamics.token_retry_max_wait,
-                    first_fetch_wait: DEPENDENCY_TIMEOUT,
+                    first_fetch_wait: config.dynamics.token_timeout,
                 },
                 metrics.clone(),
             ));

@@ -25,6 +25,8 @@ pub struct DynamicsConfig {
     pub token_replace_interval: Duration,
     /// Longest wait before retrying a failed token request.
     pub token_retry_max_wait: Duration,
+    /// Longest one token request may take.
+    pub token_timeout: Duration,
     /// The budget store shared by the replicas; `None`: each process keeps its own.
     pub budget_store: Option<BudgetStoreConfig>,
 }
@@ -471,6 +473,11 @@ pub(super) fn dynamics_config(
             "must be at least 1s",
         ));
     }
+    let token_timeout = d.token_timeout.0;
+    if token_timeout < Duration::from_millis(100) {
+        // Shorter fails every request before an answer could arrive.
+        return Err(invalid("dynamics.token_timeout", "must be at least 100ms"));
+    }
     let budget_store = d.budget.store.map(budget_store).transpose()?;
     if let Some(store) = &budget_store {
         // Away from the store each replica keeps at least one slot: more replicas than the
@@ -494,6 +501,7 @@ pub(super) fn dynamics_config(
         retry_throttled,
         token_replace_interval,
         token_retry_max_wait,
+        token_timeout,
         budget_store,
     })
 }

@@ -535,6 +535,10 @@ with_organisation_keys! {
         /// endpoint's `Retry-After` asks for.
         #[serde(default = "default_token_retry_max_wait")]
         token_retry_max_wait: units::Duration,
+        /// Longest one S2S token request (token endpoint or IMDS) may take before it is
+        /// abandoned and retried.
+        #[serde(default = "default_token_timeout")]
+        token_timeout: units::Duration,
     }
 
     /// One Dataverse organisation and the credential used for it.
@@ -560,6 +564,10 @@ fn default_token_replace_interval() -> units::Duration {
 
 fn default_token_retry_max_wait() -> units::Duration {
     units::Duration::secs(300)
+}
+
+fn default_token_timeout() -> units::Duration {
+    units::Duration::secs(15)
 }
 
 /// How a request chooses its environment.

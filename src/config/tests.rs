@@ -409,6 +409,26 @@ fn token_pacing_keys_have_defaults_and_bounds() {
 }
 
 #[test]
+fn the_token_timeout_defaults_to_15s_and_carries_a_unit() {
+    assert_eq!(
+        load(MINIMAL).unwrap().dynamics.token_timeout,
+        Duration::from_secs(15)
+    );
+    let with = |value: &str| {
+        MINIMAL.replace(
+            "  client_secret: ${SECRET}\n",
+            &format!("  client_secret: ${{SECRET}}\n  token_timeout: {value}\n"),
+        )
+    };
+    let c = load(&with("500ms")).unwrap();
+    assert_eq!(c.dynamics.token_timeout, Duration::from_millis(500));
+    for bad in ["\"15\"", "10ms"] {
+        let err = load(&with(bad)).unwrap_err().to_string();
+        assert!(err.contains("dynamics.token_timeout"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn connection_and_body_limits_have_documented_defaults() {
     let c = load(MINIMAL).unwrap();
     assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
@@ -475,7 +495,7 @@ fn inline_and_listed_environments_refuse_unknown_keys_naming_the_known_ones() {
     let text = MINIMAL.replace("dynamics:\n", "dynamics:\n  clientsecret: x\n");
     assert_eq!(
         load(&text).unwrap_err().to_string(),
-        "dynamics.clientsecret: unknown field `clientsecret`, expected one of `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `environments`, `routing`, `retry_throttled`, `budget`, `token_replace_interval`, `token_retry_max_wait`"
+        "dynamics.clientsecret: unknown field `clientsecret`, expected one of `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `environments`, `routing`, `retry_throttled`, `budget`, `token_replace_interval`, `token_retry_max_wait`, `token_timeout`"
     );
     let listed = [
         "inbound:",

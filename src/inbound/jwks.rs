@@ -102,6 +102,34 @@ pub struct JwksCache {
     /// Times the refresher was restarted after a panic.
     refresher_restarts: Arc<AtomicU64>,
     metrics: Metrics,
+    /// Stands in for the identity provider in unit tests, so the refresher's schedule can
+    /// be driven under paused time with no sockets.
+    #[cfg(test)]
+    fake_fetch: Mutex<Option<FakeFetch>>,
+}
+
+/// An identity provider stand-in: each call is one fetch, answering the `kid`s of the new
+/// set or the error; the future may never finish (a hung fetch).
+#[cfg(test)]
+type FakeFetch = Box<
+    dyn FnMut() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Vec<&'static str>, FetchError>> + Send>,
+        > + Send,
+>;
+
+/// First and longest wait before retrying a failed refresh.
+const RETRY_BASE: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The refresher's wait before its next fetch: `refresh_interval` after a success (and
+/// the backoff starts over), the next backoff delay after a failure.
+fn next_wait(succeeded: bool, backoff: &mut Backoff, refresh_interval: Duration) -> Duration {
+    if succeeded {
+        backoff.reset();
+        refresh_interval
+    } else {
+        backoff.next_delay()
+    }
 }
 
 impl JwksCache {
@@ -140,6 +168,8 @@ impl JwksCache {
             http,
             refresher_restarts: Arc::new(AtomicU64::new(0)),
             metrics,
+            #[cfg(test)]
+            fake_fetch: Mutex::new(None),
         }
     }
 
@@ -297,6 +327,19 @@ impl JwksCache {
     }
 
     async fn fetch(&self) -> Result<KeySet, FetchError> {
+        #[cfg(test)]
+        {
+            let fake = self.fake_fetch.lock().unwrap().as_mut().map(|fake| fake());
+            if let Some(fetch) = fake {
+                let kids = fetch.await?;
+                let key = |kid: &str| {
+                    let key = DecodingKey::from_secret(kid.as_bytes());
+                    (kid.to_string(), Arc::new(SigningKey { key, alg: None }))
+                };
+                let by_kid = kids.into_iter().map(key).collect();
+                return Ok(KeySet { by_kid });
+            }
+        }
         let known = self.jwks_uri.lock().map(|g| g.clone()).unwrap_or(None);
         let uri = match known {
             Some(uri) => uri,
@@ -343,25 +386,22 @@ impl JwksCache {
     /// Keeps the key set fresh until cancelled: at start until the first success (with
     /// backoff), then every `refresh_interval`; a failed refresh keeps the last good set.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
         loop {
             // Raced against shutdown: a fetch must not hold the process past its grace.
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => return,
                 fetched = self.refresh() => fetched,
             };
-            let wait = match fetched {
+            let wait = next_wait(fetched.is_ok(), &mut backoff, self.refresh_interval);
+            match fetched {
                 Ok(count) => {
                     tracing::debug!(issuer = %self.issuer, keys = count, "JWKS refreshed");
-                    backoff.reset();
-                    self.refresh_interval
                 }
                 Err(e) => {
-                    let wait = backoff.next_delay();
                     tracing::warn!(issuer = %self.issuer, error = %crate::error::chain(&e), retry_in = ?wait, "JWKS fetch failed; keeping the last good keys");
-                    wait
                 }
-            };
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -392,4 +432,165 @@ fn signing_key(value: serde_json::Value) -> Option<(String, Arc<SigningKey>)> {
         return None;
     }
     Some((kid, Arc::new(SigningKey { key, alg })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A cache refreshing every 60 s whose identity provider is `fake`.
+    fn cache_with(fake: FakeFetch) -> Arc<JwksCache> {
+        let config = crate::config::Config::from_yaml(
+            "inbound:\n  jwks_refresh_interval: 60s\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://dynamics-gateway]\ndynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n",
+            &|_| None,
+        )
+        .unwrap();
+        let cache = JwksCache::new(
+            config.inbound.issuers[0].clone(),
+            &config.inbound,
+            reqwest::Client::new(),
+            Metrics::new().unwrap(),
+        );
+        *cache.fake_fetch.lock().unwrap() = Some(fake);
+        Arc::new(cache)
+    }
+
+    fn has_kid(cache: &JwksCache, kid: &str) -> bool {
+        matches!(cache.lookup(kid), Some(Ok(_)))
+    }
+
+    #[test]
+    fn a_success_waits_the_interval_and_failures_back_off_from_the_start_again() {
+        let interval = Duration::from_secs(60);
+        let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
+        let failures: Vec<_> = (0..12)
+            .map(|_| next_wait(false, &mut backoff, interval))
+            .collect();
+        assert!(failures[0] >= RETRY_BASE / 2 && failures[0] <= RETRY_BASE);
+        // 250 ms doubling: 8 s, half of it at the least, by the sixth failure.
+        assert!(failures[5] >= Duration::from_secs(4), "{failures:?}");
+        assert!(failures.iter().all(|w| *w <= RETRY_MAX), "{failures:?}");
+        assert!(failures[11] >= RETRY_MAX / 2, "{failures:?}");
+        assert_eq!(next_wait(true, &mut backoff, interval), interval);
+        assert!(next_wait(false, &mut backoff, interval) <= RETRY_BASE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_fetches_every_interval_backs_off_on_failure_and_keeps_the_last_keys() {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let failing = Arc::new(AtomicBool::new(false));
+        let (f, down) = (fetches.clone(), failing.clone());
+        let cache = cache_with(Box::new(move || {
+            let n = f.fetch_add(1, Ordering::SeqCst);
+            let result = if down.load(Ordering::SeqCst) {
+                Err(FetchError::Status {
+                    url: "https://idp.example/keys".into(),
+                    status: 503,
+                })
+            } else if n == 0 {
+                Ok(vec!["first"])
+            } else {
+                Ok(vec!["rotated"])
+            };
+            Box::pin(async move { result })
+        }));
+        let cancel = CancellationToken::new();
+        let refresher = tokio::spawn(cache.clone().run(cancel.clone()));
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+
+        tokio::time::sleep_until(at(59_900)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched once at start");
+        assert!(has_kid(&cache, "first"));
+        tokio::time::sleep_until(at(60_100)).await;
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            2,
+            "refreshed after the interval"
+        );
+        assert!(has_kid(&cache, "rotated") && !has_kid(&cache, "first"));
+
+        // The identity provider fails from the next refresh (at 120 s) on: retried with
+        // a backoff from 250 ms up to 30 s, the last good keys kept meanwhile.
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep_until(at(120_100)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 3);
+        tokio::time::sleep_until(at(121_000)).await;
+        assert!(
+            fetches.load(Ordering::SeqCst) >= 4,
+            "first retry within 250 ms"
+        );
+        tokio::time::sleep_until(at(180_000)).await;
+        let after_a_minute = fetches.load(Ordering::SeqCst);
+        // Doubling from 250 ms (jitter at most halves a wait): 8 to 12 tries in a minute,
+        // not one every 250 ms (240) nor one per interval (1).
+        assert!((6..=14).contains(&after_a_minute), "{after_a_minute}");
+        tokio::time::sleep_until(at(240_000)).await;
+        let retries_in_the_next_minute = fetches.load(Ordering::SeqCst) - after_a_minute;
+        assert!(
+            (2..=4).contains(&retries_in_the_next_minute),
+            "capped at 30 s: {retries_in_the_next_minute}"
+        );
+        assert!(has_kid(&cache, "rotated"), "last good keys kept");
+
+        // Back up: the next retry (at most 30 s away, so between 240 s and 270 s) loads
+        // the keys, and the next refresh is a whole interval after it.
+        failing.store(false, Ordering::SeqCst);
+        tokio::time::sleep_until(at(270_100)).await;
+        let recovered = fetches.load(Ordering::SeqCst);
+        tokio::time::sleep_until(at(299_900)).await;
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            recovered,
+            "no retry after a success"
+        );
+        tokio::time::sleep_until(at(330_100)).await;
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            recovered + 1,
+            "refreshed an interval after the recovery"
+        );
+        assert!(has_kid(&cache, "rotated"));
+        cancel.cancel();
+        refresher.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancellation_stops_the_refresher_while_it_waits_and_while_a_fetch_hangs() {
+        let fetches = Arc::new(AtomicU64::new(0));
+        let f = fetches.clone();
+        let cache = cache_with(Box::new(move || {
+            f.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Ok(vec!["first"]) })
+        }));
+        let cancel = CancellationToken::new();
+        let refresher = tokio::spawn(cache.clone().run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        // Waiting out its 60 s interval: cancelled, it ends at once (paused time would
+        // otherwise run to the next fetch before the 1 s bound).
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(1), refresher)
+            .await
+            .expect("stopped while waiting")
+            .unwrap();
+        assert_eq!(
+            fetches.load(Ordering::SeqCst),
+            1,
+            "no fetch after cancellation"
+        );
+
+        // A fetch that never answers does not hold the refresher past cancellation.
+        let hung = cache_with(Box::new(|| Box::pin(std::future::pending())));
+        let cancel = CancellationToken::new();
+        let refresher = tokio::spawn(hung.clone().run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!refresher.is_finished() && !hung.is_ready());
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(1), refresher)
+            .await
+            .expect("stopped during a hung fetch")
+            .unwrap();
+    }
 }

@@ -10,7 +10,7 @@
 use crate::support;
 
 use serde_json::json;
-use support::{client, env, error_body, Env, ALICE_OID};
+use support::{client, env, error_body, expect_error, Env, ALICE_OID};
 
 const ID: &str = "00000000-0000-0000-0000-000000000001";
 
@@ -1044,20 +1044,15 @@ async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
     );
     let accounts = env.dataverse.records("accounts").len();
     let contacts = env.dataverse.records("contacts").len();
-    let response = client()
-        .post(format!("{}/api/data/v9.2/accounts", env.gateway.url()))
-        .bearer_auth(token(&env, "Accounts.Create"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let (status, code, message) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (403, "DynamicsGateway.AccessDenied"),
-        "{message}"
-    );
+    let response = support::post(
+        &env.gateway,
+        "/api/data/v9.2/accounts",
+        token(&env, "Accounts.Create"),
+        "application/json",
+        body,
+    )
+    .await;
+    let message = expect_error(response, 403, "DynamicsGateway.AccessDenied").await;
     assert!(
         message.contains("no rule allows create on contacts (via deep insert primarycontactid)"),
         "{message}"

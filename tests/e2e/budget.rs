@@ -7,7 +7,7 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use support::{error_body, metric, GatewayHandle, ALICE_OID};
+use support::{expect_error, metric, GatewayHandle, ALICE_OID};
 use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
     Throttling,
@@ -124,8 +124,7 @@ async fn after_a_429_nothing_reaches_dataverse_until_retry_after_has_passed() {
             .parse()
             .unwrap();
         assert!((1..=2).contains(&retry_after), "{retry_after}");
-        let (status, code, message) = error_body(r).await;
-        assert_eq!((status, code.as_str()), (429, "0x80072322"), "{message}");
+        let message = expect_error(r, 429, "0x80072322").await;
         assert!(message.contains("Retry-After"), "{message}");
     }
     assert_eq!(
@@ -171,8 +170,7 @@ async fn a_retried_429_waits_on_the_same_gate_while_others_are_answered_at_once(
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let other = support::get(&s.gateway, WHOAMI, s.token()).await;
-    let (status, code, _) = error_body(other).await;
-    assert_eq!((status, code.as_str()), (429, "0x80072321"));
+    expect_error(other, 429, "0x80072321").await;
     assert_eq!(retried.await.unwrap(), 200);
     assert_eq!(s.dataverse.request_count(), 2);
 }
@@ -207,11 +205,7 @@ async fn the_queue_deadline_answers_503_with_retry_after() {
     }
     let r = support::get(&s.gateway, WHOAMI, s.token()).await;
     assert!(r.headers().contains_key("retry-after"));
-    let (status, code, _) = error_body(r).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.BudgetQueueTimeout")
-    );
+    expect_error(r, 503, "DynamicsGateway.BudgetQueueTimeout").await;
     assert_eq!(slow.await.unwrap(), 200);
 }
 

@@ -94,7 +94,11 @@ async fn hang_ups() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&vec![b'u'; 1 << 20]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::eventually("the upload reaches Dataverse", || async {
+        let requests = env.dataverse.requests();
+        requests.iter().any(|r| r.path_and_query.ends_with("/echo"))
+    })
+    .await;
     let uploading = upstream_connections(&dataverse);
     drop(stream);
     assert!(
@@ -130,11 +134,11 @@ async fn time_out() {
     let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(response.status(), 504);
     drop(response);
-    // Once the stand-in has answered into the void, a cancelled request has taken its
-    // connection with it; an uncancelled one would have put it back in the pool.
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    // A cancelled request takes its connection with it; an uncancelled one keeps it open
+    // until the stand-in answers (at 2.5 s) and then puts it back in the pool, so the
+    // count would not drop below the baseline within `settle`'s 2 s.
     assert!(
-        upstream_connections(&dataverse) < baseline,
+        settle(&dataverse, baseline - 1).await < baseline,
         "the timed-out upstream connection was closed, not pooled"
     );
     env.dataverse.set_delay(Duration::ZERO);

@@ -5,7 +5,7 @@
 
 use crate::support;
 
-use support::{env, error_body, ALICE_EMAIL, ALICE_OID, BOB_OID};
+use support::{env, error_body, expect_error, ALICE_EMAIL, ALICE_OID, BOB_OID};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 
@@ -41,11 +41,7 @@ async fn caller_object_id_mode_refuses_a_claim_that_is_not_a_guid() {
         .start()
         .await;
     let response = get_whoami(&env, &env.idp.token_for(ALICE_OID)).await;
-    let (status, code, message) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (403, "DynamicsGateway.CallerNotMapped")
-    );
+    let message = expect_error(response, 403, "DynamicsGateway.CallerNotMapped").await;
     assert!(message.contains("preferred_username"), "{message}");
     assert_eq!(env.dataverse.request_count(), 0);
 }

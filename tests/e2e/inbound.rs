@@ -6,7 +6,7 @@
 use crate::support;
 
 use serde_json::json;
-use support::{client, env, error_body, ALICE_OID};
+use support::{client, env, error_body, expect_error, ALICE_OID};
 use testkit::keys::{self, RsaSigningKey};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
@@ -56,11 +56,7 @@ async fn missing_token_answers_401_with_bare_bearer_challenge() {
         .await
         .unwrap();
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (401, "DynamicsGateway.MissingToken")
-    );
+    expect_error(response, 401, "DynamicsGateway.MissingToken").await;
     assert_eq!(env.dataverse.request_count(), 0);
 }
 

@@ -9,43 +9,83 @@ use crate::support::binary;
 
 use std::time::Duration;
 
-use binary::{binary_config, free_port, standins, start_binary, start_binary_with_unread_stderr};
+use binary::{
+    binary_config, free_port, standins, start_binary, start_binary_with_unread_stderr, Binary,
+};
 use support::{client, ALICE_OID, ALICE_SYSTEMUSERID};
+use testkit::IdpHandle;
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
+
+/// GETs `path` with `token` and an `x-request-id` to find its audit line by; it must be 200.
+async fn get_tagged(gateway: &Binary, path: &str, token: &str, request_id: &str) {
+    let response = client()
+        .get(format!("{}{path}", gateway.url))
+        .bearer_auth(token)
+        .header("x-request-id", request_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+/// Sends one more (audited) request and waits for its audit line: one thread writes the
+/// log in order, so every line of the requests before it is in the log by then.
+async fn flush_log(gateway: &Binary, idp: &IdpHandle) {
+    get_tagged(
+        gateway,
+        WHOAMI,
+        &idp.token_for(ALICE_OID),
+        "log-flush-marker",
+    )
+    .await;
+    support::eventually("the marker's audit line is written", || async {
+        gateway.log().contains("log-flush-marker")
+    })
+    .await;
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     let (idp, dataverse) = standins().await;
     let ports = (free_port(), free_port());
     let mut gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
-    dataverse.set_delay(Duration::from_millis(2000));
+    // Long enough for the drain to be seen while the request is still held.
+    dataverse.set_delay(Duration::from_millis(1000));
     let (url, token) = (format!("{}{WHOAMI}", gateway.url), idp.token_for(ALICE_OID));
     let in_flight = tokio::spawn(async move { client().get(url).bearer_auth(token).send().await });
     // The request is in flight once Dataverse holds it (not after a guess at how long that
     // takes on a loaded machine).
-    for _ in 0..200 {
-        if dataverse.in_flight() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    support::eventually("the request reaches Dataverse", || async {
+        dataverse.in_flight() > 0
+    })
+    .await;
     assert_eq!(dataverse.in_flight(), 1, "the request reached Dataverse");
     gateway.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let ready = client()
-        .get(format!("{}/readyz", gateway.admin_url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503, "not ready while draining");
-    assert!(
+    let readyz = || async {
+        client()
+            .get(format!("{}/readyz", gateway.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    support::eventually("the gateway is draining", || async {
+        readyz().await == 503
+    })
+    .await;
+    assert_eq!(
+        dataverse.in_flight(),
+        1,
+        "drained with the request still held"
+    );
+    let refused = || async {
         tokio::net::TcpStream::connect(gateway.url.trim_start_matches("http://"))
             .await
-            .is_err(),
-        "no new connections while draining"
-    );
+            .is_err()
+    };
+    support::eventually("no new connections while draining", refused).await;
+    assert_eq!(readyz().await, 503, "not ready while draining");
     let response = in_flight
         .await
         .unwrap()
@@ -83,7 +123,10 @@ async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_re
     // New config: static mode in which Alice is not mapped. A slow request spans the reload.
     dataverse.set_delay(Duration::from_millis(1500));
     let in_flight = tokio::spawn(whoami(idp.token_for(ALICE_OID)));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::eventually("the slow request reaches Dataverse", || async {
+        dataverse.in_flight() > 0
+    })
+    .await;
     let static_mode = "identity:\n  mode: static\n  static:\n    someone-else: 3f2504e0-4f89-11d3-9a0c-0305e82c3399\n";
     std::fs::write(
         &gateway.config,
@@ -115,12 +158,10 @@ async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_re
     // A bad config is rejected with a log line and the reloaded one stays in force.
     std::fs::write(&gateway.config, "inbound: [not, a, config]\n").unwrap();
     gateway.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        gateway.log().contains("reload rejected"),
-        "{}",
-        gateway.log()
-    );
+    support::eventually("the bad config is rejected", || async {
+        gateway.log().contains("reload rejected")
+    })
+    .await;
     assert_eq!(whoami(idp.token_for(ALICE_OID)).await, 403);
     let ready = client()
         .get(format!("{}/readyz", gateway.admin_url))
@@ -201,17 +242,8 @@ async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
     let ports = (free_port(), free_port());
     let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
     let token = idp.token_for(ALICE_OID);
-    let response = client()
-        .get(format!(
-            "{}{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'Alice'",
-            gateway.url
-        ))
-        .bearer_auth(&token)
-        .header("x-request-id", "audit-me-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let query = format!("{WHOAMI}?$select=fullname&$filter=fullname%20eq%20'Alice'");
+    get_tagged(&gateway, &query, &token, "audit-me-1").await;
     // A flood of bad tokens: each is answered, but only 20 refusals a second are logged.
     let flood_started = std::time::Instant::now();
     let http = client();
@@ -227,7 +259,7 @@ async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
         assert_eq!(answer.await.unwrap(), 401);
     }
     let windows = flood_started.elapsed().as_secs() + 2;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    flush_log(&gateway, &idp).await;
     let log = gateway.log();
     let audit: Vec<&str> = log.lines().filter(|l| l.contains("audit-me-1")).collect();
     assert_eq!(audit.len(), 1, "one audit line per request: {log}");
@@ -320,9 +352,11 @@ async fn redact_query_keeps_query_values_out_of_the_audit_log() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    support::eventually("the request's audit line is written", || async {
+        gateway.log().contains("WhoAmI?$filter=")
+    })
+    .await;
     let log = gateway.log();
-    assert!(log.contains("WhoAmI?$filter="), "{log}");
     assert!(!log.contains("secret-person"), "{log}");
 }
 
@@ -333,14 +367,13 @@ async fn a_flood_of_token_less_requests_with_huge_queries_cannot_fill_the_log() 
     let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
     // An authenticated request with a huge query: audited, but its path is cut to the bound.
     let huge_query = format!("{WHOAMI}?$filter={}", "a".repeat(60_000));
-    let response = client()
-        .get(format!("{}{huge_query}", gateway.url))
-        .bearer_auth(idp.token_for(ALICE_OID))
-        .header("x-request-id", "huge-authenticated")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    get_tagged(
+        &gateway,
+        &huge_query,
+        &idp.token_for(ALICE_OID),
+        "huge-authenticated",
+    )
+    .await;
     let log_before = gateway.log().len();
     // 2,000 token-less requests, each naming 60 KB of query: 120 MB if each were logged.
     let flood_started = std::time::Instant::now();
@@ -365,7 +398,7 @@ async fn a_flood_of_token_less_requests_with_huge_queries_cannot_fill_the_log() 
         "every flood request is answered 401"
     );
     let windows = flood_started.elapsed().as_secs() + 2;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    flush_log(&gateway, &idp).await;
     let log = gateway.log();
     let authenticated: Vec<&str> = log
         .lines()

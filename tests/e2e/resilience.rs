@@ -7,12 +7,13 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{client, env, error_body, metric, raw_request, ALICE_OID};
+use support::{client, env, error_body, expect_error, metric, raw_request, ALICE_OID};
 use testkit::TokenEndpointMode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
+const OPEN_APP_CONNECTIONS: &str = "dynamics_gateway_open_connections{listener=\"app\"}";
 
 #[tokio::test]
 async fn chunked_body_over_the_limit_is_413_and_never_sent() {
@@ -122,7 +123,11 @@ async fn connections_over_the_cap_get_503_and_close() {
         .await;
     let first = TcpStream::connect(env.gateway.addr).await.unwrap();
     let second = TcpStream::connect(env.gateway.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let open = || metric(&env.gateway, OPEN_APP_CONNECTIONS);
+    support::eventually("both connections are accepted", || async {
+        open().await == 2.0
+    })
+    .await;
     let response = raw_request(
         env.gateway.addr,
         b"GET /api/data/v9.2/accounts HTTP/1.1\r\nHost: gw\r\n\r\n",
@@ -134,7 +139,10 @@ async fn connections_over_the_cap_get_503_and_close() {
     let json: serde_json::Value = serde_json::from_str(body).expect("a complete JSON error body");
     assert_eq!(json["error"]["code"], "DynamicsGateway.TooManyConnections");
     drop((first, second));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    support::eventually("the connections are closed", || async {
+        open().await == 0.0
+    })
+    .await;
     let ok = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
     assert_eq!(ok.status(), 200, "a slot frees when a connection closes");
 }
@@ -159,7 +167,10 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::eventually("both slow requests are in flight", || async {
+        env.dataverse.in_flight() == 2
+    })
+    .await;
     let started = tokio::time::Instant::now();
     let response = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert!(
@@ -167,8 +178,7 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
         "answered at once, not queued"
     );
     assert_eq!(response.headers()["retry-after"], "1");
-    let (status, code, _) = error_body(response).await;
-    assert_eq!((status, code.as_str()), (503, "DynamicsGateway.Overloaded"));
+    expect_error(response, 503, "DynamicsGateway.Overloaded").await;
     for t in slow {
         assert_eq!(t.await.unwrap(), 200);
     }
@@ -178,25 +188,21 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
 #[tokio::test]
 async fn idp_down_at_start_up_leaves_the_gateway_unready_until_it_returns() {
     let env = env().idp_down().start_unready().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::eventually("a key fetch has failed", || async {
+        metric(
+            &env.gateway,
+            "dynamics_gateway_jwks_refresh_total{result=\"failure\"}",
+        )
+        .await
+            >= 1.0
+    })
+    .await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     let why = ready.text().await.unwrap();
     assert!(why.contains("signing keys"), "{why}");
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.IdentityProviderUnavailable")
-    );
-    assert!(
-        metric(
-            &env.gateway,
-            "dynamics_gateway_jwks_refresh_total{result=\"failure\"}"
-        )
-        .await
-            >= 1.0
-    );
+    expect_error(response, 503, "DynamicsGateway.IdentityProviderUnavailable").await;
 
     env.idp.set_available(true);
     env.gateway.wait_ready().await;
@@ -212,9 +218,10 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
         TokenEndpointMode::ServerError,
     ] {
         let env = env().token_endpoint(mode.clone()).start_unready().await;
-        while env.idp.token_requests() < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        support::eventually("two token requests", || async {
+            env.idp.token_requests() >= 2
+        })
+        .await;
         let ready = env.gateway.readyz().await;
         assert_eq!(ready.status(), 503, "{mode:?}");
         assert_eq!(
@@ -242,13 +249,17 @@ async fn unusable_token_responses_keep_the_gateway_unready_and_are_counted() {
 
 #[tokio::test]
 async fn s2s_token_is_refreshed_in_the_background_and_the_new_one_is_sent() {
-    // expires_in 12 s: refreshed at 6 s, not sent after 9 s.
+    // expires_in 10 s (the shortest accepted): refreshed at 5 s, the first token still
+    // usable until 7.5 s, so a request right after the refresh tells which one is sent.
     let env = env()
-        .idp(|i| i.s2s_token_lifetime(12).expires_in_as_string(true))
+        .idp(|i| i.s2s_token_lifetime(10).expires_in_as_string(true))
         .start()
         .await;
     let token = env.idp.token_for(ALICE_OID);
-    tokio::time::sleep(Duration::from_millis(6500)).await;
+    support::eventually("the background refresh", || async {
+        env.idp.token_requests() >= 2
+    })
+    .await;
     assert_eq!(
         env.idp.token_requests(),
         2,
@@ -300,14 +311,14 @@ async fn throttled_idempotent_requests_are_retried_after_retry_after_when_enable
     // Not idempotent: POST is never retried.
     env.dataverse
         .respond_next(1, 429, vec![("Retry-After".into(), "1".into())], "{}");
-    let response = client()
-        .post(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .header("content-type", "application/json")
-        .body(r#"{"name":"x"}"#)
-        .send()
-        .await
-        .unwrap();
+    let response = support::post(
+        &env.gateway,
+        ACCOUNTS,
+        env.idp.token_for(ALICE_OID),
+        "application/json",
+        r#"{"name":"x"}"#,
+    )
+    .await;
     assert_eq!(response.status(), 429);
     assert_eq!(env.dataverse.request_count(), 3);
 }
@@ -365,25 +376,23 @@ async fn a_flood_of_distinct_callers_stays_within_the_identity_cache_bound() {
 async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
     let env = env()
         .token_endpoint(TokenEndpointMode::Hang)
+        .dynamics("  token_timeout: 500ms\n")
         .start_unready()
         .await;
     env.first_token_request().await;
     let ready = env.gateway.readyz().await;
     assert_eq!(ready.status(), 503);
     env.idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
-    // The hung request is abandoned after the client timeout (15 s), counted, and retried.
-    for _ in 0..300 {
-        if metric(
+    // The hung request is abandoned after `dynamics.token_timeout`, counted, and retried.
+    support::eventually("a token after the retry", || async {
+        metric(
             &env.gateway,
             "dynamics_gateway_token_requests_total{environment=\"default\",result=\"success\"}",
         )
         .await
             >= 1.0
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert!(
         metric(
             &env.gateway,
@@ -411,12 +420,10 @@ async fn a_caller_hanging_up_before_the_answer_is_still_counted_and_releases_its
         .await
         .unwrap();
     // Wait until the request is in flight upstream, then hang up.
-    for _ in 0..100 {
-        if env.dataverse.request_count() > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::eventually("the request is in flight upstream", || async {
+        env.dataverse.request_count() > 0
+    })
+    .await;
     assert_eq!(env.dataverse.request_count(), 1);
     assert_eq!(
         metric(&env.gateway, "dynamics_gateway_in_flight_requests").await,

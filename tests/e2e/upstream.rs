@@ -8,7 +8,7 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{client, env, error_body, ALICE_OID};
+use support::{client, env, expect_error, ALICE_OID};
 use testkit::TokenEndpointMode;
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
@@ -100,8 +100,7 @@ async fn paths_outside_the_web_api_are_404_and_traversal_is_400() {
         .send()
         .await
         .unwrap();
-    let (status, code, _) = error_body(response).await;
-    assert_eq!((status, code.as_str()), (404, "DynamicsGateway.NotProxied"));
+    expect_error(response, 404, "DynamicsGateway.NotProxied").await;
     let request = format!(
         "GET /api/data/v9.2/%2e%2e/%2e%2e/XRMServices HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
     );
@@ -189,11 +188,7 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
     let why = ready.text().await.unwrap();
     assert!(why.contains("S2S token"), "{why}");
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
-    let (status, code, message) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.NoUpstreamToken")
-    );
+    let message = expect_error(response, 503, "DynamicsGateway.NoUpstreamToken").await;
     // The cause (AADSTS code, client id) is for the log, not the caller (issue 9, point 12).
     assert!(!message.contains("AADSTS"), "{message}");
     assert!(!message.contains(&env.idp.client_secret()), "{message}");
@@ -210,14 +205,14 @@ async fn twenty_mib_upload_and_download_stream_through_intact() {
     let env = env().start().await;
     let token = env.idp.token_for(ALICE_OID);
     let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-    let response = client()
-        .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
-        .bearer_auth(&token)
-        .header("content-type", "application/octet-stream")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = support::post(
+        &env.gateway,
+        "/api/data/v9.2/echo",
+        &token,
+        "application/octet-stream",
+        body.clone(),
+    )
+    .await;
     assert_eq!(response.status(), 200);
     let echoed = response.bytes().await.unwrap();
     assert_eq!(echoed.len(), body.len());
@@ -376,11 +371,7 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
     let env = env().server("  request_timeout: 1s\n").start().await;
     env.dataverse.set_delay(Duration::from_secs(3));
     let response = support::get(&env.gateway, ACCOUNTS, env.idp.token_for(ALICE_OID)).await;
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (504, "DynamicsGateway.UpstreamTimeout")
-    );
+    expect_error(response, 504, "DynamicsGateway.UpstreamTimeout").await;
 
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -392,11 +383,7 @@ async fn slow_dynamics_is_504_and_unreachable_dynamics_is_502() {
     let gateway = support::start_gateway(&yaml).await;
     gateway.wait_ready().await;
     let response = support::get(&gateway, ACCOUNTS, idp.token_for(ALICE_OID)).await;
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (502, "DynamicsGateway.UpstreamUnreachable")
-    );
+    expect_error(response, 502, "DynamicsGateway.UpstreamUnreachable").await;
 }
 
 #[tokio::test]
@@ -431,10 +418,6 @@ async fn upload_is_refused_413_and_never_sent(env: &support::Env, size: usize) {
         .send()
         .await
         .unwrap();
-    let (status, code, _) = error_body(response).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (413, "DynamicsGateway.RequestBodyTooLarge")
-    );
+    expect_error(response, 413, "DynamicsGateway.RequestBodyTooLarge").await;
     assert_eq!(env.dataverse.request_count(), 0);
 }

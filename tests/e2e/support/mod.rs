@@ -307,6 +307,32 @@ pub async fn error_body(response: reqwest::Response) -> (u16, String, String) {
     (status, code, message)
 }
 
+/// Checks that `response` is the gateway's error `status` with `code` (and the error
+/// body's shape); returns its message.
+pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> String {
+    let (got_status, got_code, message) = error_body(response).await;
+    assert_eq!((got_status, got_code.as_str()), (status, code), "{message}");
+    message
+}
+
+/// POSTs `body` to `path` on the gateway with a bearer token and a `Content-Type`.
+pub async fn post(
+    gateway: &GatewayHandle,
+    path: &str,
+    token: impl std::fmt::Display,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    client()
+        .post(format!("{}{path}", gateway.url()))
+        .bearer_auth(token)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The Prometheus text an admin listener serves at `/metrics`.
 pub async fn metrics_text(admin_url: &str) -> String {
     client()
