@@ -124,17 +124,37 @@ async fn time_out() {
     let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
     let dataverse = env.dataverse.url();
-    let baseline = upstream_connections(&dataverse);
-    assert!(baseline >= 1, "the warm-up connection is pooled");
+    assert!(
+        upstream_connections(&dataverse) >= 1,
+        "the warm-up connection is pooled"
+    );
     env.dataverse.set_delay(Duration::from_millis(2500));
-    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
+    let url = format!("{}{ACCOUNTS}", env.gateway.url());
+    let slow_token = token.clone();
+    let slow = tokio::spawn(async move {
+        support::client()
+            .get(url)
+            .bearer_auth(slow_token)
+            .send()
+            .await
+    });
+    // Each request thread pools its own connections: count while the slow request holds
+    // one, whichever pool it came from.
+    let stand_in = env.dataverse.clone();
+    support::eventually("Dataverse holds the slow request", || {
+        let held = stand_in.in_flight() == 1;
+        async move { held }
+    })
+    .await;
+    let during = upstream_connections(&dataverse);
+    let response = slow.await.unwrap().unwrap();
     assert_eq!(response.status(), 504);
     drop(response);
     // Once the stand-in has answered into the void, a cancelled request has taken its
     // connection with it; an uncancelled one would have put it back in the pool.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert!(
-        upstream_connections(&dataverse) < baseline,
+        upstream_connections(&dataverse) < during,
         "the timed-out upstream connection was closed, not pooled"
     );
     env.dataverse.set_delay(Duration::ZERO);
