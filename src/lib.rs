@@ -21,6 +21,7 @@ pub mod metrics;
 pub(crate) mod outbound;
 pub(crate) mod pipeline;
 pub mod request_target;
+pub(crate) mod request_threads;
 pub(crate) mod routing;
 pub mod secret;
 pub(crate) mod server;
@@ -81,6 +82,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("dynamics.budget.store")]
     BudgetStore(#[from] upstream::budget::store::StoreError),
+    #[error("starting the request threads (server.worker_threads)")]
+    RequestThreads(#[source] std::io::Error),
 }
 
 /// The assembled gateway for one configuration: the request pipeline, what readiness
@@ -154,7 +157,7 @@ impl Gateway {
             ));
             tokens.push(env_tokens.clone());
             for env in group {
-                let client = DataverseClient::new(&env.url)?;
+                let client = DataverseClient::new(&env.url, config.server.request_threads())?;
                 let lookup = match &config.identity.mode {
                     IdentityMode::Lookup(attribute) => Some(UserLookup::new(
                         &config.identity,
@@ -358,6 +361,10 @@ pub async fn run_with_reloads(
             stop_app.clone(),
         )?),
     };
+    let request_threads = Arc::new(
+        request_threads::RequestThreads::start(config.server.request_threads())
+            .map_err(StartError::RequestThreads)?,
+    );
     let app = tokio::spawn(server::serve(
         listener,
         move |peer| {
@@ -392,9 +399,12 @@ pub async fn run_with_reloads(
         },
         stop_app.clone(),
         limits,
-        tls,
-        "app",
-        metrics.open_connections.with_label_values(&["app"]),
+        server::Port {
+            name: "app",
+            open: metrics.open_connections.with_label_values(&["app"]),
+            tls,
+            threads: Some(request_threads.clone()),
+        },
     ));
     let admin_connections = metrics.open_connections.with_label_values(&["admin"]);
     let admin_state = current.clone();
@@ -415,9 +425,12 @@ pub async fn run_with_reloads(
         },
         stop_admin.clone(),
         limits,
-        None,
-        "admin",
-        admin_connections,
+        server::Port {
+            name: "admin",
+            open: admin_connections,
+            tls: None,
+            threads: None,
+        },
     ));
 
     tokio::pin!(shutdown);
@@ -443,6 +456,9 @@ pub async fn run_with_reloads(
     if let Err(e) = app.await {
         tracing::error!(error = %e, "app listener task failed");
     }
+    // The connections are done with (drained, or closed at the end of the grace): the
+    // threads stop, and joining them blocks, so not on this runtime's thread.
+    let _ = tokio::task::spawn_blocking(move || drop(request_threads)).await;
     // The admin listener outlives the drain so probes see "not ready" rather than nothing.
     stop_admin.cancel();
     if let Err(e) = admin_server.await {
@@ -469,8 +485,9 @@ async fn reload(
         || new.server.admin_listen != running.server.admin_listen
         || new.server.max_connections != running.server.max_connections
         || new.server.max_in_flight != running.server.max_in_flight
+        || new.server.worker_threads != running.server.worker_threads
     {
-        tracing::warn!("reload: listener addresses and connection limits change only on restart; the rest is applied");
+        tracing::warn!("reload: listener addresses, connection limits and worker_threads change only on restart; the rest is applied");
     }
     let metrics = current.load().pipeline.metrics.clone();
     let candidate = match Gateway::new(&new, metrics, draining.clone()) {

@@ -78,16 +78,23 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Held to the end of `main`: dropping it writes out the queued log lines.
-    let (telemetry, _log_flushed_at_exit) = match init_tracing(cli.log_format) {
+    // Held to the end of `main`: dropping it writes out the buffered log lines.
+    let (log, _log_flushed_at_exit) = match dynamics_gateway::log_writer::stderr() {
         Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("error: cannot start the log writer thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let telemetry = match init_tracing(cli.log_format, log) {
+        Ok(telemetry) => telemetry,
         Err(e) => {
             eprintln!("error: {}", dynamics_gateway::error::chain(&e));
             return ExitCode::from(2);
         }
     };
     let command = cli.command.unwrap_or(Command::Run);
-    // `run` reads its config first: the runtime's thread count is part of it.
+    // `run` reads its config before the runtime starts, to fail fast on a bad file.
     let config = match command {
         Command::Run => match load(&cli.config) {
             Some(config) => Some(config),
@@ -95,11 +102,13 @@ fn main() -> ExitCode {
         },
         _ => None,
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.as_ref().and_then(|c| c.server.worker_threads) {
-        builder.worker_threads(threads);
-    }
-    let runtime = match builder.enable_all().build() {
+    // Requests run on the gateway's own request threads (`server.worker_threads`); this
+    // runtime has the accept loops, the admin port and the background refreshers.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -133,13 +142,8 @@ fn main() -> ExitCode {
 /// The log on stderr, and span export when `OTEL_EXPORTER_OTLP_ENDPOINT` asks for it.
 fn init_tracing(
     format: LogFormat,
-) -> Result<
-    (
-        Option<Telemetry>,
-        tracing_appender::non_blocking::WorkerGuard,
-    ),
-    TelemetryError,
-> {
+    writer: dynamics_gateway::log_writer::LogWriter,
+) -> Result<Option<Telemetry>, TelemetryError> {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::Layer as _;
@@ -151,7 +155,6 @@ fn init_tracing(
     }
     // Colours only for a terminal: log files and collectors get plain text.
     use std::io::IsTerminal;
-    let (writer, flush_at_exit) = dynamics_gateway::log_writer::stderr();
     let log = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(writer);
@@ -167,7 +170,7 @@ fn init_tracing(
         Some(telemetry) => registry.with(telemetry.layer()).init(),
         None => registry.init(),
     }
-    Ok((telemetry, flush_at_exit))
+    Ok(telemetry)
 }
 
 fn load(path: &std::path::Path) -> Option<Config> {

@@ -164,7 +164,7 @@ impl Metrics {
         let log_lines_dropped_total = single_counter(
             &registry,
             "log_lines_dropped_total",
-            "Log and audit lines dropped because the writer's queue was full (stderr too slow)",
+            "Log and audit lines dropped: the writer's buffer was full (stderr too slow) or writing to stderr failed",
         )?;
         let metrics = Self {
             log_lines_dropped_total,

@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{BoxError, GatewayBody};
 use crate::error::ConnectionRefused;
+use crate::request_threads::RequestThreads;
 
 /// Limits applied to every inbound connection.
 #[derive(Debug, Clone, Copy)]
@@ -71,17 +72,24 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in one request head.
 const MAX_HEADERS: usize = 100;
 
+/// What sets the app port and the admin port apart.
+pub struct Port {
+    pub name: &'static str,
+    /// Counts the connections being served.
+    pub open: IntGauge,
+    pub tls: Option<crate::tls::TlsAcceptor>,
+    /// Where connections run: on the request threads in turn, or on this runtime.
+    pub threads: Option<Arc<RequestThreads>>,
+}
+
 /// Serves connections from `listener` until `shutdown` is cancelled, then drains.
-/// `make_service` builds the per-connection service from the peer address; `open`
-/// counts the connections being served.
+/// `make_service` builds the per-connection service from the peer address.
 pub async fn serve<M, S, F, E>(
     listener: TcpListener,
     make_service: M,
     shutdown: CancellationToken,
     limits: ConnectionLimits,
-    tls: Option<crate::tls::TlsAcceptor>,
-    name: &'static str,
-    open: IntGauge,
+    port: Port,
 ) where
     M: Fn(SocketAddr) -> S,
     S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>
@@ -107,6 +115,13 @@ pub async fn serve<M, S, F, E>(
         .keep_alive_interval(limits.http2_keep_alive_interval)
         .keep_alive_timeout(limits.http2_keep_alive_timeout)
         .max_header_list_size(MAX_HEAD_BYTES as u32);
+    let builder = Arc::new(builder);
+    let Port {
+        name,
+        open,
+        tls,
+        threads,
+    } = port;
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let peers = limits
         .max_connections_per_peer
@@ -147,29 +162,52 @@ pub async fn serve<M, S, F, E>(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
-        // On a TLS port the handshake runs inside the connection, under its deadlines.
-        let (io, client_certificate) = crate::tls::accept(
-            tls.as_ref(),
-            WatchedIo {
-                stream,
-                activity: activity.clone(),
-            },
-        );
-        let service = Tracked {
-            inner: client_certificate.attach(make_service(peer)),
-            activity: activity.clone(),
+        // Out of this runtime's reactor, into that of the thread that will serve it.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::debug!(listener = name, %peer, error = %e, "could not hand the connection over");
+                continue;
+            }
         };
-        let connection = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
+        let service = make_service(peer);
+        let (builder, tls) = (builder.clone(), tls.clone());
         let (drain, abort) = (drain.clone(), abort.clone());
         let open = OpenConnection::new(open.clone());
-        tasks.spawn(async move {
+        let connection = tasks.track_future(async move {
             let _slots = (permit, peer_slot, open);
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::debug!(listener = name, %peer, error = %e, "could not take the connection over");
+                    return;
+                }
+            };
+            let activity = Arc::new(Activity::new());
+            // On a TLS port the handshake runs inside the connection, under its deadlines.
+            let (io, client_certificate) = crate::tls::accept(
+                tls.as_ref(),
+                WatchedIo {
+                    stream,
+                    activity: activity.clone(),
+                },
+            );
+            let service = Tracked {
+                inner: client_certificate.attach(service),
+                activity: activity.clone(),
+            };
+            let connection = builder
+                .serve_connection(TokioIo::new(io), service)
+                .into_owned();
             let outcome = watch(connection, &activity, limits, &drain, &abort).await;
             tracing::debug!(listener = name, %peer, outcome, "connection closed");
         });
+        match &threads {
+            Some(threads) => threads.spawn(connection),
+            None => {
+                tokio::spawn(connection);
+            }
+        }
     }
     drop(listener);
     drain.cancel();

@@ -35,8 +35,18 @@ pub struct ServerConfig {
     pub max_connections_per_peer: Option<NonZeroUsize>,
     pub max_in_flight: usize,
     pub shutdown_grace: Duration,
+    /// `None`: one per core.
     pub worker_threads: Option<usize>,
     pub tls: Option<TlsConfig>,
+}
+
+impl ServerConfig {
+    /// How many request threads serve the app port.
+    pub fn request_threads(&self) -> usize {
+        self.worker_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 /// `server.tls`: the files the app port's TLS is built from (read at start and every

@@ -1,7 +1,9 @@
-//! The pooled, kept-alive connection to the Dataverse organisation (HTTP/1.1, or HTTP/2
+//! The pooled, kept-alive connections to the Dataverse organisation (HTTP/1.1, or HTTP/2
 //! when TLS negotiates it). The only place that knows the upstream's address: requests
-//! carry a path, never a host.
+//! carry a path, never a host. Each request thread has a pool of its own, so a request
+//! never waits on a connection driven by another thread; background work shares one more.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Uri};
@@ -13,17 +15,22 @@ use url::Url;
 
 use super::UpstreamError;
 use crate::body::GatewayBody;
+use crate::request_threads;
+
+type Pool = Client<HttpsConnector<HttpConnector>, GatewayBody>;
 
 /// A client bound to one Dataverse organisation.
 #[derive(Clone)]
 pub struct DataverseClient {
-    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
+    /// One per request thread, then the one for every other thread.
+    pools: Arc<[Pool]>,
     origin: String,
     host: HeaderValue,
 }
 
 impl DataverseClient {
-    pub fn new(url: &Url) -> Result<Self, UpstreamError> {
+    /// A client with a pool for each of `request_threads` and one for other threads.
+    pub fn new(url: &Url, request_threads: usize) -> Result<Self, UpstreamError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -36,14 +43,17 @@ impl DataverseClient {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(128)
-            // Bounds what one connection buffers while streaming a large body.
-            .http1_max_buf_size(64 * 1024)
-            .build(https);
+        let pool = || {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(128)
+                // Bounds what one connection buffers while streaming a large body.
+                .http1_max_buf_size(64 * 1024)
+                .build(https.clone())
+        };
+        let pools = (0..=request_threads).map(|_| pool()).collect();
         let origin = url.origin().ascii_serialization();
         let authority = match url.port() {
             Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
@@ -52,7 +62,7 @@ impl DataverseClient {
         let host =
             HeaderValue::from_str(&authority).map_err(|e| UpstreamError::Build(Box::new(e)))?;
         Ok(Self {
-            client,
+            pools,
             origin,
             host,
         })
@@ -77,6 +87,8 @@ impl DataverseClient {
 
     /// The request on its way; the future owns it, so it can outlive the caller's.
     pub fn send(&self, request: Request<GatewayBody>) -> ResponseFuture {
-        self.client.request(request)
+        let shared = self.pools.len() - 1;
+        let pool = request_threads::current().map_or(shared, |thread| thread.min(shared));
+        self.pools[pool].request(request)
     }
 }

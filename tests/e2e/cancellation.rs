@@ -128,17 +128,37 @@ async fn time_out() {
     let warm = support::get(&env.gateway, ACCOUNTS, &token).await;
     assert_eq!(warm.status(), 200);
     let dataverse = env.dataverse.url();
-    let baseline = upstream_connections(&dataverse);
-    assert!(baseline >= 1, "the warm-up connection is pooled");
+    assert!(
+        upstream_connections(&dataverse) >= 1,
+        "the warm-up connection is pooled"
+    );
     env.dataverse.set_delay(Duration::from_millis(2500));
-    let response = support::get(&env.gateway, ACCOUNTS, &token).await;
+    let url = format!("{}{ACCOUNTS}", env.gateway.url());
+    let slow_token = token.clone();
+    let slow = tokio::spawn(async move {
+        support::client()
+            .get(url)
+            .bearer_auth(slow_token)
+            .send()
+            .await
+    });
+    // Each request thread pools its own connections: count while the slow request holds
+    // one, whichever pool it came from.
+    let stand_in = env.dataverse.clone();
+    support::eventually("Dataverse holds the slow request", || {
+        let held = stand_in.in_flight() == 1;
+        async move { held }
+    })
+    .await;
+    let during = upstream_connections(&dataverse);
+    let response = slow.await.unwrap().unwrap();
     assert_eq!(response.status(), 504);
     drop(response);
     // A cancelled request takes its connection with it; an uncancelled one keeps it open
     // until the stand-in answers (at 2.5 s) and then puts it back in the pool, so the
-    // count would not drop below the baseline within `settle`'s 2 s.
+    // count would not drop below `during` within `settle`'s 2 s.
     assert!(
-        settle(&dataverse, baseline - 1).await < baseline,
+        settle(&dataverse, during - 1).await < during,
         "the timed-out upstream connection was closed, not pooled"
     );
     env.dataverse.set_delay(Duration::ZERO);

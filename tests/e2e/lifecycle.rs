@@ -10,7 +10,8 @@ use crate::support::binary;
 use std::time::Duration;
 
 use binary::{
-    binary_config, free_port, standins, start_binary, start_binary_with_unread_stderr, Binary,
+    binary_config, free_port, standins, start_binary, start_binary_with_closed_stderr,
+    start_binary_with_unread_stderr, Binary,
 };
 use support::{client, ALICE_OID, ALICE_SYSTEMUSERID};
 use testkit::IdpHandle;
@@ -331,6 +332,34 @@ async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
         metrics.contains("dynamics_gateway_log_lines_dropped_total "),
         "dropped lines are counted: {metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lines_a_closed_stderr_loses_are_counted() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway =
+        start_binary_with_closed_stderr(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    let token = idp.token_for(ALICE_OID);
+    let http = client();
+    for _ in 0..100 {
+        let response = http
+            .get(format!("{}{WHOAMI}", gateway.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // Each request's audit line is lost, and counted once the writer has tried it.
+    let admin = gateway.admin_url.clone();
+    support::eventually("the 100 lost audit lines are counted", || {
+        let admin = admin.clone();
+        async move {
+            support::metric_at(&admin, "dynamics_gateway_log_lines_dropped_total").await >= 100.0
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -104,32 +104,40 @@ pub async fn start_binary_with_env(
     ports: (u16, u16),
     vars: &[(&str, String)],
 ) -> Binary {
-    spawn(yaml, ports, vars, false).await
+    spawn(yaml, ports, vars, Stderr::File).await
 }
 
 /// [`start_binary`] with its stderr a pipe nobody reads: once the pipe's buffer is full,
 /// every write to it blocks (a collector that stalls). `log()` is empty.
 pub async fn start_binary_with_unread_stderr(yaml: &str, ports: (u16, u16)) -> Binary {
-    spawn(yaml, ports, &[], true).await
+    spawn(yaml, ports, &[], Stderr::Unread).await
 }
 
-async fn spawn(
-    yaml: &str,
-    ports: (u16, u16),
-    vars: &[(&str, String)],
-    unread_stderr: bool,
-) -> Binary {
+/// [`start_binary`] with its stderr a pipe whose reading end is closed: every write to it
+/// fails. `log()` is empty.
+pub async fn start_binary_with_closed_stderr(yaml: &str, ports: (u16, u16)) -> Binary {
+    spawn(yaml, ports, &[], Stderr::Closed).await
+}
+
+/// Where the binary's stderr goes.
+#[derive(PartialEq)]
+enum Stderr {
+    File,
+    Unread,
+    Closed,
+}
+
+async fn spawn(yaml: &str, ports: (u16, u16), vars: &[(&str, String)], to: Stderr) -> Binary {
     let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
     let log = dir.join("stderr.log");
     std::fs::write(&config, yaml).unwrap();
-    let stderr = if unread_stderr {
-        std::process::Stdio::piped()
-    } else {
-        std::fs::File::create(&log).unwrap().into()
+    let stderr = match to {
+        Stderr::File => std::fs::File::create(&log).unwrap().into(),
+        Stderr::Unread | Stderr::Closed => std::process::Stdio::piped(),
     };
-    let child = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "info")
@@ -139,6 +147,9 @@ async fn spawn(
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    if to == Stderr::Closed {
+        drop(child.stderr.take());
+    }
     let binary = Binary {
         child,
         url: format!("http://127.0.0.1:{}", ports.0),

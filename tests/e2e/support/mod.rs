@@ -368,7 +368,12 @@ pub async fn readyz_text(gateway: &GatewayHandle) -> String {
 
 /// The value of one sample in the Prometheus text (`name{labels}` exactly), or 0.
 pub async fn metric(gateway: &GatewayHandle, series: &str) -> f64 {
-    let text = metrics_text(&gateway.admin_url()).await;
+    metric_at(&gateway.admin_url(), series).await
+}
+
+/// [`metric`] from the admin listener at `admin_url`.
+pub async fn metric_at(admin_url: &str, series: &str) -> f64 {
+    let text = metrics_text(admin_url).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
         .unwrap_or(0.0)
