@@ -47,6 +47,7 @@
 #   DURATION=10   seconds per measured run
 #   ROUNDS=3      rounds per workload and target (medians)
 #   TARGETS="direct nginx haproxy apache gateway gateway-wt1 gateway-wt2"   which to run
+#   IDP_PORT=18081 ... GW_STARTUP_ADMIN_PORT=18190   every port below can be moved (another lab on 180xx)
 #   PROFILE=1     also record a perf profile of the gateway under the keep-alive workload
 #   SOAK=60       also soak the gateway: SOAK seconds, 200 keep-alive connections, a mix of
 #                 small GETs, 1 MiB POSTs and bad tokens; reports unexpected statuses and the
@@ -65,20 +66,20 @@ WARMUP=${WARMUP:-2}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-2000}
 TARGETS=${TARGETS:-direct nginx haproxy apache gateway gateway-wt1 gateway-wt2}
 OUT=${OUT:-$ROOT/target/load-results/$(date -u +%Y%m%dT%H%M%SZ)}
-IDP_PORT=18081
-DV_PORT=18082
-NGINX_PORT=18083
-UP_PORT=18084
-HAPROXY_PORT=18085
-APACHE_PORT=18086
-GW_PORT=18080
-GW_ADMIN_PORT=18090
-GW1_PORT=18087
-GW1_ADMIN_PORT=18091
-GW2_PORT=18088
-GW2_ADMIN_PORT=18092
-GW_STARTUP_PORT=18180
-GW_STARTUP_ADMIN_PORT=18190
+IDP_PORT=${IDP_PORT:-18081}
+DV_PORT=${DV_PORT:-18082}
+NGINX_PORT=${NGINX_PORT:-18083}
+UP_PORT=${UP_PORT:-18084}
+HAPROXY_PORT=${HAPROXY_PORT:-18085}
+APACHE_PORT=${APACHE_PORT:-18086}
+GW_PORT=${GW_PORT:-18080}
+GW_ADMIN_PORT=${GW_ADMIN_PORT:-18090}
+GW1_PORT=${GW1_PORT:-18087}
+GW1_ADMIN_PORT=${GW1_ADMIN_PORT:-18091}
+GW2_PORT=${GW2_PORT:-18088}
+GW2_ADMIN_PORT=${GW2_ADMIN_PORT:-18092}
+GW_STARTUP_PORT=${GW_STARTUP_PORT:-18180}
+GW_STARTUP_ADMIN_PORT=${GW_STARTUP_ADMIN_PORT:-18190}
 APIPATH=/api/data/v9.2
 
 log() { printf '[load] %s\n' "$*" >&2; }
