@@ -8,8 +8,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -23,6 +22,9 @@ const WRITE_AT_BYTES: usize = 64 * 1024;
 const MAX_BUFFERED_BYTES: usize = 4 * 1024 * 1024;
 /// A batch buffer grown past this by a burst is given back afterwards.
 const KEEP_CAPACITY: usize = 1024 * 1024;
+/// Longest wait at exit for the buffered lines to be written: a stderr nobody reads must
+/// not keep the process from exiting.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// The process's log writer, for the metrics (set by [`stderr`]).
 static PROCESS: OnceLock<Arc<Shared>> = OnceLock::new();
@@ -127,20 +129,20 @@ impl<'a> MakeWriter<'a> for LogWriter {
     }
 }
 
-/// Writes out what is buffered and stops the writer thread when dropped: keep it until
-/// the process ends.
+/// Writes out what is buffered and stops the writer thread when dropped, waiting at most
+/// `EXIT_WAIT` (a writer stuck on a full pipe is left behind): keep it until the process
+/// ends.
 pub struct FlushGuard {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// Disconnected when the writer thread has written everything and returned.
+    finished: mpsc::Receiver<()>,
 }
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
         self.shared.pending().closing = true;
         self.shared.ready.notify_one();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let _ = self.finished.recv_timeout(EXIT_WAIT);
     }
 }
 
@@ -152,16 +154,14 @@ fn start(out: impl Write + Send + 'static) -> std::io::Result<(LogWriter, FlushG
         dropped: AtomicU64::new(0),
     });
     let writer = shared.clone();
-    let thread = std::thread::Builder::new()
+    let (done, finished) = mpsc::channel::<()>();
+    std::thread::Builder::new()
         .name("log-writer".into())
-        .spawn(move || writer.write_out(out))?;
-    Ok((
-        LogWriter(shared.clone()),
-        FlushGuard {
-            shared,
-            thread: Some(thread),
-        },
-    ))
+        .spawn(move || {
+            writer.write_out(out);
+            drop(done);
+        })?;
+    Ok((LogWriter(shared.clone()), FlushGuard { shared, finished }))
 }
 
 /// The writer for the process's log on stderr, and its guard.
@@ -182,7 +182,6 @@ pub(crate) fn dropped_lines() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::mpsc;
 
     /// What the writer thread wrote, and a gate that holds its writes while closed.
     #[derive(Clone, Default)]
@@ -256,6 +255,25 @@ mod tests {
         assert_eq!(writer.0.dropped.load(Ordering::Relaxed), sent as u64 - kept);
         drop(release);
         drop(guard);
+    }
+
+    #[test]
+    fn a_writer_stuck_on_its_output_does_not_hold_up_the_exit() {
+        let (_never_released, gate) = mpsc::channel();
+        let (writer, guard) = start(Stalled(Mutex::new(gate))).unwrap();
+        line(&writer, "stuck\n");
+        while writer.0.pending().lines > 0 {
+            std::thread::yield_now();
+        }
+        let (dropped, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            drop(guard);
+            let _ = dropped.send(());
+        });
+        assert!(
+            done.recv_timeout(EXIT_WAIT * 5).is_ok(),
+            "dropping the guard waits for the stuck writer"
+        );
     }
 
     struct Broken;

@@ -301,7 +301,7 @@ async fn every_request_leaves_one_audit_line_and_refusals_are_rate_limited() {
 async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
     let (idp, dataverse) = standins().await;
     let ports = (free_port(), free_port());
-    let gateway =
+    let mut gateway =
         start_binary_with_unread_stderr(&binary_config(&idp, &dataverse, "", ports), ports).await;
     let token = idp.token_for(ALICE_OID);
     // Long paths make each audit line about 1 KiB: 2,000 of them are 30 pipe buffers.
@@ -332,6 +332,13 @@ async fn a_stderr_nobody_reads_does_not_hold_up_requests() {
         metrics.contains("dynamics_gateway_log_lines_dropped_total "),
         "dropped lines are counted: {metrics}"
     );
+    // The writer is stuck on the full pipe; SIGTERM must still end the process.
+    gateway.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
+        .await
+        .expect("the gateway exits on SIGTERM although its stderr is stuck")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
