@@ -52,6 +52,7 @@ impl GatewayError {
             Self::Path(PathError::NotProxied) => "not_proxied",
             Self::Path(PathError::Ambiguous) => "ambiguous_path",
             Self::Path(PathError::BadHost) => "bad_host",
+            Self::Path(PathError::MisplacedBatch) => "misplaced_batch",
             Self::Auth(e) => e.reason(),
             Self::Route(e) => e.reason(),
             Self::Access(e) if e.metadata_unavailable => "metadata_unavailable",
@@ -72,6 +73,7 @@ impl GatewayError {
             Self::Path(PathError::NotProxied) => (StatusCode::NOT_FOUND, "NotProxied"),
             Self::Path(PathError::Ambiguous) => (StatusCode::BAD_REQUEST, "AmbiguousPath"),
             Self::Path(PathError::BadHost) => (StatusCode::BAD_REQUEST, "BadHost"),
+            Self::Path(PathError::MisplacedBatch) => (StatusCode::BAD_REQUEST, "MisplacedBatch"),
             Self::Auth(AuthError::KeysUnavailable { .. }) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "IdentityProviderUnavailable",

@@ -15,6 +15,8 @@ pub enum PathError {
     Ambiguous,
     #[error("the Host header is missing or not a plain host[:port]")]
     BadHost,
+    #[error("a $batch is sent to the service root, /api/data/<version>/$batch, and nowhere else")]
+    MisplacedBatch,
 }
 
 /// The prefix every proxied path starts with.
@@ -170,6 +172,27 @@ impl<'a> RequestTarget<'a> {
 /// The one parser of a request's target. As [`proxied_path_and_query`]; with `prefixed`,
 /// the path must be `/<environment>/api/data/...` and the prefix is split off.
 pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
+    let target = split_target(uri, prefixed)?;
+    // Relative part URLs are resolved against the envelope's path: a `$batch` below a
+    // table (`accounts/$batch`) would have its parts decided against one base and served
+    // against another.
+    if target.resource == Target::Batch && !is_service_root_batch(target.path) {
+        return Err(PathError::MisplacedBatch);
+    }
+    Ok(target)
+}
+
+/// `/api/data/<version>/$batch`, exactly.
+fn is_service_root_batch(path: &str) -> bool {
+    let mut segments = path.strip_prefix(API_PREFIX).unwrap_or_default().split('/');
+    matches!(
+        (segments.next(), segments.next(), segments.next()),
+        (Some(version), Some(batch), None)
+            if !version.is_empty() && batch.eq_ignore_ascii_case("$batch")
+    )
+}
+
+fn split_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, PathError> {
     if !prefixed {
         return proxied_path_and_query(uri).map(|pq| RequestTarget::new(None, pq));
     }
@@ -254,6 +277,35 @@ fn escapes_are_well_formed(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_accepted_at_the_service_root_only() {
+        let target = |path: &str| {
+            let uri: Uri = path.parse().unwrap();
+            request_target(&uri, false).map(|t| t.path.to_string())
+        };
+        assert_eq!(
+            target("/api/data/v9.2/$batch").as_deref(),
+            Ok("/api/data/v9.2/$batch")
+        );
+        assert_eq!(
+            target("/api/data/v9.2/$BATCH").as_deref(),
+            Ok("/api/data/v9.2/$BATCH")
+        );
+        for misplaced in [
+            "/api/data/v9.2/accounts/$batch",
+            "/api/data/v9.2/accounts(1)/$batch",
+            "/api/data/v9.2/%24batch/x",
+            "/api/data/$batch",
+            "/api/data/v9.2/$batch/",
+        ] {
+            assert_eq!(
+                target(misplaced),
+                Err(PathError::MisplacedBatch),
+                "{misplaced}"
+            );
+        }
+    }
 
     fn check(target: &str) -> Result<String, PathError> {
         let uri: Uri = target.parse().unwrap();

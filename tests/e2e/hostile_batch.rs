@@ -572,3 +572,46 @@ async fn all_dot_segments_are_refused_in_every_encoding() {
     }
     assert_eq!(env.dataverse.request_count(), before);
 }
+
+/// A `$batch` below a table or a record: its relative parts would be decided against one
+/// base and could be served by Dataverse against another (`GET contacts` under an
+/// accounts-only grant). Refused with 400; nothing reaches Dataverse.
+#[tokio::test]
+async fn a_batch_anywhere_but_the_service_root_is_refused() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let body = format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: 1\r\n\r\nGET contacts HTTP/1.1\r\nAccept: application/json\r\n\r\n--{BOUNDARY}--\r\n"
+    );
+    for path in [
+        "/api/data/v9.2/accounts/$batch",
+        "/api/data/v9.2/accounts(00000000-0000-0000-0000-000000000001)/$batch",
+        "/api/data/v9.2/accounts/%24batch",
+        "/api/data/$batch",
+        "/api/data/v9.2/$batch/",
+    ] {
+        let response = client()
+            .post(format!("{}{path}", env.gateway.url()))
+            .bearer_auth(&token)
+            .header(
+                "content-type",
+                format!("multipart/mixed; boundary={BOUNDARY}"),
+            )
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = error_body(response).await;
+        assert_eq!(
+            (status, code.as_str()),
+            (400, "DynamicsGateway.MisplacedBatch"),
+            "{path}"
+        );
+        assert!(message.contains("/api/data/<version>/$batch"), "{message}");
+    }
+    assert!(env.dataverse.requests().is_empty(), "nothing was forwarded");
+    // The service root's own $batch still goes through.
+    let response = post_batch(&env, &token, whoami_batch("")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(batches(&env).len(), 1);
+}
