@@ -19,8 +19,18 @@ const BOUNDARY: &str = "batch_7d2f";
 const VICTIM_OID: &str = "c0ffee00-1111-4222-8333-944455556666";
 
 async fn post_batch(env: &Env, token: &str, body: impl Into<String>) -> reqwest::Response {
+    post_batch_to(env, "/api/data/v9.2/$batch", token, body).await
+}
+
+/// [`post_batch`] to another path.
+async fn post_batch_to(
+    env: &Env,
+    path: &str,
+    token: &str,
+    body: impl Into<String>,
+) -> reqwest::Response {
     client()
-        .post(format!("{}/api/data/v9.2/$batch", env.gateway.url()))
+        .post(format!("{}{path}", env.gateway.url()))
         .bearer_auth(token)
         .header(
             "content-type",
@@ -590,17 +600,7 @@ async fn a_batch_anywhere_but_the_service_root_is_refused() {
         "/api/data/$batch",
         "/api/data/v9.2/$batch/",
     ] {
-        let response = client()
-            .post(format!("{}{path}", env.gateway.url()))
-            .bearer_auth(&token)
-            .header(
-                "content-type",
-                format!("multipart/mixed; boundary={BOUNDARY}"),
-            )
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
+        let response = post_batch_to(&env, path, &token, body.clone()).await;
         let (status, code, message) = error_body(response).await;
         assert_eq!(
             (status, code.as_str()),
