@@ -481,13 +481,12 @@ async fn reload(
     tracker: &TaskTracker,
     draining: &Arc<AtomicBool>,
 ) {
-    if new.server.listen != running.server.listen
-        || new.server.admin_listen != running.server.admin_listen
-        || new.server.max_connections != running.server.max_connections
-        || new.server.max_in_flight != running.server.max_in_flight
-        || new.server.worker_threads != running.server.worker_threads
-    {
-        tracing::warn!("reload: listener addresses, connection limits and worker_threads change only on restart; the rest is applied");
+    let not_applied = running.server.restart_only_changes(&new.server);
+    if !not_applied.is_empty() {
+        tracing::warn!(
+            not_applied = %not_applied.join(", "),
+            "reload: these keys change only on restart and keep their running values; the rest is applied"
+        );
     }
     let metrics = current.load().pipeline.metrics.clone();
     let candidate = match Gateway::new(&new, metrics, draining.clone()) {

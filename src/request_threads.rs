@@ -1,12 +1,11 @@
-//! The request threads: one per core, each a single-threaded runtime serving the
-//! connections the accept loop hands it, with its own upstream connection pool. A
+//! The request threads: one per core, each a single-threaded runtime accepting from the
+//! shared listening socket and serving what it accepted, with its own upstream
+//! connection pool. A
 //! request, its upstream call and its response then stay on one thread: no wake-up of
 //! another thread on the request path (issue 14's profile: a pooled connection's task on
 //! another worker cost more than the request's own work).
 
 use std::cell::Cell;
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -25,7 +24,6 @@ pub fn current() -> Option<usize> {
 /// The running request threads; stopped (and joined) on drop.
 pub struct RequestThreads {
     runtimes: Vec<Handle>,
-    next: AtomicUsize,
     stop: CancellationToken,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -53,20 +51,14 @@ impl RequestThreads {
         }
         Ok(Self {
             runtimes,
-            next: AtomicUsize::new(0),
             stop,
             threads: Mutex::new(threads),
         })
     }
 
-    /// Runs `task` on the next thread in turn: connections are long-lived, so taking
-    /// turns spreads them evenly.
-    pub fn spawn<F>(&self, task: F)
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.runtimes.len();
-        self.runtimes[turn].spawn(task);
+    /// The threads' runtimes, to start a task on each.
+    pub fn runtimes(&self) -> &[Handle] {
+        &self.runtimes
     }
 }
 
@@ -87,24 +79,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tasks_run_on_the_threads_in_turn_and_know_which_one() {
+    fn a_task_on_each_runtime_runs_on_its_own_thread_and_knows_which_one() {
         let threads = RequestThreads::start(2).unwrap();
         assert_eq!(current(), None, "the caller is no request thread");
         let (tx, rx) = std::sync::mpsc::channel();
-        for _ in 0..4 {
+        for runtime in threads.runtimes() {
             let tx = tx.clone();
-            threads.spawn(async move {
+            runtime.spawn(async move {
                 let _ = tx.send((current(), std::thread::current().name().map(String::from)));
             });
         }
-        let mut seen: Vec<_> = (0..4).map(|_| rx.recv().unwrap()).collect();
+        let mut seen: Vec<_> = (0..2).map(|_| rx.recv().unwrap()).collect();
         seen.sort();
         assert_eq!(
             seen,
             vec![
                 (Some(0), Some("request-0".into())),
-                (Some(0), Some("request-0".into())),
-                (Some(1), Some("request-1".into())),
                 (Some(1), Some("request-1".into())),
             ]
         );

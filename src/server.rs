@@ -78,7 +78,7 @@ pub struct Port {
     /// Counts the connections being served.
     pub open: IntGauge,
     pub tls: Option<crate::tls::TlsAcceptor>,
-    /// Where connections run: on the request threads in turn, or on this runtime.
+    /// Where connections are accepted and run: on each request thread, or on this runtime.
     pub threads: Option<Arc<RequestThreads>>,
 }
 
@@ -91,7 +91,7 @@ pub async fn serve<M, S, F, E>(
     limits: ConnectionLimits,
     port: Port,
 ) where
-    M: Fn(SocketAddr) -> S,
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
     S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>
         + Send
         + 'static,
@@ -115,109 +115,178 @@ pub async fn serve<M, S, F, E>(
         .keep_alive_interval(limits.http2_keep_alive_interval)
         .keep_alive_timeout(limits.http2_keep_alive_timeout)
         .max_header_list_size(MAX_HEAD_BYTES as u32);
-    let builder = Arc::new(builder);
     let Port {
         name,
         open,
         tls,
         threads,
     } = port;
-    let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let peers = limits
-        .max_connections_per_peer
-        .map(|max| Arc::new(PeerConnections::new(max.get())));
-    // Cancelled at shutdown: every connection finishes its requests and closes.
-    let drain = CancellationToken::new();
-    // Cancelled when the grace is over: what is left is closed at once.
-    let abort = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let mut refusal_log = RefusalLog::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+    let acceptor = Arc::new(Acceptor {
+        make_service,
+        builder,
+        connections: Arc::new(Semaphore::new(limits.max_connections)),
+        peers: limits
+            .max_connections_per_peer
+            .map(|max| Arc::new(PeerConnections::new(max.get()))),
+        refusal_log: Mutex::new(RefusalLog::new()),
+        limits,
+        name,
+        open,
+        tls,
+        drain: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    match threads {
+        None => acceptor.clone().accept(listener, shutdown).await,
+        Some(threads) => {
+            // Each request thread accepts from the same socket and serves what it
+            // accepted itself: a connection never changes threads.
+            let loops = TaskTracker::new();
+            match listener.into_std() {
+                Ok(listener) => {
+                    for runtime in threads.runtimes() {
+                        let listener = match listener.try_clone() {
+                            Ok(listener) => listener,
+                            Err(e) => {
+                                tracing::error!(listener = name, error = %e, "a request thread cannot accept: the others serve the port");
+                                continue;
+                            }
+                        };
+                        let (acceptor, shutdown) = (acceptor.clone(), shutdown.clone());
+                        runtime.spawn(loops.track_future(async move {
+                            match TcpListener::from_std(listener) {
+                                Ok(listener) => acceptor.accept(listener, shutdown).await,
+                                Err(e) => {
+                                    tracing::error!(listener = name, error = %e, "cannot accept on a request thread")
+                                }
+                            }
+                        }));
+                    }
+                }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    tracing::error!(listener = name, error = %e, "cannot hand the listener to the request threads")
                 }
-            },
-        };
-        let peer_slot = match &peers {
-            None => None,
-            Some(peers) => match peers.try_acquire(peer.ip()) {
-                Some(slot) => Some(slot),
-                None => {
-                    let refused = ConnectionRefused::TooManyFromPeer(peers.max);
-                    tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
-                    continue;
-                }
-            },
-        };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            let refused = ConnectionRefused::TooMany(limits.max_connections);
-            tokio::spawn(refuse(stream, refusal_log.record(peer, refused, name)));
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        // Out of this runtime's reactor, into that of the thread that will serve it.
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(e) => {
-                tracing::debug!(listener = name, %peer, error = %e, "could not hand the connection over");
-                continue;
             }
-        };
-        let service = make_service(peer);
-        let (builder, tls) = (builder.clone(), tls.clone());
-        let (drain, abort) = (drain.clone(), abort.clone());
-        let open = OpenConnection::new(open.clone());
-        let connection = tasks.track_future(async move {
-            let _slots = (permit, peer_slot, open);
-            let stream = match TcpStream::from_std(stream) {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::debug!(listener = name, %peer, error = %e, "could not take the connection over");
-                    return;
-                }
+            loops.close();
+            loops.wait().await;
+        }
+    }
+    acceptor.drain.cancel();
+    acceptor.tasks.close();
+    tokio::select! {
+        _ = acceptor.tasks.wait() => tracing::debug!(listener = name, "all connections drained"),
+        _ = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(listener = name, grace = ?limits.shutdown_grace, "shutdown grace elapsed; closing remaining connections");
+            acceptor.abort.cancel();
+        }
+    }
+}
+
+/// What the accept loops of one port share: the service, the connection limits and the
+/// drain.
+struct Acceptor<M> {
+    make_service: M,
+    builder: auto::Builder<TokioExecutor>,
+    connections: Arc<Semaphore>,
+    peers: Option<Arc<PeerConnections>>,
+    refusal_log: Mutex<RefusalLog>,
+    limits: ConnectionLimits,
+    name: &'static str,
+    open: IntGauge,
+    tls: Option<crate::tls::TlsAcceptor>,
+    /// Cancelled at shutdown: every connection finishes its requests and closes.
+    drain: CancellationToken,
+    /// Cancelled when the grace is over: what is left is closed at once.
+    abort: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl<M, S, F, E> Acceptor<M>
+where
+    M: Fn(SocketAddr) -> S + Send + Sync + 'static,
+    S: Service<Request<Incoming>, Response = Response<GatewayBody>, Error = E, Future = F>
+        + Send
+        + 'static,
+    F: Future<Output = Result<Response<GatewayBody>, E>> + Send + 'static,
+    E: Into<BoxError> + 'static,
+{
+    /// Accepts until `shutdown`, serving each connection on this runtime.
+    async fn accept(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        let name = self.name;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
             };
+            let peer_slot = match &self.peers {
+                None => None,
+                Some(peers) => match peers.try_acquire(peer.ip()) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        self.refuse(stream, peer, ConnectionRefused::TooManyFromPeer(peers.max));
+                        continue;
+                    }
+                },
+            };
+            let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                self.refuse(
+                    stream,
+                    peer,
+                    ConnectionRefused::TooMany(self.limits.max_connections),
+                );
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
             let activity = Arc::new(Activity::new());
             // On a TLS port the handshake runs inside the connection, under its deadlines.
             let (io, client_certificate) = crate::tls::accept(
-                tls.as_ref(),
+                self.tls.as_ref(),
                 WatchedIo {
                     stream,
                     activity: activity.clone(),
                 },
             );
             let service = Tracked {
-                inner: client_certificate.attach(service),
+                inner: client_certificate.attach((self.make_service)(peer)),
                 activity: activity.clone(),
             };
-            let connection = builder
+            let connection = self
+                .builder
                 .serve_connection(TokioIo::new(io), service)
                 .into_owned();
-            let outcome = watch(connection, &activity, limits, &drain, &abort).await;
-            tracing::debug!(listener = name, %peer, outcome, "connection closed");
-        });
-        match &threads {
-            Some(threads) => threads.spawn(connection),
-            None => {
-                tokio::spawn(connection);
-            }
+            let (limits, drain, abort) = (self.limits, self.drain.clone(), self.abort.clone());
+            let open = OpenConnection::new(self.open.clone());
+            self.tasks.spawn(async move {
+                let _slots = (permit, peer_slot, open);
+                let outcome = watch(connection, &activity, limits, &drain, &abort).await;
+                tracing::debug!(listener = name, %peer, outcome, "connection closed");
+            });
         }
     }
-    drop(listener);
-    drain.cancel();
-    tasks.close();
-    tokio::select! {
-        _ = tasks.wait() => tracing::debug!(listener = name, "all connections drained"),
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(listener = name, grace = ?limits.shutdown_grace, "shutdown grace elapsed; closing remaining connections");
-            abort.cancel();
+
+    fn refuse(&self, stream: TcpStream, peer: SocketAddr, refused: ConnectionRefused) {
+        let response = self
+            .refusal_log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .record(peer, refused, self.name);
+        if self.tls.is_some() {
+            // A plaintext 503 is garbage to a TLS client, and a handshake per refused
+            // connection would hand a connection flood the server's most expensive work:
+            // close, which TLS clients see as a reset they retry.
+            drop(stream);
+            return;
         }
+        tokio::spawn(refuse(stream, response));
     }
 }
 

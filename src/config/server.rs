@@ -47,6 +47,52 @@ impl ServerConfig {
             std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
         })
     }
+
+    /// The keys that differ in `new` but are fixed when the listeners start, so a reload
+    /// cannot apply them: an operator who tightens one by SIGHUP is told it is not in force.
+    pub fn restart_only_changes(&self, new: &ServerConfig) -> Vec<&'static str> {
+        [
+            ("server.listen", self.listen != new.listen),
+            ("server.admin_listen", self.admin_listen != new.admin_listen),
+            (
+                "server.max_connections",
+                self.max_connections != new.max_connections,
+            ),
+            (
+                "server.max_connections_per_peer",
+                self.max_connections_per_peer != new.max_connections_per_peer,
+            ),
+            (
+                "server.max_in_flight",
+                self.max_in_flight != new.max_in_flight,
+            ),
+            (
+                "server.worker_threads",
+                self.worker_threads != new.worker_threads,
+            ),
+            (
+                "server.header_read_timeout",
+                self.header_read_timeout != new.header_read_timeout,
+            ),
+            ("server.idle_timeout", self.idle_timeout != new.idle_timeout),
+            (
+                "server.http2_keep_alive_interval",
+                self.http2_keep_alive_interval != new.http2_keep_alive_interval,
+            ),
+            (
+                "server.http2_keep_alive_timeout",
+                self.http2_keep_alive_timeout != new.http2_keep_alive_timeout,
+            ),
+            (
+                "server.shutdown_grace",
+                self.shutdown_grace != new.shutdown_grace,
+            ),
+            ("server.tls", self.tls != new.tls),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect()
+    }
 }
 
 /// `server.tls`: the files the app port's TLS is built from (read at start and every

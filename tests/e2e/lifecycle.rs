@@ -474,3 +474,55 @@ async fn a_flood_of_token_less_requests_with_huge_queries_cannot_fill_the_log() 
         "the suppressed lines are counted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_names_the_keys_it_cannot_apply_and_applies_the_rest() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let config =
+        |server: &str| binary::binary_config_with_server(&idp, &dataverse, "", server, ports);
+    let gateway = start_binary(
+        &config("  idle_timeout: 5s\n  header_read_timeout: 3s\n  max_request_body: 1MiB\n"),
+        ports,
+    )
+    .await;
+    let post = |bytes: usize| {
+        let url = format!("{}/api/data/v9.2/accounts", gateway.url);
+        let token = idp.token_for(ALICE_OID);
+        async move {
+            client()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(format!("{{\"name\":\"{}\"}}", "a".repeat(bytes)))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_ne!(post(2048).await, 413);
+
+    std::fs::write(
+        &gateway.config,
+        config("  idle_timeout: 2s\n  header_read_timeout: 1s\n  max_request_body: 1KiB\n"),
+    )
+    .unwrap();
+    gateway.signal("HUP");
+    support::eventually("the reload is applied", || async {
+        gateway.log().contains("configuration reloaded")
+    })
+    .await;
+    let log = gateway.log();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("change only on restart"))
+        .unwrap_or_else(|| panic!("a warning names what is not applied: {log}"));
+    assert!(
+        warning.contains("server.header_read_timeout, server.idle_timeout"),
+        "{warning}"
+    );
+    assert!(!warning.contains("max_request_body"), "{warning}");
+    assert_eq!(post(2048).await, 413, "the body limit is applied: {log}");
+}

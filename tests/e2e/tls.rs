@@ -477,3 +477,30 @@ async fn mutual_tls_refuses_clients_without_a_trusted_certificate_and_audits_the
         "a refused certificate is not audited as a caller"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_over_the_limit_on_the_tls_port_is_closed_without_plaintext() {
+    let pki = Pki::new("over-limit");
+    let env = tls_env(
+        &pki,
+        false,
+        "  max_connections: 2\n  max_connections_per_peer: 0\n  header_read_timeout: 30s\n",
+    )
+    .await;
+    let mut held = http1_over(tls_connect(&pki, env.gateway.addr).await).await;
+    let _second = tls_connect(&pki, env.gateway.addr).await;
+
+    // A plaintext 503 here would reach a TLS client as a protocol error.
+    let mut over = TcpStream::connect(env.gateway.addr).await.unwrap();
+    assert_eq!(
+        read_until_closed(&mut over).await,
+        Ok(0),
+        "closed, no bytes"
+    );
+
+    assert_eq!(
+        whoami_on(&mut held, &env.idp.token_for(ALICE_OID)).await,
+        200,
+        "the connections within the limit are served"
+    );
+}
