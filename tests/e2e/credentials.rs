@@ -8,8 +8,6 @@
 
 use crate::support;
 
-use std::path::PathBuf;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use dynamics_gateway::secret::Secret;
@@ -19,7 +17,7 @@ use dynamics_gateway::upstream::credential::{
 };
 use serde_json::{json, Value};
 use testkit::keys::RsaSigningKey;
-use testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds};
+use testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds, Scratch};
 use url::Url;
 
 const CERT_APP: &str = "0c0ffee0-0000-4000-8000-00000000ce47";
@@ -31,29 +29,6 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
-}
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("dg-cred-e2e-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A self-signed RSA-2048 certificate as Azure AD app registrations take them.
@@ -154,8 +129,8 @@ fn aadsts(body: &Value) -> u64 {
 fn certificate(scratch: &Scratch, cert: &TestCert, algorithm: SigningAlgorithm) -> Credential {
     Credential::certificate(
         RawCertificate {
-            certificate: Some(scratch.write("cert.pem", &cert.cert_pem)),
-            private_key: Some(scratch.write("key.pem", &cert.key_pem)),
+            certificate: Some(scratch.write("cert.pem", &cert.cert_pem).unwrap()),
+            private_key: Some(scratch.write("key.pem", &cert.key_pem).unwrap()),
             algorithm,
             ..RawCertificate::default()
         },
@@ -184,7 +159,7 @@ async fn certificate_assertions_ps256_and_rs256_are_accepted() {
     let cert = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &cert.der)).await;
     for algorithm in [SigningAlgorithm::PS256, SigningAlgorithm::RS256] {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred-e2e").unwrap();
         let credential = certificate(&scratch, &cert, algorithm);
         token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
         let sent = idp.last_token_request().unwrap();
@@ -200,7 +175,7 @@ async fn an_unregistered_certificate_is_refused() {
     let registered = test_cert();
     let ours = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &registered.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &ours, SigningAlgorithm::PS256);
     let (status, body) = refused(&credential, &idp.token_url(), CERT_APP, &scope(&dataverse)).await;
     assert_eq!(status, 401);
@@ -213,7 +188,7 @@ async fn an_unregistered_certificate_is_refused() {
 async fn a_replayed_or_misdirected_assertion_is_refused() {
     let cert = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &cert.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &cert, SigningAlgorithm::PS256);
     token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
 
@@ -281,13 +256,13 @@ async fn rotating_the_certificate_files_takes_effect_on_the_next_request() {
     let old = test_cert();
     let new = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &old.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &old, SigningAlgorithm::PS256);
     token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
 
     // The operator replaces the files; Azure AD does not know the new certificate yet.
-    scratch.write("cert.pem", &new.cert_pem);
-    scratch.write("key.pem", &new.key_pem);
+    scratch.write("cert.pem", &new.cert_pem).unwrap();
+    scratch.write("key.pem", &new.key_pem).unwrap();
     let (status, body) = refused(&credential, &idp.token_url(), CERT_APP, &scope(&dataverse)).await;
     assert_eq!((status, aadsts(&body)), (401, 700027));
     let header = idp.last_token_request().unwrap()["client_assertion"]
@@ -342,11 +317,13 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             .federated_issuer_key(&sa.issuer, &sa.key),
     )
     .await;
-    let scratch = Scratch::new();
-    let file = scratch.write(
-        "azure-identity-token",
-        &sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
+    let file = scratch
+        .write(
+            "azure-identity-token",
+            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+        )
+        .unwrap();
     let credential = Credential::workload_identity(
         RawWorkloadIdentity {
             token_file: Some(file),
@@ -365,7 +342,7 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
     // Kubelet rotates the file: the next request sends the new token (the same one may
     // be sent again: federated tokens are not single-use).
     let rotated = sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 7200);
-    scratch.write("azure-identity-token", &rotated);
+    scratch.write("azure-identity-token", &rotated).unwrap();
     token_works(&credential, token_url.as_str(), WI_APP, &dataverse).await;
     assert_eq!(
         idp.last_token_request().unwrap()["client_assertion"],
@@ -398,7 +375,7 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
         ),
     ];
     for (token, code) in cases {
-        scratch.write("azure-identity-token", &token);
+        scratch.write("azure-identity-token", &token).unwrap();
         let (status, body) =
             refused(&credential, token_url.as_str(), WI_APP, &scope(&dataverse)).await;
         assert_eq!((status, aadsts(&body)), (401, code), "{body}");
@@ -409,10 +386,12 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
         issuer: sa.issuer.clone(),
         key: RsaSigningKey::generate("sa-key").unwrap(),
     };
-    scratch.write(
-        "azure-identity-token",
-        &forger.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
+    scratch
+        .write(
+            "azure-identity-token",
+            forger.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+        )
+        .unwrap();
     let (status, body) = refused(&credential, token_url.as_str(), WI_APP, &scope(&dataverse)).await;
     assert_eq!((status, aadsts(&body)), (401, 700027), "{body}");
 }
@@ -565,7 +544,7 @@ async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u1
 #[tokio::test]
 async fn the_gateway_runs_with_each_secretless_credential() {
     let alice = testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
 
     // Certificate: files re-read at each token request.
     let cert = test_cert();
@@ -580,8 +559,8 @@ async fn the_gateway_runs_with_each_secretless_credential() {
         .start()
         .await
         .unwrap();
-    let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem);
-    let key_path = scratch.write("gw-key.pem", &cert.key_pem);
+    let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem).unwrap();
+    let key_path = scratch.write("gw-key.pem", &cert.key_pem).unwrap();
     let gateway = gateway_with(
         &idp,
         &dataverse,
@@ -615,10 +594,12 @@ async fn the_gateway_runs_with_each_secretless_credential() {
         .start()
         .await
         .unwrap();
-    let token_file = scratch.write(
-        "gw-azure-identity-token",
-        &sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
+    let token_file = scratch
+        .write(
+            "gw-azure-identity-token",
+            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+        )
+        .unwrap();
     let gateway = gateway_with(
         &idp,
         &dataverse,
