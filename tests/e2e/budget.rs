@@ -7,11 +7,8 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use support::{expect_error, metric, GatewayHandle, ALICE_OID};
-use testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
+use support::{at_most, expect_error, metric, GatewayHandle, ALICE_OID};
+use testkit::{gateway_config_yaml, ConfigParts, DataverseHandle, IdpHandle, Throttling};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 const APP: &str = "{bucket=\"application\",environment=\"default\"}";
@@ -29,16 +26,9 @@ impl Setup {
 }
 
 async fn start(throttling: Throttling, dynamics: &str) -> Setup {
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@contoso.example"))
-        .throttling(throttling)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = support::stand_ins(throttling).await;
     let parts = ConfigParts {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: support::CALLER_OBJECT_ID.into(),
         inbound: "  jwks_refetch_interval: 0s\n".into(),
         dynamics: dynamics.into(),
         ..ConfigParts::default()
@@ -50,14 +40,6 @@ async fn start(throttling: Throttling, dynamics: &str) -> Setup {
         idp,
         dataverse,
         gateway,
-    }
-}
-
-fn at_most(n: usize) -> Throttling {
-    Throttling {
-        max_concurrent: Some(n),
-        concurrency_retry_after: Duration::from_secs(1),
-        ..Throttling::default()
     }
 }
 
@@ -154,17 +136,10 @@ async fn a_retried_429_waits_on_the_same_gate_while_others_are_answered_at_once(
         vec![("Retry-After".into(), "1".into())],
         r#"{"error":{"code":"0x80072321","message":"Combined execution time of incoming requests exceeded limit of 1,200,000 milliseconds over time window of 300 seconds."}}"#,
     );
-    let gateway_url = s.gateway.url();
-    let token = s.token();
-    let retried = tokio::spawn(async move {
-        support::client()
-            .get(format!("{gateway_url}{WHOAMI}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let request = support::client()
+        .get(format!("{}{WHOAMI}", s.gateway.url()))
+        .bearer_auth(s.token());
+    let retried = tokio::spawn(async move { request.send().await.unwrap().status() });
     while s.dataverse.request_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -189,17 +164,10 @@ async fn the_queue_deadline_answers_503_with_retry_after() {
     assert_eq!(sorted, vec![200, 503, 503], "{statuses:?}");
     assert_eq!(s.dataverse.request_count(), 1);
     s.dataverse.set_delay(Duration::from_secs(1));
-    let gateway_url = s.gateway.url();
-    let token = s.token();
-    let slow = tokio::spawn(async move {
-        support::client()
-            .get(format!("{gateway_url}{WHOAMI}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let request = support::client()
+        .get(format!("{}{WHOAMI}", s.gateway.url()))
+        .bearer_auth(s.token());
+    let slow = tokio::spawn(async move { request.send().await.unwrap().status() });
     while s.dataverse.request_count() < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -16,11 +16,8 @@ use dynamics_gateway::metrics::Metrics;
 use dynamics_gateway::secret::Secret;
 use dynamics_gateway::upstream::budget::store::{Acquired, Store as SharedStore};
 use dynamics_gateway::upstream::budget::ThrottleCode;
-use support::{client, ALICE_OID};
-use testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
+use support::{at_most, client, ALICE_OID};
+use testkit::{gateway_config_yaml, ConfigParts, DataverseHandle, IdpHandle, Throttling};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -172,20 +169,13 @@ impl Replicas {
 
 /// Two replicas sharing a budget of `limit` through `store`.
 async fn replicas(store: &Store, throttling: Throttling, limit: usize, extra: &str) -> Replicas {
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@contoso.example"))
-        .throttling(throttling)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = support::stand_ins(throttling).await;
     let dynamics = format!(
         "  budget:\n    max_concurrency: {limit}\n    queue_timeout: 30s\n    store:\n      valkey:\n        url: {}\n        replicas: 2\n{extra}",
         store.url()
     );
     let parts = ConfigParts {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: support::CALLER_OBJECT_ID.into(),
         server: "  shutdown_grace: 1s\n".into(),
         dynamics,
         ..ConfigParts::default()
@@ -258,14 +248,6 @@ async fn burst(r: &Replicas, n: usize, only_a: bool) -> Vec<u16> {
         statuses.push(t.await.unwrap());
     }
     statuses
-}
-
-fn at_most(n: usize) -> Throttling {
-    Throttling {
-        max_concurrent: Some(n),
-        concurrency_retry_after: Duration::from_secs(1),
-        ..Throttling::default()
-    }
 }
 
 #[tokio::test]

@@ -264,7 +264,7 @@ async fn a_keycloak_style_token_with_scope_and_the_app_role_is_not_app_only() {
 
 #[tokio::test]
 async fn token_types_allowlist_refuses_a_jwt_typed_token_when_at_jwt_is_required() {
-    let c = custom("identity:\n  mode: caller_object_id\n", "", |yaml| {
+    let c = custom(support::CALLER_OBJECT_ID, "", |yaml| {
         yaml.replace(
             "      app_only_evidence: entra\n",
             "      app_only_evidence: entra\n      token_types: [at+jwt]\n",

@@ -338,7 +338,7 @@ async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() 
     let yaml = config_yaml(
         &idp,
         "https://org.crm.dynamics.com",
-        "identity:\n  mode: caller_object_id\n",
+        support::CALLER_OBJECT_ID,
         &pki.server_yaml(false, "5s"),
         "",
     );
@@ -410,7 +410,7 @@ async fn mutual_tls_refuses_clients_without_a_trusted_certificate_and_audits_the
     let yaml = binary_config_with_server(
         &idp,
         &dataverse,
-        "identity:\n  mode: caller_object_id\n",
+        support::CALLER_OBJECT_ID,
         &pki.server_yaml(true, "5s"),
         ports,
     );

@@ -118,12 +118,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn gateway(vars: &[(&str, String)]) -> (Binary, Standins) {
     let (idp, dataverse) = standins().await;
     let ports = (free_port(), free_port());
-    let yaml = binary_config(
-        &idp,
-        &dataverse,
-        "identity:\n  mode: caller_object_id\n",
-        ports,
-    );
+    let yaml = binary_config(&idp, &dataverse, support::CALLER_OBJECT_ID, ports);
     let binary = start_binary_with_env(&yaml, ports, vars).await;
     (binary, Standins { idp, dataverse })
 }

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
+use testkit::{DataverseHandle, IdpHandle, Throttling};
 use tokio::process::{Child, Command};
 
-use crate::support::{client, config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};
+use crate::support::{client, config_yaml};
 
 pub struct Binary {
     pub child: Child,
@@ -51,18 +51,7 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn standins() -> (IdpHandle, DataverseHandle) {
-    let idp = Idp::builder().start().await.unwrap();
-    let alice = DirectoryUser {
-        systemuserid: ALICE_SYSTEMUSERID.into(),
-        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
-    };
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
-    (idp, dataverse)
+    super::stand_ins(Throttling::default()).await
 }
 
 /// The gateway config for the binary, on fresh ports.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use dynamics_gateway::config::Config;
 use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    TokenEndpointMode,
+    Throttling, TokenEndpointMode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +23,37 @@ pub const ALICE_OID: &str = "9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c";
 pub const BOB_OID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
 pub const ALICE_EMAIL: &str = "alice@contoso.example";
 pub const ALICE_SYSTEMUSERID: &str = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+/// The `identity:` section that looks each caller up by object id (Alice is in the
+/// stand-in's directory).
+pub const CALLER_OBJECT_ID: &str = "identity:\n  mode: caller_object_id\n";
+
+/// An identity provider, and a Dataverse that accepts its tokens, knows Alice (as
+/// [`ALICE_SYSTEMUSERID`]) and throttles as `throttling` says.
+pub async fn stand_ins(throttling: Throttling) -> (IdpHandle, DataverseHandle) {
+    let idp = Idp::builder().start().await.unwrap();
+    let alice = DirectoryUser {
+        systemuserid: ALICE_SYSTEMUSERID.into(),
+        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
+    };
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice)
+        .throttling(throttling)
+        .start()
+        .await
+        .unwrap();
+    (idp, dataverse)
+}
+
+/// Dataverse's concurrency limit: at most `n` requests at once, the rest 429 with a 1 s
+/// `Retry-After`.
+pub fn at_most(n: usize) -> Throttling {
+    Throttling {
+        max_concurrent: Some(n),
+        concurrency_retry_after: Duration::from_secs(1),
+        ..Throttling::default()
+    }
+}
 
 /// A running identity provider, stand-in Dataverse and gateway.
 pub struct Env {
@@ -124,7 +155,7 @@ pub struct EnvBuilder {
 
 pub fn env() -> EnvBuilder {
     EnvBuilder {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: CALLER_OBJECT_ID.into(),
         server_extra: String::new(),
         inbound_extra: "  jwks_refetch_interval: 0s\n".into(),
         dynamics_extra: String::new(),
