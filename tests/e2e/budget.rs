@@ -218,14 +218,16 @@ async fn dataverse_rate_limit_headers_are_gauges_per_environment() {
     assert_eq!(metric(&s.gateway, time).await, 1_200_000.0);
 }
 
+/// A minimal config, needing no stand-in, with `budget` as `dynamics.budget`.
+fn with_budget(budget: &str) -> String {
+    format!(
+        "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
+dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
+    )
+}
+
 #[test]
 fn budget_config_is_checked_and_errors_name_the_key() {
-    let idp_free = |budget: &str| {
-        format!(
-            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
-dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
-        )
-    };
     for (budget, key) in [
         ("{ queue_timeout: 10 }", "dynamics.budget.queue_timeout"),
         ("{ max_concurrency: 0 }", "dynamics.budget.max_concurrency"),
@@ -245,13 +247,13 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.max_retry_after",
         ),
     ] {
-        let err = Config::from_yaml(&idp_free(budget), &|_| None).unwrap_err();
+        let err = Config::from_yaml(&with_budget(budget), &|_| None).unwrap_err();
         assert!(err.to_string().contains(key), "{budget}: {err}");
     }
-    let err = Config::from_yaml(&idp_free("{ limit: 3 }"), &|_| None).unwrap_err();
+    let err = Config::from_yaml(&with_budget("{ limit: 3 }"), &|_| None).unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
     let ok = Config::from_yaml(
-        &idp_free("{ max_concurrency: 7, bucket: impersonated_user, queue_timeout: 2s }"),
+        &with_budget("{ max_concurrency: 7, bucket: impersonated_user, queue_timeout: 2s }"),
         &|_| None,
     )
     .unwrap();
@@ -262,12 +264,6 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
 
 #[test]
 fn the_shared_store_is_checked_and_its_url_never_appears_in_an_error() {
-    let yaml = |budget: &str| {
-        format!(
-            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
-dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
-        )
-    };
     let store = |valkey: &str| format!("{{ store: {{ valkey: {valkey} }} }}");
     const PW: &str = "hunter2-store";
     for (valkey, key) in [
@@ -324,17 +320,19 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.store.valkey.key_prefix",
         ),
     ] {
-        let err = Config::from_yaml(&yaml(&store(&valkey)), &|_| None).unwrap_err();
+        let err = Config::from_yaml(&with_budget(&store(&valkey)), &|_| None).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(key), "{valkey}: {text}");
         assert!(!text.contains(PW), "the password is in the error: {text}");
         assert!(!format!("{err:?}").contains(PW), "{err:?}");
     }
-    let err =
-        Config::from_yaml(&yaml(&store("{ url: \"redis://cache\" }")), &|_| None).unwrap_err();
+    let err = Config::from_yaml(&with_budget(&store("{ url: \"redis://cache\" }")), &|_| {
+        None
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("replicas"), "{err}");
     let ok = Config::from_yaml(
-        &yaml(&store(&format!(
+        &with_budget(&store(&format!(
             "{{ url: \"redis://:{PW}%25%40@cache:6379/2\", replicas: 3 }}"
         ))),
         &|_| None,

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use binary::{free_port, start_binary, Binary};
+use binary::{free_port, on_ports, start_binary, Binary};
 use dynamics_gateway::config::BudgetStoreConfig;
 use dynamics_gateway::metrics::Metrics;
 use dynamics_gateway::secret::Secret;
@@ -184,16 +184,7 @@ async fn replicas(store: &Store, throttling: Throttling, limit: usize, extra: &s
     let mut started = Vec::new();
     for _ in 0..2 {
         let ports = (free_port(), free_port());
-        let yaml = yaml
-            .replace(
-                "listen: 127.0.0.1:1",
-                &format!("listen: 127.0.0.1:{}", ports.0),
-            )
-            .replace(
-                "admin_listen: 127.0.0.1:2",
-                &format!("admin_listen: 127.0.0.1:{}", ports.1),
-            );
-        started.push(start_binary(&yaml, ports).await);
+        started.push(start_binary(&on_ports(&yaml, ports), ports).await);
     }
     let b = started.pop().unwrap();
     let a = started.pop().unwrap();

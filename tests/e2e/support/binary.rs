@@ -72,15 +72,22 @@ pub fn binary_config_with_server(
     server_extra: &str,
     ports: (u16, u16),
 ) -> String {
-    config_yaml(idp, &dataverse.url(), identity, server_extra, "")
-        .replace(
-            "listen: 127.0.0.1:1",
-            &format!("listen: 127.0.0.1:{}", ports.0),
-        )
-        .replace(
-            "admin_listen: 127.0.0.1:2",
-            &format!("admin_listen: 127.0.0.1:{}", ports.1),
-        )
+    on_ports(
+        &config_yaml(idp, &dataverse.url(), identity, server_extra, ""),
+        ports,
+    )
+}
+
+/// `yaml` (written with the placeholder ports 1 and 2) listening on `ports` (app, admin).
+pub fn on_ports(yaml: &str, ports: (u16, u16)) -> String {
+    yaml.replace(
+        "listen: 127.0.0.1:1",
+        &format!("listen: 127.0.0.1:{}", ports.0),
+    )
+    .replace(
+        "admin_listen: 127.0.0.1:2",
+        &format!("admin_listen: 127.0.0.1:{}", ports.1),
+    )
 }
 
 pub async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
