@@ -358,9 +358,9 @@ dynamics:\n  url: {url}\n  tenant_id: {TENANT_A}\n  tenants: [{TENANT_A}, {TENAN
     )
 }
 
-async fn guests(identity: &str, extra: &str) -> Guests {
-    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
-    let org = Dataverse::builder()
+/// Tenant A's organisation: a Dataverse taking `idp`'s tokens, with Alice of tenant A.
+async fn org_a(idp: &IdpHandle) -> DataverseHandle {
+    Dataverse::builder()
         .accept_tokens_from(idp.s2s_registry())
         .user(DirectoryUser {
             systemuserid: support::ALICE_SYSTEMUSERID.into(),
@@ -368,7 +368,12 @@ async fn guests(identity: &str, extra: &str) -> Guests {
         })
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn guests(identity: &str, extra: &str) -> Guests {
+    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let org = org_a(&idp).await;
     let gateway = start_gateway(&guests_yaml(&idp, &org, identity, extra)).await;
     gateway.wait_ready().await;
     Guests { idp, org, gateway }
@@ -541,15 +546,7 @@ async fn an_issuer_cannot_assert_a_tenant_it_was_not_given() {
 async fn static_entries_trust_only_the_issuer_they_name() {
     let first = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
     let second = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
-    let org = Dataverse::builder()
-        .accept_tokens_from(first.s2s_registry())
-        .user(DirectoryUser {
-            systemuserid: support::ALICE_SYSTEMUSERID.into(),
-            ..DirectoryUser::new(ALICE_OID, ALICE_IN_A)
-        })
-        .start()
-        .await
-        .unwrap();
+    let org = org_a(&first).await;
     let yaml = |entry: &str| {
         format!(
             "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
