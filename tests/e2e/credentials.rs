@@ -17,7 +17,7 @@ use dynamics_gateway::upstream::credential::{
 };
 use serde_json::{json, Value};
 use testkit::keys::RsaSigningKey;
-use testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds, Scratch};
+use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, Imds, Scratch};
 use url::Url;
 
 const CERT_APP: &str = "0c0ffee0-0000-4000-8000-00000000ce47";
@@ -53,13 +53,18 @@ fn test_cert() -> TestCert {
 }
 
 async fn stand_ins(idp: Idp) -> (IdpHandle, DataverseHandle) {
+    stand_ins_knowing(idp, &[]).await
+}
+
+/// [`stand_ins`] whose Dataverse has `users` in its directory (the gateway looks callers
+/// up there).
+async fn stand_ins_knowing(idp: Idp, users: &[DirectoryUser]) -> (IdpHandle, DataverseHandle) {
     let idp = idp.start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .start()
-        .await
-        .unwrap();
-    (idp, dataverse)
+    let mut dataverse = Dataverse::builder().accept_tokens_from(idp.s2s_registry());
+    for user in users {
+        dataverse = dataverse.user(user.clone());
+    }
+    (idp, dataverse.start().await.unwrap())
 }
 
 fn scope(dataverse: &DataverseHandle) -> String {
@@ -543,22 +548,13 @@ async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u1
 
 #[tokio::test]
 async fn the_gateway_runs_with_each_secretless_credential() {
-    let alice = testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
+    let alice = [DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL)];
     let scratch = Scratch::new("dg-cred-e2e").unwrap();
 
     // Certificate: files re-read at each token request.
     let cert = test_cert();
-    let idp = Idp::builder()
-        .certificate(CERT_APP, &cert.der)
-        .start()
-        .await
-        .unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice.clone())
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) =
+        stand_ins_knowing(Idp::builder().certificate(CERT_APP, &cert.der), &alice).await;
     let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem).unwrap();
     let key_path = scratch.write("gw-key.pem", &cert.key_pem).unwrap();
     let gateway = gateway_with(
@@ -582,18 +578,13 @@ async fn the_gateway_runs_with_each_secretless_credential() {
 
     // Workload identity: the projected service-account token is the assertion.
     let sa = ServiceAccountIssuer::new();
-    let idp = Idp::builder()
-        .federated(WI_APP, &sa.issuer, SA_SUBJECT)
-        .federated_issuer_key(&sa.issuer, &sa.key)
-        .start()
-        .await
-        .unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice.clone())
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = stand_ins_knowing(
+        Idp::builder()
+            .federated(WI_APP, &sa.issuer, SA_SUBJECT)
+            .federated_issuer_key(&sa.issuer, &sa.key),
+        &alice,
+    )
+    .await;
     let token_file = scratch
         .write(
             "gw-azure-identity-token",
@@ -613,13 +604,7 @@ async fn the_gateway_runs_with_each_secretless_credential() {
     assert_eq!(whoami_through(&gateway, &idp).await, 200);
 
     // Managed identity: the instance metadata service.
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = stand_ins_knowing(Idp::builder(), &alice).await;
     let imds = Imds::builder()
         .registry(idp.s2s_registry())
         .start()
