@@ -8,7 +8,7 @@ use std::time::Duration;
 use testkit::{DataverseHandle, IdpHandle, Throttling};
 use tokio::process::{Child, Command};
 
-use crate::support::{client, config_yaml};
+use crate::support::config_yaml;
 
 pub struct Binary {
     pub child: Child,
@@ -21,6 +21,11 @@ pub struct Binary {
 }
 
 impl Binary {
+    /// GET the admin `/readyz`.
+    pub async fn readyz(&self) -> reqwest::Response {
+        super::readyz_at(&self.admin_url).await.unwrap()
+    }
+
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
@@ -155,14 +160,8 @@ async fn spawn(yaml: &str, ports: (u16, u16), vars: &[(&str, String)], to: Stder
         dir,
     };
     for _ in 0..200 {
-        if let Ok(r) = client()
-            .get(format!("{}/readyz", binary.admin_url))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return binary;
-            }
+        if super::is_ready(&binary.admin_url).await {
+            return binary;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

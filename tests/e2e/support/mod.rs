@@ -94,25 +94,14 @@ impl GatewayHandle {
 
     /// GET the admin `/readyz`.
     pub async fn readyz(&self) -> reqwest::Response {
-        client()
-            .get(format!("{}/readyz", self.admin_url()))
-            .send()
-            .await
-            .unwrap()
+        readyz_at(&self.admin_url()).await.unwrap()
     }
 
     /// Waits until `/readyz` answers 200 (at most 10 s).
     pub async fn wait_ready(&self) {
-        let client = client();
         for _ in 0..200 {
-            if let Ok(r) = client
-                .get(format!("{}/readyz", self.admin_url()))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
+            if is_ready(&self.admin_url()).await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -346,6 +335,22 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
     message
 }
 
+/// The `WWW-Authenticate` challenge of a response (the test fails if there is none).
+pub fn challenge(response: &reqwest::Response) -> String {
+    response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The `Authorization` values of every S2S token `idp` issued, as Dataverse receives them.
+pub fn s2s_bearers(idp: &IdpHandle) -> Vec<String> {
+    idp.issued_s2s_tokens()
+        .iter()
+        .map(|t| format!("Bearer {t}"))
+        .collect()
+}
+
 /// POSTs `body` to `path` on the gateway with a bearer token and a `Content-Type`.
 pub async fn post(
     gateway: &GatewayHandle,
@@ -390,6 +395,17 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("{what}: not within 10s");
+}
+
+/// GET `/readyz` on the admin listener at `admin_url`.
+pub async fn readyz_at(admin_url: &str) -> reqwest::Result<reqwest::Response> {
+    client().get(format!("{admin_url}/readyz")).send().await
+}
+
+/// Whether the admin listener at `admin_url` answers `/readyz` with 200 (not listening
+/// yet counts as not ready).
+pub async fn is_ready(admin_url: &str) -> bool {
+    matches!(readyz_at(admin_url).await, Ok(r) if r.status() == 200)
 }
 
 /// The text `/readyz` answers.
