@@ -111,10 +111,7 @@ async fn an_entra_id_token_is_refused_401_even_with_the_app_role() {
         json!({ "scp": null, "azp": null, "nonce": "n-0S6_WzA2Mj", "roles": ["Service.Sync"] }),
     );
     let response = support::get(&env.gateway, ACCOUNTS, &id_token).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     let (status, code, message) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -526,10 +523,7 @@ async fn an_issuer_cannot_assert_a_tenant_it_was_not_given() {
     // The exact issuer's correctly signed token claiming tenant A, as A's Alice.
     let cross = signed(&exact, ALICE_OID, json!({ "tid": TENANT_A }));
     let response = support::get(&gateway, WHOAMI, &cross).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     assert_eq!(response.status(), 401);
     assert!(www.contains("tenant"), "{www}");
     // Without any tid it is refused as well (its list cannot be checked).

@@ -289,10 +289,7 @@ async fn template_issuer_accepts_only_listed_tenants_and_matching_iss() {
     let t = tenants("tenant", "", false).await;
     // Correctly signed, from a tenant that is not on the list.
     let response = t.get(WHOAMI, &t.token(ALICE_OID, TENANT_C)).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     assert_eq!(response.status(), 401);
     assert!(www.contains("tenant"), "{www}");
     // `iss` of one tenant with `tid` of another.
