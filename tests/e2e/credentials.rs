@@ -24,13 +24,6 @@ const CERT_APP: &str = "0c0ffee0-0000-4000-8000-00000000ce47";
 const WI_APP: &str = "0c0ffee0-0000-4000-8000-0000000000a1";
 const SA_SUBJECT: &str = "system:serviceaccount:crm:dynamics-gateway";
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// A self-signed RSA-2048 certificate as Azure AD app registrations take them.
 struct TestCert {
     cert_pem: String,
@@ -234,7 +227,7 @@ async fn a_replayed_or_misdirected_assertion_is_refused() {
     let mut claims: Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
     claims["jti"] = json!(uuid::Uuid::new_v4().to_string());
-    claims["exp"] = json!(now_secs() + 600);
+    claims["exp"] = json!(support::now_secs() + 600);
     parts[1] = URL_SAFE_NO_PAD.encode(claims.to_string());
     tampered.insert("client_assertion".into(), parts.join("."));
     let (status, body) = answer(
@@ -297,7 +290,7 @@ impl ServiceAccountIssuer {
     }
 
     fn token(&self, subject: &str, audience: &str, exp: u64) -> String {
-        let now = now_secs();
+        let now = support::now_secs();
         self.key.sign_jwt(
             &json!({"alg": "RS256", "kid": self.key.kid()}),
             &json!({
@@ -326,7 +319,11 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
     let file = scratch
         .write(
             "azure-identity-token",
-            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
         )
         .unwrap();
     let credential = Credential::workload_identity(
@@ -346,7 +343,11 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
 
     // Kubelet rotates the file: the next request sends the new token (the same one may
     // be sent again: federated tokens are not single-use).
-    let rotated = sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 7200);
+    let rotated = sa.token(
+        SA_SUBJECT,
+        "api://AzureADTokenExchange",
+        support::now_secs() + 7200,
+    );
     scratch.write("azure-identity-token", &rotated).unwrap();
     token_works(&credential, token_url.as_str(), WI_APP, &dataverse).await;
     assert_eq!(
@@ -357,7 +358,11 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
     let cases = [
         // Expired (kubelet stopped rotating it).
         (
-            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() - 10),
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() - 10,
+            ),
             700024,
         ),
         // Another service account.
@@ -365,7 +370,7 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             sa.token(
                 "system:serviceaccount:crm:other",
                 "api://AzureADTokenExchange",
-                now_secs() + 3600,
+                support::now_secs() + 3600,
             ),
             70021,
         ),
@@ -374,7 +379,7 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             sa.token(
                 SA_SUBJECT,
                 "https://kubernetes.default.svc",
-                now_secs() + 3600,
+                support::now_secs() + 3600,
             ),
             700212,
         ),
@@ -394,7 +399,11 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
     scratch
         .write(
             "azure-identity-token",
-            forger.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+            forger.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
         )
         .unwrap();
     let (status, body) = refused(&credential, token_url.as_str(), WI_APP, &scope(&dataverse)).await;
@@ -588,7 +597,11 @@ async fn the_gateway_runs_with_each_secretless_credential() {
     let token_file = scratch
         .write(
             "gw-azure-identity-token",
-            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
         )
         .unwrap();
     let gateway = gateway_with(

@@ -320,13 +320,6 @@ fn impersonation_headers(request: &RecordedRequest) -> Vec<(String, String)> {
         .collect()
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 // ---------------------------------------------------------------------------------------
 // JWT
 
@@ -637,7 +630,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
     let cases = [
         (
             "exp a string",
-            exp_as(&format!("\"{}\"", now() + 3600)),
+            exp_as(&format!("\"{}\"", support::now_secs() + 3600)),
             invalid_token("no valid exp claim"),
         ),
         (
@@ -652,7 +645,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
         ),
         (
             "exp an array",
-            exp_as(&format!("[{}]", now() + 3600)),
+            exp_as(&format!("[{}]", support::now_secs() + 3600)),
             invalid_token("not a well-formed JWT"),
         ),
         (
@@ -662,7 +655,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
         ),
         (
             "exp in the past",
-            exp_as(&(now() - 3600).to_string()),
+            exp_as(&(support::now_secs() - 3600).to_string()),
             invalid_token("expired"),
         ),
         (

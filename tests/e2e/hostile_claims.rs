@@ -60,13 +60,6 @@ fn signed_with_header(idp: &IdpHandle, mut header: Value, claims: &Value) -> Str
     key.sign_jwt(&header, claims)
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// An IdP, a stand-in Dataverse with Alice, and a gateway whose generated config went
 /// through `edit` first.
 struct Custom {
@@ -181,7 +174,7 @@ async fn a_real_entra_app_token_is_app_only_by_idtyp_or_by_oid_equal_to_sub() {
 
 /// A Keycloak-style token: `scope` instead of `scp`, no `oid`, no `idtyp`, no `tid`.
 fn keycloak_claims(idp: &IdpHandle, extra: Value) -> Value {
-    let now = now();
+    let now = support::now_secs();
     let mut claims = json!({
         "iss": idp.issuer(),
         "aud": idp.audience(),
@@ -294,7 +287,7 @@ async fn token_types_allowlist_refuses_a_jwt_typed_token_when_at_jwt_is_required
 #[tokio::test]
 async fn an_iat_in_the_future_or_not_a_number_is_refused() {
     let env = env().start().await;
-    let now = now();
+    let now = support::now_secs();
     for (iat, expected) in [
         (json!(now + 3600), 401),
         (json!(u64::MAX), 401),

@@ -27,6 +27,14 @@ pub const ALICE_SYSTEMUSERID: &str = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
 /// stand-in's directory).
 pub const CALLER_OBJECT_ID: &str = "identity:\n  mode: caller_object_id\n";
 
+/// The time now in seconds since 1970, as JWT claims (`exp`, `iat`, `nbf`) carry it.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// An identity provider, and a Dataverse that accepts its tokens, knows Alice (as
 /// [`ALICE_SYSTEMUSERID`]) and throttles as `throttling` says.
 pub async fn stand_ins(throttling: Throttling) -> (IdpHandle, DataverseHandle) {
