@@ -165,6 +165,18 @@ impl Replicas {
     fn token(&self) -> String {
         self.idp.token_for(ALICE_OID)
     }
+
+    /// A WhoAmI as Alice through `replica`, not sent yet.
+    fn whoami_request(&self, replica: &Binary) -> reqwest::RequestBuilder {
+        client()
+            .get(format!("{}{WHOAMI}", replica.url))
+            .bearer_auth(self.token())
+    }
+
+    /// [`Self::whoami_request`], sent; its answer.
+    async fn whoami(&self, replica: &Binary) -> reqwest::Response {
+        self.whoami_request(replica).send().await.unwrap()
+    }
 }
 
 /// Two replicas sharing a budget of `limit` through `store`.
@@ -283,19 +295,9 @@ async fn a_429_seen_by_one_replica_closes_the_bucket_for_the_other() {
         vec![("Retry-After".into(), "5".into())],
         r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#,
     );
-    let first = client()
-        .get(format!("{}{WHOAMI}", r.a.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let first = r.whoami(&r.a).await;
     assert_eq!(first.status(), 429);
-    let other = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let other = r.whoami(&r.b).await;
     assert_eq!(other.status(), 429);
     let retry_after: u64 = other.headers()["retry-after"]
         .to_str()
@@ -314,12 +316,7 @@ async fn a_429_seen_by_one_replica_closes_the_bucket_for_the_other() {
         "dynamics_gateway_budget_refused_total{environment=\"default\",reason=\"throttled\"} ";
     assert_eq!(scrape(&r.b, refused).await, 1.0);
     // Closed there too from now on, without asking the store again.
-    let again = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let again = r.whoami(&r.b).await;
     assert_eq!(again.status(), 429);
     assert_eq!(r.dataverse.request_count(), 1);
 }
@@ -390,9 +387,7 @@ async fn a_replica_killed_with_leases_held_frees_them_within_the_lease_ttl() {
     r.dataverse.set_delay(Duration::from_secs(60));
     let held: Vec<_> = (0..2)
         .map(|_| {
-            let request = client()
-                .get(format!("{}{WHOAMI}", r.a.url))
-                .bearer_auth(r.token());
+            let request = r.whoami_request(&r.a);
             tokio::spawn(async move { request.send().await })
         })
         .collect();
@@ -413,12 +408,7 @@ async fn a_replica_killed_with_leases_held_frees_them_within_the_lease_ttl() {
     let pttl = store.integer(&["PTTL", LEASES]).await;
     assert!((1..=2000).contains(&pttl), "leases expire in {pttl} ms");
     r.dataverse.set_delay(Duration::ZERO);
-    let served = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let served = r.whoami(&r.b).await;
     assert_eq!(served.status(), 200);
     assert_eq!(r.dataverse.request_count(), 3);
     store.until_no_leases().await;
