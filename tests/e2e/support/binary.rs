@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use testkit::{DataverseHandle, IdpHandle, Throttling};
+use testkit::{DataverseHandle, IdpHandle, Scratch, Throttling};
 use tokio::process::{Child, Command};
 
 use crate::support::config_yaml;
@@ -17,7 +17,8 @@ pub struct Binary {
     /// The config file it was started with; rewrite it and send SIGHUP to reload.
     pub config: PathBuf,
     log: PathBuf,
-    dir: PathBuf,
+    /// Holds the config and the log; removed after the process is killed.
+    dir: Scratch,
 }
 
 impl Binary {
@@ -43,7 +44,6 @@ impl Binary {
 impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -129,11 +129,9 @@ enum Stderr {
 }
 
 async fn spawn(yaml: &str, ports: (u16, u16), vars: &[(&str, String)], to: Stderr) -> Binary {
-    let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
+    let dir = Scratch::new("dgw-life").unwrap();
+    let config = dir.write("config.yaml", yaml).unwrap();
     let log = dir.join("stderr.log");
-    std::fs::write(&config, yaml).unwrap();
     let stderr = match to {
         Stderr::File => std::fs::File::create(&log).unwrap().into(),
         Stderr::Unread | Stderr::Closed => std::process::Stdio::piped(),
