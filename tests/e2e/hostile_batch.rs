@@ -107,21 +107,18 @@ async fn the_stand_in_runs_a_part_as_whoever_its_own_header_names() {
     );
     let s2s = env.idp.issued_s2s_tokens().pop().unwrap();
     for spelling in ["CallerObjectId", "caller_object_id", "MSCRM.CallerObjectId"] {
-        let text = client()
-            .post(format!("{}/api/data/v9.2/$batch", env.dataverse.url()))
-            .bearer_auth(&s2s)
-            .header("CallerObjectId", ALICE_OID)
-            .header(
-                "content-type",
-                format!("multipart/mixed; boundary={BOUNDARY}"),
-            )
-            .body(whoami_batch(&format!("{spelling}: {VICTIM_OID}\r\n")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = support::text_of(
+            client()
+                .post(format!("{}/api/data/v9.2/$batch", env.dataverse.url()))
+                .bearer_auth(&s2s)
+                .header("CallerObjectId", ALICE_OID)
+                .header(
+                    "content-type",
+                    format!("multipart/mixed; boundary={BOUNDARY}"),
+                )
+                .body(whoami_batch(&format!("{spelling}: {VICTIM_OID}\r\n"))),
+        )
+        .await;
         assert!(text.contains(&victim), "{spelling}: {text}");
         assert!(!text.contains(ALICE_SYSTEMUSERID), "{spelling}: {text}");
     }

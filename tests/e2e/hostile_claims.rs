@@ -597,15 +597,7 @@ async fn filter_finds(env: &support::Env, oid: &str) -> usize {
         "{}/api/data/v9.2/systemusers?$select=systemuserid&$filter=azureactivedirectoryobjectid%20eq%20{oid}",
         env.dataverse.url()
     );
-    let answer: Value = client()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = support::json_of(client().get(url).bearer_auth(token)).await;
     answer["value"].as_array().unwrap().len()
 }
 

@@ -526,16 +526,10 @@ impl Prometheus {
     }
 
     async fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let body: Value = client()
-            .get(
-                url::Url::parse_with_params(&format!("{}/api/v1/{path}", self.url), query).unwrap(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = support::json_of(client().get(
+            url::Url::parse_with_params(&format!("{}/api/v1/{path}", self.url), query).unwrap(),
+        ))
+        .await;
         assert_eq!(body["status"], "success", "{path} {query:?}: {body}");
         body["data"].clone()
     }

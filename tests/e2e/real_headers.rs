@@ -363,15 +363,12 @@ async fn alias_links_are_left_alone_without_url_aliases_and_requests_still_name_
     let setup = start(|_| String::new()).await;
     let alias = setup.dataverse.alias_url();
     setup.dataverse.set_link_origin(&alias);
-    let text = client()
-        .get(format!("{}/accounts", setup.api()))
-        .bearer_auth(setup.token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::text_of(
+        client()
+            .get(format!("{}/accounts", setup.api()))
+            .bearer_auth(setup.token()),
+    )
+    .await;
     // The proof the alias test depends on the setting: unlisted, the alias stays.
     assert!(text.contains(&alias), "{text}");
 

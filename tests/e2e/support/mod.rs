@@ -377,16 +377,19 @@ pub async fn post(
         .unwrap()
 }
 
+/// Sends `request` and reads the answer's body as text, whatever its status.
+pub async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// Sends `request` and reads the answer's body as JSON, whatever its status.
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// The Prometheus text an admin listener serves at `/metrics`.
 pub async fn metrics_text(admin_url: &str) -> String {
-    client()
-        .get(format!("{admin_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    text_of(client().get(format!("{admin_url}/metrics"))).await
 }
 
 /// Polls `condition` until it holds, failing the test after 10 s: for state the gateway
