@@ -94,6 +94,42 @@ async fn shared_gate(port: u16, max: usize, prefix: &str) -> Gate {
     Gate::shared(&config, "bench", &metrics, store)
 }
 
+/// The two cases for one kind of gate: an uncontended acquire + observe + release through
+/// `one`, and 8 tasks through `four` (a gate of 4 slots).
+fn gate_cases(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    one: &'static Gate,
+    four: &'static Gate,
+    headers: &'static HeaderMap,
+) {
+    c.bench_function(&format!("{prefix}/acquire_observe_release"), |b| {
+        b.to_async(rt).iter(|| async move {
+            let permit = one.acquire(BucketKey::Application).await.unwrap();
+            one.observe(BucketKey::Application, StatusCode::OK, headers, None);
+            drop(black_box(permit));
+        })
+    });
+    c.bench_function(&format!("{prefix}/8_tasks_through_4_slots"), |b| {
+        b.to_async(rt).iter(|| async move {
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let g = four.clone();
+                    tokio::spawn(async move {
+                        let permit = g.acquire(BucketKey::Application).await.unwrap();
+                        tokio::task::yield_now().await;
+                        drop(permit);
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        })
+    });
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -101,63 +137,16 @@ fn benches(c: &mut Criterion) {
         .unwrap();
     // 'static, so each iteration's future can borrow them.
     let headers: &'static HeaderMap = Box::leak(Box::new(dataverse_headers()));
-    let g: &'static Gate = Box::leak(Box::new(gate(52)));
-    c.bench_function("budget/acquire_observe_release", |b| {
-        b.to_async(&rt).iter(|| async move {
-            let permit = g.acquire(BucketKey::Application).await.unwrap();
-            g.observe(BucketKey::Application, StatusCode::OK, headers, None);
-            drop(black_box(permit));
-        })
-    });
-    let contended: &'static Gate = Box::leak(Box::new(gate(4)));
-    c.bench_function("budget/8_tasks_through_4_slots", |b| {
-        b.to_async(&rt).iter(|| async move {
-            let tasks: Vec<_> = (0..8)
-                .map(|_| {
-                    let g = contended.clone();
-                    tokio::spawn(async move {
-                        let permit = g.acquire(BucketKey::Application).await.unwrap();
-                        tokio::task::yield_now().await;
-                        drop(permit);
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        })
-    });
+    let one: &'static Gate = Box::leak(Box::new(gate(52)));
+    let four: &'static Gate = Box::leak(Box::new(gate(4)));
+    gate_cases(c, &rt, "budget", one, four, headers);
     let Some(server) = RedisServer::start() else {
         eprintln!("redis-server is not installed: skipping the shared-store cases");
         return;
     };
-    let shared: &'static Gate = Box::leak(Box::new(rt.block_on(shared_gate(server.1, 52, "one"))));
-    c.bench_function("budget/shared/acquire_observe_release", |b| {
-        b.to_async(&rt).iter(|| async move {
-            let permit = shared.acquire(BucketKey::Application).await.unwrap();
-            shared.observe(BucketKey::Application, StatusCode::OK, headers, None);
-            drop(black_box(permit));
-        })
-    });
-    let contended: &'static Gate =
-        Box::leak(Box::new(rt.block_on(shared_gate(server.1, 4, "four"))));
-    c.bench_function("budget/shared/8_tasks_through_4_slots", |b| {
-        b.to_async(&rt).iter(|| async move {
-            let tasks: Vec<_> = (0..8)
-                .map(|_| {
-                    let g = contended.clone();
-                    tokio::spawn(async move {
-                        let permit = g.acquire(BucketKey::Application).await.unwrap();
-                        tokio::task::yield_now().await;
-                        drop(permit);
-                    })
-                })
-                .collect();
-            for t in tasks {
-                t.await.unwrap();
-            }
-        })
-    });
+    let one: &'static Gate = Box::leak(Box::new(rt.block_on(shared_gate(server.1, 52, "one"))));
+    let four: &'static Gate = Box::leak(Box::new(rt.block_on(shared_gate(server.1, 4, "four"))));
+    gate_cases(c, &rt, "budget/shared", one, four, headers);
     drop(server);
 }
 

@@ -485,23 +485,40 @@ curl -sf --noproxy '*' -H "Authorization: Bearer $TOKEN" "$DATAVERSE_URL$APIPATH
   || { log "could not read the stand-in's \$metadata"; exit 1; }
 
 # --- the upstream: one nginx worker ------------------------------------------------------
-log "starting the upstream nginx, 1 worker (:$UP_PORT)"
-mkdir -p "$TMP/up"
-cp "$TMP/contacts.json" "$TMP/up/contacts.json"
-cat >"$TMP/up/nginx.conf" <<NGINX
+# What both nginx configs share, up to the open `http {`: pid, logs and temp paths under
+# the directory $1, $2 worker processes.
+nginx_head() {
+  cat <<NGINX
 $USER_LINE
-worker_processes 1;
+worker_processes $2;
 daemon off;
-pid $TMP/up/nginx.pid;
-error_log $TMP/up/error.log warn;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
 events { worker_connections 16384; }
 http {
   access_log off;
-  client_body_temp_path $TMP/up/body;
-  proxy_temp_path $TMP/up/proxy;
-  fastcgi_temp_path $TMP/up/fastcgi;
-  uwsgi_temp_path $TMP/up/uwsgi;
-  scgi_temp_path $TMP/up/scgi;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fastcgi;
+  uwsgi_temp_path $1/uwsgi;
+  scgi_temp_path $1/scgi;
+NGINX
+}
+# A streaming proxy location's body, to the nginx upstream block named $1.
+proxy_location() {
+  cat <<NGINX
+      proxy_pass http://$1;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_request_buffering off;
+      proxy_buffering off;
+NGINX
+}
+
+log "starting the upstream nginx, 1 worker (:$UP_PORT)"
+mkdir -p "$TMP/up"
+cp "$TMP/contacts.json" "$TMP/up/contacts.json"
+{ nginx_head "$TMP/up" 1; cat <<NGINX; } >"$TMP/up/nginx.conf"
   upstream standin { server 127.0.0.1:$DV_PORT; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$UP_PORT backlog=4096;
@@ -512,11 +529,7 @@ http {
     location = $APIPATH/contacts { alias $TMP/up/contacts.json; }
     location ~ ^$APIPATH/\\\$metadata\$ { default_type application/xml; alias $TMP/csdl.xml; }
     location = $APIPATH/echo {
-      proxy_pass http://standin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_request_buffering off;
-      proxy_buffering off;
+$(proxy_location standin)
     }
   }
 }
@@ -528,39 +541,17 @@ PIDS+=("$UP_PID")
 UP_URL="http://127.0.0.1:$UP_PORT"
 
 # --- nginx as plain proxy ----------------------------------------------------------------
-proxy_location() {
-  cat <<NGINX
-      proxy_pass http://upstream;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_request_buffering off;
-      proxy_buffering off;
-NGINX
-}
 if want nginx; then
   log "starting nginx as plain proxy (:$NGINX_PORT)"
   mkdir -p "$TMP/nginx"
-  cat >"$TMP/nginx/nginx.conf" <<NGINX
-$USER_LINE
-worker_processes auto;
-daemon off;
-pid $TMP/nginx/nginx.pid;
-error_log $TMP/nginx/error.log warn;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/nginx/body;
-  proxy_temp_path $TMP/nginx/proxy;
-  fastcgi_temp_path $TMP/nginx/fastcgi;
-  uwsgi_temp_path $TMP/nginx/uwsgi;
-  scgi_temp_path $TMP/nginx/scgi;
+  { nginx_head "$TMP/nginx" auto; cat <<NGINX; } >"$TMP/nginx/nginx.conf"
   upstream upstream { server 127.0.0.1:$UP_PORT; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
     keepalive_requests 1000000;
     client_max_body_size 256m;
     location / {
-$(proxy_location)
+$(proxy_location upstream)
     }
   }
 }

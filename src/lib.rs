@@ -32,7 +32,7 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -241,44 +241,63 @@ impl Gateway {
     /// Starts the key and token refreshers on `tracker`, each supervised (restarted after
     /// a panic); they stop when this gateway is retired or the process shuts down.
     fn spawn_refreshers(&self, tracker: &TaskTracker) {
-        let metrics = &self.pipeline.metrics;
-        let cancel = &self.refreshers;
         for cache in &self.readiness.issuers {
-            let (cache, stop) = (cache.clone(), cancel.clone());
-            tracker.spawn(supervisor::supervise(
+            let run = cache.clone();
+            self.spawn_supervised(
+                tracker,
                 supervisor::Refresher::Jwks,
-                cache.issuer().to_string(),
-                cache.refresher_restarts().clone(),
-                metrics.clone(),
-                cancel.clone(),
-                move || cache.clone().run(stop.clone()),
-            ));
+                cache.issuer(),
+                cache.refresher_restarts(),
+                move |stop| run.clone().run(stop),
+            );
         }
         for tokens in &self.readiness.tokens {
-            let (tokens, stop) = (tokens.clone(), cancel.clone());
-            tracker.spawn(supervisor::supervise(
+            let run = tokens.clone();
+            self.spawn_supervised(
+                tracker,
                 supervisor::Refresher::Token,
-                tokens.label().to_string(),
-                tokens.refresher_restarts().clone(),
-                metrics.clone(),
-                cancel.clone(),
-                move || tokens.clone().run(stop.clone()),
-            ));
+                tokens.label(),
+                tokens.refresher_restarts(),
+                move |stop| run.clone().run(stop),
+            );
         }
         for metadata in &self.readiness.metadata {
-            let (metadata, stop) = (metadata.clone(), cancel.clone());
-            tracker.spawn(supervisor::supervise(
+            let run = metadata.clone();
+            self.spawn_supervised(
+                tracker,
                 supervisor::Refresher::Metadata,
-                metadata.environment().to_string(),
-                metadata.refresher_restarts().clone(),
-                metrics.clone(),
-                cancel.clone(),
-                move || metadata.clone().run(stop.clone()),
-            ));
+                metadata.environment(),
+                metadata.refresher_restarts(),
+                move |stop| run.clone().run(stop),
+            );
         }
         if let Some(store) = &self.budget_store {
-            tracker.spawn(store.clone().probe(cancel.clone()));
+            tracker.spawn(store.clone().probe(self.refreshers.clone()));
         }
+    }
+
+    /// Spawns one refresher on `tracker` under a supervisor (restarted after a panic,
+    /// counted in `restarts`); `start` is given the token that stops it with the others.
+    fn spawn_supervised<F, Fut>(
+        &self,
+        tracker: &TaskTracker,
+        kind: supervisor::Refresher,
+        name: &str,
+        restarts: &Arc<AtomicU64>,
+        start: F,
+    ) where
+        F: Fn(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let stop = self.refreshers.clone();
+        tracker.spawn(supervisor::supervise(
+            kind,
+            name.to_string(),
+            restarts.clone(),
+            self.pipeline.metrics.clone(),
+            self.refreshers.clone(),
+            move || start(stop.clone()),
+        ));
     }
 
     /// Takes over the `$metadata` maps `running` holds for the same environments (same

@@ -914,29 +914,7 @@ mod tests {
         UnparsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256,
     };
     use serde_json::Value;
-
-    /// A scratch directory removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new() -> Self {
-            let dir = std::env::temp_dir().join(format!("dg-cred-{}", uuid::Uuid::new_v4()));
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-
-        fn write(&self, name: &str, text: &str) -> PathBuf {
-            let path = self.0.join(name);
-            std::fs::write(&path, text).unwrap();
-            path
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    use testkit::Scratch;
 
     /// A self-signed RSA-2048 certificate: (certificate PEM, PKCS#8 key PEM, certificate DER).
     fn test_certificate(expired: bool) -> (String, String, Vec<u8>) {
@@ -966,8 +944,8 @@ mod tests {
 
     fn files(scratch: &Scratch, cert: &str, key: &str) -> RawCertificate {
         RawCertificate {
-            certificate: Some(scratch.write("cert.pem", cert)),
-            private_key: Some(scratch.write("key.pem", key)),
+            certificate: Some(scratch.write("cert.pem", cert).unwrap()),
+            private_key: Some(scratch.write("key.pem", key).unwrap()),
             ..RawCertificate::default()
         }
     }
@@ -978,7 +956,7 @@ mod tests {
 
     #[tokio::test]
     async fn ps256_assertion_has_the_azure_ad_shape_and_verifies() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (cert, key, der) = test_certificate(false);
         let credential = certificate_credential(files(&scratch, &cert, &key));
         let before = unix_now();
@@ -1016,7 +994,7 @@ mod tests {
 
     #[tokio::test]
     async fn rs256_uses_the_sha1_x5t_and_pkcs1_signature() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (cert, key, der) = test_certificate(false);
         let mut raw = files(&scratch, &cert, &key);
         raw.algorithm = SigningAlgorithm::RS256;
@@ -1038,7 +1016,7 @@ mod tests {
 
     #[tokio::test]
     async fn rewriting_the_files_rotates_the_certificate_without_a_reload() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (cert1, key1, der1) = test_certificate(false);
         let (cert2, key2, der2) = test_certificate(false);
         let credential =
@@ -1052,15 +1030,15 @@ mod tests {
         assert_eq!(thumb(&first), x5t_s256(&der1));
         assert!(credential.describe().contains(&x5t_s256(&der1)));
 
-        scratch.write("cert.pem", &cert2);
-        scratch.write("key.pem", &key2);
+        scratch.write("cert.pem", &cert2).unwrap();
+        scratch.write("key.pem", &key2).unwrap();
         let second = inner.assertion(&token_url(), "app").await.unwrap();
         assert_eq!(thumb(&second), x5t_s256(&der2));
         assert!(credential.describe().contains(&x5t_s256(&der2)));
 
         // Halfway through a rotation (new certificate, old key) the fetch fails cleanly and
         // names the file, without any key material.
-        scratch.write("key.pem", &key1);
+        scratch.write("key.pem", &key1).unwrap();
         let err = inner
             .assertion(&token_url(), "app")
             .await
@@ -1075,10 +1053,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_combined_pem_and_pem_from_variables_work() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (cert, key, der) = test_certificate(false);
         let combined = certificate_credential(RawCertificate {
-            certificate: Some(scratch.write("both.pem", &format!("{key}{cert}"))),
+            certificate: Some(scratch.write("both.pem", format!("{key}{cert}")).unwrap()),
             ..RawCertificate::default()
         });
         let a = combined.assertion(&token_url(), "app").await.unwrap();
@@ -1112,7 +1090,7 @@ mod tests {
 
     #[test]
     fn certificate_config_errors_name_the_key() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (cert, key, _) = test_certificate(false);
         let (other_cert, _, _) = test_certificate(false);
         let (expired_cert, expired_key, _) = test_certificate(true);
@@ -1127,8 +1105,8 @@ mod tests {
         assert!(m.contains("does not belong"), "{m}");
 
         let (k, m) = err(RawCertificate {
-            certificate: Some(scratch.0.join("missing.pem")),
-            private_key: Some(scratch.write("k.pem", &key)),
+            certificate: Some(scratch.join("missing.pem")),
+            private_key: Some(scratch.write("k.pem", &key).unwrap()),
             ..RawCertificate::default()
         });
         assert_eq!(k, "dynamics.certificate.certificate");
@@ -1211,8 +1189,8 @@ mod tests {
 
     #[tokio::test]
     async fn workload_identity_reads_the_token_file_for_every_request() {
-        let scratch = Scratch::new();
-        let file = scratch.write("token", "first.jwt.sig\n");
+        let scratch = Scratch::new("dg-cred").unwrap();
+        let file = scratch.write("token", "first.jwt.sig\n").unwrap();
         let env = |name: &str| match name {
             "AZURE_FEDERATED_TOKEN_FILE" => Some(file.display().to_string()),
             "AZURE_CLIENT_ID" => Some("wi-client".to_owned()),
@@ -1227,7 +1205,7 @@ mod tests {
             panic!("not workload identity")
         };
         assert_eq!(inner.read_token().await.unwrap(), "first.jwt.sig");
-        scratch.write("token", "second.jwt.sig");
+        scratch.write("token", "second.jwt.sig").unwrap();
         assert_eq!(inner.read_token().await.unwrap(), "second.jwt.sig");
 
         assert_eq!(credential.default_client_id(), Some("wi-client"));
@@ -1261,7 +1239,7 @@ mod tests {
 
     #[test]
     fn workload_identity_config_errors_name_the_key() {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred").unwrap();
         let (k, m) = Credential::workload_identity_with_env(
             RawWorkloadIdentity::default(),
             "envs.a.workload_identity",
@@ -1273,7 +1251,7 @@ mod tests {
         assert!(m.contains("AZURE_FEDERATED_TOKEN_FILE"), "{m}");
 
         let raw = RawWorkloadIdentity {
-            token_file: Some(scratch.0.join("absent")),
+            token_file: Some(scratch.join("absent")),
             ..RawWorkloadIdentity::default()
         };
         let (k, _) = Credential::workload_identity_with_env(raw, "wi", &|_| None)
@@ -1282,7 +1260,7 @@ mod tests {
         assert_eq!(k, "wi.token_file");
 
         let raw = RawWorkloadIdentity {
-            token_file: Some(scratch.write("t", "jwt")),
+            token_file: Some(scratch.write("t", "jwt").unwrap()),
             authority_host: Some("login.microsoftonline.com".into()),
             ..RawWorkloadIdentity::default()
         };

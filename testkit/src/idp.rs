@@ -11,10 +11,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -677,24 +678,15 @@ fn json_response(status: StatusCode, body: &Value) -> Response<RespBody> {
 
 /// `2024-05-01 12:34:56Z`, the timestamp format of AAD error bodies.
 fn aad_timestamp(secs: u64) -> String {
-    // Civil-from-days (Howard Hinnant), valid for every date after 1970.
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
+    // RFC 3339 to the second, with a space where RFC 3339 has its `T`, as Azure AD writes
+    // it. A claim past year 9999 (a hostile assertion's `exp`) has no such form.
+    let mut out = String::new();
+    match UNIX_EPOCH.checked_add(Duration::from_secs(secs)) {
+        Some(at) if write!(out, "{}", humantime::format_rfc3339_seconds(at)).is_ok() => {
+            out.replacen('T', " ", 1)
+        }
+        _ => format!("{secs} seconds after 1970"),
+    }
 }
 
 /// An AAD-shaped OAuth2 error body.
@@ -1260,6 +1252,10 @@ mod tests {
         assert_eq!(aad_timestamp(0), "1970-01-01 00:00:00Z");
         assert_eq!(aad_timestamp(951_782_400), "2000-02-29 00:00:00Z");
         assert_eq!(aad_timestamp(1_714_566_896), "2024-05-01 12:34:56Z");
+        assert_eq!(
+            aad_timestamp(u64::MAX),
+            format!("{} seconds after 1970", u64::MAX)
+        );
     }
 
     #[test]

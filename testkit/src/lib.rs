@@ -10,6 +10,7 @@ pub mod idp;
 pub mod imds;
 pub mod keys;
 mod odata_filter;
+pub mod scratch;
 mod server;
 
 pub use dataverse::{
@@ -19,6 +20,7 @@ pub use dataverse::{
 pub use gateway_config::{gateway_config_yaml, ConfigParts};
 pub use idp::{Idp, IdpHandle, JwksDocument, S2sRegistry, TokenEndpointMode, ENDLESS_BODY_BYTES};
 pub use imds::{Imds, ImdsHandle, ImdsRequest};
+pub use scratch::Scratch;
 
 #[cfg(test)]
 mod tests;

@@ -121,6 +121,10 @@ async fn send(
     }
 }
 
+async fn get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> Resp {
+    send(addr, "GET", target, headers, b"").await
+}
+
 fn form(fields: &[(&str, &str)]) -> String {
     url::form_urlencoded::Serializer::new(String::new())
         .extend_pairs(fields)
@@ -266,12 +270,10 @@ async fn token_endpoint_modes_and_outage() {
     idp.set_token_endpoint_mode(TokenEndpointMode::Ok);
 
     idp.set_available(false);
-    let down = send(
+    let down = get(
         idp.addr(),
-        "GET",
         &idp.jwks_uri().replace(&idp.base_url(), ""),
         &[],
-        b"",
     )
     .await;
     assert_eq!(down.status, 503);
@@ -359,15 +361,9 @@ async fn discovery_and_jwks_follow_rotation() {
     assert_eq!(idp.current_key().kid(), third);
     assert_eq!((idp.discovery_requests(), idp.jwks_requests()), (1, 3));
 
-    let common = send(
-        idp.addr(),
-        "GET",
-        &path(idp.common_discovery_url()),
-        &[],
-        b"",
-    )
-    .await
-    .json();
+    let common = get(idp.addr(), &path(idp.common_discovery_url()), &[])
+        .await
+        .json();
     assert_eq!(
         common["issuer"],
         format!("{}/{{tenantid}}/v2.0", idp.base_url())
@@ -389,12 +385,10 @@ async fn token_for_verifies_with_the_published_jwk() {
     let claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
     assert_eq!(header["alg"], "RS256");
 
-    let jwks = send(
+    let jwks = get(
         idp.addr(),
-        "GET",
         &idp.jwks_uri().replace(&idp.base_url(), ""),
         &[],
-        b"",
     )
     .await
     .json();
@@ -442,12 +436,10 @@ async fn systemusers_filter_matches_literals_only() {
         )
     };
 
-    let r = send(
+    let r = get(
         dv.addr(),
-        "GET",
         &lookup("internalemailaddress eq 'alice@contoso.example'"),
         &auth,
-        b"",
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -468,21 +460,17 @@ async fn systemusers_filter_matches_literals_only() {
     assert_eq!(value[0]["isdisabled"], false);
     assert_eq!(value[0]["@odata.etag"], "W/\"1\"");
 
-    let by_oid = send(
+    let by_oid = get(
         dv.addr(),
-        "GET",
         &lookup("azureactivedirectoryobjectid eq 0a0a0a0a-1111-2222-3333-444444444444"),
         &auth,
-        b"",
     )
     .await;
     assert_eq!(by_oid.json()["value"].as_array().unwrap().len(), 1);
-    let by_domain = send(
+    let by_domain = get(
         dv.addr(),
-        "GET",
         &lookup("domainname eq 'alice@contoso.example'"),
         &auth,
-        b"",
     )
     .await;
     assert_eq!(by_domain.json()["value"].as_array().unwrap().len(), 1);
@@ -493,22 +481,20 @@ async fn systemusers_filter_matches_literals_only() {
         "internalemailaddress eq '{}'",
         injection.replace('\'', "''")
     );
-    let r = send(dv.addr(), "GET", &lookup(&escaped), &auth, b"").await;
+    let r = get(dv.addr(), &lookup(&escaped), &auth).await;
     assert_eq!(r.status, 200);
     assert!(r.json()["value"].as_array().unwrap().is_empty());
 
     // Unescaped, it would have matched every user: this is what escaping prevents.
     let unescaped = format!("internalemailaddress eq '{injection}'");
-    let r = send(dv.addr(), "GET", &lookup(&unescaped), &auth, b"").await;
+    let r = get(dv.addr(), &lookup(&unescaped), &auth).await;
     assert!(r.json()["value"].as_array().unwrap().len() >= 2);
 
     // A quoted GUID is a type error on Dataverse.
-    let r = send(
+    let r = get(
         dv.addr(),
-        "GET",
         &lookup("azureactivedirectoryobjectid eq '0a0a0a0a-1111-2222-3333-444444444444'"),
         &auth,
-        b"",
     )
     .await;
     assert_eq!(r.status, 400);
@@ -521,7 +507,7 @@ async fn bearer_and_impersonation_rules() {
     let (_idp, dv, bearer) = pair().await;
     let who = "/api/data/v9.2/WhoAmI";
 
-    let r = send(dv.addr(), "GET", who, &[], b"").await;
+    let r = get(dv.addr(), who, &[]).await;
     assert_eq!(r.status, 401);
     assert!(r
         .header("www-authenticate")
@@ -529,18 +515,11 @@ async fn bearer_and_impersonation_rules() {
         .starts_with("Bearer authorization_uri="));
     assert_eq!(r.header("odata-version"), Some("4.0"));
     assert!(r.header("x-ms-service-request-id").is_some());
-    let r = send(
-        dv.addr(),
-        "GET",
-        who,
-        &[("Authorization", "Bearer s2s-forged")],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), who, &[("Authorization", "Bearer s2s-forged")]).await;
     assert_eq!(r.status, 401);
 
     let auth = ("Authorization", bearer.as_str());
-    let r = send(dv.addr(), "GET", who, &[auth], b"").await;
+    let r = get(dv.addr(), who, &[auth]).await;
     assert_eq!(r.json()["UserId"], APPLICATION_USER_ID);
     assert_eq!(
         r.json()["@odata.context"],
@@ -578,35 +557,43 @@ async fn bearer_and_impersonation_rules() {
         ("CallerObjectId", "0d0d0d0d-1111-2222-3333-444444444444"),
         ("MSCRMCallerID", "0a0a0a0a-1111-2222-3333-444444444444"),
     ] {
-        let r = send(dv.addr(), "GET", who, &[auth, (h, v)], b"").await;
+        let r = get(dv.addr(), who, &[auth, (h, v)]).await;
         assert_eq!(r.status, 403, "{h}: {v}");
         assert_eq!(r.json()["error"]["code"], "0x80040225");
     }
 
-    let r = send(dv.addr(), "GET", "/api/data/v9.2/nosuchthing", &[auth], b"").await;
+    let r = get(dv.addr(), "/api/data/v9.2/nosuchthing", &[auth]).await;
     assert_eq!(
         (r.status, r.json()["error"]["code"].as_str()),
         (404, Some("0x80060888"))
     );
 
     dv.revoke_tokens();
-    let r = send(dv.addr(), "GET", who, &[auth], b"").await;
+    let r = get(dv.addr(), who, &[auth]).await;
     assert_eq!(r.status, 401);
     let recorded = dv.requests();
     assert_eq!(recorded.len(), dv.request_count());
     assert_eq!(recorded[0].path_and_query, who);
 }
 
+/// The `name` of each record in a collection page, in order.
+fn names(page: &Value) -> Vec<&str> {
+    page["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect()
+}
+
 #[tokio::test]
 async fn paging_next_link_round_trip() {
     let (_idp, dv, bearer) = pair().await;
     let auth = ("Authorization", bearer.as_str());
-    let r = send(
+    let r = get(
         dv.addr(),
-        "GET",
         "/api/data/v9.2/accounts?$select=name",
         &[auth, ("Prefer", "odata.maxpagesize=2")],
-        b"",
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -615,13 +602,7 @@ async fn paging_next_link_round_trip() {
         page1["@odata.context"],
         format!("{}/api/data/v9.2/$metadata#accounts(name)", dv.url())
     );
-    let names: Vec<&str> = page1["value"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["Contoso", "Fabrikam"]);
+    assert_eq!(names(&page1), ["Contoso", "Fabrikam"]);
     assert!(page1["value"][0]["@odata.etag"]
         .as_str()
         .unwrap()
@@ -632,45 +613,23 @@ async fn paging_next_link_round_trip() {
     assert!(next.starts_with(&prefix), "{next}");
     let path = next.strip_prefix(&dv.url()).unwrap();
 
-    let r = send(
-        dv.addr(),
-        "GET",
-        path,
-        &[auth, ("Prefer", "odata.maxpagesize=2")],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), path, &[auth, ("Prefer", "odata.maxpagesize=2")]).await;
     let page2 = r.json();
-    let names: Vec<&str> = page2["value"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["Adventure Works"]);
+    assert_eq!(names(&page2), ["Adventure Works"]);
     assert!(page2.get("@odata.nextLink").is_none());
     assert_eq!(dv.requests().last().unwrap().path_and_query, path);
 
     // Decoding the token once (as a careless proxy might) breaks it.
     let mangled = path.replace("%25", "%");
-    let r = send(
+    let r = get(
         dv.addr(),
-        "GET",
         &mangled,
         &[auth, ("Prefer", "odata.maxpagesize=2")],
-        b"",
     )
     .await;
     assert_eq!(r.status, 400);
 
-    let r = send(
-        dv.addr(),
-        "GET",
-        "/api/data/v9.2/accounts/$count",
-        &[auth],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), "/api/data/v9.2/accounts/$count", &[auth]).await;
     assert_eq!((r.status, r.text().as_str()), (200, "3"));
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
     let r = send(
@@ -692,11 +651,12 @@ async fn entity_writes_etags_and_binds() {
     let (_idp, dv, bearer) = pair().await;
     let auth = ("Authorization", bearer.as_str());
     let api = "/api/data/v9.2";
+    let accounts = format!("{api}/accounts");
 
     let r = send(
         dv.addr(),
         "POST",
-        &format!("{api}/accounts"),
+        &accounts,
         &[auth, ("Content-Type", "application/json")],
         br#"{"name":"Northwind"}"#,
     )
@@ -710,6 +670,8 @@ async fn entity_writes_etags_and_binds() {
         .1
         .trim_end_matches(')')
         .to_owned();
+
+    let account = format!("{api}/accounts({id})");
 
     let bind_ok = format!(
         r#"{{"name":"Child","parentaccountid@odata.bind":"{}/api/data/v9.2/accounts({id})"}}"#,
@@ -746,27 +708,20 @@ async fn entity_writes_etags_and_binds() {
     let r = send(
         dv.addr(),
         "POST",
-        &format!("{api}/accounts"),
+        &accounts,
         &[auth],
         bind_foreign.as_bytes(),
     )
     .await;
     assert_eq!(r.status, 400);
 
-    let r = send(
-        dv.addr(),
-        "GET",
-        &format!("{api}/accounts({id})"),
-        &[auth],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), &account, &[auth]).await;
     let etag = r.json()["@odata.etag"].as_str().unwrap().to_owned();
     assert_eq!(r.header("etag"), Some(etag.as_str()));
     let r = send(
         dv.addr(),
         "PATCH",
-        &format!("{api}/accounts({id})"),
+        &account,
         &[auth, ("If-Match", &etag)],
         br#"{"name":"Northwind 2"}"#,
     )
@@ -775,7 +730,7 @@ async fn entity_writes_etags_and_binds() {
     let r = send(
         dv.addr(),
         "PATCH",
-        &format!("{api}/accounts({id})"),
+        &account,
         &[auth, ("If-Match", &etag)],
         br#"{"name":"stale"}"#,
     )
@@ -787,29 +742,15 @@ async fn entity_writes_etags_and_binds() {
     let r = send(
         dv.addr(),
         "PATCH",
-        &format!("{api}/accounts({id})"),
+        &account,
         &[auth, ("If-Match", "*")],
         br#"{"name":"Northwind 3"}"#,
     )
     .await;
     assert_eq!(r.status, 204);
-    let r = send(
-        dv.addr(),
-        "DELETE",
-        &format!("{api}/accounts({id})"),
-        &[auth],
-        b"",
-    )
-    .await;
+    let r = send(dv.addr(), "DELETE", &account, &[auth], b"").await;
     assert_eq!(r.status, 204);
-    let r = send(
-        dv.addr(),
-        "GET",
-        &format!("{api}/accounts({id})"),
-        &[auth],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), &account, &[auth]).await;
     assert_eq!(r.status, 404);
 }
 
@@ -875,16 +816,17 @@ PATCH $1 HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"description\":\"v
         .unwrap();
     assert_eq!(batched["description"], "via reference");
 
+    let batch_b = [
+        ("Authorization", bearer.as_str()),
+        ("Content-Type", "multipart/mixed; boundary=b"),
+    ];
     // A part naming another host (an unrewritten gateway URL) fails; the outer status is 200.
     let foreign = "--b\r\nContent-Type: application/http\r\n\r\nGET http://gateway.example/api/data/v9.2/WhoAmI HTTP/1.1\r\n\r\n--b--\r\n";
     let r = send(
         dv.addr(),
         "POST",
         "/api/data/v9.2/$batch",
-        &[
-            ("Authorization", &bearer),
-            ("Content-Type", "multipart/mixed; boundary=b"),
-        ],
+        &batch_b,
         foreign.as_bytes(),
     )
     .await;
@@ -898,10 +840,7 @@ PATCH $1 HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"description\":\"v
         dv.addr(),
         "POST",
         "/api/data/v9.2/$batch",
-        &[
-            ("Authorization", &bearer),
-            ("Content-Type", "multipart/mixed; boundary=b"),
-        ],
+        &batch_b,
         failing.as_bytes(),
     )
     .await;
@@ -934,14 +873,7 @@ async fn echo_download_headers_and_canned_responses() {
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(rec.body_sha256, hex);
 
-    let r = send(
-        dv.addr(),
-        "GET",
-        "/api/data/v9.2/download?bytes=300000",
-        &[auth],
-        b"",
-    )
-    .await;
+    let r = get(dv.addr(), "/api/data/v9.2/download?bytes=300000", &[auth]).await;
     assert_eq!(r.header("content-length"), Some("300000"));
     assert_eq!(r.body.len(), 300_000);
     assert!(r
@@ -950,12 +882,10 @@ async fn echo_download_headers_and_canned_responses() {
         .enumerate()
         .all(|(i, b)| *b == (i % 251) as u8));
 
-    let r = send(
+    let r = get(
         dv.addr(),
-        "GET",
         "/api/data/v9.2/headers",
         &[auth, ("CallerObjectId", "abc")],
-        b"",
     )
     .await;
     assert_eq!(r.json()["callerobjectid"], "abc");
@@ -972,7 +902,7 @@ async fn echo_download_headers_and_canned_responses() {
         ],
         r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit"}}"#,
     );
-    let r = send(dv.addr(), "GET", "/api/data/v9.2/WhoAmI", &[auth], b"").await;
+    let r = get(dv.addr(), "/api/data/v9.2/WhoAmI", &[auth]).await;
     assert_eq!((r.status, r.header("retry-after")), (429, Some("2")));
     assert_eq!(
         r.header("x-ms-ratelimit-burst-remaining-xrm-requests"),
@@ -983,12 +913,12 @@ async fn echo_download_headers_and_canned_responses() {
         dv.requests().last().unwrap().path_and_query,
         "/api/data/v9.2/WhoAmI"
     );
-    let r = send(dv.addr(), "GET", "/api/data/v9.2/WhoAmI", &[auth], b"").await;
+    let r = get(dv.addr(), "/api/data/v9.2/WhoAmI", &[auth]).await;
     assert_eq!(r.status, 200);
 
     dv.set_delay(Duration::from_millis(200));
     let started = std::time::Instant::now();
-    send(dv.addr(), "GET", "/api/data/v9.2/WhoAmI", &[auth], b"").await;
+    get(dv.addr(), "/api/data/v9.2/WhoAmI", &[auth]).await;
     assert!(started.elapsed() >= Duration::from_millis(200));
 }
 
@@ -1032,7 +962,7 @@ async fn recording_can_be_switched_off_for_load_runs() {
         .await
         .unwrap();
     let auth = ("Authorization", "Bearer anything");
-    let r = send(dv.addr(), "GET", "/api/data/v9.2/WhoAmI", &[auth], b"").await;
+    let r = get(dv.addr(), "/api/data/v9.2/WhoAmI", &[auth]).await;
     assert_eq!(r.status, 200);
     let payload = vec![3u8; 200_000];
     let r = send(dv.addr(), "POST", "/api/data/v9.2/echo", &[auth], &payload).await;

@@ -513,14 +513,7 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
     })
     .await;
     assert_eq!(env.gateway.readyz().await.status(), 200);
-    assert_eq!(
-        support::metric(
-            &env.gateway,
-            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(metadata_loaded(&env).await, 0.0);
     let token = token(&env, "Accounts.Read");
     let get = |path: String| {
         client()
@@ -528,17 +521,14 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
             .bearer_auth(&token)
             .send()
     };
-    let (status, code, message) = error_body(
+    let message = expect_error(
         get("accounts?$expand=contact_customer_accounts".into())
             .await
             .unwrap(),
+        503,
+        "DynamicsGateway.MetadataUnavailable",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.MetadataUnavailable"),
-        "{message}"
-    );
     assert!(message.contains("$metadata"), "{message}");
     let (status, _, _) = error_body(
         get(format!("accounts({ID})/primarycontactid"))
@@ -564,17 +554,14 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
             .body(body)
             .send()
     };
-    let (status, code, message) = error_body(
+    let message = expect_error(
         post(r#"{"name":"x","primarycontactid":{"lastname":"y"}}"#)
             .await
             .unwrap(),
+        503,
+        "DynamicsGateway.MetadataUnavailable",
     )
     .await;
-    assert_eq!(
-        (status, code.as_str()),
-        (503, "DynamicsGateway.MetadataUnavailable"),
-        "{message}"
-    );
     assert!(
         message.contains("deep insert primarycontactid"),
         "{message}"
@@ -603,14 +590,7 @@ async fn without_metadata_requests_that_need_it_fail_closed_and_plain_ones_are_d
         Refused("no rule allows read on contacts (via $expand=contact_customer_accounts)"),
     )
     .await;
-    assert_eq!(
-        support::metric(
-            &env.gateway,
-            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metadata_loaded(&env).await, 1.0);
 }
 
 /// Waits until the gateway reports the stand-in's `$metadata` in force.
@@ -621,6 +601,15 @@ async fn wait_loaded(env: &Env) {
             .contains("default: metadata loaded (")
     })
     .await;
+}
+
+/// The gauge saying whether the gateway holds a `$metadata` map (1) or not (0).
+async fn metadata_loaded(env: &Env) -> f64 {
+    support::metric(
+        &env.gateway,
+        "dynamics_gateway_access_metadata_loaded{environment=\"default\"}",
+    )
+    .await
 }
 
 /// The series of `$metadata` fetches with this outcome.
@@ -724,14 +713,7 @@ async fn a_failed_or_slow_refresh_keeps_the_last_good_map() {
     })
     .await;
     expand_is_decided(&env).await;
-    assert_eq!(
-        support::metric(
-            &env.gateway,
-            "dynamics_gateway_access_metadata_loaded{environment=\"default\"}"
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(metadata_loaded(&env).await, 1.0);
 }
 
 #[tokio::test]
@@ -815,6 +797,14 @@ fn change_set(parts: &[String]) -> String {
     }
     body.push_str("--cs_a11--\r\n");
     body
+}
+
+/// How many accounts and contacts the stand-in holds.
+fn table_sizes(env: &Env) -> (usize, usize) {
+    (
+        env.dataverse.records("accounts").len(),
+        env.dataverse.records("contacts").len(),
+    )
 }
 
 async fn post_batch(env: &Env, role: &str, body: String) -> reqwest::Response {
@@ -939,16 +929,14 @@ async fn a_refused_part_after_the_held_head_aborts_the_batch_unrun() {
             r#"{"lastname":"c"}"#,
         ),
     ]);
-    let accounts = env.dataverse.records("accounts").len();
-    let contacts = env.dataverse.records("contacts").len();
+    let before = table_sizes(&env);
     let (status, _, message) = error_body(post_batch(&env, "Batcher", body).await).await;
     assert_eq!(status, 403, "{message}");
     assert!(
         message.contains("(Content-ID 2): no rule allows POST on contacts"),
         "{message}"
     );
-    assert_eq!(env.dataverse.records("accounts").len(), accounts);
-    assert_eq!(env.dataverse.records("contacts").len(), contacts);
+    assert_eq!(table_sizes(&env), before, "nothing was written");
 }
 
 #[tokio::test]
@@ -1042,8 +1030,7 @@ async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
     let body = format!(
         r#"{{"name":"a","description":"{padding}","primarycontactid":{{"lastname":"c"}}}}"#
     );
-    let accounts = env.dataverse.records("accounts").len();
-    let contacts = env.dataverse.records("contacts").len();
+    let before = table_sizes(&env);
     let response = support::post(
         &env.gateway,
         "/api/data/v9.2/accounts",
@@ -1057,8 +1044,7 @@ async fn a_refused_pair_past_the_held_head_aborts_the_body_unrun() {
         message.contains("no rule allows create on contacts (via deep insert primarycontactid)"),
         "{message}"
     );
-    assert_eq!(env.dataverse.records("accounts").len(), accounts);
-    assert_eq!(env.dataverse.records("contacts").len(), contacts);
+    assert_eq!(table_sizes(&env), before, "nothing was written");
 }
 
 #[tokio::test]

@@ -7,11 +7,8 @@ use crate::support;
 use std::time::Duration;
 
 use dynamics_gateway::config::Config;
-use support::{expect_error, metric, GatewayHandle, ALICE_OID};
-use testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
+use support::{at_most, expect_error, metric, GatewayHandle, ALICE_OID};
+use testkit::{gateway_config_yaml, ConfigParts, DataverseHandle, IdpHandle, Throttling};
 
 const WHOAMI: &str = "/api/data/v9.2/WhoAmI";
 const APP: &str = "{bucket=\"application\",environment=\"default\"}";
@@ -29,16 +26,9 @@ impl Setup {
 }
 
 async fn start(throttling: Throttling, dynamics: &str) -> Setup {
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@contoso.example"))
-        .throttling(throttling)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = support::stand_ins(throttling).await;
     let parts = ConfigParts {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: support::CALLER_OBJECT_ID.into(),
         inbound: "  jwks_refetch_interval: 0s\n".into(),
         dynamics: dynamics.into(),
         ..ConfigParts::default()
@@ -50,14 +40,6 @@ async fn start(throttling: Throttling, dynamics: &str) -> Setup {
         idp,
         dataverse,
         gateway,
-    }
-}
-
-fn at_most(n: usize) -> Throttling {
-    Throttling {
-        max_concurrent: Some(n),
-        concurrency_retry_after: Duration::from_secs(1),
-        ..Throttling::default()
     }
 }
 
@@ -154,17 +136,10 @@ async fn a_retried_429_waits_on_the_same_gate_while_others_are_answered_at_once(
         vec![("Retry-After".into(), "1".into())],
         r#"{"error":{"code":"0x80072321","message":"Combined execution time of incoming requests exceeded limit of 1,200,000 milliseconds over time window of 300 seconds."}}"#,
     );
-    let gateway_url = s.gateway.url();
-    let token = s.token();
-    let retried = tokio::spawn(async move {
-        support::client()
-            .get(format!("{gateway_url}{WHOAMI}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let request = support::client()
+        .get(format!("{}{WHOAMI}", s.gateway.url()))
+        .bearer_auth(s.token());
+    let retried = tokio::spawn(async move { request.send().await.unwrap().status() });
     while s.dataverse.request_count() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -189,17 +164,10 @@ async fn the_queue_deadline_answers_503_with_retry_after() {
     assert_eq!(sorted, vec![200, 503, 503], "{statuses:?}");
     assert_eq!(s.dataverse.request_count(), 1);
     s.dataverse.set_delay(Duration::from_secs(1));
-    let gateway_url = s.gateway.url();
-    let token = s.token();
-    let slow = tokio::spawn(async move {
-        support::client()
-            .get(format!("{gateway_url}{WHOAMI}"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status()
-    });
+    let request = support::client()
+        .get(format!("{}{WHOAMI}", s.gateway.url()))
+        .bearer_auth(s.token());
+    let slow = tokio::spawn(async move { request.send().await.unwrap().status() });
     while s.dataverse.request_count() < 2 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -250,14 +218,16 @@ async fn dataverse_rate_limit_headers_are_gauges_per_environment() {
     assert_eq!(metric(&s.gateway, time).await, 1_200_000.0);
 }
 
+/// A minimal config, needing no stand-in, with `budget` as `dynamics.budget`.
+fn with_budget(budget: &str) -> String {
+    format!(
+        "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
+dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
+    )
+}
+
 #[test]
 fn budget_config_is_checked_and_errors_name_the_key() {
-    let idp_free = |budget: &str| {
-        format!(
-            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
-dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
-        )
-    };
     for (budget, key) in [
         ("{ queue_timeout: 10 }", "dynamics.budget.queue_timeout"),
         ("{ max_concurrency: 0 }", "dynamics.budget.max_concurrency"),
@@ -277,13 +247,13 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.max_retry_after",
         ),
     ] {
-        let err = Config::from_yaml(&idp_free(budget), &|_| None).unwrap_err();
+        let err = Config::from_yaml(&with_budget(budget), &|_| None).unwrap_err();
         assert!(err.to_string().contains(key), "{budget}: {err}");
     }
-    let err = Config::from_yaml(&idp_free("{ limit: 3 }"), &|_| None).unwrap_err();
+    let err = Config::from_yaml(&with_budget("{ limit: 3 }"), &|_| None).unwrap_err();
     assert!(err.to_string().contains("limit"), "{err}");
     let ok = Config::from_yaml(
-        &idp_free("{ max_concurrency: 7, bucket: impersonated_user, queue_timeout: 2s }"),
+        &with_budget("{ max_concurrency: 7, bucket: impersonated_user, queue_timeout: 2s }"),
         &|_| None,
     )
     .unwrap();
@@ -294,12 +264,6 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
 
 #[test]
 fn the_shared_store_is_checked_and_its_url_never_appears_in_an_error() {
-    let yaml = |budget: &str| {
-        format!(
-            "inbound:\n  issuers:\n    - issuer: https://login.microsoftonline.com/t/v2.0\n      audiences: [api://x]\n\
-dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id: c\n  client_secret: s\n  budget: {budget}\n"
-        )
-    };
     let store = |valkey: &str| format!("{{ store: {{ valkey: {valkey} }} }}");
     const PW: &str = "hunter2-store";
     for (valkey, key) in [
@@ -356,17 +320,19 @@ dynamics:\n  url: https://contoso.crm.dynamics.com\n  tenant_id: t\n  client_id:
             "dynamics.budget.store.valkey.key_prefix",
         ),
     ] {
-        let err = Config::from_yaml(&yaml(&store(&valkey)), &|_| None).unwrap_err();
+        let err = Config::from_yaml(&with_budget(&store(&valkey)), &|_| None).unwrap_err();
         let text = err.to_string();
         assert!(text.contains(key), "{valkey}: {text}");
         assert!(!text.contains(PW), "the password is in the error: {text}");
         assert!(!format!("{err:?}").contains(PW), "{err:?}");
     }
-    let err =
-        Config::from_yaml(&yaml(&store("{ url: \"redis://cache\" }")), &|_| None).unwrap_err();
+    let err = Config::from_yaml(&with_budget(&store("{ url: \"redis://cache\" }")), &|_| {
+        None
+    })
+    .unwrap_err();
     assert!(err.to_string().contains("replicas"), "{err}");
     let ok = Config::from_yaml(
-        &yaml(&store(&format!(
+        &with_budget(&store(&format!(
             "{{ url: \"redis://:{PW}%25%40@cache:6379/2\", replicas: 3 }}"
         ))),
         &|_| None,

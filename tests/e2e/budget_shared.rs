@@ -10,17 +10,14 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use binary::{free_port, start_binary, Binary};
+use binary::{free_port, on_ports, start_binary, Binary};
 use dynamics_gateway::config::BudgetStoreConfig;
 use dynamics_gateway::metrics::Metrics;
 use dynamics_gateway::secret::Secret;
 use dynamics_gateway::upstream::budget::store::{Acquired, Store as SharedStore};
 use dynamics_gateway::upstream::budget::ThrottleCode;
-use support::{client, ALICE_OID};
-use testkit::{
-    gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    Throttling,
-};
+use support::{at_most, client, ALICE_OID};
+use testkit::{gateway_config_yaml, ConfigParts, DataverseHandle, IdpHandle, Throttling};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -168,24 +165,29 @@ impl Replicas {
     fn token(&self) -> String {
         self.idp.token_for(ALICE_OID)
     }
+
+    /// A WhoAmI as Alice through `replica`, not sent yet.
+    fn whoami_request(&self, replica: &Binary) -> reqwest::RequestBuilder {
+        client()
+            .get(format!("{}{WHOAMI}", replica.url))
+            .bearer_auth(self.token())
+    }
+
+    /// [`Self::whoami_request`], sent; its answer.
+    async fn whoami(&self, replica: &Binary) -> reqwest::Response {
+        self.whoami_request(replica).send().await.unwrap()
+    }
 }
 
 /// Two replicas sharing a budget of `limit` through `store`.
 async fn replicas(store: &Store, throttling: Throttling, limit: usize, extra: &str) -> Replicas {
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@contoso.example"))
-        .throttling(throttling)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = support::stand_ins(throttling).await;
     let dynamics = format!(
         "  budget:\n    max_concurrency: {limit}\n    queue_timeout: 30s\n    store:\n      valkey:\n        url: {}\n        replicas: 2\n{extra}",
         store.url()
     );
     let parts = ConfigParts {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: support::CALLER_OBJECT_ID.into(),
         server: "  shutdown_grace: 1s\n".into(),
         dynamics,
         ..ConfigParts::default()
@@ -194,16 +196,7 @@ async fn replicas(store: &Store, throttling: Throttling, limit: usize, extra: &s
     let mut started = Vec::new();
     for _ in 0..2 {
         let ports = (free_port(), free_port());
-        let yaml = yaml
-            .replace(
-                "listen: 127.0.0.1:1",
-                &format!("listen: 127.0.0.1:{}", ports.0),
-            )
-            .replace(
-                "admin_listen: 127.0.0.1:2",
-                &format!("admin_listen: 127.0.0.1:{}", ports.1),
-            );
-        started.push(start_binary(&yaml, ports).await);
+        started.push(start_binary(&on_ports(&yaml, ports), ports).await);
     }
     let b = started.pop().unwrap();
     let a = started.pop().unwrap();
@@ -260,14 +253,6 @@ async fn burst(r: &Replicas, n: usize, only_a: bool) -> Vec<u16> {
     statuses
 }
 
-fn at_most(n: usize) -> Throttling {
-    Throttling {
-        max_concurrent: Some(n),
-        concurrency_retry_after: Duration::from_secs(1),
-        ..Throttling::default()
-    }
-}
-
 #[tokio::test]
 async fn two_replicas_sharing_a_budget_of_4_never_have_more_than_4_in_flight() {
     let store = Store::start().await;
@@ -310,19 +295,9 @@ async fn a_429_seen_by_one_replica_closes_the_bucket_for_the_other() {
         vec![("Retry-After".into(), "5".into())],
         r#"{"error":{"code":"0x80072322","message":"Number of requests exceeded the limit of 6000 over time window of 300 seconds."}}"#,
     );
-    let first = client()
-        .get(format!("{}{WHOAMI}", r.a.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let first = r.whoami(&r.a).await;
     assert_eq!(first.status(), 429);
-    let other = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let other = r.whoami(&r.b).await;
     assert_eq!(other.status(), 429);
     let retry_after: u64 = other.headers()["retry-after"]
         .to_str()
@@ -341,12 +316,7 @@ async fn a_429_seen_by_one_replica_closes_the_bucket_for_the_other() {
         "dynamics_gateway_budget_refused_total{environment=\"default\",reason=\"throttled\"} ";
     assert_eq!(scrape(&r.b, refused).await, 1.0);
     // Closed there too from now on, without asking the store again.
-    let again = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let again = r.whoami(&r.b).await;
     assert_eq!(again.status(), 429);
     assert_eq!(r.dataverse.request_count(), 1);
 }
@@ -417,9 +387,7 @@ async fn a_replica_killed_with_leases_held_frees_them_within_the_lease_ttl() {
     r.dataverse.set_delay(Duration::from_secs(60));
     let held: Vec<_> = (0..2)
         .map(|_| {
-            let request = client()
-                .get(format!("{}{WHOAMI}", r.a.url))
-                .bearer_auth(r.token());
+            let request = r.whoami_request(&r.a);
             tokio::spawn(async move { request.send().await })
         })
         .collect();
@@ -440,12 +408,7 @@ async fn a_replica_killed_with_leases_held_frees_them_within_the_lease_ttl() {
     let pttl = store.integer(&["PTTL", LEASES]).await;
     assert!((1..=2000).contains(&pttl), "leases expire in {pttl} ms");
     r.dataverse.set_delay(Duration::ZERO);
-    let served = client()
-        .get(format!("{}{WHOAMI}", r.b.url))
-        .bearer_auth(r.token())
-        .send()
-        .await
-        .unwrap();
+    let served = r.whoami(&r.b).await;
     assert_eq!(served.status(), 200);
     assert_eq!(r.dataverse.request_count(), 3);
     store.until_no_leases().await;

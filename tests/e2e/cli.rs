@@ -7,25 +7,32 @@ use crate::support;
 
 use std::process::{Command, Output};
 
+use testkit::Scratch;
+
 fn gateway_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"));
     cmd.env_remove("DYNAMICS_GATEWAY_CONFIG");
     cmd
 }
 
+/// Checks the command exited 0, showing its stderr if not.
+fn assert_succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn check(yaml: &str, envs: &[(&str, &str)]) -> Output {
-    let dir = std::env::temp_dir().join(format!("dgw-check-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let dir = Scratch::new("dgw-check").unwrap();
+    let path = dir.write("config.yaml", yaml).unwrap();
     let mut cmd = gateway_command();
     cmd.arg("check").arg("--config").arg(&path);
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
-    out
+    cmd.output().unwrap()
 }
 
 const GOOD: &str = r#"
@@ -113,12 +120,8 @@ fn check_prints_how_each_access_rule_is_read() {
         env!("CARGO_MANIFEST_DIR")
     );
     let out = check(&yaml, &[("TEST_DGW_SECRET", "s")]);
+    assert_succeeded(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     for line in [
         "access:        3 rules, first that grants every pair a request touches wins; else deny",
         "(5 entity sets)",
@@ -189,11 +192,7 @@ fn shipped_example_config_is_valid() {
         .env("DYNAMICS_CLIENT_SECRET", "x")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
 }
 
 #[tokio::test]
@@ -205,11 +204,7 @@ async fn healthcheck_exits_zero_only_when_ready() {
         .output()
         .await
         .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_succeeded(&ok);
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -282,10 +277,8 @@ dynamics:
     - { name: contoso, url: https://contoso.crm.dynamics.com, tenant_id: 72f988bf-86f1-41af-91ab-2d7cd011db47, client_id: 11111111-2222-3333-4444-555555555555, client_secret: x }
     - { name: coffee, url: https://coffee.crm4.dynamics.com, tenant_id: 0c0ffee0-0000-4000-8000-000000000001, client_id: 11111111-2222-3333-4444-555555555555, client_secret: x }
 "#;
-    let dir = std::env::temp_dir().join(format!("dgw-consent-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, yaml).unwrap();
+    let dir = Scratch::new("dgw-consent").unwrap();
+    let path = dir.write("config.yaml", yaml).unwrap();
     let out = gateway_command()
         .args([
             "consent-url",
@@ -298,11 +291,7 @@ dynamics:
         .arg(&path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
         "https://login.microsoftonline.com/0c0ffee0-0000-4000-8000-000000000001/adminconsent?client_id=11111111-2222-3333-4444-555555555555&redirect_uri=https%3A%2F%2Fapp.example%2Fonboarded"
@@ -323,5 +312,4 @@ dynamics:
     );
     assert!(!empty.status.success());
     assert!(String::from_utf8_lossy(&empty.stderr).contains("inbound.issuers[0].tenants"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }

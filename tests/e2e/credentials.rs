@@ -8,8 +8,6 @@
 
 use crate::support;
 
-use std::path::PathBuf;
-
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use dynamics_gateway::secret::Secret;
@@ -19,42 +17,12 @@ use dynamics_gateway::upstream::credential::{
 };
 use serde_json::{json, Value};
 use testkit::keys::RsaSigningKey;
-use testkit::{Dataverse, DataverseHandle, Idp, IdpHandle, Imds};
+use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle, Imds, Scratch};
 use url::Url;
 
 const CERT_APP: &str = "0c0ffee0-0000-4000-8000-00000000ce47";
 const WI_APP: &str = "0c0ffee0-0000-4000-8000-0000000000a1";
 const SA_SUBJECT: &str = "system:serviceaccount:crm:dynamics-gateway";
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-/// A scratch directory removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("dg-cred-e2e-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A self-signed RSA-2048 certificate as Azure AD app registrations take them.
 struct TestCert {
@@ -78,13 +46,18 @@ fn test_cert() -> TestCert {
 }
 
 async fn stand_ins(idp: Idp) -> (IdpHandle, DataverseHandle) {
+    stand_ins_knowing(idp, &[]).await
+}
+
+/// [`stand_ins`] whose Dataverse has `users` in its directory (the gateway looks callers
+/// up there).
+async fn stand_ins_knowing(idp: Idp, users: &[DirectoryUser]) -> (IdpHandle, DataverseHandle) {
     let idp = idp.start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .start()
-        .await
-        .unwrap();
-    (idp, dataverse)
+    let mut dataverse = Dataverse::builder().accept_tokens_from(idp.s2s_registry());
+    for user in users {
+        dataverse = dataverse.user(user.clone());
+    }
+    (idp, dataverse.start().await.unwrap())
 }
 
 fn scope(dataverse: &DataverseHandle) -> String {
@@ -154,8 +127,8 @@ fn aadsts(body: &Value) -> u64 {
 fn certificate(scratch: &Scratch, cert: &TestCert, algorithm: SigningAlgorithm) -> Credential {
     Credential::certificate(
         RawCertificate {
-            certificate: Some(scratch.write("cert.pem", &cert.cert_pem)),
-            private_key: Some(scratch.write("key.pem", &cert.key_pem)),
+            certificate: Some(scratch.write("cert.pem", &cert.cert_pem).unwrap()),
+            private_key: Some(scratch.write("key.pem", &cert.key_pem).unwrap()),
             algorithm,
             ..RawCertificate::default()
         },
@@ -184,7 +157,7 @@ async fn certificate_assertions_ps256_and_rs256_are_accepted() {
     let cert = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &cert.der)).await;
     for algorithm in [SigningAlgorithm::PS256, SigningAlgorithm::RS256] {
-        let scratch = Scratch::new();
+        let scratch = Scratch::new("dg-cred-e2e").unwrap();
         let credential = certificate(&scratch, &cert, algorithm);
         token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
         let sent = idp.last_token_request().unwrap();
@@ -200,7 +173,7 @@ async fn an_unregistered_certificate_is_refused() {
     let registered = test_cert();
     let ours = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &registered.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &ours, SigningAlgorithm::PS256);
     let (status, body) = refused(&credential, &idp.token_url(), CERT_APP, &scope(&dataverse)).await;
     assert_eq!(status, 401);
@@ -213,7 +186,7 @@ async fn an_unregistered_certificate_is_refused() {
 async fn a_replayed_or_misdirected_assertion_is_refused() {
     let cert = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &cert.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &cert, SigningAlgorithm::PS256);
     token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
 
@@ -254,7 +227,7 @@ async fn a_replayed_or_misdirected_assertion_is_refused() {
     let mut claims: Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
     claims["jti"] = json!(uuid::Uuid::new_v4().to_string());
-    claims["exp"] = json!(now_secs() + 600);
+    claims["exp"] = json!(support::now_secs() + 600);
     parts[1] = URL_SAFE_NO_PAD.encode(claims.to_string());
     tampered.insert("client_assertion".into(), parts.join("."));
     let (status, body) = answer(
@@ -281,13 +254,13 @@ async fn rotating_the_certificate_files_takes_effect_on_the_next_request() {
     let old = test_cert();
     let new = test_cert();
     let (idp, dataverse) = stand_ins(Idp::builder().certificate(CERT_APP, &old.der)).await;
-    let scratch = Scratch::new();
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
     let credential = certificate(&scratch, &old, SigningAlgorithm::PS256);
     token_works(&credential, &idp.token_url(), CERT_APP, &dataverse).await;
 
     // The operator replaces the files; Azure AD does not know the new certificate yet.
-    scratch.write("cert.pem", &new.cert_pem);
-    scratch.write("key.pem", &new.key_pem);
+    scratch.write("cert.pem", &new.cert_pem).unwrap();
+    scratch.write("key.pem", &new.key_pem).unwrap();
     let (status, body) = refused(&credential, &idp.token_url(), CERT_APP, &scope(&dataverse)).await;
     assert_eq!((status, aadsts(&body)), (401, 700027));
     let header = idp.last_token_request().unwrap()["client_assertion"]
@@ -317,7 +290,7 @@ impl ServiceAccountIssuer {
     }
 
     fn token(&self, subject: &str, audience: &str, exp: u64) -> String {
-        let now = now_secs();
+        let now = support::now_secs();
         self.key.sign_jwt(
             &json!({"alg": "RS256", "kid": self.key.kid()}),
             &json!({
@@ -342,11 +315,17 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             .federated_issuer_key(&sa.issuer, &sa.key),
     )
     .await;
-    let scratch = Scratch::new();
-    let file = scratch.write(
-        "azure-identity-token",
-        &sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
+    let file = scratch
+        .write(
+            "azure-identity-token",
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
+        )
+        .unwrap();
     let credential = Credential::workload_identity(
         RawWorkloadIdentity {
             token_file: Some(file),
@@ -364,8 +343,12 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
 
     // Kubelet rotates the file: the next request sends the new token (the same one may
     // be sent again: federated tokens are not single-use).
-    let rotated = sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 7200);
-    scratch.write("azure-identity-token", &rotated);
+    let rotated = sa.token(
+        SA_SUBJECT,
+        "api://AzureADTokenExchange",
+        support::now_secs() + 7200,
+    );
+    scratch.write("azure-identity-token", &rotated).unwrap();
     token_works(&credential, token_url.as_str(), WI_APP, &dataverse).await;
     assert_eq!(
         idp.last_token_request().unwrap()["client_assertion"],
@@ -375,7 +358,11 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
     let cases = [
         // Expired (kubelet stopped rotating it).
         (
-            sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() - 10),
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() - 10,
+            ),
             700024,
         ),
         // Another service account.
@@ -383,7 +370,7 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             sa.token(
                 "system:serviceaccount:crm:other",
                 "api://AzureADTokenExchange",
-                now_secs() + 3600,
+                support::now_secs() + 3600,
             ),
             70021,
         ),
@@ -392,13 +379,13 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
             sa.token(
                 SA_SUBJECT,
                 "https://kubernetes.default.svc",
-                now_secs() + 3600,
+                support::now_secs() + 3600,
             ),
             700212,
         ),
     ];
     for (token, code) in cases {
-        scratch.write("azure-identity-token", &token);
+        scratch.write("azure-identity-token", &token).unwrap();
         let (status, body) =
             refused(&credential, token_url.as_str(), WI_APP, &scope(&dataverse)).await;
         assert_eq!((status, aadsts(&body)), (401, code), "{body}");
@@ -409,10 +396,16 @@ async fn workload_identity_federated_token_is_accepted_and_reread() {
         issuer: sa.issuer.clone(),
         key: RsaSigningKey::generate("sa-key").unwrap(),
     };
-    scratch.write(
-        "azure-identity-token",
-        &forger.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
+    scratch
+        .write(
+            "azure-identity-token",
+            forger.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
+        )
+        .unwrap();
     let (status, body) = refused(&credential, token_url.as_str(), WI_APP, &scope(&dataverse)).await;
     assert_eq!((status, aadsts(&body)), (401, 700027), "{body}");
 }
@@ -564,24 +557,15 @@ async fn whoami_through(gateway: &support::GatewayHandle, idp: &IdpHandle) -> u1
 
 #[tokio::test]
 async fn the_gateway_runs_with_each_secretless_credential() {
-    let alice = testkit::DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL);
-    let scratch = Scratch::new();
+    let alice = [DirectoryUser::new(support::ALICE_OID, support::ALICE_EMAIL)];
+    let scratch = Scratch::new("dg-cred-e2e").unwrap();
 
     // Certificate: files re-read at each token request.
     let cert = test_cert();
-    let idp = Idp::builder()
-        .certificate(CERT_APP, &cert.der)
-        .start()
-        .await
-        .unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice.clone())
-        .start()
-        .await
-        .unwrap();
-    let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem);
-    let key_path = scratch.write("gw-key.pem", &cert.key_pem);
+    let (idp, dataverse) =
+        stand_ins_knowing(Idp::builder().certificate(CERT_APP, &cert.der), &alice).await;
+    let cert_path = scratch.write("gw-cert.pem", &cert.cert_pem).unwrap();
+    let key_path = scratch.write("gw-key.pem", &cert.key_pem).unwrap();
     let gateway = gateway_with(
         &idp,
         &dataverse,
@@ -603,22 +587,23 @@ async fn the_gateway_runs_with_each_secretless_credential() {
 
     // Workload identity: the projected service-account token is the assertion.
     let sa = ServiceAccountIssuer::new();
-    let idp = Idp::builder()
-        .federated(WI_APP, &sa.issuer, SA_SUBJECT)
-        .federated_issuer_key(&sa.issuer, &sa.key)
-        .start()
-        .await
+    let (idp, dataverse) = stand_ins_knowing(
+        Idp::builder()
+            .federated(WI_APP, &sa.issuer, SA_SUBJECT)
+            .federated_issuer_key(&sa.issuer, &sa.key),
+        &alice,
+    )
+    .await;
+    let token_file = scratch
+        .write(
+            "gw-azure-identity-token",
+            sa.token(
+                SA_SUBJECT,
+                "api://AzureADTokenExchange",
+                support::now_secs() + 3600,
+            ),
+        )
         .unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice.clone())
-        .start()
-        .await
-        .unwrap();
-    let token_file = scratch.write(
-        "gw-azure-identity-token",
-        &sa.token(SA_SUBJECT, "api://AzureADTokenExchange", now_secs() + 3600),
-    );
     let gateway = gateway_with(
         &idp,
         &dataverse,
@@ -632,13 +617,7 @@ async fn the_gateway_runs_with_each_secretless_credential() {
     assert_eq!(whoami_through(&gateway, &idp).await, 200);
 
     // Managed identity: the instance metadata service.
-    let idp = Idp::builder().start().await.unwrap();
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = stand_ins_knowing(Idp::builder(), &alice).await;
     let imds = Imds::builder()
         .registry(idp.s2s_registry())
         .start()

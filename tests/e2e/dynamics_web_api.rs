@@ -111,12 +111,7 @@ async fn the_dynamics_web_api_npm_client_works_through_the_gateway_and_dataverse
     // What Dataverse saw: every request impersonates Alice with the gateway's S2S token.
     let requests = env.dataverse.requests();
     assert!(requests.len() >= 15, "{} requests", requests.len());
-    let s2s: Vec<String> = env
-        .idp
-        .issued_s2s_tokens()
-        .iter()
-        .map(|t| format!("Bearer {t}"))
-        .collect();
+    let s2s = support::s2s_bearers(&env.idp);
     assert!(!s2s.is_empty());
     let gw_authority = env.gateway.addr.to_string();
     for r in &requests {

@@ -320,13 +320,6 @@ fn impersonation_headers(request: &RecordedRequest) -> Vec<(String, String)> {
         .collect()
 }
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 // ---------------------------------------------------------------------------------------
 // JWT
 
@@ -637,7 +630,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
     let cases = [
         (
             "exp a string",
-            exp_as(&format!("\"{}\"", now() + 3600)),
+            exp_as(&format!("\"{}\"", support::now_secs() + 3600)),
             invalid_token("no valid exp claim"),
         ),
         (
@@ -652,7 +645,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
         ),
         (
             "exp an array",
-            exp_as(&format!("[{}]", now() + 3600)),
+            exp_as(&format!("[{}]", support::now_secs() + 3600)),
             invalid_token("not a well-formed JWT"),
         ),
         (
@@ -662,7 +655,7 @@ async fn exp_must_be_present_and_a_number_and_a_huge_one_is_the_issuers_choice()
         ),
         (
             "exp in the past",
-            exp_as(&(now() - 3600).to_string()),
+            exp_as(&(support::now_secs() - 3600).to_string()),
             invalid_token("expired"),
         ),
         (
@@ -912,7 +905,7 @@ async fn every_spelling_of_impersonation_headers_is_stripped_and_only_the_gatewa
     for (mode, identity, expected_name, expected_value) in [
         (
             "caller_object_id",
-            "identity:\n  mode: caller_object_id\n",
+            support::CALLER_OBJECT_ID,
             "callerobjectid",
             ALICE_OID.to_string(),
         ),
@@ -1008,30 +1001,25 @@ async fn authorization_sent_twice_is_refused_in_either_order() {
 #[tokio::test]
 async fn forwarded_headers_from_the_caller_are_not_trusted_by_default() {
     let env = env().start().await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .header("X-Forwarded-For", "6.6.6.6")
-        .header("X-Forwarded-Host", "evil.example")
-        .header("X-Forwarded-Proto", "https")
-        .header("Forwarded", "for=6.6.6.6;host=evil.example;proto=https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    let context = body["@odata.context"].as_str().unwrap();
+    let (context, seen) = get_with_forwarded(
+        &env,
+        &[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Host", "evil.example"),
+            ("X-Forwarded-Proto", "https"),
+            ("Forwarded", "for=6.6.6.6;host=evil.example;proto=https"),
+        ],
+    )
+    .await;
     assert!(
         context.starts_with(&format!("{}/api/data/", env.gateway.url())),
         "links must not be shaped by untrusted forwarded headers: {context}"
     );
-    let seen = env.dataverse.requests();
-    assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].headers.get_all("x-forwarded-for").iter().count(), 1);
-    assert_eq!(seen[0].header("x-forwarded-for"), Some("127.0.0.1"));
-    assert_eq!(seen[0].header("x-forwarded-host"), None);
-    assert_eq!(seen[0].header("x-forwarded-proto"), None);
-    assert_eq!(seen[0].header("forwarded"), None);
+    assert_eq!(seen.headers.get_all("x-forwarded-for").iter().count(), 1);
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-host"), None);
+    assert_eq!(seen.header("x-forwarded-proto"), None);
+    assert_eq!(seen.header("forwarded"), None);
 }
 
 #[tokio::test]
@@ -1040,32 +1028,43 @@ async fn forwarded_headers_are_appended_to_and_used_when_trusted() {
         .server("  trust_forwarded_headers: true\n")
         .start()
         .await;
-    let response = client()
-        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
-        .bearer_auth(env.idp.token_for(ALICE_OID))
-        .header("X-Forwarded-For", "6.6.6.6")
-        .header("X-Forwarded-Host", "apps.example")
-        .header("X-Forwarded-Proto", "https")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
-    let context = body["@odata.context"].as_str().unwrap();
+    let (context, seen) = get_with_forwarded(
+        &env,
+        &[
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Host", "apps.example"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    )
+    .await;
     assert!(
         context.starts_with("https://apps.example/api/data/"),
         "{context}"
     );
-    let seen = env.dataverse.requests();
-    assert_eq!(seen.len(), 1);
-    assert_eq!(
-        seen[0].header("x-forwarded-for"),
-        Some("6.6.6.6, 127.0.0.1")
-    );
-    assert_eq!(seen[0].header("x-forwarded-host"), Some("apps.example"));
-    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+    assert_eq!(seen.header("x-forwarded-for"), Some("6.6.6.6, 127.0.0.1"));
+    assert_eq!(seen.header("x-forwarded-host"), Some("apps.example"));
+    assert_eq!(seen.header("x-forwarded-proto"), Some("https"));
     let host = env.dataverse.addr().to_string();
-    assert_eq!(seen[0].header("host"), Some(host.as_str()));
+    assert_eq!(seen.header("host"), Some(host.as_str()));
+}
+
+/// GETs accounts as Alice with the caller's `forwarded` headers; checks the answer is 200
+/// and that exactly one request reached Dataverse, and returns the answer's
+/// `@odata.context` and that request.
+async fn get_with_forwarded(env: &Env, forwarded: &[(&str, &str)]) -> (String, RecordedRequest) {
+    let mut request = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID));
+    for (name, value) in forwarded {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    let context = body["@odata.context"].as_str().unwrap().to_owned();
+    let mut seen = env.dataverse.requests();
+    assert_eq!(seen.len(), 1);
+    (context, seen.remove(0))
 }
 
 #[tokio::test]

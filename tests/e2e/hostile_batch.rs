@@ -51,6 +51,26 @@ fn batches(env: &Env) -> Vec<RecordedRequest> {
         .collect()
 }
 
+/// A batch of one part: `part_headers` (each line ending in CRLF) after its Content-Type,
+/// then `request` (request line and any header lines) with an empty body.
+fn one_part(part_headers: &str, request: &str) -> String {
+    format!(
+        "--{BOUNDARY}\r\nContent-Type: application/http\r\n{part_headers}\r\n{request}\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+    )
+}
+
+/// Posts `body` and checks the gateway refused it with 400 `BatchPartRefused` (`case`
+/// says what was sent, for the failure message); returns the error message.
+async fn part_refused(env: &Env, token: &str, body: String, case: &str) -> String {
+    let (status, code, message) = error_body(post_batch(env, token, body).await).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (400, "DynamicsGateway.BatchPartRefused"),
+        "{case}: {message}"
+    );
+    message
+}
+
 /// One GET WhoAmI part with extra header lines, at top level.
 fn whoami_batch(extra_headers: &str) -> String {
     format!(
@@ -87,21 +107,18 @@ async fn the_stand_in_runs_a_part_as_whoever_its_own_header_names() {
     );
     let s2s = env.idp.issued_s2s_tokens().pop().unwrap();
     for spelling in ["CallerObjectId", "caller_object_id", "MSCRM.CallerObjectId"] {
-        let text = client()
-            .post(format!("{}/api/data/v9.2/$batch", env.dataverse.url()))
-            .bearer_auth(&s2s)
-            .header("CallerObjectId", ALICE_OID)
-            .header(
-                "content-type",
-                format!("multipart/mixed; boundary={BOUNDARY}"),
-            )
-            .body(whoami_batch(&format!("{spelling}: {VICTIM_OID}\r\n")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = support::text_of(
+            client()
+                .post(format!("{}/api/data/v9.2/$batch", env.dataverse.url()))
+                .bearer_auth(&s2s)
+                .header("CallerObjectId", ALICE_OID)
+                .header(
+                    "content-type",
+                    format!("multipart/mixed; boundary={BOUNDARY}"),
+                )
+                .body(whoami_batch(&format!("{spelling}: {VICTIM_OID}\r\n"))),
+        )
+        .await;
         assert!(text.contains(&victim), "{spelling}: {text}");
         assert!(!text.contains(ALICE_SYSTEMUSERID), "{spelling}: {text}");
     }
@@ -141,12 +158,7 @@ async fn a_part_with_identity_credentials_cookies_or_overrides_refuses_the_whole
                 "part 3 (Content-ID 2)",
             ),
         ] {
-            let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
-            assert_eq!(
-                (status, code.as_str()),
-                (400, "DynamicsGateway.BatchPartRefused"),
-                "{header}: {message}"
-            );
+            let message = part_refused(&env, &token, body, header).await;
             assert!(message.contains(&format!("`{name}`")), "{message}");
             assert!(message.contains(part), "{message}");
         }
@@ -258,19 +270,13 @@ async fn parts_naming_another_host_or_a_path_outside_api_data_are_refused() {
         format!("GET {gw}/admin HTTP/1.1"),
         "POST /api/data/v9.2/$batch HTTP/1.1".to_string(),
     ] {
-        let body = format!(
-            "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\n{line}\r\n\r\n\r\n--{BOUNDARY}--\r\n"
-        );
-        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
-        assert_eq!(
-            (status, code.as_str()),
-            (400, "DynamicsGateway.BatchPartRefused"),
-            "{line}: {message}"
-        );
+        let body = one_part("", &line);
+        let message = part_refused(&env, &token, body, &line).await;
         assert!(message.contains("part 1"), "{message}");
     }
-    let host = format!(
-        "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nGET /api/data/v9.2/accounts HTTP/1.1\r\nHost: evil.example\r\n\r\n\r\n--{BOUNDARY}--\r\n"
+    let host = one_part(
+        "",
+        "GET /api/data/v9.2/accounts HTTP/1.1\r\nHost: evil.example",
     );
     let (status, _, message) = error_body(post_batch(&env, &token, host).await).await;
     assert_eq!(status, 400);
@@ -306,15 +312,8 @@ async fn a_part_target_with_a_fragment_is_refused_naming_the_part() {
         "/api/data/v9.2/accounts#x".to_string(),
         "accounts?$filter=name eq '#'".to_string(),
     ] {
-        let body = format!(
-            "--{BOUNDARY}\r\nContent-Type: application/http\r\nContent-ID: 7\r\n\r\nGET {target} HTTP/1.1\r\n\r\n\r\n--{BOUNDARY}--\r\n"
-        );
-        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
-        assert_eq!(
-            (status, code.as_str()),
-            (400, "DynamicsGateway.BatchPartRefused"),
-            "{target}: {message}"
-        );
+        let body = one_part("Content-ID: 7\r\n", &format!("GET {target} HTTP/1.1"));
+        let message = part_refused(&env, &token, body, &target).await;
         assert!(
             message.contains("part 1 (Content-ID 7)"),
             "{target}: {message}"
@@ -338,15 +337,8 @@ async fn encoded_slashes_in_part_paths_are_refused_and_in_queries_pass() {
         "$1%2Fprimarycontactid".to_string(),
         "accounts(1)%252Fcontact_customer_accounts".to_string(),
     ] {
-        let body = format!(
-            "--{BOUNDARY}\r\nContent-Type: application/http\r\n\r\nGET {target} HTTP/1.1\r\n\r\n\r\n--{BOUNDARY}--\r\n"
-        );
-        let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
-        assert_eq!(
-            (status, code.as_str()),
-            (400, "DynamicsGateway.BatchPartRefused"),
-            "{target}: {message}"
-        );
+        let body = one_part("", &format!("GET {target} HTTP/1.1"));
+        let message = part_refused(&env, &token, body, &target).await;
         assert!(message.contains("part 1"), "{target}: {message}");
         assert!(
             message.contains("encoded slash (`%2F`)"),
@@ -513,12 +505,7 @@ async fn a_bad_part_beyond_the_checked_head_aborts_the_upstream_request_unfinish
         ));
     }
     body.push_str(&whoami_batch(&format!("CallerObjectId: {VICTIM_OID}\r\n")));
-    let (status, code, message) = error_body(post_batch(&env, &token, body).await).await;
-    assert_eq!(
-        (status, code.as_str()),
-        (400, "DynamicsGateway.BatchPartRefused"),
-        "{message}"
-    );
+    let message = part_refused(&env, &token, body, "").await;
     assert!(message.contains("part 21 (Content-ID 9)"), "{message}");
     // Dynamics never received a whole batch, so it ran none of it.
     assert!(batches(&env).iter().all(|r| r.body_sha256.is_empty()));

@@ -60,13 +60,6 @@ fn signed_with_header(idp: &IdpHandle, mut header: Value, claims: &Value) -> Str
     key.sign_jwt(&header, claims)
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 /// An IdP, a stand-in Dataverse with Alice, and a gateway whose generated config went
 /// through `edit` first.
 struct Custom {
@@ -111,10 +104,7 @@ async fn an_entra_id_token_is_refused_401_even_with_the_app_role() {
         json!({ "scp": null, "azp": null, "nonce": "n-0S6_WzA2Mj", "roles": ["Service.Sync"] }),
     );
     let response = support::get(&env.gateway, ACCOUNTS, &id_token).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     let (status, code, message) = error_body(response).await;
     assert_eq!(
         (status, code.as_str()),
@@ -184,7 +174,7 @@ async fn a_real_entra_app_token_is_app_only_by_idtyp_or_by_oid_equal_to_sub() {
 
 /// A Keycloak-style token: `scope` instead of `scp`, no `oid`, no `idtyp`, no `tid`.
 fn keycloak_claims(idp: &IdpHandle, extra: Value) -> Value {
-    let now = now();
+    let now = support::now_secs();
     let mut claims = json!({
         "iss": idp.issuer(),
         "aud": idp.audience(),
@@ -264,7 +254,7 @@ async fn a_keycloak_style_token_with_scope_and_the_app_role_is_not_app_only() {
 
 #[tokio::test]
 async fn token_types_allowlist_refuses_a_jwt_typed_token_when_at_jwt_is_required() {
-    let c = custom("identity:\n  mode: caller_object_id\n", "", |yaml| {
+    let c = custom(support::CALLER_OBJECT_ID, "", |yaml| {
         yaml.replace(
             "      app_only_evidence: entra\n",
             "      app_only_evidence: entra\n      token_types: [at+jwt]\n",
@@ -297,7 +287,7 @@ async fn token_types_allowlist_refuses_a_jwt_typed_token_when_at_jwt_is_required
 #[tokio::test]
 async fn an_iat_in_the_future_or_not_a_number_is_refused() {
     let env = env().start().await;
-    let now = now();
+    let now = support::now_secs();
     for (iat, expected) in [
         (json!(now + 3600), 401),
         (json!(u64::MAX), 401),
@@ -358,9 +348,9 @@ dynamics:\n  url: {url}\n  tenant_id: {TENANT_A}\n  tenants: [{TENANT_A}, {TENAN
     )
 }
 
-async fn guests(identity: &str, extra: &str) -> Guests {
-    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
-    let org = Dataverse::builder()
+/// Tenant A's organisation: a Dataverse taking `idp`'s tokens, with Alice of tenant A.
+async fn org_a(idp: &IdpHandle) -> DataverseHandle {
+    Dataverse::builder()
         .accept_tokens_from(idp.s2s_registry())
         .user(DirectoryUser {
             systemuserid: support::ALICE_SYSTEMUSERID.into(),
@@ -368,7 +358,12 @@ async fn guests(identity: &str, extra: &str) -> Guests {
         })
         .start()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn guests(identity: &str, extra: &str) -> Guests {
+    let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
+    let org = org_a(&idp).await;
     let gateway = start_gateway(&guests_yaml(&idp, &org, identity, extra)).await;
     gateway.wait_ready().await;
     Guests { idp, org, gateway }
@@ -521,10 +516,7 @@ async fn an_issuer_cannot_assert_a_tenant_it_was_not_given() {
     // The exact issuer's correctly signed token claiming tenant A, as A's Alice.
     let cross = signed(&exact, ALICE_OID, json!({ "tid": TENANT_A }));
     let response = support::get(&gateway, WHOAMI, &cross).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     assert_eq!(response.status(), 401);
     assert!(www.contains("tenant"), "{www}");
     // Without any tid it is refused as well (its list cannot be checked).
@@ -541,15 +533,7 @@ async fn an_issuer_cannot_assert_a_tenant_it_was_not_given() {
 async fn static_entries_trust_only_the_issuer_they_name() {
     let first = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
     let second = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
-    let org = Dataverse::builder()
-        .accept_tokens_from(first.s2s_registry())
-        .user(DirectoryUser {
-            systemuserid: support::ALICE_SYSTEMUSERID.into(),
-            ..DirectoryUser::new(ALICE_OID, ALICE_IN_A)
-        })
-        .start()
-        .await
-        .unwrap();
+    let org = org_a(&first).await;
     let yaml = |entry: &str| {
         format!(
             "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
@@ -613,15 +597,7 @@ async fn filter_finds(env: &support::Env, oid: &str) -> usize {
         "{}/api/data/v9.2/systemusers?$select=systemuserid&$filter=azureactivedirectoryobjectid%20eq%20{oid}",
         env.dataverse.url()
     );
-    let answer: Value = client()
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = support::json_of(client().get(url).bearer_auth(token)).await;
     answer["value"].as_array().unwrap().len()
 }
 

@@ -6,7 +6,6 @@
 
 use crate::support;
 
-use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -375,12 +374,11 @@ dynamics:\n  routing: {{ by: path_prefix }}\n  environments:\n{a}{b}",
 
 #[test]
 fn consent_url_names_an_unknown_environment() {
-    let dir = std::env::temp_dir().join(format!("dgw-deps-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("config.yaml");
-    let mut file = std::fs::File::create(&path).unwrap();
-    file.write_all(
-        br#"
+    let dir = testkit::Scratch::new("dgw-deps").unwrap();
+    let path = dir
+        .write(
+            "config.yaml",
+            br#"
 inbound:
   issuers:
     - issuer: https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0
@@ -391,14 +389,13 @@ dynamics:
   client_id: 11111111-2222-3333-4444-555555555555
   client_secret: x
 "#,
-    )
-    .unwrap();
+        )
+        .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamics-gateway"))
         .args(["consent-url", "--environment", "nowhere", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

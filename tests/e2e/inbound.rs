@@ -11,13 +11,6 @@ use testkit::keys::{self, RsaSigningKey};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 /// Sends `token` and asserts a 401 whose `WWW-Authenticate` error description contains
 /// `description`, and that Dataverse saw nothing.
 async fn assert_refused(env: &support::Env, token: &str, description: &str) {
@@ -64,13 +57,13 @@ async fn missing_token_answers_401_with_bare_bearer_challenge() {
 async fn rejects_expired_not_yet_valid_and_wrong_audience_tokens() {
     let env = env().start().await;
     let mut claims = env.idp.claims_for(ALICE_OID);
-    claims["exp"] = json!(now() - 3600);
-    claims["iat"] = json!(now() - 7200);
-    claims["nbf"] = json!(now() - 7200);
+    claims["exp"] = json!(support::now_secs() - 3600);
+    claims["iat"] = json!(support::now_secs() - 7200);
+    claims["nbf"] = json!(support::now_secs() - 7200);
     assert_refused(&env, &env.idp.sign(claims), "expired").await;
 
     let mut claims = env.idp.claims_for(ALICE_OID);
-    claims["nbf"] = json!(now() + 3600);
+    claims["nbf"] = json!(support::now_secs() + 3600);
     assert_refused(&env, &env.idp.sign(claims), "not valid yet").await;
 
     let mut claims = env.idp.claims_for(ALICE_OID);

@@ -63,14 +63,7 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     .await;
     assert_eq!(dataverse.in_flight(), 1, "the request reached Dataverse");
     gateway.signal("TERM");
-    let readyz = || async {
-        client()
-            .get(format!("{}/readyz", gateway.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
+    let readyz = || async { gateway.readyz().await.status() };
     support::eventually("the gateway is draining", || async {
         readyz().await == 503
     })
@@ -164,11 +157,7 @@ async fn sighup_reloads_the_config_and_a_bad_one_is_rejected_without_dropping_re
     })
     .await;
     assert_eq!(whoami(idp.token_for(ALICE_OID)).await, 403);
-    let ready = client()
-        .get(format!("{}/readyz", gateway.admin_url))
-        .send()
-        .await
-        .unwrap();
+    let ready = gateway.readyz().await;
     assert_eq!(ready.status(), 200, "still serving");
 }
 
@@ -186,16 +175,7 @@ async fn a_reload_keeps_deciding_with_the_fetched_metadata_while_dataverse_canno
         ports,
     )
     .await;
-    let readyz = || async {
-        client()
-            .get(format!("{}/readyz", gateway.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let readyz = || async { gateway.readyz().await.text().await.unwrap() };
     support::eventually("the $metadata is fetched", || async {
         readyz().await.contains("default: metadata loaded")
     })

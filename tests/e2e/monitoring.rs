@@ -16,6 +16,7 @@ use std::time::Duration;
 use binary::free_port;
 use serde_json::Value;
 use support::{client, env, get, metric, ALICE_OID};
+use testkit::Scratch;
 use tokio::process::{Child, Command};
 
 const ACCOUNTS: &str = "/api/data/v9.2/accounts";
@@ -472,25 +473,25 @@ fn promtool_accepts_the_rules_and_their_unit_tests_pass() {
 struct Prometheus {
     child: Child,
     url: String,
-    dir: PathBuf,
+    /// Config, data and log; removed after the server is killed.
+    dir: Scratch,
 }
 
 impl Prometheus {
     async fn start(target: std::net::SocketAddr, rules: &Path) -> Self {
         let binary = required_binary("prometheus");
-        let dir = std::env::temp_dir().join(format!("dgw-prometheus-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
+        let dir = Scratch::new("dgw-prometheus").unwrap();
+        let config = dir
+            .write(
+                "prometheus.yml",
+                format!(
                 "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
                  rule_files:\n  - {rules}\n\
                  scrape_configs:\n  - job_name: dynamics-gateway\n    static_configs:\n      - targets: ['{target}']\n",
-                rules = rules.display()
-            ),
-        )
-        .unwrap();
+                    rules = rules.display()
+                ),
+            )
+            .unwrap();
         let port = free_port();
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config.display()))
@@ -525,16 +526,10 @@ impl Prometheus {
     }
 
     async fn api(&self, path: &str, query: &[(&str, &str)]) -> Value {
-        let body: Value = client()
-            .get(
-                url::Url::parse_with_params(&format!("{}/api/v1/{path}", self.url), query).unwrap(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = support::json_of(client().get(
+            url::Url::parse_with_params(&format!("{}/api/v1/{path}", self.url), query).unwrap(),
+        ))
+        .await;
         assert_eq!(body["status"], "success", "{path} {query:?}: {body}");
         body["data"].clone()
     }
@@ -564,7 +559,6 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -177,12 +177,7 @@ async fn microsofts_python_sdk_sees_the_same_dataverse_through_the_gateway_over_
     // What Dataverse saw: the gateway's S2S token impersonating Alice, and never the
     // caller's token or the gateway's address, in any header, URL or body.
     let requests = env.dataverse.requests();
-    let s2s: Vec<String> = env
-        .idp
-        .issued_s2s_tokens()
-        .iter()
-        .map(|t| format!("Bearer {t}"))
-        .collect();
+    let s2s = support::s2s_bearers(&env.idp);
     let gateway_authority = format!("127.0.0.1:{}", env.gateway.addr.port());
     assert!(requests.len() >= 15, "{} requests", requests.len());
     for r in &requests {

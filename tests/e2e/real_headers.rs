@@ -10,10 +10,8 @@ use crate::support;
 
 use dynamics_gateway::config::Config;
 use serde_json::{json, Value};
-use support::{
-    client, error_body, start_gateway, GatewayHandle, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID,
-};
-use testkit::{gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser};
+use support::{client, error_body, start_gateway, GatewayHandle, ALICE_OID};
+use testkit::{gateway_config_yaml, ConfigParts, DataverseHandle, Throttling};
 
 const BOUNDARY: &str = "batch_real_headers";
 
@@ -36,19 +34,9 @@ impl Setup {
 /// IdP, stand-in Dataverse and gateway; `dynamics` gives the extra lines under `dynamics:`
 /// once the stand-in's address is known.
 async fn start(dynamics: impl FnOnce(&DataverseHandle) -> String) -> Setup {
-    let idp = testkit::Idp::builder().start().await.unwrap();
-    let alice = DirectoryUser {
-        systemuserid: ALICE_SYSTEMUSERID.into(),
-        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
-    };
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
+    let (idp, dataverse) = support::stand_ins(Throttling::default()).await;
     let parts = ConfigParts {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: support::CALLER_OBJECT_ID.into(),
         inbound: "  jwks_refetch_interval: 0s\n".into(),
         dynamics: dynamics(&dataverse),
         ..ConfigParts::default()
@@ -375,15 +363,12 @@ async fn alias_links_are_left_alone_without_url_aliases_and_requests_still_name_
     let setup = start(|_| String::new()).await;
     let alias = setup.dataverse.alias_url();
     setup.dataverse.set_link_origin(&alias);
-    let text = client()
-        .get(format!("{}/accounts", setup.api()))
-        .bearer_auth(setup.token())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = support::text_of(
+        client()
+            .get(format!("{}/accounts", setup.api()))
+            .bearer_auth(setup.token()),
+    )
+    .await;
     // The proof the alias test depends on the setting: unlisted, the alias stays.
     assert!(text.contains(&alias), "{text}");
 

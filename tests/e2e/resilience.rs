@@ -154,17 +154,10 @@ async fn requests_over_the_in_flight_cap_get_503_with_retry_after() {
     let token = env.idp.token_for(ALICE_OID);
     let slow: Vec<_> = (0..2)
         .map(|_| {
-            let (url, t) = (format!("{}{ACCOUNTS}", env.gateway.url()), token.clone());
-            tokio::spawn(async move {
-                client()
-                    .get(url)
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
+            let request = client()
+                .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+                .bearer_auth(&token);
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
         })
         .collect();
     support::eventually("both slow requests are in flight", || async {

@@ -45,33 +45,35 @@ impl Tenants {
     }
 }
 
+/// An organisation taking `idp`'s tokens, with one user in its directory.
+async fn organisation(idp: &IdpHandle, oid: &str, email: &str) -> DataverseHandle {
+    Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(DirectoryUser::new(oid, email))
+        .start()
+        .await
+        .unwrap()
+}
+
+/// One entry of `dynamics.environments`: `org`, reached with `idp`'s app registration.
+fn environment(name: &str, idp: &IdpHandle, org: &DataverseHandle, tenant: &str) -> String {
+    format!(
+        "    - name: {name}\n      url: {}\n      tenant_id: {tenant}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
+        org.url(),
+        idp.client_id(),
+        idp.client_secret(),
+        idp.token_url()
+    )
+}
+
 async fn tenants(routing: &str, identity: &str, b_down: bool) -> Tenants {
     let idp_a = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
     let idp_b = Idp::builder().tenant_id(TENANT_B).start().await.unwrap();
     if b_down {
         idp_b.set_token_endpoint_mode(TokenEndpointMode::InvalidClient);
     }
-    let org_a = Dataverse::builder()
-        .accept_tokens_from(idp_a.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@a.example"))
-        .start()
-        .await
-        .unwrap();
-    let org_b = Dataverse::builder()
-        .accept_tokens_from(idp_b.s2s_registry())
-        .user(DirectoryUser::new(BOB_IN_B, "bob@b.example"))
-        .start()
-        .await
-        .unwrap();
-    let env = |name: &str, idp: &IdpHandle, org: &DataverseHandle, tenant: &str| {
-        format!(
-            "    - name: {name}\n      url: {}\n      tenant_id: {tenant}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
-            org.url(),
-            idp.client_id(),
-            idp.client_secret(),
-            idp.token_url()
-        )
-    };
+    let org_a = organisation(&idp_a, ALICE_OID, "alice@a.example").await;
+    let org_b = organisation(&idp_b, BOB_IN_B, "bob@b.example").await;
     let yaml = format!(
         "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
 inbound:\n  issuers:\n    - issuer: {template}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}, {TENANT_B}]\n  jwks_refetch_interval: 0s\n\
@@ -79,8 +81,8 @@ inbound:\n  issuers:\n    - issuer: {template}\n      audiences: [{aud}]\n      
 dynamics:\n  routing: {{ by: {routing} }}\n  environments:\n{a}{b}",
         template = Tenants::template(&idp_a),
         aud = idp_a.audience(),
-        a = env("contoso", &idp_a, &org_a, TENANT_A),
-        b = env("fabrikam", &idp_b, &org_b, TENANT_B),
+        a = environment("contoso", &idp_a, &org_a, TENANT_A),
+        b = environment("fabrikam", &idp_b, &org_b, TENANT_B),
     );
     let gateway = start_gateway(&yaml).await;
     if b_down {
@@ -203,32 +205,26 @@ async fn each_environment_counts_its_requests_upstream_calls_and_tokens_under_it
         assert!(status == 404 || status == 403, "{name}: {status}");
     }
     let series = |name: &str, labels: &str| format!("dynamics_gateway_{name}{{{labels}}}");
+    let gateway = &t.gateway;
+    let sample = |name: &str, labels: &str| {
+        let series = series(name, labels);
+        async move { metric(gateway, &series).await }
+    };
     for (environment, answered) in [("contoso", 2.0), ("fabrikam", 1.0)] {
         let labels = format!("environment=\"{environment}\",method=\"GET\"");
+        let ok = format!("{labels},status=\"200\"");
         assert_eq!(
-            metric(
-                &t.gateway,
-                &series("requests_total", &format!("{labels},status=\"200\""))
-            )
-            .await,
+            sample("requests_total", &ok).await,
             answered,
             "{environment}"
         );
         assert_eq!(
-            metric(
-                &t.gateway,
-                &series("request_duration_seconds_count", &labels)
-            )
-            .await,
+            sample("request_duration_seconds_count", &labels).await,
             answered,
             "{environment}"
         );
         assert_eq!(
-            metric(
-                &t.gateway,
-                &series("upstream_duration_seconds_count", &labels)
-            )
-            .await,
+            sample("upstream_duration_seconds_count", &labels).await,
             answered,
             "{environment}: each request reached its own organisation once"
         );
@@ -259,30 +255,16 @@ async fn each_environment_counts_its_requests_upstream_calls_and_tokens_under_it
 #[tokio::test]
 async fn a_token_shared_by_two_environments_is_fetched_once_and_counted_under_each() {
     let idp = Idp::builder().tenant_id(TENANT_A).start().await.unwrap();
-    let org = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(DirectoryUser::new(ALICE_OID, "alice@a.example"))
-        .start()
-        .await
-        .unwrap();
+    let org = organisation(&idp, ALICE_OID, "alice@a.example").await;
     // Two names for one organisation and app registration: one token serves both.
-    let env = |name: &str| {
-        format!(
-            "    - name: {name}\n      url: {}\n      tenant_id: {TENANT_A}\n      client_id: {}\n      client_secret: {}\n      token_url: {}\n",
-            org.url(),
-            idp.client_id(),
-            idp.client_secret(),
-            idp.token_url()
-        )
-    };
     let yaml = format!(
         "server:\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:2\n\
 inbound:\n  issuers:\n    - issuer: {issuer}\n      audiences: [{aud}]\n      tenants: [{TENANT_A}]\n  jwks_refetch_interval: 0s\n\
 dynamics:\n  routing: {{ by: path_prefix }}\n  environments:\n{a}{b}",
         issuer = idp.issuer(),
         aud = idp.audience(),
-        a = env("sales"),
-        b = env("service"),
+        a = environment("sales", &idp, &org, TENANT_A),
+        b = environment("service", &idp, &org, TENANT_A),
     );
     let gateway = start_gateway(&yaml).await;
     gateway.wait_ready().await;
@@ -307,10 +289,7 @@ async fn template_issuer_accepts_only_listed_tenants_and_matching_iss() {
     let t = tenants("tenant", "", false).await;
     // Correctly signed, from a tenant that is not on the list.
     let response = t.get(WHOAMI, &t.token(ALICE_OID, TENANT_C)).await;
-    let www = response.headers()["www-authenticate"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let www = support::challenge(&response);
     assert_eq!(response.status(), 401);
     assert!(www.contains("tenant"), "{www}");
     // `iss` of one tenant with `tid` of another.

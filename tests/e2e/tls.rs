@@ -36,6 +36,15 @@ fn https_client(pki: &Pki) -> reqwest::ClientBuilder {
         .tls_info(true)
 }
 
+/// GET `url` with `token` as the bearer.
+async fn get_as(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> reqwest::Result<reqwest::Response> {
+    client.get(url).bearer_auth(token).send().await
+}
+
 fn https_url(addr: SocketAddr, path: &str) -> String {
     format!("https://127.0.0.1:{}{path}", addr.port())
 }
@@ -128,10 +137,7 @@ async fn https_is_served_over_http1_and_over_http2_by_alpn() {
     let token = env.idp.token_for(ALICE_OID);
 
     let http1 = https_client(&pki).http1_only().build().unwrap();
-    let response = http1
-        .get(https_url(env.gateway.addr, WHOAMI))
-        .bearer_auth(&token)
-        .send()
+    let response = get_as(&http1, &https_url(env.gateway.addr, WHOAMI), &token)
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -141,10 +147,7 @@ async fn https_is_served_over_http1_and_over_http2_by_alpn() {
 
     let alpn = https_client(&pki).build().unwrap();
     for _ in 0..3 {
-        let response = alpn
-            .get(https_url(env.gateway.addr, WHOAMI))
-            .bearer_auth(&token)
-            .send()
+        let response = get_as(&alpn, &https_url(env.gateway.addr, WHOAMI), &token)
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
@@ -156,12 +159,13 @@ async fn https_is_served_over_http1_and_over_http2_by_alpn() {
     }
 
     // Links the gateway writes name it by the scheme the caller used.
-    let response = alpn
-        .get(https_url(env.gateway.addr, "/api/data/v9.2/accounts"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(
+        &alpn,
+        &https_url(env.gateway.addr, "/api/data/v9.2/accounts"),
+        &token,
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), 200);
     let body: serde_json::Value = response.json().await.unwrap();
     let context = body["@odata.context"].as_str().unwrap();
@@ -175,11 +179,12 @@ async fn plain_http_and_untrusting_clients_get_nothing_from_the_tls_port() {
     let env = tls_env(&pki, false, "").await;
     let token = env.idp.token_for(ALICE_OID);
 
-    let plain = support::client()
-        .get(format!("http://{}{WHOAMI}", env.gateway.addr))
-        .bearer_auth(&token)
-        .send()
-        .await;
+    let plain = get_as(
+        &support::client(),
+        &format!("http://{}{WHOAMI}", env.gateway.addr),
+        &token,
+    )
+    .await;
     assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
     let raw = support::raw_request(
         env.gateway.addr,
@@ -193,17 +198,18 @@ async fn plain_http_and_untrusting_clients_get_nothing_from_the_tls_port() {
     );
 
     // A client that does not trust the test CA refuses the gateway's certificate.
-    let untrusting = reqwest::Client::builder()
-        .no_proxy()
-        .tls_certs_only([
-            reqwest::Certificate::from_pem(Pki::new("other").ca_pem().as_bytes()).unwrap(),
-        ])
-        .build()
-        .unwrap()
-        .get(https_url(env.gateway.addr, WHOAMI))
-        .bearer_auth(&token)
-        .send()
-        .await;
+    let untrusting = get_as(
+        &reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_only([
+                reqwest::Certificate::from_pem(Pki::new("other").ca_pem().as_bytes()).unwrap(),
+            ])
+            .build()
+            .unwrap(),
+        &https_url(env.gateway.addr, WHOAMI),
+        &token,
+    )
+    .await;
     assert!(untrusting.is_err(), "{untrusting:?}");
 }
 
@@ -289,14 +295,13 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_keep_working
     let second_der = der(&second.certificate);
     assert_ne!(first, second_der);
     wait_for_certificate(&pki, env.gateway.addr, &second_der).await;
-    let response = https_client(&pki)
-        .build()
-        .unwrap()
-        .get(https_url(env.gateway.addr, WHOAMI))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_as(
+        &https_client(&pki).build().unwrap(),
+        &https_url(env.gateway.addr, WHOAMI),
+        &token,
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(served_certificate(&response), second_der);
 
@@ -331,6 +336,18 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_keep_working
     wait_for_certificate(&pki, env.gateway.addr, &der(&third.certificate)).await;
 }
 
+/// Why the gateway would not start on `yaml`, as the binary prints it: the error and its
+/// causes.
+async fn start_error(yaml: &str) -> String {
+    let config = dynamics_gateway::config::Config::from_yaml(yaml, &|_| None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = dynamics_gateway::run(config, listener, admin, std::future::pending())
+        .await
+        .unwrap_err();
+    dynamics_gateway::error::chain(&error)
+}
+
 #[tokio::test]
 async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() {
     let pki = Pki::new("start");
@@ -338,18 +355,11 @@ async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() 
     let yaml = config_yaml(
         &idp,
         "https://org.crm.dynamics.com",
-        "identity:\n  mode: caller_object_id\n",
+        support::CALLER_OBJECT_ID,
         &pki.server_yaml(false, "5s"),
         "",
     );
-    let config = dynamics_gateway::config::Config::from_yaml(&yaml, &|_| None).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = dynamics_gateway::run(config, listener, admin, std::future::pending())
-        .await
-        .unwrap_err();
-    // As the binary prints it: the error and its causes.
-    let error = dynamics_gateway::error::chain(&error);
+    let error = start_error(&yaml).await;
     assert!(
         error.contains("server.tls.certificate") && error.contains("server.pem"),
         "{error}"
@@ -362,13 +372,7 @@ async fn a_tls_config_whose_files_do_not_load_stops_the_start_naming_the_file() 
         certificate: a.certificate,
         private_key: b.private_key,
     });
-    let config = dynamics_gateway::config::Config::from_yaml(&yaml, &|_| None).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = dynamics_gateway::run(config, listener, admin, std::future::pending())
-        .await
-        .unwrap_err();
-    let error = dynamics_gateway::error::chain(&error);
+    let error = start_error(&yaml).await;
     assert!(error.contains("does not fit the certificate"), "{error}");
 }
 
@@ -410,7 +414,7 @@ async fn mutual_tls_refuses_clients_without_a_trusted_certificate_and_audits_the
     let yaml = binary_config_with_server(
         &idp,
         &dataverse,
-        "identity:\n  mode: caller_object_id\n",
+        support::CALLER_OBJECT_ID,
         &pki.server_yaml(true, "5s"),
         ports,
     );
@@ -418,23 +422,18 @@ async fn mutual_tls_refuses_clients_without_a_trusted_certificate_and_audits_the
     let url = format!("https://127.0.0.1:{}{WHOAMI}", ports.0);
     let token = idp.token_for(ALICE_OID);
 
-    let anonymous = https_client(&pki)
-        .build()
-        .unwrap()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await;
+    let anonymous = get_as(&https_client(&pki).build().unwrap(), &url, &token).await;
     assert!(anonymous.is_err(), "no client certificate: {anonymous:?}");
     let foreign = pki::foreign_client("intruder");
-    let foreign = https_client(&pki)
-        .identity(reqwest::Identity::from_pem(foreign.identity_pem().as_bytes()).unwrap())
-        .build()
-        .unwrap()
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await;
+    let foreign = get_as(
+        &https_client(&pki)
+            .identity(reqwest::Identity::from_pem(foreign.identity_pem().as_bytes()).unwrap())
+            .build()
+            .unwrap(),
+        &url,
+        &token,
+    )
+    .await;
     assert!(foreign.is_err(), "certificate of another CA: {foreign:?}");
 
     let client_pair = pki.client("orders-app", "Contoso");

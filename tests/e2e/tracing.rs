@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message as _;
 use support::{client, ALICE_OID};
-use testkit::{DataverseHandle, IdpHandle};
+use testkit::{DataverseHandle, IdpHandle, RecordedRequest};
 use tokio::net::TcpListener;
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -118,12 +118,7 @@ fn hex(bytes: &[u8]) -> String {
 async fn gateway(vars: &[(&str, String)]) -> (Binary, Standins) {
     let (idp, dataverse) = standins().await;
     let ports = (free_port(), free_port());
-    let yaml = binary_config(
-        &idp,
-        &dataverse,
-        "identity:\n  mode: caller_object_id\n",
-        ports,
-    );
+    let yaml = binary_config(&idp, &dataverse, support::CALLER_OBJECT_ID, ports);
     let binary = start_binary_with_env(&yaml, ports, vars).await;
     (binary, Standins { idp, dataverse })
 }
@@ -139,6 +134,15 @@ async fn whoami(binary: &Binary, standins: &Standins, traceparent: &str) -> u16 
         .unwrap()
         .status()
         .as_u16()
+}
+
+/// The WhoAmI request the stand-in Dataverse received from the gateway.
+fn forwarded_whoami(dataverse: &DataverseHandle) -> RecordedRequest {
+    dataverse
+        .requests()
+        .into_iter()
+        .find(|r| r.path_and_query.ends_with("WhoAmI"))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -218,11 +222,7 @@ async fn each_stage_is_a_span_in_the_callers_trace_and_dataverse_is_handed_the_c
 
     // Dataverse was handed the gateway's call span in the caller's trace, not the
     // caller's own span id, and not the caller's tracestate verbatim as a parent.
-    let seen = standins.dataverse.requests();
-    let forwarded = seen
-        .iter()
-        .find(|r| r.path_and_query.ends_with("WhoAmI"))
-        .unwrap();
+    let forwarded = forwarded_whoami(&standins.dataverse);
     assert_eq!(
         forwarded.header("traceparent").unwrap(),
         format!("00-{CALLER_TRACE}-{}-01", id("dataverse.call"))
@@ -260,11 +260,7 @@ async fn without_an_endpoint_nothing_is_exported_and_the_callers_trace_context_p
 
     let sent = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
     assert_eq!(whoami(&binary, &standins, &sent).await, 200);
-    let seen = standins.dataverse.requests();
-    let forwarded = seen
-        .iter()
-        .find(|r| r.path_and_query.ends_with("WhoAmI"))
-        .unwrap();
+    let forwarded = forwarded_whoami(&standins.dataverse);
     assert_eq!(
         forwarded.header("traceparent"),
         Some(sent.as_str()),

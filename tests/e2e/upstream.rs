@@ -138,29 +138,19 @@ async fn dynamics_401_causes_one_token_refresh_and_a_retry() {
     assert_eq!(env.idp.token_requests(), 1);
     env.dataverse.revoke_tokens();
     let client = client();
+    let url = format!("{}{ACCOUNTS}", env.gateway.url());
     let tasks: Vec<_> = (0..20)
         .map(|i| {
-            let (c, url, t) = (
-                client.clone(),
-                format!("{}{ACCOUNTS}", env.gateway.url()),
-                token.clone(),
-            );
-            tokio::spawn(async move {
-                let request = if i % 2 == 0 {
-                    c.get(url)
-                } else {
-                    c.post(url)
-                        .header("content-type", "application/json")
-                        .body(r#"{"name":"Retried"}"#)
-                };
-                request
-                    .bearer_auth(t)
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
+            let request = if i % 2 == 0 {
+                client.get(&url)
+            } else {
+                client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(r#"{"name":"Retried"}"#)
+            }
+            .bearer_auth(&token);
+            tokio::spawn(async move { request.send().await.unwrap().status().as_u16() })
         })
         .collect();
     for t in tasks {
@@ -246,11 +236,15 @@ async fn odata_links_point_back_at_the_gateway_and_next_link_round_trips() {
     let token = env.idp.token_for(ALICE_OID);
     let gw = env.gateway.url();
     let dv = env.dataverse.url();
-    let response = client()
-        .get(format!("{gw}{ACCOUNTS}?$select=name"))
-        .bearer_auth(&token)
-        .header("Prefer", "odata.maxpagesize=2")
-        .send()
+    // Pages of two, so the stand-in answers with a next link.
+    let page_of_two = |url: &str| {
+        client()
+            .get(url)
+            .bearer_auth(&token)
+            .header("Prefer", "odata.maxpagesize=2")
+            .send()
+    };
+    let response = page_of_two(&format!("{gw}{ACCOUNTS}?$select=name"))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -267,13 +261,7 @@ async fn odata_links_point_back_at_the_gateway_and_next_link_round_trips() {
     );
     assert!(!next.contains(&dv));
     // Following the link as given reaches the same query upstream, byte for byte.
-    let response = client()
-        .get(&next)
-        .bearer_auth(&token)
-        .header("Prefer", "odata.maxpagesize=2")
-        .send()
-        .await
-        .unwrap();
+    let response = page_of_two(&next).await.unwrap();
     assert_eq!(response.status(), 200);
     let page2: serde_json::Value = response.json().await.unwrap();
     assert_eq!(page2["value"].as_array().unwrap().len(), 1);

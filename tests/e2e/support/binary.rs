@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use testkit::{Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle};
+use testkit::{DataverseHandle, IdpHandle, Scratch, Throttling};
 use tokio::process::{Child, Command};
 
-use crate::support::{client, config_yaml, ALICE_EMAIL, ALICE_OID, ALICE_SYSTEMUSERID};
+use crate::support::config_yaml;
 
 pub struct Binary {
     pub child: Child,
@@ -17,10 +17,16 @@ pub struct Binary {
     /// The config file it was started with; rewrite it and send SIGHUP to reload.
     pub config: PathBuf,
     log: PathBuf,
-    dir: PathBuf,
+    /// Holds the config and the log; removed after the process is killed.
+    dir: Scratch,
 }
 
 impl Binary {
+    /// GET the admin `/readyz`.
+    pub async fn readyz(&self) -> reqwest::Response {
+        super::readyz_at(&self.admin_url).await.unwrap()
+    }
+
     pub fn signal(&self, name: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
@@ -38,7 +44,6 @@ impl Binary {
 impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -51,18 +56,7 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn standins() -> (IdpHandle, DataverseHandle) {
-    let idp = Idp::builder().start().await.unwrap();
-    let alice = DirectoryUser {
-        systemuserid: ALICE_SYSTEMUSERID.into(),
-        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
-    };
-    let dataverse = Dataverse::builder()
-        .accept_tokens_from(idp.s2s_registry())
-        .user(alice)
-        .start()
-        .await
-        .unwrap();
-    (idp, dataverse)
+    super::stand_ins(Throttling::default()).await
 }
 
 /// The gateway config for the binary, on fresh ports.
@@ -83,15 +77,22 @@ pub fn binary_config_with_server(
     server_extra: &str,
     ports: (u16, u16),
 ) -> String {
-    config_yaml(idp, &dataverse.url(), identity, server_extra, "")
-        .replace(
-            "listen: 127.0.0.1:1",
-            &format!("listen: 127.0.0.1:{}", ports.0),
-        )
-        .replace(
-            "admin_listen: 127.0.0.1:2",
-            &format!("admin_listen: 127.0.0.1:{}", ports.1),
-        )
+    on_ports(
+        &config_yaml(idp, &dataverse.url(), identity, server_extra, ""),
+        ports,
+    )
+}
+
+/// `yaml` (written with the placeholder ports 1 and 2) listening on `ports` (app, admin).
+pub fn on_ports(yaml: &str, ports: (u16, u16)) -> String {
+    yaml.replace(
+        "listen: 127.0.0.1:1",
+        &format!("listen: 127.0.0.1:{}", ports.0),
+    )
+    .replace(
+        "admin_listen: 127.0.0.1:2",
+        &format!("admin_listen: 127.0.0.1:{}", ports.1),
+    )
 }
 
 pub async fn start_binary(yaml: &str, ports: (u16, u16)) -> Binary {
@@ -128,11 +129,9 @@ enum Stderr {
 }
 
 async fn spawn(yaml: &str, ports: (u16, u16), vars: &[(&str, String)], to: Stderr) -> Binary {
-    let dir = std::env::temp_dir().join(format!("dgw-life-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.yaml");
+    let dir = Scratch::new("dgw-life").unwrap();
+    let config = dir.write("config.yaml", yaml).unwrap();
     let log = dir.join("stderr.log");
-    std::fs::write(&config, yaml).unwrap();
     let stderr = match to {
         Stderr::File => std::fs::File::create(&log).unwrap().into(),
         Stderr::Unread | Stderr::Closed => std::process::Stdio::piped(),
@@ -159,14 +158,8 @@ async fn spawn(yaml: &str, ports: (u16, u16), vars: &[(&str, String)], to: Stder
         dir,
     };
     for _ in 0..200 {
-        if let Ok(r) = client()
-            .get(format!("{}/readyz", binary.admin_url))
-            .send()
-            .await
-        {
-            if r.status() == 200 {
-                return binary;
-            }
+        if super::is_ready(&binary.admin_url).await {
+            return binary;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

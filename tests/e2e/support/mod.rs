@@ -12,7 +12,7 @@ use std::time::Duration;
 use dynamics_gateway::config::Config;
 use testkit::{
     gateway_config_yaml, ConfigParts, Dataverse, DataverseHandle, DirectoryUser, Idp, IdpHandle,
-    TokenEndpointMode,
+    Throttling, TokenEndpointMode,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -23,6 +23,45 @@ pub const ALICE_OID: &str = "9f2c4c1e-5d7a-4b8e-a6c3-0d1e2f3a4b5c";
 pub const BOB_OID: &str = "1b4e28ba-2fa1-41d2-883f-0016d3cca427";
 pub const ALICE_EMAIL: &str = "alice@contoso.example";
 pub const ALICE_SYSTEMUSERID: &str = "3f2504e0-4f89-11d3-9a0c-0305e82c3301";
+/// The `identity:` section that looks each caller up by object id (Alice is in the
+/// stand-in's directory).
+pub const CALLER_OBJECT_ID: &str = "identity:\n  mode: caller_object_id\n";
+
+/// The time now in seconds since 1970, as JWT claims (`exp`, `iat`, `nbf`) carry it.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An identity provider, and a Dataverse that accepts its tokens, knows Alice (as
+/// [`ALICE_SYSTEMUSERID`]) and throttles as `throttling` says.
+pub async fn stand_ins(throttling: Throttling) -> (IdpHandle, DataverseHandle) {
+    let idp = Idp::builder().start().await.unwrap();
+    let alice = DirectoryUser {
+        systemuserid: ALICE_SYSTEMUSERID.into(),
+        ..DirectoryUser::new(ALICE_OID, ALICE_EMAIL)
+    };
+    let dataverse = Dataverse::builder()
+        .accept_tokens_from(idp.s2s_registry())
+        .user(alice)
+        .throttling(throttling)
+        .start()
+        .await
+        .unwrap();
+    (idp, dataverse)
+}
+
+/// Dataverse's concurrency limit: at most `n` requests at once, the rest 429 with a 1 s
+/// `Retry-After`.
+pub fn at_most(n: usize) -> Throttling {
+    Throttling {
+        max_concurrent: Some(n),
+        concurrency_retry_after: Duration::from_secs(1),
+        ..Throttling::default()
+    }
+}
 
 /// A running identity provider, stand-in Dataverse and gateway.
 pub struct Env {
@@ -63,25 +102,14 @@ impl GatewayHandle {
 
     /// GET the admin `/readyz`.
     pub async fn readyz(&self) -> reqwest::Response {
-        client()
-            .get(format!("{}/readyz", self.admin_url()))
-            .send()
-            .await
-            .unwrap()
+        readyz_at(&self.admin_url()).await.unwrap()
     }
 
     /// Waits until `/readyz` answers 200 (at most 10 s).
     pub async fn wait_ready(&self) {
-        let client = client();
         for _ in 0..200 {
-            if let Ok(r) = client
-                .get(format!("{}/readyz", self.admin_url()))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    return;
-                }
+            if is_ready(&self.admin_url()).await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -124,7 +152,7 @@ pub struct EnvBuilder {
 
 pub fn env() -> EnvBuilder {
     EnvBuilder {
-        identity: "identity:\n  mode: caller_object_id\n".into(),
+        identity: CALLER_OBJECT_ID.into(),
         server_extra: String::new(),
         inbound_extra: "  jwks_refetch_interval: 0s\n".into(),
         dynamics_extra: String::new(),
@@ -315,6 +343,22 @@ pub async fn expect_error(response: reqwest::Response, status: u16, code: &str) 
     message
 }
 
+/// The `WWW-Authenticate` challenge of a response (the test fails if there is none).
+pub fn challenge(response: &reqwest::Response) -> String {
+    response.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The `Authorization` values of every S2S token `idp` issued, as Dataverse receives them.
+pub fn s2s_bearers(idp: &IdpHandle) -> Vec<String> {
+    idp.issued_s2s_tokens()
+        .iter()
+        .map(|t| format!("Bearer {t}"))
+        .collect()
+}
+
 /// POSTs `body` to `path` on the gateway with a bearer token and a `Content-Type`.
 pub async fn post(
     gateway: &GatewayHandle,
@@ -333,16 +377,19 @@ pub async fn post(
         .unwrap()
 }
 
+/// Sends `request` and reads the answer's body as text, whatever its status.
+pub async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// Sends `request` and reads the answer's body as JSON, whatever its status.
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// The Prometheus text an admin listener serves at `/metrics`.
 pub async fn metrics_text(admin_url: &str) -> String {
-    client()
-        .get(format!("{admin_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    text_of(client().get(format!("{admin_url}/metrics"))).await
 }
 
 /// Polls `condition` until it holds, failing the test after 10 s: for state the gateway
@@ -359,6 +406,17 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("{what}: not within 10s");
+}
+
+/// GET `/readyz` on the admin listener at `admin_url`.
+pub async fn readyz_at(admin_url: &str) -> reqwest::Result<reqwest::Response> {
+    client().get(format!("{admin_url}/readyz")).send().await
+}
+
+/// Whether the admin listener at `admin_url` answers `/readyz` with 200 (not listening
+/// yet counts as not ready).
+pub async fn is_ready(admin_url: &str) -> bool {
+    matches!(readyz_at(admin_url).await, Ok(r) if r.status() == 200)
 }
 
 /// The text `/readyz` answers.

@@ -8,9 +8,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use testkit::Scratch;
 
 pub struct Pki {
-    pub dir: PathBuf,
+    /// The PEM files; removed with the `Pki`.
+    dir: Scratch,
     ca: CertifiedIssuer<'static, KeyPair>,
 }
 
@@ -29,10 +31,9 @@ impl Pair {
 
 impl Pki {
     pub fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("dgw-{name}-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Scratch::new(&format!("dgw-{name}")).unwrap();
         let ca = Self::authority(&format!("{name} test CA"));
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        dir.write("ca.pem", ca.pem()).unwrap();
         Self { dir, ca }
     }
 
@@ -90,8 +91,7 @@ impl Pki {
             ("server-key.pem", &pair.private_key),
             ("server.pem", &pair.certificate),
         ] {
-            let temp = self.path(&format!("{file}.new"));
-            std::fs::write(&temp, text).unwrap();
+            let temp = self.dir.write(&format!("{file}.new"), text).unwrap();
             std::fs::rename(&temp, self.path(file)).unwrap();
         }
     }
@@ -110,12 +110,6 @@ impl Pki {
             ));
         }
         yaml
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
