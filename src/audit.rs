@@ -134,7 +134,7 @@ impl Audit {
         let path = if self.redact_query {
             Cow::Owned(redact_query(r.path_and_query))
         } else {
-            Cow::Borrowed(r.path_and_query)
+            redact_credentials(r.path_and_query)
         };
         tracing::info!(
             target: "dynamics_gateway::audit",
@@ -170,6 +170,103 @@ fn bounded(text: &str, max: usize) -> Cow<'_, str> {
         &text[..end],
         text.len() - end
     ))
+}
+
+/// Query parameters whose values are credentials by name (compared case-insensitively,
+/// after percent-decoding): a caller that puts one in a URL must not find it in our logs.
+const CREDENTIAL_PARAMETERS: &[&str] = &[
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "token",
+    "code",
+    "client_secret",
+    "client_assertion",
+    "password",
+    "api_key",
+    "apikey",
+    "sig",
+    "signature",
+];
+
+/// What stands in a log line where a credential was.
+const REDACTED: &str = "[redacted]";
+
+/// `path_and_query` with every JWT (anywhere) and the value of every
+/// [`CREDENTIAL_PARAMETERS`] parameter replaced by `[redacted]`; borrowed when there is
+/// none, which is every ordinary request.
+pub fn redact_credentials(path_and_query: &str) -> Cow<'_, str> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let credential_parameter = |pair: &str| {
+        let key = pair.split('=').next().unwrap_or_default();
+        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+        pair.contains('=')
+            && CREDENTIAL_PARAMETERS
+                .iter()
+                .any(|name| key.eq_ignore_ascii_case(name))
+    };
+    let query_names_credential = query.is_some_and(|q| q.split('&').any(credential_parameter));
+    if !query_names_credential && jwt_at(path_and_query).is_none() {
+        return Cow::Borrowed(path_and_query);
+    }
+    let mut out = without_jwts(path);
+    if let Some(query) = query {
+        out.push('?');
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            match pair.split_once('=') {
+                Some((key, _)) if credential_parameter(pair) => {
+                    out.push_str(key);
+                    out.push('=');
+                    out.push_str(REDACTED);
+                }
+                _ => out.push_str(&without_jwts(pair)),
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Whether `text` holds something shaped like a JWT (JWS or JWE compact form).
+pub fn holds_jwt(text: &[u8]) -> bool {
+    std::str::from_utf8(text).is_ok_and(|t| jwt_at(t).is_some())
+}
+
+/// The first run that reads as a compact JWT: `eyJ` (base64url of `{"`) and at least two
+/// dots among base64url characters.
+fn jwt_at(text: &str) -> Option<std::ops::Range<usize>> {
+    let is_part = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.';
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while let Some(found) = text[from..].find("eyJ") {
+        let start = from + found;
+        let end = bytes[start..]
+            .iter()
+            .position(|&c| !is_part(c))
+            .map_or(bytes.len(), |n| start + n);
+        if bytes[start..end].iter().filter(|&&c| c == b'.').count() >= 2 {
+            return Some(start..end);
+        }
+        from = end.max(start + 3);
+    }
+    None
+}
+
+fn without_jwts(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(jwt) = jwt_at(rest) {
+        out.push_str(&rest[..jwt.start]);
+        out.push_str(REDACTED);
+        rest = &rest[jwt.end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `path?a=1&b=x` -> `path?a=&b=`: the shape of the query without its values.
@@ -215,6 +312,41 @@ mod tests {
             3,
             "three lines in one window"
         );
+    }
+
+    #[test]
+    fn credentials_are_redacted_and_the_rest_of_the_path_kept() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln";
+        let plain = "/api/data/v9.2/accounts?$select=name&$top=5";
+        assert!(matches!(redact_credentials(plain), Cow::Borrowed(_)));
+        for (given, logged) in [
+            (
+                format!("/api/data/v9.2/accounts?access_token={jwt}&$top=5"),
+                "/api/data/v9.2/accounts?access_token=[redacted]&$top=5".to_string(),
+            ),
+            (
+                "/api/data/v9.2/accounts?$top=1&CLIENT_SECRET=s3cr3t&Access%5FToken=x".into(),
+                "/api/data/v9.2/accounts?$top=1&CLIENT_SECRET=[redacted]&Access%5FToken=[redacted]"
+                    .into(),
+            ),
+            (
+                format!("/api/data/v9.2/accounts?$filter=name%20eq%20'{jwt}'"),
+                "/api/data/v9.2/accounts?$filter=name%20eq%20'[redacted]'".into(),
+            ),
+            (
+                format!("/api/data/v9.2/{jwt}/accounts"),
+                "/api/data/v9.2/[redacted]/accounts".into(),
+            ),
+            (
+                "/api/data/v9.2/accounts?sig=abc&signature".into(),
+                "/api/data/v9.2/accounts?sig=[redacted]&signature".into(),
+            ),
+        ] {
+            assert_eq!(redact_credentials(&given), logged, "{given}");
+        }
+        assert!(holds_jwt(jwt.as_bytes()));
+        assert!(!holds_jwt(b"eyJ-not.a-token"));
+        assert!(!holds_jwt(b"3f2504e0-4f89-11d3-9a0c-0305e82c3301"));
     }
 
     #[test]

@@ -374,7 +374,8 @@ impl Pipeline {
     }
 }
 
-/// The caller's `x-request-id` when it is short and plain, else a new UUID.
+/// The caller's `x-request-id` when it is short and plain, else a new UUID. A token is
+/// no id: kept, it would be logged and echoed.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
@@ -384,6 +385,7 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
                 && b.len() <= 128
                 && b.iter()
                     .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(c))
+                && !crate::audit::holds_jwt(b)
         })
         .cloned()
         .unwrap_or_else(|| {

@@ -218,6 +218,8 @@ impl BudgetStoreConfig {
 
 /// Far above Dataverse's 52 concurrent requests per user and web server.
 const MAX_BUDGET_CONCURRENCY: usize = 10_000;
+/// Longest `dynamics.token_timeout`.
+const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Requests waiting for a slot, per environment.
 const MAX_BUDGET_QUEUE: usize = 1_000_000;
 
@@ -477,6 +479,13 @@ pub(super) fn dynamics_config(
     if token_timeout < Duration::from_millis(100) {
         // Shorter fails every request before an answer could arrive.
         return Err(invalid("dynamics.token_timeout", "must be at least 100ms"));
+    }
+    if token_timeout > MAX_TOKEN_TIMEOUT {
+        // A hung endpoint would hold the refresher this long before it retries.
+        return Err(invalid(
+            "dynamics.token_timeout",
+            "must be at most 5m (a token endpoint that has not answered by then is retried)",
+        ));
     }
     let budget_store = d.budget.store.map(budget_store).transpose()?;
     if let Some(store) = &budget_store {

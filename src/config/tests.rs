@@ -426,6 +426,17 @@ fn the_token_timeout_defaults_to_15s_and_carries_a_unit() {
         let err = load(&with(bad)).unwrap_err().to_string();
         assert!(err.contains("dynamics.token_timeout"), "{bad}: {err}");
     }
+    assert_eq!(
+        load(&with("5m")).unwrap().dynamics.token_timeout,
+        Duration::from_secs(300)
+    );
+    for absurd in ["301s", "10d", "1000000h"] {
+        let err = load(&with(absurd)).unwrap_err().to_string();
+        assert!(
+            err.contains("dynamics.token_timeout") && err.contains("at most 5m"),
+            "{absurd}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -246,7 +246,7 @@ pub(crate) async fn s2s_get_with(
     headers: HeaderMap,
 ) -> Result<http::Response<hyper::body::Incoming>, LookupError> {
     let mut token = tokens
-        .current_or_first()
+        .current_or_first(tokio::time::Instant::now() + timeout)
         .await
         .map_err(UpstreamError::from)?;
     let mut retried = false;

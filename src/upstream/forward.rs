@@ -302,7 +302,7 @@ impl Forwarder {
         let mut body_over = Some(body_over);
         let mut token = self
             .tokens
-            .current_or_first()
+            .current_or_first(deadline)
             .instrument(tracing::info_span!(target: SPAN_TARGET, "s2s_token"))
             .await?;
         let uri = self.client.uri(ctx.path_and_query)?;

@@ -273,16 +273,16 @@ impl TokenSource {
     }
 
     /// As [`Self::current`], but while the very first fetch is still in flight, waits for
-    /// it (at most `first_fetch_wait`) instead of failing: at start-up one environment
-    /// may be ready before another.
-    pub async fn current_or_first(&self) -> Result<Arc<S2sToken>, TokenError> {
+    /// it (at most `first_fetch_wait`, and never past the request's `deadline`) instead of
+    /// failing: at start-up one environment may be ready before another.
+    pub async fn current_or_first(&self, deadline: Instant) -> Result<Arc<S2sToken>, TokenError> {
         if let Ok(token) = self.current() {
             return Ok(token);
         }
         let mut done = self.first_attempt_done.subscribe();
+        let until = deadline.min(Instant::now() + self.policy.first_fetch_wait);
         // Waiting only bounds the wait: the outcome is read from `current` either way.
-        let _ =
-            tokio::time::timeout(self.policy.first_fetch_wait, done.wait_for(|done| *done)).await;
+        let _ = tokio::time::timeout_at(until, done.wait_for(|done| *done)).await;
         self.current()
     }
 

@@ -506,3 +506,46 @@ async fn a_reload_names_the_keys_it_cannot_apply_and_applies_the_rest() {
     assert!(!warning.contains("max_request_body"), "{warning}");
     assert_eq!(post(2048).await, 413, "the body limit is applied: {log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_a_caller_puts_in_the_url_or_the_request_id_never_reaches_the_log() {
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let gateway = start_binary(&binary_config(&idp, &dataverse, "", ports), ports).await;
+    let bearer = idp.token_for(ALICE_OID);
+    let leaked = idp.token_for(ALICE_OID);
+    let query = format!("{WHOAMI}?$select=fullname&access_token={leaked}&client_secret=hunter2");
+    let authenticated = client()
+        .get(format!("{}{query}", gateway.url))
+        .bearer_auth(&bearer)
+        .header("x-request-id", &leaked)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(authenticated.status(), 200);
+    let echoed = authenticated.headers()["x-request-id"].to_str().unwrap();
+    assert!(
+        uuid::Uuid::parse_str(echoed).is_ok(),
+        "a token is no request id; a generated one stands in: {echoed}"
+    );
+    // Refused before authentication: its line is written too, and must not carry it either.
+    let refused = client()
+        .get(format!("{}{WHOAMI}?token={leaked}", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401);
+    flush_log(&gateway, &idp).await;
+    let log = gateway.log();
+    for secret in [leaked.as_str(), bearer.as_str(), "hunter2"] {
+        assert!(!log.contains(secret), "{secret} in the log: {log}");
+    }
+    let line = log
+        .lines()
+        .find(|l| l.contains("client_secret="))
+        .unwrap_or_else(|| panic!("the request's audit line: {log}"));
+    assert!(
+        line.contains("$select=fullname&access_token=[redacted]&client_secret=[redacted]"),
+        "the rest of the query is kept: {line}"
+    );
+}

@@ -400,6 +400,27 @@ async fn a_token_endpoint_that_never_answers_is_timed_out_and_retried() {
 }
 
 #[tokio::test]
+async fn a_request_waiting_for_the_first_token_gives_up_at_its_own_deadline() {
+    let env = env()
+        .token_endpoint(TokenEndpointMode::Hang)
+        .dynamics("  token_timeout: 5m\n")
+        .server("  request_timeout: 1s\n  exchange_timeout: 1s\n")
+        .start_unready()
+        .await;
+    env.first_token_request().await;
+    // Far below token_timeout: without the bound the request would still be waiting.
+    let response = client()
+        .get(format!("{}{ACCOUNTS}", env.gateway.url()))
+        .bearer_auth(env.idp.token_for(ALICE_OID))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("answered within the exchange timeout, not token_timeout");
+    expect_error(response, 503, "DynamicsGateway.NoUpstreamToken").await;
+    assert_eq!(env.dataverse.request_count(), 0, "nothing forwarded");
+}
+
+#[tokio::test]
 async fn a_caller_hanging_up_before_the_answer_is_still_counted_and_releases_its_slot() {
     let env = env().start().await;
     env.dataverse.set_delay(Duration::from_secs(3));
