@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::discovery::{self, FetchError};
-use super::jwt::UnverifiedToken;
+use super::jwt::{ClaimRules, PublicKey, UnverifiedToken};
 use super::{AuthError, Caller, CallerKind};
 use crate::backoff::Backoff;
 use crate::config::{token_type, InboundConfig, IssuerConfig, TENANT_PLACEHOLDER};
@@ -25,7 +25,7 @@ use crate::metrics::Metrics;
 
 /// A verification key from the issuer's JWKS.
 struct SigningKey {
-    key: DecodingKey,
+    key: PublicKey,
     /// The JWK's own `alg`, when it names one: the token must then use exactly that.
     alg: Option<Algorithm>,
 }
@@ -88,7 +88,7 @@ impl<'de> Deserialize<'de> for BoundedKeys {
 pub struct JwksCache {
     issuer: Arc<str>,
     config: IssuerConfig,
-    validations: HashMap<Algorithm, Validation>,
+    rules: ClaimRules,
     keys: ArcSwapOption<KeySet>,
     /// Discovered `jwks_uri`, forgotten when a fetch from it fails.
     jwks_uri: Mutex<Option<Url>>,
@@ -139,27 +139,17 @@ impl JwksCache {
         http: reqwest::Client,
         metrics: Metrics,
     ) -> Self {
-        let validations = config
-            .algorithms
-            .iter()
-            .map(|alg| {
-                let mut v = Validation::new(*alg);
-                v.leeway = inbound.leeway.as_secs();
-                v.validate_nbf = true;
-                v.set_required_spec_claims(&["exp", "iss", "aud"]);
-                // A template's `iss` differs per tenant; `verify` checks it after decoding.
-                if !config.issuer.contains(TENANT_PLACEHOLDER) {
-                    v.set_issuer(&[&config.issuer]);
-                }
-                v.set_audience(&config.audiences);
-                (*alg, v)
-            })
-            .collect();
+        let rules = ClaimRules {
+            // A template's `iss` differs per tenant; `verify` checks it after decoding.
+            issuer: (!config.issuer.contains(TENANT_PLACEHOLDER)).then(|| config.issuer.clone()),
+            audiences: config.audiences.clone(),
+            leeway: inbound.leeway.as_secs(),
+        };
         Self {
             issuer: Arc::from(config.issuer.as_str()),
             jwks_uri: Mutex::new(config.jwks_uri.clone()),
             config,
-            validations,
+            rules,
             keys: ArcSwapOption::empty(),
             fetch_lock: tokio::sync::Mutex::new(None),
             refetch_interval: inbound.jwks_refetch_interval,
@@ -198,19 +188,16 @@ impl JwksCache {
     }
 
     /// Verifies a token that names this issuer.
-    pub async fn verify(&self, token: &UnverifiedToken<'_>) -> Result<Caller, AuthError> {
+    pub async fn verify(&self, token: UnverifiedToken<'_>) -> Result<Caller, AuthError> {
         let alg = token.algorithm(&self.config.algorithms)?;
         let kid = token.kid().ok_or(AuthError::MissingKid)?;
         let key = self.key(kid).await?;
         if key.alg.is_some_and(|a| a != alg) {
             return Err(AuthError::DisallowedAlgorithm(format!("{alg:?}")));
         }
-        let validation = self
-            .validations
-            .get(&alg)
-            .ok_or_else(|| AuthError::DisallowedAlgorithm(format!("{alg:?}")))?;
-        let claims = token.verify(&key.key, validation)?;
-        self.check_access_token(token, &claims)?;
+        let verified = token.verify(&key.key, alg, &self.rules)?;
+        self.check_access_token(verified.token_type.as_deref(), &verified.claims)?;
+        let claims = verified.claims;
         let tid = claims.get("tid").and_then(|t| t.as_str());
         let issuer = if self.is_template() {
             // Signed claims now: `iss` must be the template with the token's own `tid`.
@@ -238,7 +225,7 @@ impl JwksCache {
     /// or lies in the future.
     fn check_access_token(
         &self,
-        token: &UnverifiedToken<'_>,
+        typ: Option<&str>,
         claims: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), AuthError> {
         if claims.contains_key("nonce") {
@@ -247,7 +234,7 @@ impl JwksCache {
             ));
         }
         if let Some(types) = &self.config.token_types {
-            let typ = token.token_type().map(token_type);
+            let typ = typ.map(token_type);
             if !typ.is_some_and(|t| types.contains(&t)) {
                 return Err(AuthError::TokenTypeNotAllowed);
             }
@@ -333,7 +320,7 @@ impl JwksCache {
             if let Some(fetch) = fake {
                 let kids = fetch.await?;
                 let key = |kid: &str| {
-                    let key = DecodingKey::from_secret(kid.as_bytes());
+                    let key = PublicKey::placeholder();
                     (kid.to_string(), Arc::new(SigningKey { key, alg: None }))
                 };
                 let by_kid = kids.into_iter().map(key).collect();
@@ -374,7 +361,12 @@ impl JwksCache {
                 max: MAX_JWKS_KEYS,
             });
         }
-        let by_kid: HashMap<_, _> = doc.keys.keys.into_iter().filter_map(signing_key).collect();
+        let by_kid: HashMap<_, _> = doc
+            .keys
+            .keys
+            .into_iter()
+            .filter_map(|key| signing_key(key, &self.config.algorithms))
+            .collect();
         if by_kid.is_empty() {
             return Err(FetchError::NoKeys {
                 url: uri.to_string(),
@@ -410,8 +402,12 @@ impl JwksCache {
     }
 }
 
-/// A usable signature key from one JWKS entry; encryption keys and keys without `kid` are skipped.
-fn signing_key(value: serde_json::Value) -> Option<(String, Arc<SigningKey>)> {
+/// A usable signature key from one JWKS entry, parsed for the issuer's `algorithms`;
+/// encryption keys and keys without `kid` are skipped.
+fn signing_key(
+    value: serde_json::Value,
+    algorithms: &[Algorithm],
+) -> Option<(String, Arc<SigningKey>)> {
     let alg = value
         .get("alg")
         .and_then(|a| a.as_str())
@@ -427,10 +423,9 @@ fn signing_key(value: serde_json::Value) -> Option<(String, Arc<SigningKey>)> {
         None => None,
     };
     let key = DecodingKey::from_jwk(&jwk).ok()?;
-    // A symmetric key in a public JWKS would let anyone who reads the set sign tokens.
-    if matches!(key.family(), jsonwebtoken::AlgorithmFamily::Hmac) {
-        return None;
-    }
+    // A symmetric key in a public JWKS would let anyone who reads the set sign tokens:
+    // `PublicKey::new` refuses it.
+    let key = PublicKey::new(&key, algorithms)?;
     Some((kid, Arc::new(SigningKey { key, alg })))
 }
 

@@ -258,7 +258,7 @@ impl Authenticator {
             return Ok(caller);
         }
         let unverified = jwt::UnverifiedToken::parse(token)?;
-        let caller = self.issuer_for(&unverified)?.verify(&unverified).await?;
+        let caller = self.issuer_for(&unverified)?.verify(unverified).await?;
         self.verified.insert(token, &caller);
         Ok(caller)
     }
