@@ -120,7 +120,8 @@ impl Audit {
                 request_id = r.request_id,
                 peer = %r.peer,
                 reason = error.reason(),
-                error = %crate::error::chain(error),
+                // Messages quote what the caller sent (a part's target, a name in the path).
+                error = %without_jwts(&crate::error::chain(error)),
                 "request refused"
             );
         }

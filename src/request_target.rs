@@ -92,8 +92,7 @@ impl<'a> PartTarget<'a> {
             PartPath::Absolute(p) | PartPath::Relative(p) => p,
             PartPath::Reference { .. } => path_and_query.split('?').next().unwrap_or_default(),
         };
-        let last = written.rsplit('/').next().unwrap_or_default();
-        if last.eq_ignore_ascii_case("$batch") {
+        if written.split('/').any(names_batch) {
             return Err(PartTargetError::NestedBatch);
         }
         Ok(Self { path, query })
@@ -180,6 +179,27 @@ pub fn request_target(uri: &Uri, prefixed: bool) -> Result<RequestTarget<'_>, Pa
         return Err(PathError::MisplacedBatch);
     }
     Ok(target)
+}
+
+/// Whether a part's path segment is, or could be read by Dataverse as, `$batch`: in any
+/// case and under any depth of percent-encoding (`%24batch`, `%2524BATCH`), and with
+/// anything around it, since a nested batch would carry requests no rule has seen.
+fn names_batch(segment: &str) -> bool {
+    let mut text = std::borrow::Cow::Borrowed(segment);
+    for _ in 0..4 {
+        if text.to_ascii_lowercase().contains("$batch") {
+            return true;
+        }
+        let decoded = percent_encoding::percent_decode_str(&text)
+            .decode_utf8_lossy()
+            .into_owned();
+        if decoded == text {
+            return false;
+        }
+        text = std::borrow::Cow::Owned(decoded);
+    }
+    // Still encoded after four rounds: nobody writes that for a real table.
+    true
 }
 
 /// `/api/data/<version>/$batch`, exactly.
@@ -386,6 +406,12 @@ mod tests {
             ("/api/data/v9.2/$batch", PartTargetError::NestedBatch),
             ("$BATCH", PartTargetError::NestedBatch),
             ("$1/$batch", PartTargetError::NestedBatch),
+            ("contacts/%24batch", PartTargetError::NestedBatch),
+            ("%24BATCH", PartTargetError::NestedBatch),
+            ("%2524batch/x", PartTargetError::NestedBatch),
+            ("%24batchx", PartTargetError::NestedBatch),
+            ("/api/data/v9.2/%24batch", PartTargetError::NestedBatch),
+            ("$1/%24batch", PartTargetError::NestedBatch),
             (
                 "/XRMServices/2011",
                 PartTargetError::Path(PathError::NotProxied),

@@ -294,6 +294,28 @@ async fn parts_naming_another_host_or_a_path_outside_api_data_are_refused() {
     assert!(batches(&env).is_empty());
 }
 
+/// A part that is itself a batch, its target encoded so that no literal `$batch` shows:
+/// a nested batch would carry requests no rule has seen, whatever Dataverse does with it.
+#[tokio::test]
+async fn a_nested_batch_in_any_spelling_is_refused_naming_the_part() {
+    let env = env().start().await;
+    let token = env.idp.token_for(ALICE_OID);
+    let inner = "Content-Type: multipart/mixed; boundary=inner\r\n\r\n--inner\r\nContent-Type: application/http\r\n\r\nGET contacts HTTP/1.1\r\n\r\n\r\n--inner--";
+    for target in [
+        "contacts/%24batch",
+        "%24BATCH",
+        "%2524batch/x",
+        "%24batchx",
+        "/api/data/v9.2/%24batch",
+        "accounts/%2524BaTcH",
+    ] {
+        let line = format!("POST {target} HTTP/1.1\r\n{inner}");
+        let message = part_refused(&env, &token, one_part("", &line), target).await;
+        assert!(message.contains("part 1"), "{target}: {message}");
+    }
+    assert!(batches(&env).is_empty(), "nothing forwarded");
+}
+
 /// A part's request target with a `#`: RFC 3986 ends the path at it (so
 /// `http://host#/api/data/v9.2/accounts` is the service root), a reader looking for the
 /// first `/` does not, so the path checks and the access decision could read different
