@@ -318,6 +318,11 @@ where
             }
             _ = abort.cancelled() => return "aborted at the end of the shutdown grace",
             _ = drain.cancelled(), if !closing => {
+                // HTTP/1 with no request in progress: at most a head is half sent, and a
+                // peer that trickles one must not hold the shutdown for the whole grace.
+                if !activity.http2.load(Ordering::Acquire) && activity.idle_since().is_some() {
+                    return "closed at shutdown: no request in progress";
+                }
                 closing = true;
                 connection.as_mut().graceful();
                 check_at = Instant::now() + limits.shutdown_grace;

@@ -549,3 +549,42 @@ async fn a_token_a_caller_puts_in_the_url_or_the_request_id_never_reaches_the_lo
         "the rest of the query is kept: {line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_sent_request_head_does_not_hold_the_shutdown_for_the_grace() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (idp, dataverse) = standins().await;
+    let ports = (free_port(), free_port());
+    let yaml = binary::binary_config_with_server(
+        &idp,
+        &dataverse,
+        "",
+        "  shutdown_grace: 60s\n  header_read_timeout: 60s\n",
+        ports,
+    );
+    let mut gateway = start_binary(&yaml, ports).await;
+    let mut trickler = tokio::net::TcpStream::connect(gateway.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    trickler
+        .write_all(b"GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nHost: gw\r\n")
+        .await
+        .unwrap();
+    get_tagged(
+        &gateway,
+        WHOAMI,
+        &idp.token_for(ALICE_OID),
+        "before-the-shutdown",
+    )
+    .await;
+    gateway.signal("TERM");
+    // Far below the 60 s grace and header_read_timeout: only closing it at once fits.
+    let status = tokio::time::timeout(Duration::from_secs(20), gateway.child.wait())
+        .await
+        .expect("exited without waiting out the grace")
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{}", gateway.log());
+    let mut rest = Vec::new();
+    let _ = trickler.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "closed without an answer: {rest:?}");
+}
