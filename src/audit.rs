@@ -121,7 +121,7 @@ impl Audit {
                 peer = %r.peer,
                 reason = error.reason(),
                 // Messages quote what the caller sent (a part's target, a name in the path).
-                error = %without_jwts(&crate::error::chain(error)),
+                error = %redact_credentials(&crate::error::chain(error)),
                 "request refused"
             );
         }
@@ -193,44 +193,62 @@ const CREDENTIAL_PARAMETERS: &[&str] = &[
 /// What stands in a log line where a credential was.
 const REDACTED: &str = "[redacted]";
 
-/// `path_and_query` with every JWT (anywhere) and the value of every
-/// [`CREDENTIAL_PARAMETERS`] parameter replaced by `[redacted]`; borrowed when there is
-/// none, which is every ordinary request.
-pub fn redact_credentials(path_and_query: &str) -> Cow<'_, str> {
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((path, query)) => (path, Some(query)),
-        None => (path_and_query, None),
-    };
-    let credential_parameter = |pair: &str| {
-        let key = pair.split('=').next().unwrap_or_default();
-        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
-        pair.contains('=')
-            && CREDENTIAL_PARAMETERS
-                .iter()
-                .any(|name| key.eq_ignore_ascii_case(name))
-    };
-    let query_names_credential = query.is_some_and(|q| q.split('&').any(credential_parameter));
-    if !query_names_credential && jwt_at(path_and_query).is_none() {
-        return Cow::Borrowed(path_and_query);
+/// `text` (a path and query, or a message quoting one) with every JWT and the value of
+/// every [`CREDENTIAL_PARAMETERS`] parameter replaced by `[redacted]`; borrowed when there is
+/// none, which is every ordinary request. Names are matched anywhere, whatever separates
+/// them (`?`, `&`, `;`, an encoded `?`), and with `%20`, `+` or `[]` before an `=` or
+/// `%3D`: a log may say `[redacted]` once too often, never a credential.
+pub fn redact_credentials(text: &str) -> Cow<'_, str> {
+    if credential_value_at(text, 0).is_none() && jwt_at(text).is_none() {
+        return Cow::Borrowed(text);
     }
-    let mut out = without_jwts(path);
-    if let Some(query) = query {
-        out.push('?');
-        for (i, pair) in query.split('&').enumerate() {
-            if i > 0 {
-                out.push('&');
-            }
-            match pair.split_once('=') {
-                Some((key, _)) if credential_parameter(pair) => {
-                    out.push_str(key);
-                    out.push('=');
-                    out.push_str(REDACTED);
-                }
-                _ => out.push_str(&without_jwts(pair)),
-            }
-        }
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    while let Some(value) = credential_value_at(text, from) {
+        out.push_str(&without_jwts(&text[from..value.start]));
+        out.push_str(REDACTED);
+        from = value.end;
     }
+    out.push_str(&without_jwts(&text[from..]));
     Cow::Owned(out)
+}
+
+/// The first value, at or after `from`, given to a credential parameter.
+fn credential_value_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> {
+    let lower = text.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    CREDENTIAL_PARAMETERS
+        .iter()
+        .filter_map(|name| {
+            let mut at = from;
+            while let Some(found) = lower[at..].find(name) {
+                let mut i = at + found + name.len();
+                // What a careless or crafty writer puts between a name and its `=`.
+                loop {
+                    let rest = &lower[i..];
+                    if let Some(skip) = ["%20", "%5b", "%5d", " ", "+", "[", "]"]
+                        .iter()
+                        .find(|junk| rest.starts_with(**junk))
+                    {
+                        i += skip.len();
+                    } else {
+                        break;
+                    }
+                }
+                let equals = ["=", "%3d"].iter().find(|e| lower[i..].starts_with(**e));
+                if let Some(equals) = equals {
+                    let start = i + equals.len();
+                    let end = bytes[start..]
+                        .iter()
+                        .position(|c| b"&;# \t`'\")".contains(c))
+                        .map_or(bytes.len(), |n| start + n);
+                    return Some(start..end);
+                }
+                at = at + found + 1;
+            }
+            None
+        })
+        .min_by_key(|range| range.start)
 }
 
 /// Whether `text` holds something shaped like a JWT (JWS or JWE compact form).
@@ -241,7 +259,9 @@ pub fn holds_jwt(text: &[u8]) -> bool {
 /// The first run that reads as a compact JWT: `eyJ` (base64url of `{"`) and at least two
 /// dots among base64url characters.
 fn jwt_at(text: &str) -> Option<std::ops::Range<usize>> {
-    let is_part = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.';
+    // `%` too: a JWT whose dots are written `%2E` is still one once Dataverse decodes it.
+    let is_part =
+        |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_' || c == b'.' || c == b'%';
     let bytes = text.as_bytes();
     let mut from = 0;
     while let Some(found) = text[from..].find("eyJ") {
@@ -250,7 +270,8 @@ fn jwt_at(text: &str) -> Option<std::ops::Range<usize>> {
             .iter()
             .position(|&c| !is_part(c))
             .map_or(bytes.len(), |n| start + n);
-        if bytes[start..end].iter().filter(|&&c| c == b'.').count() >= 2 {
+        let run = text[start..end].to_ascii_lowercase();
+        if run.matches('.').count() + run.matches("%2e").count() >= 2 {
             return Some(start..end);
         }
         from = end.max(start + 3);
@@ -341,6 +362,22 @@ mod tests {
             (
                 "/api/data/v9.2/accounts?sig=abc&signature".into(),
                 "/api/data/v9.2/accounts?sig=[redacted]&signature".into(),
+            ),
+            (
+                "/api/data/v9.2/accounts?x=1;sig=X&access_token%20=Y&+code=Z&token[]=W&sig%3DV".into(),
+                "/api/data/v9.2/accounts?x=1;sig=[redacted]&access_token%20=[redacted]&+code=[redacted]&token[]=[redacted]&sig%3D[redacted]".into(),
+            ),
+            (
+                "/api/data/v9.2/accounts%3Faccess_token=X".into(),
+                "/api/data/v9.2/accounts%3Faccess_token=[redacted]".into(),
+            ),
+            (
+                "part 1 targets `$batch?access_token=X`, which is refused".into(),
+                "part 1 targets `$batch?access_token=[redacted]`, which is refused".into(),
+            ),
+            (
+                format!("/api/data/v9.2/accounts?x={}", jwt.replace('.', "%2E")),
+                "/api/data/v9.2/accounts?x=[redacted]".into(),
             ),
         ] {
             assert_eq!(redact_credentials(&given), logged, "{given}");

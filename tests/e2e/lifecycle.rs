@@ -535,11 +535,31 @@ async fn a_token_a_caller_puts_in_the_url_or_the_request_id_never_reaches_the_lo
         .await
         .unwrap();
     assert_eq!(refused.status(), 401);
+    // A refused batch part: its warning quotes the part's target.
+    let batch = "--b\r\nContent-Type: application/http\r\n\r\nPOST $batch?access_token=opaque-secret-42 HTTP/1.1\r\n\r\n\r\n--b--\r\n".to_string();
+    let part_refused = client()
+        .post(format!("{}/api/data/v9.2/$batch", gateway.url))
+        .bearer_auth(&bearer)
+        .header("content-type", "multipart/mixed; boundary=b")
+        .body(batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part_refused.status(), 400);
     flush_log(&gateway, &idp).await;
     let log = gateway.log();
-    for secret in [leaked.as_str(), bearer.as_str(), "hunter2"] {
+    for secret in [
+        leaked.as_str(),
+        bearer.as_str(),
+        "hunter2",
+        "opaque-secret-42",
+    ] {
         assert!(!log.contains(secret), "{secret} in the log: {log}");
     }
+    assert!(
+        log.contains("$batch?access_token=[redacted]"),
+        "the refused part is still named: {log}"
+    );
     let line = log
         .lines()
         .find(|l| l.contains("client_secret="))
