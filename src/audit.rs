@@ -199,12 +199,14 @@ const REDACTED: &str = "[redacted]";
 /// them (`?`, `&`, `;`, an encoded `?`), and with `%20`, `+` or `[]` before an `=` or
 /// `%3D`: a log may say `[redacted]` once too often, never a credential.
 pub fn redact_credentials(text: &str) -> Cow<'_, str> {
-    if credential_value_at(text, 0).is_none() && jwt_at(text).is_none() {
+    // Lowered once: ASCII lowering keeps every byte offset, so ranges in it are ranges in `text`.
+    let lower = text.to_ascii_lowercase();
+    if credential_value_at(&lower, 0).is_none() && jwt_at(text).is_none() {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len());
     let mut from = 0;
-    while let Some(value) = credential_value_at(text, from) {
+    while let Some(value) = credential_value_at(&lower, from) {
         out.push_str(&without_jwts(&text[from..value.start]));
         out.push_str(REDACTED);
         from = value.end;
@@ -213,9 +215,9 @@ pub fn redact_credentials(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The first value, at or after `from`, given to a credential parameter.
-fn credential_value_at(text: &str, from: usize) -> Option<std::ops::Range<usize>> {
-    let lower = text.to_ascii_lowercase();
+/// The first value, at or after `from`, given to a credential parameter in `lower` (the
+/// text, ASCII-lowercased).
+fn credential_value_at(lower: &str, from: usize) -> Option<std::ops::Range<usize>> {
     let bytes = lower.as_bytes();
     CREDENTIAL_PARAMETERS
         .iter()
