@@ -157,7 +157,11 @@ impl Gateway {
             ));
             tokens.push(env_tokens.clone());
             for env in group {
-                let client = DataverseClient::new(&env.url, config.server.request_threads())?;
+                let client = DataverseClient::new(
+                    &env.url,
+                    config.server.request_threads(),
+                    config.dynamics.upstream_http,
+                )?;
                 let lookup = match &config.identity.mode {
                     IdentityMode::Lookup(attribute) => Some(UserLookup::new(
                         &config.identity,

@@ -363,7 +363,12 @@ mod tests {
         let tokens = crate::upstream::token::source_with(Box::new(|| Ok((3600, None))));
         let metadata = Arc::new(EnvironmentMetadata::new(
             "contoso",
-            DataverseClient::new(&"https://contoso.crm.dynamics.com".parse().unwrap(), 1).unwrap(),
+            DataverseClient::new(
+                &"https://contoso.crm.dynamics.com".parse().unwrap(),
+                1,
+                crate::config::UpstreamHttp::Auto,
+            )
+            .unwrap(),
             tokens,
             MetadataSettings {
                 refresh_interval: Duration::from_secs(60),

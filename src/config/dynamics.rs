@@ -7,6 +7,7 @@ use std::time::Duration;
 use url::Url;
 
 use super::files::LoadedFiles;
+pub use super::raw::UpstreamHttp;
 use super::raw::{RawBudget, RawBudgetStore, RawDynamics, RoutingRule};
 use super::{invalid, parse_secure_url, process_env, ConfigError, MAX_CONNECTION_TIMEOUT};
 use crate::secret::Secret;
@@ -27,6 +28,8 @@ pub struct DynamicsConfig {
     pub token_retry_max_wait: Duration,
     /// Longest one token request may take.
     pub token_timeout: Duration,
+    /// The HTTP version spoken to Dataverse.
+    pub upstream_http: UpstreamHttp,
     /// The budget store shared by the replicas; `None`: each process keeps its own.
     pub budget_store: Option<BudgetStoreConfig>,
 }
@@ -511,6 +514,7 @@ pub(super) fn dynamics_config(
         token_replace_interval,
         token_retry_max_wait,
         token_timeout,
+        upstream_http: d.upstream_http,
         budget_store,
     })
 }

@@ -20,6 +20,7 @@ pub(crate) mod units;
 
 pub use dynamics::{
     BudgetBucket, BudgetConfig, BudgetStoreConfig, DynamicsConfig, EnvironmentConfig, Routing,
+    UpstreamHttp,
 };
 pub(crate) use files::LoadedFiles;
 pub use identity::{IdentityConfig, IdentityMode, LookupAttribute, StaticUser};

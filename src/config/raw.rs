@@ -539,6 +539,9 @@ with_organisation_keys! {
         /// abandoned and retried.
         #[serde(default = "default_token_timeout")]
         token_timeout: units::Duration,
+        /// The HTTP version spoken to Dataverse: `auto`, `http1` or `http2`.
+        #[serde(default)]
+        upstream_http: UpstreamHttp,
     }
 
     /// One Dataverse organisation and the credential used for it.
@@ -600,6 +603,34 @@ impl FromStr for RoutingRule {
     }
 }
 
+/// `dynamics.upstream_http`: which HTTP version the gateway speaks to Dataverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamHttp {
+    /// HTTP/2 when TLS negotiates it (ALPN), else HTTP/1.1; plain `http://` is HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only: a pool of kept-alive connections.
+    Http1,
+    /// HTTP/2 only: one multiplexed connection per request thread (prior knowledge on a
+    /// plain `http://` loopback organisation).
+    Http2,
+}
+
+impl FromStr for UpstreamHttp {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "http1" => Ok(Self::Http1),
+            "http2" => Ok(Self::Http2),
+            other => Err(format!(
+                "\"{other}\" is not an HTTP version; use auto, http1 or http2"
+            )),
+        }
+    }
+}
+
 /// `identity.mode` as written; the validated [`IdentityMode`] carries each mode's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ModeName {
@@ -623,4 +654,4 @@ impl FromStr for ModeName {
     }
 }
 
-units::deserialize_from_str!(RoutingRule, ModeName);
+units::deserialize_from_str!(RoutingRule, ModeName, UpstreamHttp);

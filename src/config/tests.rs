@@ -94,6 +94,10 @@ fn keywords_and_units_are_refused_under_their_own_key_with_what_was_expected() {
                 "dynamics.budget.bucket: \"user\" is not a bucket; use application or impersonated_user",
             ),
             (
+                MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  upstream_http: h3\n"),
+                "dynamics.upstream_http: \"h3\" is not an HTTP version; use auto, http1 or http2",
+            ),
+            (
                 MINIMAL.replace("tenant_id: t\n", "tenant_id: t\n  routing: { by: host }\n"),
                 "dynamics.routing.by: \"host\" is not a routing rule; use path_prefix or tenant",
             ),
@@ -506,7 +510,7 @@ fn inline_and_listed_environments_refuse_unknown_keys_naming_the_known_ones() {
     let text = MINIMAL.replace("dynamics:\n", "dynamics:\n  clientsecret: x\n");
     assert_eq!(
         load(&text).unwrap_err().to_string(),
-        "dynamics.clientsecret: unknown field `clientsecret`, expected one of `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `environments`, `routing`, `retry_throttled`, `budget`, `token_replace_interval`, `token_retry_max_wait`, `token_timeout`"
+        "dynamics.clientsecret: unknown field `clientsecret`, expected one of `url`, `tenant_id`, `client_id`, `client_secret`, `certificate`, `workload_identity`, `managed_identity`, `token_url`, `scope`, `tenants`, `allow_guest_tenants`, `url_aliases`, `forward_cookies`, `environments`, `routing`, `retry_throttled`, `budget`, `token_replace_interval`, `token_retry_max_wait`, `token_timeout`, `upstream_http`"
     );
     let listed = [
         "inbound:",

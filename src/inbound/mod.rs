@@ -254,12 +254,13 @@ impl Authenticator {
     /// Verifies the request's bearer token and returns who is calling.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = bearer_token(headers)?;
-        if let Some(caller) = self.verified.get(token) {
+        let hash = verified::TokenHash::of(token);
+        if let Some(caller) = self.verified.get(hash) {
             return Ok(caller);
         }
         let unverified = jwt::UnverifiedToken::parse(token)?;
         let caller = self.issuer_for(&unverified)?.verify(unverified).await?;
-        self.verified.insert(token, &caller);
+        self.verified.insert(hash, &caller);
         Ok(caller)
     }
 }

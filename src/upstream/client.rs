@@ -1,5 +1,5 @@
-//! The pooled, kept-alive connections to the Dataverse organisation (HTTP/1.1, or HTTP/2
-//! when TLS negotiates it). The only place that knows the upstream's address: requests
+//! The pooled, kept-alive connections to the Dataverse organisation: HTTP/1.1, or HTTP/2
+//! when TLS negotiates it, or either one only (`dynamics.upstream_http`). The only place that knows the upstream's address: requests
 //! carry a path, never a host. Each request thread has a pool of its own, so a request
 //! never waits on a connection driven by another thread; background work shares one more.
 
@@ -15,6 +15,7 @@ use url::Url;
 
 use super::UpstreamError;
 use crate::body::GatewayBody;
+use crate::config::UpstreamHttp;
 use crate::request_threads;
 
 type Pool = Client<HttpsConnector<HttpConnector>, GatewayBody>;
@@ -29,20 +30,28 @@ pub struct DataverseClient {
 }
 
 impl DataverseClient {
-    /// A client with a pool for each of `request_threads` and one for other threads.
-    pub fn new(url: &Url, request_threads: usize) -> Result<Self, UpstreamError> {
+    /// A client with a pool for each of `request_threads` and one for other threads,
+    /// speaking `version`.
+    pub fn new(
+        url: &Url,
+        request_threads: usize,
+        version: UpstreamHttp,
+    ) -> Result<Self, UpstreamError> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*crate::outbound::tls_config()).clone())
             // http:// is accepted only for loopback organisations (config checks that).
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .https_or_http();
+        // ALPN offers what the pool may speak; on http:// HTTP/2 is prior knowledge.
+        let https = match version {
+            UpstreamHttp::Auto => connector.enable_http1().enable_http2().wrap_connector(http),
+            UpstreamHttp::Http1 => connector.enable_http1().wrap_connector(http),
+            UpstreamHttp::Http2 => connector.enable_http2().wrap_connector(http),
+        };
         let pool = || {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -51,6 +60,10 @@ impl DataverseClient {
                 .pool_max_idle_per_host(128)
                 // Bounds what one connection buffers while streaming a large body.
                 .http1_max_buf_size(64 * 1024)
+                .http2_only(version == UpstreamHttp::Http2)
+                // One connection carries every stream: let its window grow with the
+                // bandwidth rather than stall large bodies at the 64 KiB default.
+                .http2_adaptive_window(true)
                 .build(https.clone())
         };
         let pools = (0..=request_threads).map(|_| pool()).collect();

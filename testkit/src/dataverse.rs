@@ -84,6 +84,8 @@ impl DirectoryUser {
 /// One HTTP request as the stand-in received it.
 #[derive(Clone, Debug)]
 pub struct RecordedRequest {
+    /// The HTTP version it arrived in.
+    pub version: http::Version,
     pub method: Method,
     /// Exactly as received on the request line, byte for byte.
     pub path_and_query: String,
@@ -1191,6 +1193,7 @@ impl DvState {
         } else {
             let mut requests = lock(&self.requests);
             requests.push(RecordedRequest {
+                version: parts.version,
                 method: parts.method.clone(),
                 path_and_query,
                 headers: parts.headers.clone(),

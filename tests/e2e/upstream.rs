@@ -409,3 +409,61 @@ async fn upload_is_refused_413_and_never_sent(env: &support::Env, size: usize) {
     expect_error(response, 413, "DynamicsGateway.RequestBodyTooLarge").await;
     assert_eq!(env.dataverse.request_count(), 0);
 }
+
+#[tokio::test]
+async fn dataverse_is_spoken_to_in_the_configured_http_version() {
+    use http::Version;
+    for (setting, expected) in [
+        (None, Version::HTTP_11),
+        (Some("auto"), Version::HTTP_11),
+        (Some("http1"), Version::HTTP_11),
+        (Some("http2"), Version::HTTP_2),
+    ] {
+        let mut builder = env();
+        if let Some(value) = setting {
+            builder = builder.dynamics(&format!("  upstream_http: {value}\n"));
+        }
+        let env = builder.start().await;
+        let token = env.idp.token_for(ALICE_OID);
+        let statuses = support::concurrent_gets(&env.gateway, ACCOUNTS, &token, 16).await;
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{setting:?}: {statuses:?}"
+        );
+        let body: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let echoed = support::post(
+            &env.gateway,
+            "/api/data/v9.2/echo",
+            &token,
+            "application/octet-stream",
+            body.clone(),
+        )
+        .await;
+        assert_eq!(echoed.status(), 200, "{setting:?}");
+        assert!(
+            echoed.bytes().await.unwrap() == body,
+            "{setting:?}: echoed intact"
+        );
+        let requests = env.dataverse.requests();
+        let forwarded: Vec<_> = requests
+            .iter()
+            .filter(|r| !r.path_and_query.contains("systemusers"))
+            .collect();
+        assert_eq!(forwarded.len(), 17, "{setting:?}");
+        for seen in forwarded {
+            assert_eq!(
+                seen.version, expected,
+                "{setting:?}: {}",
+                seen.path_and_query
+            );
+            assert_eq!(
+                seen.header("callerobjectid"),
+                Some(ALICE_OID),
+                "{setting:?}"
+            );
+            assert!(seen
+                .header("authorization")
+                .is_some_and(|a| a.starts_with("Bearer ")));
+        }
+    }
+}
