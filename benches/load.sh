@@ -25,6 +25,9 @@
 #                used; $metadata fetched from the upstream), the budget gate (local, no store),
 #                max_connections_per_peer: 0 (wrk's connections all come from 127.0.0.1)
 #   gateway-wt1, gateway-wt2   the same with server.worker_threads 1 and 2 (keep-alive GET only)
+#   gateway-h2   the same with dynamics.upstream_http: http2, to the upstream nginx's second
+#                port (HTTP/2 by prior knowledge, the same locations): one multiplexed
+#                connection per request thread instead of a pool of HTTP/1.1 connections
 # The caller token is minted by the stand-in IdP (examples/standins.rs); HAProxy gets its
 # signing key as PEM and Apache the JWKS URI, both from the IdP's JWKS. Before measuring,
 # each verifying peer must answer 200 to the good token and 401/403 to a tampered signature
@@ -46,7 +49,7 @@
 # Usage: benches/load.sh            (about 15 minutes at the defaults, plus the release build)
 #   DURATION=10   seconds per measured run
 #   ROUNDS=3      rounds per workload and target (medians)
-#   TARGETS="direct nginx haproxy apache gateway gateway-wt1 gateway-wt2"   which to run
+#   TARGETS="direct nginx haproxy apache gateway gateway-wt1 gateway-wt2 gateway-h2"   which to run
 #   IDP_PORT=18081 ... GW_STARTUP_ADMIN_PORT=18190   every port below can be moved (another lab on 180xx)
 #   PROFILE=1     also record a perf profile of the gateway under the keep-alive workload
 #   SOAK=60       also soak the gateway: SOAK seconds, 200 keep-alive connections, a mix of
@@ -64,12 +67,13 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 WARMUP=${WARMUP:-2}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-2000}
-TARGETS=${TARGETS:-direct nginx haproxy apache gateway gateway-wt1 gateway-wt2}
+TARGETS=${TARGETS:-direct nginx haproxy apache gateway gateway-wt1 gateway-wt2 gateway-h2}
 OUT=${OUT:-$ROOT/target/load-results/$(date -u +%Y%m%dT%H%M%SZ)}
 IDP_PORT=${IDP_PORT:-18081}
 DV_PORT=${DV_PORT:-18082}
 NGINX_PORT=${NGINX_PORT:-18083}
 UP_PORT=${UP_PORT:-18084}
+UP2_PORT=${UP2_PORT:-18089}
 HAPROXY_PORT=${HAPROXY_PORT:-18085}
 APACHE_PORT=${APACHE_PORT:-18086}
 GW_PORT=${GW_PORT:-18080}
@@ -78,6 +82,8 @@ GW1_PORT=${GW1_PORT:-18087}
 GW1_ADMIN_PORT=${GW1_ADMIN_PORT:-18091}
 GW2_PORT=${GW2_PORT:-18088}
 GW2_ADMIN_PORT=${GW2_ADMIN_PORT:-18092}
+GWH2_PORT=${GWH2_PORT:-18093}
+GWH2_ADMIN_PORT=${GWH2_ADMIN_PORT:-18094}
 GW_STARTUP_PORT=${GW_STARTUP_PORT:-18180}
 GW_STARTUP_ADMIN_PORT=${GW_STARTUP_ADMIN_PORT:-18190}
 APIPATH=/api/data/v9.2
@@ -328,6 +334,7 @@ NAMES = {
     "gateway": "**dynamics-gateway** (audit on, access rules, budget gate)",
     "gateway-wt1": "dynamics-gateway, `worker_threads: 1`",
     "gateway-wt2": "dynamics-gateway, `worker_threads: 2`",
+    "gateway-h2": "dynamics-gateway, `upstream_http: http2` (h2c to the same upstream)",
 }
 WORKLOADS = [("get", "GET keep-alive"), ("close", "GET new connection per request"),
              ("post", "POST 1 MiB (echoed)"), ("big", "GET 1 MiB JSON")]
@@ -355,7 +362,7 @@ def table(results, mem, out, rounds):
     L = [f"rps, p99, CPU per request and RSS: medians of {rounds} round(s); x nginx = the same workload through nginx as plain proxy; CPU per request = utime+stime of the target's processes (children included) over the run / requests; RSS = the target's processes after the run.", "",
          "| workload | target | conns | req/s | x nginx | p99 | p99 x nginx | CPU per request | x nginx | RSS after | errors |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    order = ["direct", "nginx", "haproxy", "apache", "gateway", "gateway-wt1", "gateway-wt2"]
+    order = ["direct", "nginx", "haproxy", "apache", "gateway", "gateway-wt1", "gateway-wt2", "gateway-h2"]
     def line(w, wname, t, c):
         a = agg.get((t, w, c)); n = agg.get(("nginx", w, c))
         if not a:
@@ -520,9 +527,12 @@ mkdir -p "$TMP/up"
 cp "$TMP/contacts.json" "$TMP/up/contacts.json"
 { nginx_head "$TMP/up" 1; cat <<NGINX; } >"$TMP/up/nginx.conf"
   upstream standin { server 127.0.0.1:$DV_PORT; keepalive 64; keepalive_requests 1000000; }
+$(for listen in "$UP_PORT backlog=4096" "$UP2_PORT http2"; do cat <<SERVER
   server {
-    listen 127.0.0.1:$UP_PORT backlog=4096;
+    listen 127.0.0.1:$listen;
     keepalive_requests 1000000;
+    http2_max_requests 1000000;
+    http2_max_concurrent_streams 1024;
     client_max_body_size 256m;
     default_type application/json;
     location / { return 200 '{"value":[]}'; }
@@ -532,6 +542,8 @@ cp "$TMP/contacts.json" "$TMP/up/contacts.json"
 $(proxy_location standin)
     }
   }
+SERVER
+done)
 }
 NGINX
 cp "$TMP/up/nginx.conf" "$OUT/upstream-nginx.conf"
@@ -539,6 +551,7 @@ cp "$TMP/up/nginx.conf" "$OUT/upstream-nginx.conf"
 UP_PID=$!
 PIDS+=("$UP_PID")
 UP_URL="http://127.0.0.1:$UP_PORT"
+UP2_URL="http://127.0.0.1:$UP2_PORT"
 
 # --- nginx as plain proxy ----------------------------------------------------------------
 if want nginx; then
@@ -661,7 +674,7 @@ APACHE
 fi
 
 # --- the gateway ---------------------------------------------------------------------------
-gateway_config() { # listen admin_listen [worker_threads]
+gateway_config() { # listen admin_listen [worker_threads] [upstream_http]
   cat <<YAML
 server:
   listen: $1
@@ -676,7 +689,8 @@ inbound:
 identity:
   mode: caller_object_id
 dynamics:
-  url: $UP_URL               # the cheapest upstream; its \$metadata is the stand-in's CSDL
+  url: $([ "${4:-}" = http2 ] && echo "$UP2_URL" || echo "$UP_URL")               # the cheapest upstream; its \$metadata is the stand-in's CSDL
+$([ -n "${4:-}" ] && echo "  upstream_http: $4")
   tenant_id: $TENANT_ID
   client_id: $CLIENT_ID
   client_secret: $CLIENT_SECRET
@@ -696,6 +710,7 @@ YAML
 gateway_config "127.0.0.1:$GW_PORT" "127.0.0.1:$GW_ADMIN_PORT" >"$TMP/gateway.yaml"
 gateway_config "127.0.0.1:$GW1_PORT" "127.0.0.1:$GW1_ADMIN_PORT" 1 >"$TMP/gateway-wt1.yaml"
 gateway_config "127.0.0.1:$GW2_PORT" "127.0.0.1:$GW2_ADMIN_PORT" 2 >"$TMP/gateway-wt2.yaml"
+gateway_config "127.0.0.1:$GWH2_PORT" "127.0.0.1:$GWH2_ADMIN_PORT" "" http2 >"$TMP/gateway-h2.yaml"
 gateway_config "127.0.0.1:$GW_STARTUP_PORT" "127.0.0.1:$GW_STARTUP_ADMIN_PORT" >"$TMP/gateway-startup.yaml"
 cp "$TMP/gateway.yaml" "$OUT/gateway.yaml"
 # RUST_LOG as the gateway's own default: info, so every request writes its audit line.
@@ -718,7 +733,8 @@ printf 'start-up to ready (5 starts, ms, sorted)\t%s\n' "$sorted" >>"$MEM"
 
 declare -A URL=([direct]="$UP_URL" [nginx]="http://127.0.0.1:$NGINX_PORT" [haproxy]="http://127.0.0.1:$HAPROXY_PORT"
   [apache]="http://127.0.0.1:$APACHE_PORT" [gateway]="http://127.0.0.1:$GW_PORT"
-  [gateway-wt1]="http://127.0.0.1:$GW1_PORT" [gateway-wt2]="http://127.0.0.1:$GW2_PORT")
+  [gateway-wt1]="http://127.0.0.1:$GW1_PORT" [gateway-wt2]="http://127.0.0.1:$GW2_PORT"
+  [gateway-h2]="http://127.0.0.1:$GWH2_PORT")
 declare -A PID=([direct]="$UP_PID" [nginx]="${NGINX_PID:-}" [haproxy]="${HAPROXY_PID:-}" [apache]="${APACHE_PID:-}")
 start_gateway() { # target config admin_port
   local pid ms
@@ -731,6 +747,7 @@ start_gateway() { # target config admin_port
 want gateway && { log "starting the gateway (:$GW_PORT)"; start_gateway gateway "$TMP/gateway.yaml" $GW_ADMIN_PORT; }
 want gateway-wt1 && start_gateway gateway-wt1 "$TMP/gateway-wt1.yaml" $GW1_ADMIN_PORT
 want gateway-wt2 && start_gateway gateway-wt2 "$TMP/gateway-wt2.yaml" $GW2_ADMIN_PORT
+want gateway-h2 && start_gateway gateway-h2 "$TMP/gateway-h2.yaml" $GWH2_ADMIN_PORT
 want gateway && printf 'gateway RSS when ready\t%s\n' "$(mib "$(rss_kib "${PID[gateway]}")")" >>"$MEM"
 
 # --- every peer must pass the good token and refuse a bad one --------------------------------
@@ -768,6 +785,7 @@ run_wrk() { # target workload conns round
 workloads_of() {
   case $1 in
     gateway-wt1|gateway-wt2) echo "get:64" ;;
+    gateway-h2) echo "get:64 get:256 post:16 big:16" ;;
     gateway|nginx) echo "get:64 get:256 get:1024 close:64 post:16 big:16" ;;
     *) echo "get:64 close:64 post:16 big:16" ;;
   esac

@@ -150,15 +150,7 @@ fn benches(c: &mut Criterion) {
     assert!(matches!(impersonation, Impersonation::CallerObjectId(_)));
     // The upstream header step, for a caller resolved to `impersonation`.
     let prepare = |headers: &mut HeaderMap, impersonation: &Impersonation| {
-        prepare_upstream_request(
-            headers,
-            client.host_header(),
-            &s2s,
-            impersonation,
-            peer,
-            false,
-            &request_id,
-        )
+        prepare_upstream_request(headers, &s2s, impersonation, peer, false, &request_id)
     };
 
     c.bench_function("pipeline/in_process_path", |b| {

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{ACCEPT, AUTHORIZATION, HOST};
+use http::header::{ACCEPT, AUTHORIZATION};
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use moka::future::Cache;
 use moka::Expiry;
@@ -277,7 +277,6 @@ async fn send(
     let mut request = Request::new(body::empty());
     *request.uri_mut() = client.uri(path)?;
     let headers = request.headers_mut();
-    headers.insert(HOST, client.host_header().clone());
     headers.insert(AUTHORIZATION, token.authorization().clone());
     headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
     headers.insert("odata-maxversion", HeaderValue::from_static("4.0"));

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Uri};
+use http::{Request, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::{Client, ResponseFuture};
@@ -26,7 +26,6 @@ pub struct DataverseClient {
     /// One per request thread, then the one for every other thread.
     pools: Arc<[Pool]>,
     origin: String,
-    host: HeaderValue,
 }
 
 impl DataverseClient {
@@ -68,27 +67,12 @@ impl DataverseClient {
         };
         let pools = (0..=request_threads).map(|_| pool()).collect();
         let origin = url.origin().ascii_serialization();
-        let authority = match url.port() {
-            Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_string(),
-        };
-        let host =
-            HeaderValue::from_str(&authority).map_err(|e| UpstreamError::Build(Box::new(e)))?;
-        Ok(Self {
-            pools,
-            origin,
-            host,
-        })
+        Ok(Self { pools, origin })
     }
 
     /// `scheme://host[:port]` of the organisation.
     pub fn origin(&self) -> &str {
         &self.origin
-    }
-
-    /// The `Host` header Dataverse expects.
-    pub fn host_header(&self) -> &HeaderValue {
-        &self.host
     }
 
     /// The organisation's URI for a path and query taken from a request.

@@ -322,7 +322,6 @@ impl Forwarder {
         let mut body = self.request_body(incoming, &mut headers, rewriter).await?;
         let dropped = headers::prepare_upstream_request(
             &mut headers,
-            self.client.host_header(),
             token.authorization(),
             ctx.impersonation,
             ctx.peer,

@@ -244,7 +244,6 @@ pub(crate) fn set_impersonation(headers: &mut HeaderMap, impersonation: &Imperso
 /// Rewrites the request headers for the hop to Dataverse.
 pub fn prepare_upstream_request(
     headers: &mut HeaderMap,
-    upstream_host: &HeaderValue,
     token: &HeaderValue,
     impersonation: &Impersonation,
     peer: SocketAddr,
@@ -256,7 +255,9 @@ pub fn prepare_upstream_request(
     strip_path_overrides(headers);
     strip_method_overrides(headers);
     set_forwarded_for(headers, peer, trust_forwarded);
-    headers.insert(HOST, upstream_host.clone());
+    // The client writes the organisation's own Host (HTTP/1.1) or :authority (HTTP/2) from
+    // its URI; a Host beside :authority is a duplicate that servers such as nginx refuse.
+    headers.remove(HOST);
     headers.insert(AUTHORIZATION, token.clone());
     headers.insert(X_REQUEST_ID, request_id.clone());
     set_impersonation(headers, impersonation);

@@ -1179,6 +1179,19 @@ impl DvState {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RespBody> {
         let (parts, body) = req.into_parts();
+        // As nginx does: over HTTP/2 the authority is `:authority`, and a `Host` beside it
+        // is refused as a duplicate (the worst case of what servers do with both).
+        if parts.version == http::Version::HTTP_2 && parts.headers.contains_key(http::header::HOST)
+        {
+            return self.finalize(
+                DvResponse::error(
+                    StatusCode::BAD_REQUEST,
+                    "0x80040203",
+                    "An HTTP/2 request carried a Host header beside :authority.",
+                )
+                .into_http(),
+            );
+        }
         if metadata::is_metadata(&parts.method, parts.uri.path()) {
             return self.metadata(&parts.headers).await;
         }

@@ -424,6 +424,7 @@ async fn dataverse_is_spoken_to_in_the_configured_http_version() {
             builder = builder.dynamics(&format!("  upstream_http: {value}\n"));
         }
         let env = builder.start().await;
+        let authority = env.dataverse.addr().to_string();
         let token = env.idp.token_for(ALICE_OID);
         let statuses = support::concurrent_gets(&env.gateway, ACCOUNTS, &token, 16).await;
         assert!(
