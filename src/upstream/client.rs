@@ -59,10 +59,10 @@ impl DataverseClient {
                 .pool_max_idle_per_host(128)
                 // Bounds what one connection buffers while streaming a large body.
                 .http1_max_buf_size(64 * 1024)
+                // hyper's fixed windows (2 MiB a stream, 5 MiB the connection) bound what
+                // one connection buffers; an adaptive window starts at 64 KiB and measured
+                // slower for 1 MiB answers.
                 .http2_only(version == UpstreamHttp::Http2)
-                // One connection carries every stream: let its window grow with the
-                // bandwidth rather than stall large bodies at the 64 KiB default.
-                .http2_adaptive_window(true)
                 .build(https.clone())
         };
         let pools = (0..=request_threads).map(|_| pool()).collect();
