@@ -465,6 +465,10 @@ async fn dataverse_is_spoken_to_in_the_configured_http_version() {
             assert!(seen
                 .header("authorization")
                 .is_some_and(|a| a.starts_with("Bearer ")));
+            // HTTP/1.1 names the organisation in Host, HTTP/2 in :authority alone.
+            let host = (expected == Version::HTTP_11).then_some(authority.as_str());
+            assert_eq!(seen.header("host"), host, "{setting:?}");
+            assert!(seen.headers.get_all("host").iter().count() <= 1);
         }
     }
 }
