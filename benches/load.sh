@@ -51,7 +51,7 @@
 #   ROUNDS=3      rounds per workload and target (medians)
 #   TARGETS="direct nginx haproxy apache gateway gateway-wt1 gateway-wt2 gateway-h2"   which to run
 #   IDP_PORT=18081 ... GW_STARTUP_ADMIN_PORT=18190   every port below can be moved (another lab on 180xx)
-#   PROFILE=1     also record a perf profile of the gateway under the keep-alive workload
+#   PROFILE=1     also record a perf profile of the gateway under each workload (get, close, post, big)
 #   SOAK=60       also soak the gateway: SOAK seconds, 200 keep-alive connections, a mix of
 #                 small GETs, 1 MiB POSTs and bad tokens; reports unexpected statuses and the
 #                 resident memory after a warm-up and at the end (no growth expected)
@@ -890,18 +890,31 @@ LUA
 fi
 
 # --- optional profile ------------------------------------------------------------------
-if want gateway && [ "${PROFILE:-0}" = 1 ]; then
-  log "profiling the gateway under the keep-alive GET workload (perf, cpu-clock, ${DURATION}s)"
-  perf record -e cpu-clock -F 999 -p "${PID[gateway]}" -o "$OUT/perf.data" -- sleep "$DURATION" >/dev/null 2>&1 &
+# One perf recording per workload, so each missed target has the profile that explains it:
+# perf-<workload>-dso.txt and perf-<workload>-symbols.txt (get's also as perf-dso.txt and
+# perf-symbols.txt, the names earlier runs used).
+profile_workload() { # workload conns path [wrk args...]
+  local workload=$1 conns=$2 path=$3
+  shift 3
+  log "profiling the gateway under the $workload workload (perf, cpu-clock, ${DURATION}s)"
+  perf record -e cpu-clock -F 999 -p "${PID[gateway]}" -o "$OUT/perf-$workload.data" -- sleep "$DURATION" >/dev/null 2>&1 &
   PERF_PID=$!
-  WRK_OUT=/dev/null WRK_TARGET=profile WRK_WORKLOAD=get WRK_CONNS=64 \
-    wrk -t2 -c64 -d"${DURATION}s" -s "$TMP/report.lua" -H "Authorization: Bearer $TOKEN" "${URL[gateway]}$APIPATH/accounts" >/dev/null 2>&1
+  WRK_OUT=/dev/null POST_BODY=$TMP/post.json \
+    wrk -t2 -c"$conns" -d"${DURATION}s" -H "Authorization: Bearer $TOKEN" "$@" "${URL[gateway]}$path" >/dev/null 2>&1
   wait "$PERF_PID" || true
-  perf report -i "$OUT/perf.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
-    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -15 >"$OUT/perf-dso.txt" || true
-  perf report -i "$OUT/perf.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
-    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -60 >"$OUT/perf-symbols.txt" || true
-  log "profile: $OUT/perf-dso.txt, $OUT/perf-symbols.txt"
+  perf report -i "$OUT/perf-$workload.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -15 >"$OUT/perf-$workload-dso.txt" || true
+  perf report -i "$OUT/perf-$workload.data" --no-children --sort symbol --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' \
+    | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//; s/[[:space:]]+$//' | head -60 >"$OUT/perf-$workload-symbols.txt" || true
+}
+if want gateway && [ "${PROFILE:-0}" = 1 ]; then
+  profile_workload get 64 "$APIPATH/accounts" -s "$TMP/report.lua"
+  cp "$OUT/perf-get-dso.txt" "$OUT/perf-dso.txt"
+  cp "$OUT/perf-get-symbols.txt" "$OUT/perf-symbols.txt"
+  profile_workload close 64 "$APIPATH/accounts" -s "$TMP/report.lua" -H "Connection: close"
+  profile_workload post 16 "$APIPATH/echo" -s "$TMP/post.lua"
+  profile_workload big 16 "$APIPATH/contacts" -s "$TMP/report.lua"
+  log "profiles: $OUT/perf-<workload>-dso.txt, $OUT/perf-<workload>-symbols.txt"
 fi
 
 {
