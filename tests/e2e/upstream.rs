@@ -194,19 +194,7 @@ async fn readyz_is_503_until_first_s2s_token_and_recovers_without_restart() {
 async fn twenty_mib_upload_and_download_stream_through_intact() {
     let env = env().start().await;
     let token = env.idp.token_for(ALICE_OID);
-    let body: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-    let response = support::post(
-        &env.gateway,
-        "/api/data/v9.2/echo",
-        &token,
-        "application/octet-stream",
-        body.clone(),
-    )
-    .await;
-    assert_eq!(response.status(), 200);
-    let echoed = response.bytes().await.unwrap();
-    assert_eq!(echoed.len(), body.len());
-    assert!(echoed == body, "upload echoed intact");
+    upload_is_echoed_intact(&env, &token, 20 * 1024 * 1024).await;
 
     let n = 20 * 1024 * 1024;
     let response = client()
@@ -398,6 +386,23 @@ async fn path_override_headers_never_reach_dynamics() {
 }
 
 /// POSTs `size` bytes to the stand-in's echo as Alice: refused 413, and Dataverse got nothing.
+/// POSTs `len` patterned bytes to the stand-in's echo and asserts they come back unchanged.
+async fn upload_is_echoed_intact(env: &support::Env, token: &str, len: u32) {
+    let body: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+    let response = support::post(
+        &env.gateway,
+        "/api/data/v9.2/echo",
+        token,
+        "application/octet-stream",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let echoed = response.bytes().await.unwrap();
+    assert_eq!(echoed.len(), body.len());
+    assert!(echoed == body, "upload echoed intact");
+}
+
 async fn upload_is_refused_413_and_never_sent(env: &support::Env, size: usize) {
     let response = client()
         .post(format!("{}/api/data/v9.2/echo", env.gateway.url()))
@@ -431,20 +436,7 @@ async fn dataverse_is_spoken_to_in_the_configured_http_version() {
             statuses.iter().all(|s| *s == 200),
             "{setting:?}: {statuses:?}"
         );
-        let body: Vec<u8> = (0..2 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
-        let echoed = support::post(
-            &env.gateway,
-            "/api/data/v9.2/echo",
-            &token,
-            "application/octet-stream",
-            body.clone(),
-        )
-        .await;
-        assert_eq!(echoed.status(), 200, "{setting:?}");
-        assert!(
-            echoed.bytes().await.unwrap() == body,
-            "{setting:?}: echoed intact"
-        );
+        upload_is_echoed_intact(&env, &token, 2 * 1024 * 1024).await;
         let requests = env.dataverse.requests();
         let forwarded: Vec<_> = requests
             .iter()
