@@ -73,6 +73,39 @@ impl http_body::Body for PrefixedBody {
     }
 }
 
+/// A caller's request body without its trailers. Dataverse has no use for request trailers,
+/// and they would reach it past the header filter (impersonation and credential headers,
+/// method overrides, connection headers an HTTP/2 hop refuses) if passed on.
+pub struct WithoutTrailers<B>(pub B);
+
+impl<B> http_body::Body for WithoutTrailers<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            match std::task::ready!(Pin::new(&mut self.0).poll_frame(cx)) {
+                Some(Ok(frame)) if frame.is_trailers() => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
 /// The most the gateway reads of any document from a dependency (discovery, JWKS, token
 /// endpoint, IMDS, user lookup): each is a few KiB, so 1 MiB is generous, and a
 /// dependency streaming without end costs at most this much memory.

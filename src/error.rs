@@ -40,6 +40,8 @@ pub enum GatewayError {
     Upstream(#[from] UpstreamError),
     #[error("the gateway has {0} requests in flight, its limit; retry shortly")]
     Overloaded(usize),
+    #[error("the request's head is larger than {0} bytes; send fewer or smaller headers")]
+    HeadTooLarge(usize),
     #[error("the gateway failed while handling the request")]
     Internal,
 }
@@ -60,6 +62,7 @@ impl GatewayError {
             Self::Identity(e) => e.reason(),
             Self::Upstream(e) => e.reason(),
             Self::Overloaded(_) => "overloaded",
+            Self::HeadTooLarge(_) => "head_too_large",
             Self::Internal => "internal",
         }
     }
@@ -149,6 +152,10 @@ impl GatewayError {
                 (StatusCode::SERVICE_UNAVAILABLE, "BudgetQueueFull")
             }
             Self::Overloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
+            Self::HeadTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RequestHeaderFieldsTooLarge",
+            ),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "Internal"),
         }
     }

@@ -233,6 +233,19 @@ impl Pipeline {
         uri: &'u Uri,
     ) -> Result<Admitted<'u>, GatewayError> {
         WebApiMethod::from_http(request.method())?;
+        // hyper's bound on the head is its read buffer's, which a read can overshoot (a
+        // large head arriving in one read into a grown buffer): the parsed head is counted.
+        let target_bytes = uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |pq| pq.as_str().len());
+        let head_bytes = target_bytes
+            + request
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
+        if head_bytes > crate::server::MAX_HEAD_BYTES {
+            return Err(GatewayError::HeadTooLarge(crate::server::MAX_HEAD_BYTES));
+        }
         let target = request_target(uri, self.router.uses_path_prefix())?;
         // Links handed back keep the environment prefix, so apps stay on the same route.
         let mut public_base = self.public_base(request)?;

@@ -68,7 +68,7 @@ impl ConnectionLimits {
 }
 
 /// Largest request head accepted (a 16 KiB token plus ordinary headers fits easily).
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Most header fields in one request head.
 const MAX_HEADERS: usize = 100;
 
@@ -123,6 +123,8 @@ pub async fn serve<M, S, F, E>(
     } = port;
     let acceptor = Arc::new(Acceptor {
         make_service,
+        http1_only: builder.clone().http1_only(),
+        http2_only: builder.clone().http2_only(),
         builder,
         connections: Arc::new(Semaphore::new(limits.max_connections)),
         peers: limits
@@ -187,7 +189,11 @@ pub async fn serve<M, S, F, E>(
 /// drain.
 struct Acceptor<M> {
     make_service: M,
+    /// Reads the first bytes to tell HTTP/2's preface from HTTP/1 (TLS ports).
     builder: auto::Builder<TokioExecutor>,
+    /// The same settings for one protocol, chosen by a peek at the first bytes (plain ports).
+    http1_only: auto::Builder<TokioExecutor>,
+    http2_only: auto::Builder<TokioExecutor>,
     connections: Arc<Semaphore>,
     peers: Option<Arc<PeerConnections>>,
     refusal_log: Mutex<RefusalLog>,
@@ -247,30 +253,50 @@ where
             };
             let _ = stream.set_nodelay(true);
             let activity = Arc::new(Activity::new());
-            // On a TLS port the handshake runs inside the connection, under its deadlines.
-            let (io, client_certificate) = crate::tls::accept(
-                self.tls.as_ref(),
-                WatchedIo {
-                    stream,
-                    activity: activity.clone(),
-                },
-            );
-            let service = Tracked {
-                inner: client_certificate.attach((self.make_service)(peer)),
-                activity: activity.clone(),
-            };
-            let connection = self
-                .builder
-                .serve_connection(TokioIo::new(io), service)
-                .into_owned();
-            let (limits, drain, abort) = (self.limits, self.drain.clone(), self.abort.clone());
             let open = OpenConnection::new(self.open.clone());
+            let acceptor = self.clone();
             self.tasks.spawn(async move {
                 let _slots = (permit, peer_slot, open);
-                let outcome = watch(connection, &activity, limits, &drain, &abort).await;
+                let outcome = acceptor.serve(stream, peer, activity).await;
                 tracing::debug!(listener = name, %peer, outcome, "connection closed");
             });
         }
+    }
+
+    /// Serves one accepted connection to its end; says how it ended.
+    async fn serve(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        activity: Arc<Activity>,
+    ) -> &'static str {
+        let builder = if self.tls.is_some() {
+            &self.builder
+        } else {
+            let deadline = activity.started + self.limits.header_read_timeout;
+            match sniff(&stream, deadline, &self.drain).await {
+                Ok(Some(Protocol::Http1)) => &self.http1_only,
+                Ok(Some(Protocol::Http2)) => &self.http2_only,
+                Ok(None) => &self.builder,
+                Err(outcome) => return outcome,
+            }
+        };
+        // On a TLS port the handshake runs inside the connection, under its deadlines.
+        let (io, client_certificate) = crate::tls::accept(
+            self.tls.as_ref(),
+            WatchedIo {
+                stream,
+                activity: activity.clone(),
+            },
+        );
+        let service = Tracked {
+            inner: client_certificate.attach((self.make_service)(peer)),
+            activity: activity.clone(),
+        };
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        watch(connection, &activity, self.limits, &self.drain, &self.abort).await
     }
 
     fn refuse(&self, stream: TcpStream, peer: SocketAddr, refused: ConnectionRefused) {
@@ -288,6 +314,43 @@ where
         }
         tokio::spawn(refuse(stream, response));
     }
+}
+
+/// The protocol a plain connection's first bytes announce.
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// HTTP/2's connection preface, the first bytes of every prior-knowledge HTTP/2 connection.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Peeks at the first bytes, leaving them for the connection to read: with the protocol known,
+/// hyper reads the whole first head into its buffer in one read. (Telling them apart by
+/// reading, as the auto builder does, hands hyper the first 24 bytes as a short read, after
+/// which its read buffer doubles to 16 KiB for every connection.) `None`: the bytes so far
+/// are the start of the preface, or the peer closed; the auto builder decides by reading.
+/// `Err`: nothing arrived before `deadline` or the shutdown, and the connection is closed.
+async fn sniff(
+    stream: &TcpStream,
+    deadline: Instant,
+    drain: &CancellationToken,
+) -> Result<Option<Protocol>, &'static str> {
+    let mut first = [0u8; HTTP2_PREFACE.len()];
+    let n = tokio::select! {
+        peeked = stream.peek(&mut first) => peeked.unwrap_or(0),
+        () = tokio::time::sleep_until(deadline) => return Err("closed: no request head before the header read timeout"),
+        _ = drain.cancelled() => return Err("closed at shutdown: no request in progress"),
+    };
+    Ok(if n == 0 {
+        None
+    } else if !HTTP2_PREFACE.starts_with(&first[..n]) {
+        Some(Protocol::Http1)
+    } else if n == HTTP2_PREFACE.len() {
+        Some(Protocol::Http2)
+    } else {
+        None
+    })
 }
 
 /// Runs one connection to its end under the time limits; says how it ended.

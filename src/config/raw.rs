@@ -607,9 +607,11 @@ impl FromStr for RoutingRule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpstreamHttp {
     /// HTTP/2 when TLS negotiates it (ALPN), else HTTP/1.1; plain `http://` is HTTP/1.1.
-    #[default]
     Auto,
-    /// HTTP/1.1 only: a pool of kept-alive connections.
+    /// HTTP/1.1 only: a pool of kept-alive connections. The default: each request has a
+    /// connection of its own, so a caller that stops reading its answer holds up only its
+    /// own (over HTTP/2 every request of a request thread shares one connection's window).
+    #[default]
     Http1,
     /// HTTP/2 only: one multiplexed connection per request thread (prior knowledge on a
     /// plain `http://` loopback organisation).

@@ -29,6 +29,7 @@ use super::{DataverseClient, TokenSource, UpstreamError};
 use crate::access::{BodyAccess, Grant};
 use crate::body::{
     self, BodyClocks, BodyTimeout, GatewayBody, MinBodyRate, PrefixedBody, TimedBody,
+    WithoutTrailers,
 };
 use crate::config::{DynamicsConfig, EnvironmentConfig, ServerConfig};
 use crate::identity::Impersonation;
@@ -611,10 +612,16 @@ impl Forwarder {
                 r.push(&head, &mut rewritten)?;
                 // The rewritten length is unknown until the end: send it chunked.
                 headers.remove(CONTENT_LENGTH);
-                let rest = body::boxed(LinkRewritingBody::new(body::boxed(incoming), r));
+                let rest = body::boxed(LinkRewritingBody::new(
+                    body::boxed(WithoutTrailers(incoming)),
+                    r,
+                ));
                 body::boxed(PrefixedBody::new(Bytes::from(rewritten), rest))
             }
-            None => body::boxed(PrefixedBody::new(head, body::boxed(incoming))),
+            None => body::boxed(PrefixedBody::new(
+                head,
+                body::boxed(WithoutTrailers(incoming)),
+            )),
         }))
     }
 

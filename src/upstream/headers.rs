@@ -72,6 +72,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    // Connection-specific as well: an h2c upgrade's settings, and the 100-continue the
+    // gateway itself has already answered.
+    headers.remove("http2-settings");
+    headers.remove(http::header::EXPECT);
 }
 
 /// A `Retry-After` (RFC 9110 10.2.3): delay-seconds, or an HTTP-date as the time left until
@@ -220,6 +224,7 @@ pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust
         headers.remove(X_FORWARDED_HOST);
         headers.remove(X_FORWARDED_PROTO);
         headers.remove(FORWARDED);
+        headers.remove("x-real-ip");
     }
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -392,6 +397,8 @@ mod tests {
             ("x-secret-hop", "1"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
+            ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+            ("expect", "100-continue"),
             ("odata-version", "4.0"),
         ]);
         strip_hop_by_hop(&mut h);
@@ -425,10 +432,12 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil"));
         h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6;host=evil"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
         set_forwarded_for(&mut h, peer, false);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert!(!h.contains_key(X_FORWARDED_HOST));
         assert!(!h.contains_key(FORWARDED));
+        assert!(!h.contains_key("x-real-ip"));
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         set_forwarded_for(&mut h, peer, true);

@@ -96,6 +96,8 @@ pub struct RecordedRequest {
     pub body_len: u64,
     /// Lowercase hex SHA-256 of the whole body (empty until the body has been read).
     pub body_sha256: String,
+    /// Trailers that followed the body (recorded for bodies the stand-in reads whole).
+    pub trailers: HeaderMap,
 }
 
 impl RecordedRequest {
@@ -912,6 +914,7 @@ struct DrainedBody {
     sha256: String,
     full: Option<Bytes>,
     too_large: bool,
+    trailers: HeaderMap,
 }
 
 async fn drain(mut body: Incoming, keep_full: bool) -> Result<DrainedBody, hyper::Error> {
@@ -920,9 +923,16 @@ async fn drain(mut body: Incoming, keep_full: bool) -> Result<DrainedBody, hyper
     let mut whole = keep_full.then(BytesMut::new);
     let mut len = 0u64;
     let mut too_large = false;
+    let mut trailers = HeaderMap::new();
     while let Some(frame) = body.frame().await {
-        let Ok(data) = frame?.into_data() else {
-            continue;
+        let data = match frame?.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers.extend(t);
+                }
+                continue;
+            }
         };
         hasher.update(&data);
         len += data.len() as u64;
@@ -943,6 +953,7 @@ async fn drain(mut body: Incoming, keep_full: bool) -> Result<DrainedBody, hyper
         sha256: hex(hasher.finish().as_ref()),
         full: whole.map(BytesMut::freeze),
         too_large,
+        trailers,
     })
 }
 
@@ -1213,6 +1224,7 @@ impl DvState {
                 body: Bytes::new(),
                 body_len: 0,
                 body_sha256: String::new(),
+                trailers: HeaderMap::new(),
             });
             requests.len() - 1
         };
@@ -1341,6 +1353,9 @@ impl DvState {
         match drain(body, keep_full).await {
             Ok(d) => {
                 self.record_body(index, d.head.clone(), d.len, d.sha256.clone());
+                if let Some(rec) = lock(&self.requests).get_mut(index) {
+                    rec.trailers = d.trailers.clone();
+                }
                 Some(d)
             }
             Err(e) => {

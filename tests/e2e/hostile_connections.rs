@@ -638,3 +638,93 @@ async fn a_chunked_body_over_the_limit_is_413_even_after_forwarding_started() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_no_completed_request(&env, "chunked body over the limit");
 }
+
+#[tokio::test]
+async fn first_bytes_that_could_start_the_http2_preface_are_served_whichever_protocol_follows() {
+    let env = env().start().await;
+    // HTTP/1 whose first bytes could begin HTTP/2's preface, the rest of the head later.
+    for split in [1, 2] {
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        let head = post_head(&env, ACCOUNTS, "Content-Length: 2\r\n");
+        stream.write_all(&head.as_bytes()[..split]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let response = exchange(&mut stream, &head[split..], b"{}").await;
+        assert!(
+            response.starts_with("HTTP/1.1 2"),
+            "split {split}: {response}"
+        );
+    }
+    assert_eq!(env.dataverse.request_count(), 2);
+    // HTTP/2's preface in two writes, then a request.
+    for split in [1, 10, H2_PREFACE.len() - 1] {
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        stream.write_all(&H2_PREFACE[..split]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stream.write_all(&H2_PREFACE[split..]).await.unwrap();
+        stream.write_all(H2_SETTINGS).await.unwrap();
+        stream.write_all(&h2_get_root()).await.unwrap();
+        let mut sent = Vec::new();
+        let mut buf = [0u8; 4096];
+        let answered = tokio::time::timeout(BOUND, async {
+            // Until a HEADERS frame (type 1) answers stream 1.
+            while !h2_frames(&sent).iter().any(|(kind, _)| *kind == 1) {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sent.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(answered.is_ok(), "split {split}: no answer");
+        let frames = h2_frames(&sent);
+        assert_eq!(
+            frames.first().map(|f| f.0),
+            Some(4),
+            "split {split}: {frames:?}"
+        );
+        assert!(
+            frames.iter().any(|(kind, _)| *kind == 1),
+            "split {split}: {frames:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_callers_trailers_never_reach_dataverse_over_either_http_version() {
+    let trailers = format!(
+        "CallerObjectId: {bob}\r\nMSCRMCallerID: {bob}\r\nAuthorization: Bearer x\r\nHost: evil\r\n\
+         X-HTTP-Method-Override: DELETE\r\nCookie: a=b\r\nConnection: close\r\nTransfer-Encoding: x\r\n",
+        bob = support::BOB_OID
+    );
+    for version in ["http1", "http2"] {
+        let env = env()
+            .dynamics(&format!("  upstream_http: {version}\n"))
+            .start()
+            .await;
+        // Larger than the part of a body the gateway holds, so the rest streams.
+        let json = format!("{{\"name\":\"{}\"}}", "a".repeat(200 * 1024));
+        let body = format!("{:x}\r\n{json}\r\n0\r\n{trailers}\r\n", json.len());
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        let head = post_head(
+            &env,
+            ACCOUNTS,
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n",
+        );
+        let response = exchange(&mut stream, &head, body.as_bytes()).await;
+        assert!(response.starts_with("HTTP/1.1 2"), "{version}: {response}");
+        let seen = env.dataverse.requests().pop().unwrap();
+        assert_eq!(seen.body_len, json.len() as u64, "{version}");
+        assert!(seen.trailers.is_empty(), "{version}: {:?}", seen.trailers);
+        assert_eq!(seen.header("callerobjectid"), Some(ALICE_OID), "{version}");
+        assert!(seen.header("mscrmcallerid").is_none(), "{version}");
+        // A trailer no reader could take fails the caller's body: never forwarded, and over
+        // HTTP/1.1 answered as the caller's error. (Over HTTP/2 hyper's client resets the
+        // stream and reports only the reset, so it reads as Dataverse's: 502.)
+        let body = format!("{:x}\r\n{json}\r\n0\r\nX-A: a\0b\r\n\r\n", json.len());
+        let mut stream = TcpStream::connect(env.gateway.addr).await.unwrap();
+        let response = exchange(&mut stream, &head, body.as_bytes()).await;
+        let expected = if version == "http1" { 400 } else { 502 };
+        assert_eq!(status(&response), expected, "{version}: {response}");
+        assert!(env.dataverse.requests().last().unwrap().trailers.is_empty());
+    }
+}
