@@ -33,12 +33,33 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     PROXY_AUTHENTICATE,
 ];
 
-/// True for every spelling of an impersonation header.
-pub(crate) fn is_impersonation_header(name: &HeaderName) -> bool {
+/// Headers that name the client's address to whoever reads them, beside the
+/// `X-Forwarded-For` and `Forwarded` the gateway sets or drops itself (compared without
+/// dashes and underscores, like the impersonation headers).
+const CLIENT_ADDRESS_HEADERS: [&str; 10] = [
+    "xrealip",
+    "trueclientip",
+    "xclientip",
+    "cfconnectingip",
+    "xclusterclientip",
+    "fastlyclientip",
+    "xoriginalforwardedfor",
+    "xproxyuserip",
+    "forwardedfor",
+    "xforwardedfor",
+];
+
+/// `name` lowercased, without dashes or underscores: every spelling of one header alike.
+fn squashed(name: &HeaderName) -> String {
     // Dashes dropped as well: `MSCRM-CallerID` and `MSCRM_CallerID` are `mscrmcallerid`.
     let mut normalized = dashed_lowercase(name.as_str());
     normalized.retain(|c| c != '-');
-    IMPERSONATION_HEADERS.contains(&normalized.as_str())
+    normalized
+}
+
+/// True for every spelling of an impersonation header.
+pub(crate) fn is_impersonation_header(name: &HeaderName) -> bool {
+    IMPERSONATION_HEADERS.contains(&squashed(name).as_str())
 }
 
 /// Removes the caller's credential and every impersonation header it sent; returns how
@@ -215,6 +236,19 @@ pub(crate) fn strip_set_cookies(headers: &mut HeaderMap) {
 /// only when forwarded headers are trusted) and drops untrusted `X-Forwarded-Host/Proto`
 /// and `Forwarded` (RFC 7239 says the same things, so it is trusted no more than they are).
 pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
+    if !trust_forwarded {
+        // Other spellings and other proxies' client-address headers: the caller's word only.
+        let claimed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| {
+                *n != X_FORWARDED_FOR && CLIENT_ADDRESS_HEADERS.contains(&squashed(n).as_str())
+            })
+            .cloned()
+            .collect();
+        for name in claimed {
+            headers.remove(name);
+        }
+    }
     let peer_ip = peer.ip().to_string();
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if trust_forwarded => format!("{prior}, {peer_ip}"),
@@ -224,7 +258,6 @@ pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust
         headers.remove(X_FORWARDED_HOST);
         headers.remove(X_FORWARDED_PROTO);
         headers.remove(FORWARDED);
-        headers.remove("x-real-ip");
     }
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(X_FORWARDED_FOR, v);
@@ -432,12 +465,32 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil"));
         h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6;host=evil"));
-        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        for name in [
+            "x-real-ip",
+            "x-real_ip",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x_forwarded_for",
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("6.6.6.6"),
+            );
+        }
         set_forwarded_for(&mut h, peer, false);
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert!(!h.contains_key(X_FORWARDED_HOST));
         assert!(!h.contains_key(FORWARDED));
-        assert!(!h.contains_key("x-real-ip"));
+        for name in [
+            "x-real-ip",
+            "x-real_ip",
+            "true-client-ip",
+            "cf-connecting-ip",
+            "x_forwarded_for",
+        ] {
+            assert!(!h.contains_key(name), "{name}");
+        }
+        assert_eq!(h.len(), 1, "only the gateway's own X-Forwarded-For: {h:?}");
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         set_forwarded_for(&mut h, peer, true);
