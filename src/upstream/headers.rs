@@ -49,17 +49,20 @@ const CLIENT_ADDRESS_HEADERS: [&str; 10] = [
     "xforwardedfor",
 ];
 
-/// `name` lowercased, without dashes or underscores: every spelling of one header alike.
-fn squashed(name: &HeaderName) -> String {
-    // Dashes dropped as well: `MSCRM-CallerID` and `MSCRM_CallerID` are `mscrmcallerid`.
-    let mut normalized = dashed_lowercase(name.as_str());
-    normalized.retain(|c| c != '-');
-    normalized
+/// Whether `name` is `squashed` written with any dashes and underscores: `MSCRM-CallerID`
+/// and `MSCRM_CallerID` are both `mscrmcallerid` (header names are lowercase already).
+fn is_spelling_of(name: &HeaderName, squashed: &str) -> bool {
+    name.as_str()
+        .bytes()
+        .filter(|b| !matches!(b, b'-' | b'_'))
+        .eq(squashed.bytes())
 }
 
 /// True for every spelling of an impersonation header.
 pub(crate) fn is_impersonation_header(name: &HeaderName) -> bool {
-    IMPERSONATION_HEADERS.contains(&squashed(name).as_str())
+    IMPERSONATION_HEADERS
+        .iter()
+        .any(|h| is_spelling_of(name, h))
 }
 
 /// Removes the caller's credential and every impersonation header it sent; returns how
@@ -241,7 +244,7 @@ pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust
         let claimed: Vec<HeaderName> = headers
             .keys()
             .filter(|n| {
-                *n != X_FORWARDED_FOR && CLIENT_ADDRESS_HEADERS.contains(&squashed(n).as_str())
+                *n != X_FORWARDED_FOR && CLIENT_ADDRESS_HEADERS.iter().any(|h| is_spelling_of(n, h))
             })
             .cloned()
             .collect();
