@@ -241,6 +241,7 @@ impl Pipeline {
             + request
                 .headers()
                 .iter()
+                // `: ` and CRLF around each field, as on the wire.
                 .map(|(name, value)| name.as_str().len() + value.len() + 4)
                 .sum::<usize>();
         if head_bytes > crate::server::MAX_HEAD_BYTES {

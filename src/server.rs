@@ -316,6 +316,10 @@ where
     }
 }
 
+/// How a connection that never started a request ended (debug log).
+const CLOSED_AT_SHUTDOWN_IDLE: &str = "closed at shutdown: no request in progress";
+const CLOSED_NO_FIRST_HEAD: &str = "closed: no complete request head within header_read_timeout";
+
 /// The protocol a plain connection's first bytes announce.
 enum Protocol {
     Http1,
@@ -339,8 +343,8 @@ async fn sniff(
     let mut first = [0u8; HTTP2_PREFACE.len()];
     let n = tokio::select! {
         peeked = stream.peek(&mut first) => peeked.unwrap_or(0),
-        () = tokio::time::sleep_until(deadline) => return Err("closed: no request head before the header read timeout"),
-        _ = drain.cancelled() => return Err("closed at shutdown: no request in progress"),
+        () = tokio::time::sleep_until(deadline) => return Err(CLOSED_NO_FIRST_HEAD),
+        _ = drain.cancelled() => return Err(CLOSED_AT_SHUTDOWN_IDLE),
     };
     Ok(if n == 0 {
         None
@@ -384,7 +388,7 @@ where
                 // HTTP/1 with no request in progress: at most a head is half sent, and a
                 // peer that trickles one must not hold the shutdown for the whole grace.
                 if !activity.http2.load(Ordering::Acquire) && activity.idle_since().is_some() {
-                    return "closed at shutdown: no request in progress";
+                    return CLOSED_AT_SHUTDOWN_IDLE;
                 }
                 closing = true;
                 connection.as_mut().graceful();
@@ -550,7 +554,7 @@ impl Activity {
         if !self.seen_request.load(Ordering::Acquire) {
             let by = self.started + limits.header_read_timeout;
             return if now >= by {
-                Next::Close("closed: no complete request head within header_read_timeout")
+                Next::Close(CLOSED_NO_FIRST_HEAD)
             } else {
                 Next::CheckAt(by)
             };

@@ -69,11 +69,12 @@ pub(crate) fn is_impersonation_header(name: &HeaderName) -> bool {
 /// many impersonation headers were dropped (worth a log line: someone tried).
 pub(crate) fn strip_caller_identity_headers(headers: &mut HeaderMap) -> usize {
     headers.remove(AUTHORIZATION);
-    let names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_impersonation_header(n))
-        .cloned()
-        .collect();
+    remove_matching(headers, is_impersonation_header)
+}
+
+/// Removes every header whose name `matches`; returns how many values went.
+fn remove_matching(headers: &mut HeaderMap, matches: impl Fn(&HeaderName) -> bool) -> usize {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| matches(n)).cloned().collect();
     let mut dropped = 0;
     for name in names {
         dropped += headers.get_all(&name).iter().count();
@@ -241,16 +242,9 @@ pub(crate) fn strip_set_cookies(headers: &mut HeaderMap) {
 pub(crate) fn set_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr, trust_forwarded: bool) {
     if !trust_forwarded {
         // Other spellings and other proxies' client-address headers: the caller's word only.
-        let claimed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| {
-                *n != X_FORWARDED_FOR && CLIENT_ADDRESS_HEADERS.iter().any(|h| is_spelling_of(n, h))
-            })
-            .cloned()
-            .collect();
-        for name in claimed {
-            headers.remove(name);
-        }
+        remove_matching(headers, |n| {
+            *n != X_FORWARDED_FOR && CLIENT_ADDRESS_HEADERS.iter().any(|h| is_spelling_of(n, h))
+        });
     }
     let peer_ip = peer.ip().to_string();
     let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -461,6 +455,15 @@ mod tests {
         assert!(h.contains_key("odata-version"));
     }
 
+    /// Client-address headers a caller might send to pass for another address.
+    const SPOOFED_ADDRESSES: [&str; 5] = [
+        "x-real-ip",
+        "x-real_ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x_forwarded_for",
+    ];
+
     #[test]
     fn forwarded_for_ignores_caller_value_unless_trusted() {
         let peer: SocketAddr = "10.1.2.3:5000".parse().unwrap();
@@ -468,13 +471,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil"));
         h.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6;host=evil"));
-        for name in [
-            "x-real-ip",
-            "x-real_ip",
-            "true-client-ip",
-            "cf-connecting-ip",
-            "x_forwarded_for",
-        ] {
+        for name in SPOOFED_ADDRESSES {
             h.insert(
                 HeaderName::from_static(name),
                 HeaderValue::from_static("6.6.6.6"),
@@ -484,13 +481,7 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.2.3");
         assert!(!h.contains_key(X_FORWARDED_HOST));
         assert!(!h.contains_key(FORWARDED));
-        for name in [
-            "x-real-ip",
-            "x-real_ip",
-            "true-client-ip",
-            "cf-connecting-ip",
-            "x_forwarded_for",
-        ] {
+        for name in SPOOFED_ADDRESSES {
             assert!(!h.contains_key(name), "{name}");
         }
         assert_eq!(h.len(), 1, "only the gateway's own X-Forwarded-For: {h:?}");
